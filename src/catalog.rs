@@ -1,0 +1,88 @@
+//! The catalog: one immutable snapshot of what the Docker Engine (and, in
+//! cluster mode, etcd) says exists. Discovery builds a new one on every change
+//! and publishes it; the DNS zone, the route table and the netplane plan are
+//! all derived from it, away from any request path.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// Everything portless knows about this host's containers and networks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Catalog {
+    /// Networks by Docker network id.
+    pub networks: BTreeMap<String, Network>,
+    /// Running (or paused) containers by Docker container id. Stopped
+    /// containers are not in the catalog.
+    pub containers: BTreeMap<String, Container>,
+}
+
+/// A Docker network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Network {
+    pub id: String,
+    pub name: String,
+    pub driver: String,
+    pub subnets: Vec<IpNet>,
+    /// Gateway addresses: portless listens for DNS on these.
+    pub gateways: Vec<IpAddr>,
+    pub internal: bool,
+}
+
+/// Docker's healthcheck state for a container.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// The container has no healthcheck.
+    #[default]
+    None,
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+/// A running container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Container {
+    pub id: String,
+    /// The name without Docker's leading slash.
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub health: Health,
+    /// Docker has announced that the container is being stopped or killed:
+    /// it gets no new requests, but its in-flight ones may finish.
+    pub stopping: bool,
+    /// TCP ports the image or run command exposes.
+    pub exposed_tcp_ports: Vec<u16>,
+    /// `com.docker.compose.project`, when started by compose.
+    pub compose_project: Option<String>,
+    /// `com.docker.compose.service`, when started by compose.
+    pub compose_service: Option<String>,
+    /// One entry per network the container is attached to, sorted by
+    /// network name.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A container's attachment to one network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub network_id: String,
+    pub network_name: String,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// `--network-alias` aliases on this network (Docker's own short-id
+    /// alias is left out).
+    pub aliases: Vec<String>,
+}
+
+impl Endpoint {
+    /// The endpoint's addresses, IPv4 first.
+    pub fn addrs(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ipv4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.ipv6.map(IpAddr::V6))
+    }
+}

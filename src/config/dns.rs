@@ -1,0 +1,255 @@
+//! DNS options.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::ConfigError;
+
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DnsOpts {
+    /// DNS port on every Docker network's gateway address, followed live as
+    /// networks come and go; 0 turns gateway listeners off. [default: 53]
+    #[arg(long, env = "PORTLESS_DNS_PORT", value_name = "PORT")]
+    pub dns_port: Option<u16>,
+    /// Extra fixed DNS listen address (UDP and TCP); repeatable.
+    #[arg(
+        long,
+        env = "PORTLESS_DNS_LISTEN",
+        value_name = "ADDR:PORT",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub dns_listen: Vec<SocketAddr>,
+    /// Domain suffix for host-side names. [default: docker.internal]
+    #[arg(long, env = "PORTLESS_DOMAIN", value_name = "SUFFIX")]
+    pub domain: Option<String>,
+    /// TTL of portless's own answers, in seconds. [default: 5]
+    #[arg(long, env = "PORTLESS_TTL", value_name = "SECONDS")]
+    pub ttl: Option<u32>,
+    /// Upstream resolver for other names; repeatable, tried in order.
+    /// [default: the nameservers of /etc/resolv.conf]
+    #[arg(
+        long,
+        env = "PORTLESS_UPSTREAM",
+        value_name = "ADDR[:PORT]",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub upstream: Vec<String>,
+    /// Static names in hosts(5) format, reloaded when the file changes.
+    #[arg(long, env = "PORTLESS_HOSTS_FILE", value_name = "PATH")]
+    pub hosts_file: Option<PathBuf>,
+    /// ZONE and every name under it answer these addresses; repeatable.
+    #[arg(
+        long,
+        env = "PORTLESS_INGRESS_ZONE",
+        value_name = "ZONE=ADDR[,ADDR...]"
+    )]
+    #[serde(default)]
+    pub ingress_zone: Vec<String>,
+    /// Clients in this CIDR are host-side clients too (loopback and the
+    /// host's own addresses always are); repeatable.
+    #[arg(
+        long,
+        env = "PORTLESS_DNS_ALLOW",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub dns_allow: Vec<IpNet>,
+    /// Time budget of one forwarded query, over all upstreams, in
+    /// milliseconds. [default: 3000]
+    #[arg(long, env = "PORTLESS_FORWARD_TIMEOUT_MS", value_name = "MS")]
+    pub forward_timeout_ms: Option<u64>,
+    /// Forwarded queries in flight at once; past it, SERVFAIL at once.
+    /// [default: 1024]
+    #[arg(long, env = "PORTLESS_FORWARD_MAX_INFLIGHT", value_name = "N")]
+    pub forward_max_inflight: Option<usize>,
+}
+crate::merge_fields!(DnsOpts {
+    dns_port,
+    dns_listen,
+    domain,
+    ttl,
+    upstream,
+    hosts_file,
+    ingress_zone,
+    dns_allow,
+    forward_timeout_ms,
+    forward_max_inflight,
+});
+
+/// An ingress zone: the zone and every name under it answer `addrs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressZone {
+    pub zone: String,
+    pub addrs: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    pub port: u16,
+    pub listen: Vec<SocketAddr>,
+    /// Lower case, no trailing dot.
+    pub domain: String,
+    pub ttl: u32,
+    /// Empty means: read /etc/resolv.conf at start.
+    pub upstreams: Vec<SocketAddr>,
+    pub hosts_file: Option<PathBuf>,
+    pub ingress_zones: Vec<IngressZone>,
+    pub allow: Vec<IpNet>,
+    pub forward_timeout: Duration,
+    pub forward_max_inflight: usize,
+}
+
+impl DnsOpts {
+    pub fn resolve(self) -> Result<DnsConfig, ConfigError> {
+        let domain = normalize_name(self.domain.as_deref().unwrap_or("docker.internal"))
+            .map_err(|e| ConfigError::new(format!("--domain: {e}")))?;
+        let ttl = self.ttl.unwrap_or(5);
+        if ttl > 86_400 {
+            return Err(ConfigError::new("--ttl: at most 86400 seconds"));
+        }
+        let upstreams = self
+            .upstream
+            .iter()
+            .map(|u| parse_upstream(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ingress_zones = self
+            .ingress_zone
+            .iter()
+            .map(|z| parse_ingress_zone(z))
+            .collect::<Result<Vec<_>, _>>()?;
+        let forward_timeout_ms = self.forward_timeout_ms.unwrap_or(3000);
+        if !(10..=60_000).contains(&forward_timeout_ms) {
+            return Err(ConfigError::new(
+                "--forward-timeout-ms: between 10 and 60000",
+            ));
+        }
+        let forward_max_inflight = self.forward_max_inflight.unwrap_or(1024);
+        if forward_max_inflight == 0 {
+            return Err(ConfigError::new("--forward-max-inflight: at least 1"));
+        }
+        if let Some(path) = &self.hosts_file
+            && path.as_os_str().is_empty()
+        {
+            return Err(ConfigError::new("--hosts-file: empty path"));
+        }
+        Ok(DnsConfig {
+            port: self.dns_port.unwrap_or(53),
+            listen: self.dns_listen,
+            domain,
+            ttl,
+            upstreams,
+            hosts_file: self.hosts_file,
+            ingress_zones,
+            allow: self.dns_allow,
+            forward_timeout: Duration::from_millis(forward_timeout_ms),
+            forward_max_inflight,
+        })
+    }
+}
+
+/// Lower-case a DNS name, drop one trailing dot, and check its labels.
+pub fn normalize_name(name: &str) -> Result<String, String> {
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    if name.is_empty() {
+        return Err("empty name".into());
+    }
+    if name.len() > 253 {
+        return Err(format!("{name}: longer than 253 characters"));
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("{name}: every label needs 1 to 63 characters"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "{name}: only letters, digits, '-' and '_' are allowed"
+            ));
+        }
+    }
+    Ok(name)
+}
+
+/// `ADDR` or `ADDR:PORT` or `[V6]:PORT`; the port defaults to 53.
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    Err(ConfigError::new(format!(
+        "--upstream {s}: expected an IP address, optionally with :PORT"
+    )))
+}
+
+fn parse_ingress_zone(s: &str) -> Result<IngressZone, ConfigError> {
+    let (zone, addrs) = s.split_once('=').ok_or_else(|| {
+        ConfigError::new(format!("--ingress-zone {s}: expected ZONE=ADDR[,ADDR...]"))
+    })?;
+    let zone = normalize_name(zone.trim_start_matches("*."))
+        .map_err(|e| ConfigError::new(format!("--ingress-zone {s}: {e}")))?;
+    let addrs = addrs
+        .split(',')
+        .map(|a| {
+            a.trim().parse::<IpAddr>().map_err(|_| {
+                ConfigError::new(format!("--ingress-zone {s}: `{a}` is not an IP address"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(IngressZone { zone, addrs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingress_zone_parses_addresses_and_strips_wildcard() {
+        let z = parse_ingress_zone("*.Apps.Example.com.=10.0.0.1,fd00::1").unwrap();
+        assert_eq!(z.zone, "apps.example.com");
+        assert_eq!(
+            z.addrs,
+            vec![
+                "10.0.0.1".parse::<IpAddr>().unwrap(),
+                "fd00::1".parse().unwrap()
+            ]
+        );
+        assert!(parse_ingress_zone("apps.example.com").is_err());
+        assert!(parse_ingress_zone("apps.example.com=nope").is_err());
+    }
+
+    #[test]
+    fn upstream_port_defaults_to_53() {
+        assert_eq!(
+            parse_upstream("127.0.0.53").unwrap(),
+            "127.0.0.53:53".parse().unwrap()
+        );
+        assert_eq!(
+            parse_upstream("[::1]:5353").unwrap(),
+            "[::1]:5353".parse().unwrap()
+        );
+        assert!(parse_upstream("resolver.example").is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert_eq!(
+            normalize_name("Docker.Internal.").unwrap(),
+            "docker.internal"
+        );
+        assert!(normalize_name("a..b").is_err());
+        assert!(normalize_name("bad name").is_err());
+    }
+}

@@ -1,0 +1,111 @@
+//! The set of DNS listeners, changed live.
+//!
+//! Every address gets a UDP socket and a TCP listener served by its own
+//! hickory [`Server`], so one address can be added or removed without
+//! touching the others (Docker networks come and go while we run).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hickory_server::Server;
+
+use crate::handler::Handler;
+
+/// Idle time after which a TCP client is dropped.
+const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Listeners {
+    handler: Handler,
+    active: BTreeMap<SocketAddr, Server<Handler>>,
+}
+
+impl Listeners {
+    pub fn new(handler: Handler) -> Self {
+        Self {
+            handler,
+            active: BTreeMap::new(),
+        }
+    }
+
+    /// Addresses served now.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.active.keys().copied().collect()
+    }
+
+    /// Serve on `addr` (UDP and TCP). Port 0 picks a free port, the same for
+    /// both protocols; the bound address is returned.
+    pub async fn add(&mut self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        if addr.port() != 0 && self.active.contains_key(&addr) {
+            return Ok(addr);
+        }
+        let (udp, tcp) = bind_pair(addr).await?;
+        let bound = udp.local_addr()?;
+        let mut server = Server::new(self.handler.clone());
+        server.register_socket(udp);
+        server.register_listener(tcp, TCP_TIMEOUT, 64);
+        self.active.insert(bound, server);
+        tracing::info!(addr = %bound, "dns listening");
+        Ok(bound)
+    }
+
+    /// Stop serving on `addr`.
+    pub fn remove(&mut self, addr: &SocketAddr) {
+        if let Some(server) = self.active.remove(addr) {
+            server.shutdown_token().cancel();
+            tracing::info!(%addr, "dns listener closed");
+        }
+    }
+
+    /// Make the served set equal `wanted` (fixed ports only), and return the
+    /// addresses that could not be bound with the reason.
+    pub async fn reconcile(&mut self, wanted: &[SocketAddr]) -> Vec<(SocketAddr, std::io::Error)> {
+        let gone: Vec<SocketAddr> = self
+            .active
+            .keys()
+            .filter(|a| !wanted.contains(a))
+            .copied()
+            .collect();
+        for a in gone {
+            self.remove(&a);
+        }
+        let mut failed = Vec::new();
+        for a in wanted {
+            if !self.active.contains_key(a)
+                && let Err(e) = self.add(*a).await
+            {
+                failed.push((*a, e));
+            }
+        }
+        failed
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        for server in self.active.values() {
+            server.shutdown_token().cancel();
+        }
+    }
+}
+
+async fn bind_pair(
+    addr: SocketAddr,
+) -> std::io::Result<(tokio::net::UdpSocket, tokio::net::TcpListener)> {
+    if addr.port() != 0 {
+        let udp = tokio::net::UdpSocket::bind(addr).await?;
+        let tcp = tokio::net::TcpListener::bind(addr).await?;
+        return Ok((udp, tcp));
+    }
+    // Port 0: find a port free for both protocols.
+    let mut last = None;
+    for _ in 0..16 {
+        let udp = tokio::net::UdpSocket::bind(addr).await?;
+        let port_addr = udp.local_addr()?;
+        match tokio::net::TcpListener::bind(port_addr).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free port for UDP and TCP")))
+}

@@ -1,0 +1,725 @@
+//! The zone model: who may ask, and what each client sees.
+//!
+//! A [`Zone`] is immutable. The binary builds a new one from a
+//! [`ZoneInput`] whenever its catalog changes and swaps it into the
+//! [`ZoneHandle`]; queries only ever read a snapshot.
+//!
+//! Scoping:
+//! - A client whose source address belongs to a container (a *container
+//!   client*) sees the names of the networks that container is on: container
+//!   names, aliases, compose `SERVICE` and `SERVICE.PROJECT`, and
+//!   `NAME.NETWORK`, with or without the domain suffix. Answers carry only
+//!   addresses on the networks the two containers share.
+//! - A *host-side client* (loopback, or a range the operator allows) sees
+//!   `NAME.DOMAIN`, `NAME.NETWORK.DOMAIN`, `ALIAS.NETWORK.DOMAIN` and
+//!   `SERVICE.PROJECT.DOMAIN`.
+//! - Both see static names and ingress zones. Anyone else is refused.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hickory_proto::rr::{LowerName, Name, RecordType};
+use ipnet::IpNet;
+use rand::seq::SliceRandom;
+
+/// A container's attachment to one network, as the zone needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Stable identity of the container (its Docker id), to count a
+    /// container once when several of its names match.
+    pub id: String,
+    pub name: String,
+    /// Its addresses on this network.
+    pub addrs: Vec<IpAddr>,
+    pub aliases: Vec<String>,
+    /// Compose service and project, when started by compose.
+    pub service: Option<String>,
+    pub project: Option<String>,
+    pub health: Health,
+}
+
+/// Docker healthcheck state, reduced to what DNS needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Health {
+    /// No healthcheck, or not decided yet.
+    #[default]
+    Unknown,
+    Healthy,
+    Unhealthy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkInput {
+    pub name: String,
+    pub members: Vec<Member>,
+}
+
+/// Everything a zone is built from.
+#[derive(Debug, Clone, Default)]
+pub struct ZoneInput {
+    /// Suffix for host-side names, lower case, no trailing dot.
+    pub domain: String,
+    pub ttl: u32,
+    pub networks: Vec<NetworkInput>,
+    /// Static names (hosts file), answered exactly as written.
+    pub static_hosts: BTreeMap<String, Vec<IpAddr>>,
+    /// Ingress zones: the zone and every name under it.
+    pub ingress: Vec<(String, Vec<IpAddr>)>,
+    /// Host-side clients besides loopback.
+    pub host_clients: Vec<IpNet>,
+    /// Reverse lookups inside these ranges are answered here (NXDOMAIN
+    /// when unknown) rather than forwarded: the Docker subnets.
+    pub private_ranges: Vec<IpNet>,
+    /// SOA serial; any number that grows with each change.
+    pub serial: u32,
+}
+
+/// What the zone says about one question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// The name exists; these are its addresses of the asked type, in a
+    /// fresh random order.
+    Addrs(Vec<IpAddr>),
+    /// A reverse name with its target.
+    Ptr(Name),
+    /// The SOA of the domain (a question for the apex).
+    Soa,
+    /// The name exists but has nothing of the asked type.
+    NoData,
+    /// The name is under a zone portless serves and does not exist.
+    NxDomain,
+    /// Not ours: ask upstream.
+    Forward,
+    /// The client may not use this server.
+    Refused,
+}
+
+#[derive(Debug, Clone)]
+struct Target {
+    id: u32,
+    addrs: Vec<IpAddr>,
+    unhealthy: bool,
+}
+
+type Names = HashMap<Box<str>, Vec<Target>>;
+
+/// A built, immutable zone.
+#[derive(Debug, Default)]
+pub struct Zone {
+    domain: String,
+    domain_name: Name,
+    ttl: u32,
+    serial: u32,
+    /// Container address → indices of the networks that container is on.
+    clients: HashMap<IpAddr, Vec<u32>>,
+    /// Per network: names (without the domain) → targets.
+    nets: Vec<Names>,
+    /// Host-side names (without the domain) → targets.
+    host_names: Names,
+    statics: HashMap<Box<str>, Vec<IpAddr>>,
+    ingress: Vec<(String, Vec<IpAddr>)>,
+    /// Address → (PTR target, networks it is on; empty for static names,
+    /// which everyone may see).
+    ptr: HashMap<IpAddr, (Name, Vec<u32>)>,
+    host_clients: Vec<IpNet>,
+    private_ranges: Vec<IpNet>,
+}
+
+/// The live zone, swapped whole on every change.
+pub type ZoneHandle = Arc<ArcSwap<Zone>>;
+
+fn push_target(names: &mut Names, key: String, target: &Target) {
+    let targets = names.entry(key.into_boxed_str()).or_default();
+    if let Some(t) = targets.iter_mut().find(|t| t.id == target.id) {
+        for a in &target.addrs {
+            if !t.addrs.contains(a) {
+                t.addrs.push(*a);
+            }
+        }
+    } else {
+        targets.push(target.clone());
+    }
+}
+
+fn fqdn(name: &str) -> Option<Name> {
+    let mut n = Name::from_ascii(name).ok()?;
+    n.set_fqdn(true);
+    Some(n)
+}
+
+impl Zone {
+    pub fn build(input: &ZoneInput) -> Zone {
+        let lower = |s: &str| s.to_ascii_lowercase();
+        let domain = lower(input.domain.trim_end_matches('.'));
+        let mut ids: HashMap<&str, u32> = HashMap::new();
+        let mut zone = Zone {
+            domain_name: fqdn(&domain).unwrap_or_else(Name::root),
+            domain,
+            ttl: input.ttl,
+            serial: input.serial,
+            host_clients: input.host_clients.clone(),
+            private_ranges: input.private_ranges.clone(),
+            ..Zone::default()
+        };
+        for (net_idx, net) in input.networks.iter().enumerate() {
+            let net_idx = net_idx as u32;
+            let net_name = lower(&net.name);
+            let mut names = Names::new();
+            for m in &net.members {
+                let next = ids.len() as u32;
+                let id = *ids.entry(m.id.as_str()).or_insert(next);
+                let target = Target {
+                    id,
+                    addrs: m.addrs.clone(),
+                    unhealthy: m.health == Health::Unhealthy,
+                };
+                let name = lower(&m.name);
+                for a in &m.addrs {
+                    let nets = zone.clients.entry(*a).or_default();
+                    if !nets.contains(&net_idx) {
+                        nets.push(net_idx);
+                    }
+                    if let Some(ptr) = fqdn(&format!("{name}.{net_name}.{}", zone.domain)) {
+                        let entry = zone.ptr.entry(*a).or_insert_with(|| (ptr, Vec::new()));
+                        if !entry.1.contains(&net_idx) {
+                            entry.1.push(net_idx);
+                        }
+                    }
+                }
+                // Seen from containers on this network.
+                push_target(&mut names, name.clone(), &target);
+                push_target(&mut names, format!("{name}.{net_name}"), &target);
+                for alias in &m.aliases {
+                    push_target(&mut names, lower(alias), &target);
+                }
+                if let Some(service) = &m.service {
+                    push_target(&mut names, lower(service), &target);
+                    if let Some(project) = &m.project {
+                        push_target(&mut names, lower(&format!("{service}.{project}")), &target);
+                    }
+                }
+                // Seen from the host, under the domain.
+                push_target(&mut zone.host_names, name.clone(), &target);
+                push_target(&mut zone.host_names, format!("{name}.{net_name}"), &target);
+                for alias in &m.aliases {
+                    push_target(
+                        &mut zone.host_names,
+                        lower(&format!("{alias}.{net_name}")),
+                        &target,
+                    );
+                }
+                if let (Some(service), Some(project)) = (&m.service, &m.project) {
+                    push_target(
+                        &mut zone.host_names,
+                        lower(&format!("{service}.{project}")),
+                        &target,
+                    );
+                }
+            }
+            zone.nets.push(names);
+        }
+        for (name, addrs) in &input.static_hosts {
+            let name = lower(name.trim_end_matches('.'));
+            for a in addrs {
+                if let Some(ptr) = fqdn(&name) {
+                    zone.ptr.entry(*a).or_insert_with(|| (ptr, Vec::new()));
+                }
+            }
+            zone.statics.insert(name.into_boxed_str(), addrs.clone());
+        }
+        zone.ingress = input
+            .ingress
+            .iter()
+            .map(|(z, a)| {
+                (
+                    lower(z.trim_start_matches("*.").trim_end_matches('.')),
+                    a.clone(),
+                )
+            })
+            .collect();
+        // Longest zone first, so that the most specific zone wins.
+        zone.ingress
+            .sort_by_key(|(z, _)| std::cmp::Reverse(z.len()));
+        zone
+    }
+
+    pub fn domain(&self) -> &Name {
+        &self.domain_name
+    }
+
+    pub fn ttl(&self) -> u32 {
+        self.ttl
+    }
+
+    pub fn serial(&self) -> u32 {
+        self.serial
+    }
+
+    /// Number of names served (per-network, host-side and static).
+    pub fn len(&self) -> usize {
+        self.nets.iter().map(HashMap::len).sum::<usize>()
+            + self.host_names.len()
+            + self.statics.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Is this client a host-side client?
+    pub fn is_host_client(&self, client: IpAddr) -> bool {
+        client.is_loopback()
+            || matches!(client, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
+            || self.host_clients.iter().any(|n| n.contains(&client))
+    }
+
+    /// Answer `qtype` for `qname` as seen by `client`.
+    pub fn answer(&self, client: IpAddr, qname: &LowerName, qtype: RecordType) -> Answer {
+        let container_nets = self.clients.get(&client).map(Vec::as_slice);
+        if container_nets.is_none() && !self.is_host_client(client) {
+            return Answer::Refused;
+        }
+        let text = qname.to_string();
+        let name = text.strip_suffix('.').unwrap_or(&text);
+
+        if name.ends_with(".in-addr.arpa") || name.ends_with(".ip6.arpa") {
+            return self.reverse(container_nets, qname, qtype);
+        }
+        if let Some(addrs) = self.statics.get(name) {
+            return addresses(addrs.iter().copied(), qtype);
+        }
+        if let Some((_, addrs)) = self.ingress.iter().find(|(zone, _)| {
+            name == zone
+                || (name.len() > zone.len()
+                    && name.ends_with(zone.as_str())
+                    && name.as_bytes()[name.len() - zone.len() - 1] == b'.')
+        }) {
+            return addresses(addrs.iter().copied(), qtype);
+        }
+        let relative = if name == self.domain {
+            Some("")
+        } else {
+            name.strip_suffix(self.domain.as_str())
+                .and_then(|r| r.strip_suffix('.'))
+        };
+        let found = match container_nets {
+            Some(nets) => {
+                let key = relative.unwrap_or(name);
+                let mut targets: Vec<&Target> = Vec::new();
+                let mut addrs_on_shared: Vec<IpAddr> = Vec::new();
+                for &n in nets {
+                    if let Some(ts) = self.nets.get(n as usize).and_then(|names| names.get(key)) {
+                        targets.extend(ts.iter());
+                    }
+                }
+                if targets.is_empty() {
+                    None
+                } else {
+                    let any_healthy = targets.iter().any(|t| !t.unhealthy);
+                    for t in targets.iter().filter(|t| !any_healthy || !t.unhealthy) {
+                        for a in &t.addrs {
+                            if !addrs_on_shared.contains(a) {
+                                addrs_on_shared.push(*a);
+                            }
+                        }
+                    }
+                    Some(addrs_on_shared)
+                }
+            }
+            None => relative
+                .and_then(|rel| self.host_names.get(rel))
+                .map(|targets| {
+                    let any_healthy = targets.iter().any(|t| !t.unhealthy);
+                    let mut addrs = Vec::new();
+                    for t in targets.iter().filter(|t| !any_healthy || !t.unhealthy) {
+                        for a in &t.addrs {
+                            if !addrs.contains(a) {
+                                addrs.push(*a);
+                            }
+                        }
+                    }
+                    addrs
+                }),
+        };
+        if let Some(addrs) = found {
+            return addresses(addrs.into_iter(), qtype);
+        }
+        match relative {
+            Some("") if qtype == RecordType::SOA => Answer::Soa,
+            Some("") => Answer::NoData,
+            Some(_) => Answer::NxDomain,
+            None => Answer::Forward,
+        }
+    }
+
+    fn reverse(
+        &self,
+        container_nets: Option<&[u32]>,
+        qname: &LowerName,
+        qtype: RecordType,
+    ) -> Answer {
+        let name: Name = qname.clone().into();
+        let Ok(net) = name.parse_arpa_name() else {
+            return Answer::Forward;
+        };
+        let full = net.prefix_len() == net.max_prefix_len();
+        let ip = net.addr();
+        if full && let Some((target, nets)) = self.ptr.get(&ip) {
+            let visible = match container_nets {
+                None => true,
+                Some(client_nets) => {
+                    nets.is_empty() || nets.iter().any(|n| client_nets.contains(n))
+                }
+            };
+            if visible {
+                return match qtype {
+                    RecordType::PTR | RecordType::ANY => Answer::Ptr(target.clone()),
+                    _ => Answer::NoData,
+                };
+            }
+        }
+        if self.private_ranges.iter().any(|r| r.contains(&ip)) {
+            return Answer::NxDomain;
+        }
+        Answer::Forward
+    }
+}
+
+fn addresses(addrs: impl Iterator<Item = IpAddr>, qtype: RecordType) -> Answer {
+    let mut out: Vec<IpAddr> = match qtype {
+        RecordType::A => addrs.filter(IpAddr::is_ipv4).collect(),
+        RecordType::AAAA => addrs.filter(IpAddr::is_ipv6).collect(),
+        RecordType::ANY => addrs.collect(),
+        _ => return Answer::NoData,
+    };
+    if out.is_empty() {
+        return Answer::NoData;
+    }
+    out.shuffle(&mut rand::rng());
+    Answer::Addrs(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn member(id: &str, name: &str, addrs: &[&str]) -> Member {
+        Member {
+            id: id.into(),
+            name: name.into(),
+            addrs: addrs.iter().map(|a| ip(a)).collect(),
+            aliases: vec![],
+            service: None,
+            project: None,
+            health: Health::Unknown,
+        }
+    }
+
+    fn q(zone: &Zone, client: &str, name: &str, t: RecordType) -> Answer {
+        zone.answer(ip(client), &LowerName::from_str(name).unwrap(), t)
+    }
+
+    fn sorted(a: Answer) -> Vec<IpAddr> {
+        match a {
+            Answer::Addrs(mut v) => {
+                v.sort();
+                v
+            }
+            other => panic!("expected addresses, got {other:?}"),
+        }
+    }
+
+    fn two_networks() -> Zone {
+        let mut web = member("w", "web", &["10.1.0.2"]);
+        web.aliases = vec!["www".into()];
+        web.service = Some("web".into());
+        web.project = Some("shop".into());
+        let mut db1 = member("d", "db", &["10.1.0.3"]);
+        db1.aliases = vec!["database".into()];
+        let db2 = member("d", "db", &["10.2.0.3", "fd00::3"]);
+        let other = member("o", "other", &["10.2.0.4"]);
+        Zone::build(&ZoneInput {
+            domain: "docker.internal".into(),
+            ttl: 5,
+            networks: vec![
+                NetworkInput {
+                    name: "front".into(),
+                    members: vec![web, db1],
+                },
+                NetworkInput {
+                    name: "back".into(),
+                    members: vec![db2, other],
+                },
+            ],
+            private_ranges: vec!["10.0.0.0/8".parse().unwrap()],
+            ..ZoneInput::default()
+        })
+    }
+
+    #[test]
+    fn alias_resolves_only_inside_its_network() {
+        let z = two_networks();
+        assert_eq!(
+            sorted(q(&z, "10.1.0.2", "database.", RecordType::A)),
+            vec![ip("10.1.0.3")]
+        );
+        assert_eq!(
+            q(&z, "10.2.0.4", "database.", RecordType::A),
+            Answer::Forward
+        );
+        assert_eq!(q(&z, "10.2.0.4", "web.", RecordType::A), Answer::Forward);
+    }
+
+    #[test]
+    fn answers_carry_only_addresses_on_shared_networks() {
+        let z = two_networks();
+        assert_eq!(
+            sorted(q(&z, "10.1.0.2", "db.", RecordType::A)),
+            vec![ip("10.1.0.3")]
+        );
+        assert_eq!(
+            sorted(q(&z, "10.2.0.4", "db.", RecordType::A)),
+            vec![ip("10.2.0.3")]
+        );
+        assert_eq!(
+            sorted(q(&z, "10.2.0.4", "db.", RecordType::AAAA)),
+            vec![ip("fd00::3")]
+        );
+        // Host-side: every address.
+        assert_eq!(
+            sorted(q(&z, "127.0.0.1", "db.docker.internal.", RecordType::A)),
+            vec![ip("10.1.0.3"), ip("10.2.0.3")]
+        );
+        assert_eq!(
+            sorted(q(
+                &z,
+                "127.0.0.1",
+                "db.back.docker.internal.",
+                RecordType::A
+            )),
+            vec![ip("10.2.0.3")]
+        );
+    }
+
+    #[test]
+    fn compose_and_network_qualified_names() {
+        let z = two_networks();
+        assert_eq!(
+            sorted(q(&z, "10.1.0.3", "web.shop.", RecordType::A)),
+            vec![ip("10.1.0.2")]
+        );
+        assert_eq!(
+            sorted(q(&z, "10.1.0.3", "web.front.", RecordType::A)),
+            vec![ip("10.1.0.2")]
+        );
+        assert_eq!(
+            sorted(q(
+                &z,
+                "10.1.0.3",
+                "web.shop.docker.internal.",
+                RecordType::A
+            )),
+            vec![ip("10.1.0.2")]
+        );
+        assert_eq!(
+            sorted(q(&z, "::1", "web.shop.docker.internal.", RecordType::A)),
+            vec![ip("10.1.0.2")]
+        );
+        assert_eq!(
+            sorted(q(&z, "::1", "www.front.docker.internal.", RecordType::A)),
+            vec![ip("10.1.0.2")]
+        );
+        // Bare aliases are ambiguous from the host.
+        assert_eq!(
+            q(&z, "::1", "www.docker.internal.", RecordType::A),
+            Answer::NxDomain
+        );
+    }
+
+    #[test]
+    fn nodata_nxdomain_soa_and_forward() {
+        let z = two_networks();
+        assert_eq!(
+            q(&z, "127.0.0.1", "web.docker.internal.", RecordType::AAAA),
+            Answer::NoData
+        );
+        assert_eq!(
+            q(&z, "127.0.0.1", "web.docker.internal.", RecordType::MX),
+            Answer::NoData
+        );
+        assert_eq!(
+            q(&z, "127.0.0.1", "nope.docker.internal.", RecordType::A),
+            Answer::NxDomain
+        );
+        assert_eq!(
+            q(&z, "127.0.0.1", "docker.internal.", RecordType::SOA),
+            Answer::Soa
+        );
+        assert_eq!(
+            q(&z, "127.0.0.1", "docker.internal.", RecordType::A),
+            Answer::NoData
+        );
+        assert_eq!(
+            q(&z, "127.0.0.1", "example.com.", RecordType::A),
+            Answer::Forward
+        );
+        assert_eq!(
+            q(&z, "10.1.0.2", "nope.docker.internal.", RecordType::A),
+            Answer::NxDomain
+        );
+    }
+
+    #[test]
+    fn strangers_are_refused() {
+        let z = two_networks();
+        assert_eq!(
+            q(&z, "192.0.2.1", "web.docker.internal.", RecordType::A),
+            Answer::Refused
+        );
+        assert_eq!(
+            q(&z, "192.0.2.1", "example.com.", RecordType::A),
+            Answer::Refused
+        );
+        let mut input = ZoneInput {
+            domain: "docker.internal".into(),
+            ..ZoneInput::default()
+        };
+        input.host_clients = vec!["192.0.2.0/24".parse().unwrap()];
+        let z = Zone::build(&input);
+        assert_eq!(
+            q(&z, "192.0.2.1", "example.com.", RecordType::A),
+            Answer::Forward
+        );
+    }
+
+    #[test]
+    fn ptr_is_scoped_and_private_ranges_are_authoritative() {
+        let z = two_networks();
+        let expect = Answer::Ptr(Name::from_ascii("db.back.docker.internal.").unwrap());
+        assert_eq!(
+            q(&z, "127.0.0.1", "3.0.2.10.in-addr.arpa.", RecordType::PTR),
+            expect
+        );
+        assert_eq!(
+            q(&z, "10.2.0.4", "3.0.2.10.in-addr.arpa.", RecordType::PTR),
+            expect
+        );
+        // 10.2.0.3 is on `back`, which web (front only) does not share.
+        assert_eq!(
+            q(&z, "10.1.0.2", "3.0.2.10.in-addr.arpa.", RecordType::PTR),
+            Answer::NxDomain
+        );
+        assert_eq!(
+            q(&z, "127.0.0.1", "9.9.9.10.in-addr.arpa.", RecordType::PTR),
+            Answer::NxDomain
+        );
+        assert_eq!(
+            q(&z, "127.0.0.1", "1.2.0.192.in-addr.arpa.", RecordType::PTR),
+            Answer::Forward
+        );
+        let v6 = "3.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.";
+        assert!(matches!(
+            q(&z, "127.0.0.1", v6, RecordType::PTR),
+            Answer::Ptr(_)
+        ));
+    }
+
+    #[test]
+    fn unhealthy_replicas_are_left_out_while_a_healthy_one_remains() {
+        let mut a = member("a", "a", &["10.0.0.2"]);
+        a.service = Some("api".into());
+        let mut b = member("b", "b", &["10.0.0.3"]);
+        b.service = Some("api".into());
+        b.health = Health::Unhealthy;
+        let input = |members| ZoneInput {
+            domain: "d".into(),
+            networks: vec![NetworkInput {
+                name: "n".into(),
+                members,
+            }],
+            ..ZoneInput::default()
+        };
+        let z = Zone::build(&input(vec![a.clone(), b.clone()]));
+        assert_eq!(
+            sorted(q(&z, "10.0.0.3", "api.", RecordType::A)),
+            vec![ip("10.0.0.2")]
+        );
+        a.health = Health::Unhealthy;
+        let z = Zone::build(&input(vec![a, b]));
+        assert_eq!(
+            sorted(q(&z, "10.0.0.3", "api.", RecordType::A)),
+            vec![ip("10.0.0.2"), ip("10.0.0.3")]
+        );
+    }
+
+    #[test]
+    fn statics_and_ingress_zones() {
+        let z = Zone::build(&ZoneInput {
+            domain: "docker.internal".into(),
+            static_hosts: [("NAS.lan".to_string(), vec![ip("192.0.2.9")])].into(),
+            ingress: vec![
+                ("*.apps.example.com".into(), vec![ip("192.0.2.80")]),
+                ("example.com".into(), vec![ip("192.0.2.81")]),
+            ],
+            ..ZoneInput::default()
+        });
+        assert_eq!(
+            sorted(q(&z, "127.0.0.1", "nas.lan.", RecordType::A)),
+            vec![ip("192.0.2.9")]
+        );
+        assert_eq!(
+            sorted(q(&z, "127.0.0.1", "shop.apps.example.com.", RecordType::A)),
+            vec![ip("192.0.2.80")]
+        );
+        assert_eq!(
+            sorted(q(&z, "127.0.0.1", "apps.example.com.", RecordType::A)),
+            vec![ip("192.0.2.80")]
+        );
+        assert_eq!(
+            sorted(q(&z, "127.0.0.1", "www.example.com.", RecordType::A)),
+            vec![ip("192.0.2.81")]
+        );
+        assert_eq!(
+            q(&z, "127.0.0.1", "badexample.com.", RecordType::A),
+            Answer::Forward
+        );
+        assert_eq!(
+            q(&z, "127.0.0.1", "9.2.0.192.in-addr.arpa.", RecordType::PTR),
+            Answer::Ptr(Name::from_ascii("nas.lan.").unwrap())
+        );
+    }
+
+    #[test]
+    fn several_replicas_answer_all_addresses_shuffled() {
+        let members: Vec<Member> = (2..12)
+            .map(|i| {
+                let mut m = member(
+                    &format!("c{i}"),
+                    &format!("c{i}"),
+                    &[&format!("10.0.0.{i}")],
+                );
+                m.service = Some("api".into());
+                m
+            })
+            .collect();
+        let z = Zone::build(&ZoneInput {
+            domain: "d".into(),
+            networks: vec![NetworkInput {
+                name: "n".into(),
+                members,
+            }],
+            ..ZoneInput::default()
+        });
+        let first = q(&z, "10.0.0.2", "api.", RecordType::A);
+        assert_eq!(sorted(first.clone()).len(), 10);
+        let differs = (0..50).any(|_| q(&z, "10.0.0.2", "api.", RecordType::A) != first);
+        assert!(differs, "50 answers in the same order: not shuffled");
+    }
+}

@@ -1,1 +1,25 @@
-//! portless-netplane
+//! portless-netplane: cross-host container connectivity.
+//!
+//! Every host leases a subnet of a cluster range in etcd and programs its
+//! kernel so that containers on other hosts are reachable by their own
+//! addresses: over one kernel VXLAN device with static neighbour, FDB and
+//! route entries per peer, or over plain routes via peers on the same
+//! segment.
+//!
+//! - [`plan`]: the pure core. [`plan::plan`] turns this host's spec and its
+//!   peers' [`HostRecord`]s into a [`Plan`]; [`plan::diff`] compares it with
+//!   the [`Observed`] kernel state and yields netlink [`Op`]s.
+//! - `netlink`: the executor on rtnetlink, which reads back what portless
+//!   owns and applies ops idempotently, inside a given network namespace if
+//!   asked.
+//!
+//! It does not know Docker: the binary creates the Docker network on the
+//! leased subnet. IPv4 only.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod model;
+pub mod plan;
+
+pub use model::{HostRecord, Mac, Mode, Transport};
+pub use plan::{Observed, Op, Plan};

@@ -1,1 +1,28 @@
-//! portless-router
+//! portless-router: the Host-header HTTP(S) ingress.
+//!
+//! Requests are matched by host and path prefix against a [`RouteTable`] and
+//! forwarded straight to a backend's own address. The crate takes plain
+//! input ([`RouteSpec`]s of [`Backend`]s) and knows nothing of Docker.
+//!
+//! Layers, pure first:
+//! - [`host`], [`table`]: host normalisation and route matching (no I/O).
+//! - [`balance`]: backend choice (round-robin over health tiers).
+//! - [`proxy_protocol`], [`headers`], [`error`]: wire parsing, header
+//!   rewriting and the error → status mapping.
+//! - [`Router`] (in `proxy`): the hyper shell that serves listeners handed
+//!   in by the caller, pools upstream connections, retries and ejects.
+//! - [`tls`]: the rustls SNI certificate resolver over a directory.
+//!
+//! It does not discover routes, bind sockets on its own, or render JSON: the
+//! binary does those.
+
+pub mod balance;
+pub mod error;
+pub mod headers;
+pub mod host;
+pub mod metrics;
+pub mod proxy_protocol;
+pub mod table;
+
+pub use host::HostPattern;
+pub use table::{Backend, BackendState, Route, RouteKey, RouteSpec, RouteTable, Scheme};

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Everything portless knows about this host's containers and networks.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {
     /// Networks by Docker network id.
     pub networks: BTreeMap<String, Network>,
@@ -20,7 +20,7 @@ pub struct Catalog {
 }
 
 /// A Docker network.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {
     pub id: String,
     pub name: String,
@@ -32,7 +32,7 @@ pub struct Network {
 }
 
 /// Docker's healthcheck state for a container.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     /// The container has no healthcheck.
@@ -44,7 +44,7 @@ pub enum Health {
 }
 
 /// A running container.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Container {
     pub id: String,
     /// The name without Docker's leading slash.
@@ -66,7 +66,7 @@ pub struct Container {
 }
 
 /// A container's attachment to one network.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     pub network_id: String,
     pub network_name: String,

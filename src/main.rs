@@ -2,32 +2,126 @@
 //! sync, the admin API, and the wiring of the dns, router and netplane
 //! libraries. Only this crate knows Docker.
 
+mod admin;
 mod catalog;
 mod config;
+mod discovery;
+mod dns;
+mod metrics;
+mod status;
 
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
 use clap::Parser;
+use tokio::sync::watch;
 
-fn main() {
-    let cli = match config::Cli::try_parse() {
+use crate::config::{Cli, Command, Config, DockerHost, EXIT_CONFIG};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() {
-                config::EXIT_CONFIG
-            } else {
-                0
-            };
+            let code = if e.use_stderr() { EXIT_CONFIG } else { 0 };
             let _ = e.print();
-            std::process::exit(code);
+            return ExitCode::from(code as u8);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portless: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
         }
     };
     match cli.command {
-        config::Command::Run(args) => match args.resolve() {
-            Ok(cfg) => println!("{cfg:?}"),
+        Command::Run(args) => {
+            let cfg = match args.resolve() {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("portless: {e}");
+                    return ExitCode::from(EXIT_CONFIG as u8);
+                }
+            };
+            init_tracing(&cfg.log);
+            match runtime.block_on(run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("portless: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Status(args) => match runtime.block_on(status_cmd(args)) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("portless: {e}");
-                std::process::exit(config::EXIT_CONFIG);
+                eprintln!("portless status: {e:#}");
+                ExitCode::FAILURE
             }
         },
-        _ => {}
+        Command::Netplane(config::NetplaneCommand::Cleanup(_args)) => {
+            eprintln!("portless netplane cleanup: not available in this build");
+            ExitCode::FAILURE
+        }
     }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("portless: bad --log filter `{filter}` ({e}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let (snap_tx, snap_rx) = watch::channel(discovery::Snapshot::default());
+    let discovery_metrics = Arc::new(discovery::DiscoveryMetrics::default());
+    let docker_enabled = cfg.docker != DockerHost::None;
+    if docker_enabled {
+        // Fail fast on a socket path that cannot work at all; a daemon that
+        // is merely down is retried in the background.
+        discovery::connect(&cfg.docker)?;
+        tokio::spawn(discovery::run(cfg.docker.clone(), snap_tx, discovery_metrics.clone()));
+    } else {
+        tracing::info!("Docker discovery off (--docker-host none)");
+        // Keep the sender alive so that receivers never see a closed channel.
+        std::mem::forget(snap_tx);
+    }
+    let dns = dns::start(&cfg.dns, snap_rx.clone()).await.context("starting DNS")?;
+    let admin_state = Arc::new(admin::AdminState { snapshots: snap_rx, discovery: discovery_metrics, docker_enabled, dns });
+    admin::start(cfg.admin_listen, admin_state).await?;
+    tracing::info!("portless running");
+    shutdown_signal().await;
+    tracing::info!("portless stopping");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn status_cmd(args: config::StatusArgs) -> anyhow::Result<()> {
+    let body = status::get(args.admin, "/api/status").await?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let st: admin::Status = serde_json::from_str(&body).context("decoding /api/status")?;
+    print!("{}", status::render(&st)?);
+    Ok(())
 }

@@ -1,0 +1,284 @@
+//! Discovery: the Docker Engine's view, followed through its event stream.
+//!
+//! One session = connect, negotiate the API version, subscribe to events
+//! from a moment just before the listing, list everything, publish the
+//! catalog, then apply events one by one. Any break ends the session; the
+//! next one starts after a backoff and replaces the catalog whole, so no
+//! stale entry survives a reconnect and no container is missed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bollard::Docker;
+use bollard::models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum, HealthStatusEnum};
+use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptions};
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::catalog::{Catalog, Container, Endpoint, Health, Network};
+use crate::config::DockerHost;
+
+/// Counters shown on `/metrics`.
+#[derive(Debug, Default)]
+pub struct DiscoveryMetrics {
+    pub reconnects: AtomicU64,
+    pub events: AtomicU64,
+    pub connected: AtomicU64,
+}
+
+/// A published catalog with what caused it.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub catalog: Arc<Catalog>,
+    /// When the Docker event that produced this snapshot was emitted
+    /// (nanoseconds since the epoch, the daemon's clock). None for a full
+    /// listing.
+    pub event_time_ns: Option<i64>,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Timeout of one Docker API call, in seconds (bollard's unit).
+const API_TIMEOUT_S: u64 = 30;
+
+pub fn connect(host: &DockerHost) -> anyhow::Result<Docker> {
+    let version = bollard::API_DEFAULT_VERSION;
+    match host {
+        DockerHost::Unix(path) => {
+            let path = path.to_str().context("Docker socket path is not UTF-8")?;
+            Docker::connect_with_unix(path, API_TIMEOUT_S, version).context("connecting to the Docker socket")
+        }
+        DockerHost::Http(url) => Docker::connect_with_http(url, API_TIMEOUT_S, version).context("connecting to the Docker API"),
+        DockerHost::None => anyhow::bail!("discovery is off (--docker-host none)"),
+    }
+}
+
+/// Follow the Docker Engine forever, publishing every change into `tx`.
+pub async fn run(host: DockerHost, tx: watch::Sender<Snapshot>, metrics: Arc<DiscoveryMetrics>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = tokio::time::Instant::now();
+        match session(&host, &tx, &metrics).await {
+            Ok(()) => tracing::warn!("Docker event stream ended; reconnecting"),
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "Docker discovery failed; reconnecting"),
+        }
+        metrics.connected.store(0, Ordering::Relaxed);
+        metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = BACKOFF_MIN;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn session(host: &DockerHost, tx: &watch::Sender<Snapshot>, metrics: &DiscoveryMetrics) -> anyhow::Result<()> {
+    let docker = connect(host)?.negotiate_version().await.context("negotiating the Docker API version")?;
+    // Events are replayed from a second before the listing starts, so a
+    // change made while we list is applied after it (applying is
+    // idempotent: every event re-reads the object).
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs().saturating_sub(1);
+    let filters: HashMap<&str, Vec<&str>> = HashMap::from([("type", vec!["container", "network"])]);
+    let mut events = docker.events(Some(EventsOptionsBuilder::new().since(&since.to_string()).filters(&filters).build()));
+
+    let mut catalog = list_all(&docker).await?;
+    tx.send_replace(Snapshot { catalog: Arc::new(catalog.clone()), event_time_ns: None });
+    metrics.connected.store(1, Ordering::Relaxed);
+    tracing::info!(containers = catalog.containers.len(), networks = catalog.networks.len(), "Docker catalog listed");
+
+    while let Some(event) = events.next().await {
+        let event = event.context("reading the Docker event stream")?;
+        metrics.events.fetch_add(1, Ordering::Relaxed);
+        if apply(&docker, &mut catalog, &event).await? {
+            tx.send_replace(Snapshot { catalog: Arc::new(catalog.clone()), event_time_ns: event.time_nano });
+        }
+    }
+    Ok(())
+}
+
+/// Apply one event; true when the catalog changed.
+async fn apply(docker: &Docker, catalog: &mut Catalog, event: &EventMessage) -> anyhow::Result<bool> {
+    let action = event.action.as_deref().unwrap_or("");
+    let actor = event.actor.as_ref();
+    let id = actor.and_then(|a| a.id.clone()).unwrap_or_default();
+    let attr = |k: &str| actor.and_then(|a| a.attributes.as_ref()).and_then(|m| m.get(k)).cloned();
+    tracing::debug!(?event.typ, action, id, "docker event");
+    let before = catalog.clone();
+    match event.typ {
+        Some(EventMessageTypeEnum::CONTAINER) => {
+            // `health_status: healthy` and `exec_start: sh -c ...` carry a suffix.
+            let verb = action.split(':').next().unwrap_or("");
+            match verb {
+                "die" | "destroy" => {
+                    catalog.containers.remove(&id);
+                }
+                "kill" => {
+                    // Only the stop signals mean "going away"; `docker kill -s HUP` does not.
+                    let signal = attr("signal").unwrap_or_default();
+                    if matches!(signal.as_str(), "9" | "15" | "2" | "3" | "SIGKILL" | "SIGTERM" | "SIGINT" | "SIGQUIT")
+                        && let Some(c) = catalog.containers.get_mut(&id)
+                    {
+                        c.stopping = true;
+                    }
+                }
+                "start" | "restart" | "unpause" | "pause" | "health_status" | "rename" | "update" => {
+                    refresh_container(docker, catalog, &id).await?;
+                }
+                _ => return Ok(false),
+            }
+        }
+        Some(EventMessageTypeEnum::NETWORK) => match action {
+            "create" | "destroy" | "remove" => {
+                catalog.networks = list_networks(docker).await?;
+                if action != "create" {
+                    for c in catalog.containers.values_mut() {
+                        c.endpoints.retain(|e| e.network_id != id);
+                    }
+                }
+            }
+            "connect" | "disconnect" => {
+                if let Some(container) = attr("container") {
+                    refresh_container(docker, catalog, &container).await?;
+                }
+            }
+            _ => return Ok(false),
+        },
+        _ => return Ok(false),
+    }
+    Ok(*catalog != before)
+}
+
+async fn refresh_container(docker: &Docker, catalog: &mut Catalog, id: &str) -> anyhow::Result<()> {
+    match docker.inspect_container(id, None).await {
+        Ok(resp) => {
+            let stopping = catalog.containers.get(id).is_some_and(|c| c.stopping);
+            match container_from(resp) {
+                Some(mut c) => {
+                    // A health or pause event while stopping keeps it draining.
+                    c.stopping = stopping;
+                    catalog.containers.insert(c.id.clone(), c);
+                }
+                None => {
+                    catalog.containers.remove(id);
+                }
+            }
+            Ok(())
+        }
+        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
+            catalog.containers.remove(id);
+            Ok(())
+        }
+        Err(e) => Err(e).context(format!("inspecting container {id}")),
+    }
+}
+
+async fn list_all(docker: &Docker) -> anyhow::Result<Catalog> {
+    let networks = list_networks(docker).await?;
+    let summaries = docker
+        .list_containers(Some(ListContainersOptionsBuilder::new().all(false).build()))
+        .await
+        .context("listing containers")?;
+    let mut containers = BTreeMap::new();
+    for s in summaries {
+        let Some(id) = s.id else { continue };
+        match docker.inspect_container(&id, None).await {
+            Ok(resp) => {
+                if let Some(c) = container_from(resp) {
+                    containers.insert(c.id.clone(), c);
+                }
+            }
+            // Removed between the listing and now.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(e) => return Err(e).context(format!("inspecting container {id}")),
+        }
+    }
+    Ok(Catalog { networks, containers })
+}
+
+async fn list_networks(docker: &Docker) -> anyhow::Result<BTreeMap<String, Network>> {
+    let list = docker.list_networks(None::<ListNetworksOptions>).await.context("listing networks")?;
+    let mut out = BTreeMap::new();
+    for n in list {
+        let (Some(id), Some(name)) = (n.id, n.name) else { continue };
+        let mut subnets = Vec::new();
+        let mut gateways = Vec::new();
+        for cfg in n.ipam.and_then(|i| i.config).unwrap_or_default() {
+            if let Some(net) = cfg.subnet.as_deref().and_then(|s| s.parse::<ipnet::IpNet>().ok()) {
+                subnets.push(net);
+            }
+            if let Some(gw) = cfg.gateway.as_deref().and_then(|g| g.parse::<IpAddr>().ok()) {
+                gateways.push(gw);
+            }
+        }
+        out.insert(
+            id.clone(),
+            Network { id, name, driver: n.driver.unwrap_or_default(), subnets, gateways, internal: n.internal.unwrap_or(false) },
+        );
+    }
+    Ok(out)
+}
+
+/// A running container from its inspect output; None when it is not
+/// running.
+pub fn container_from(resp: ContainerInspectResponse) -> Option<Container> {
+    let state = resp.state.as_ref()?;
+    if state.running != Some(true) {
+        return None;
+    }
+    let id = resp.id.clone()?;
+    let health = match state.health.as_ref().and_then(|h| h.status) {
+        Some(HealthStatusEnum::STARTING) => Health::Starting,
+        Some(HealthStatusEnum::HEALTHY) => Health::Healthy,
+        Some(HealthStatusEnum::UNHEALTHY) => Health::Unhealthy,
+        _ => Health::None,
+    };
+    let config = resp.config.unwrap_or_default();
+    let labels: BTreeMap<String, String> = config.labels.unwrap_or_default().into_iter().collect();
+    let mut exposed_tcp_ports: Vec<u16> = config
+        .exposed_ports
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| {
+            let (port, proto) = p.split_once('/').unwrap_or((p.as_str(), "tcp"));
+            (proto == "tcp").then(|| port.parse().ok()).flatten()
+        })
+        .collect();
+    exposed_tcp_ports.sort_unstable();
+    exposed_tcp_ports.dedup();
+    let short_id: String = id.chars().take(12).collect();
+    let mut endpoints: Vec<Endpoint> = resp
+        .network_settings
+        .and_then(|n| n.networks)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(network_name, ep)| {
+            let ipv4 = ep.ip_address.as_deref().and_then(|a| a.parse().ok());
+            let ipv6 = ep.global_ipv6_address.as_deref().and_then(|a| a.parse().ok());
+            if ipv4.is_none() && ipv6.is_none() {
+                // host or none networking: no address of its own.
+                return None;
+            }
+            let mut aliases: Vec<String> =
+                ep.aliases.unwrap_or_default().into_iter().filter(|a| *a != short_id && *a != id).collect();
+            aliases.sort();
+            aliases.dedup();
+            Some(Endpoint { network_id: ep.network_id.unwrap_or_default(), network_name, ipv4, ipv6, aliases })
+        })
+        .collect();
+    endpoints.sort_by(|a, b| a.network_name.cmp(&b.network_name));
+    Some(Container {
+        name: resp.name.unwrap_or_default().trim_start_matches('/').to_owned(),
+        compose_project: labels.get("com.docker.compose.project").cloned(),
+        compose_service: labels.get("com.docker.compose.service").cloned(),
+        id,
+        labels,
+        health,
+        stopping: false,
+        exposed_tcp_ports,
+        endpoints,
+    })
+}

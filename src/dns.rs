@@ -1,0 +1,267 @@
+//! Wiring of portless-dns: the catalog becomes a zone, gateway addresses
+//! become listeners, the hosts file is followed.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use portless_dns::{Forwarder, Handler, Health as DnsHealth, Listeners, Member, Metrics, NetworkInput, Zone, ZoneHandle, ZoneInput};
+use tokio::sync::watch;
+
+use crate::catalog::{Catalog, Health};
+use crate::config::dns::DnsConfig;
+use crate::discovery::Snapshot;
+use crate::metrics::Histogram;
+
+type StaticHosts = Arc<BTreeMap<String, Vec<IpAddr>>>;
+
+/// What the admin API reads from the running DNS service.
+pub struct DnsState {
+    pub zone: ZoneHandle,
+    pub metrics: Arc<Metrics>,
+    pub listeners: watch::Receiver<Vec<SocketAddr>>,
+    pub upstreams: Vec<SocketAddr>,
+    pub domain: String,
+    /// Docker event emitted → zone with the change swapped in.
+    pub event_to_answer: Arc<Histogram>,
+}
+
+/// Nameservers of a resolv.conf, port 53.
+pub fn resolv_conf_upstreams(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some("nameserver")).then(|| f.next()).flatten()
+        })
+        // A scoped link-local (fe80::1%eth0) cannot be parsed into a SocketAddr
+        // without its interface index; skip it rather than guess.
+        .filter_map(|a| a.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+/// Start the DNS service: bind the fixed listeners now (an error here stops
+/// start-up), then follow catalog and hosts-file changes in the background.
+pub async fn start(cfg: &DnsConfig, snapshots: watch::Receiver<Snapshot>) -> anyhow::Result<DnsState> {
+    let metrics = Arc::new(Metrics::default());
+    let mut upstreams = cfg.upstreams.clone();
+    if upstreams.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        upstreams = resolv_conf_upstreams(&text);
+        // Never forward to ourselves.
+        upstreams.retain(|u| !cfg.listen.contains(u));
+        if upstreams.is_empty() {
+            tracing::warn!("no upstream resolver in /etc/resolv.conf: names portless does not serve will get SERVFAIL");
+        }
+    }
+    let forwarder = Arc::new(Forwarder::new(upstreams.clone(), cfg.forward_timeout, cfg.forward_max_inflight, metrics.clone()));
+    let zone: ZoneHandle = Arc::new(ArcSwap::from_pointee(Zone::default()));
+    let mut listeners = Listeners::new(Handler::new(zone.clone(), forwarder, metrics.clone()));
+    let mut fixed = Vec::new();
+    for addr in &cfg.listen {
+        let bound = listeners.add(*addr).await.with_context(|| format!("binding DNS listener {addr}"))?;
+        fixed.push(bound);
+    }
+    let (listeners_tx, listeners_rx) = watch::channel(listeners.addrs());
+
+    let hosts = match &cfg.hosts_file {
+        Some(path) => {
+            let initial = read_hosts(path).with_context(|| format!("reading --hosts-file {}", path.display()))?;
+            let (tx, rx) = watch::channel(Arc::new(initial));
+            tokio::spawn(follow_hosts_file(path.clone(), tx));
+            rx
+        }
+        None => watch::channel(StaticHosts::default()).1,
+    };
+
+    let event_to_answer = Arc::new(Histogram::default());
+    let state = DnsState {
+        zone: zone.clone(),
+        metrics,
+        listeners: listeners_rx,
+        upstreams,
+        domain: cfg.domain.clone(),
+        event_to_answer: event_to_answer.clone(),
+    };
+    let cfg = cfg.clone();
+    // Build the first zone before returning, so that a fixed listener never
+    // answers from an empty zone after start-up.
+    let mut builder = ZoneBuilder { cfg, zone, listeners, listeners_tx, fixed, serial: 0, event_to_answer };
+    builder.rebuild(&snapshots.borrow().clone(), &hosts.borrow().clone()).await;
+    tokio::spawn(builder.run(snapshots, hosts));
+    Ok(state)
+}
+
+struct ZoneBuilder {
+    cfg: DnsConfig,
+    zone: ZoneHandle,
+    listeners: Listeners,
+    listeners_tx: watch::Sender<Vec<SocketAddr>>,
+    fixed: Vec<SocketAddr>,
+    serial: u32,
+    event_to_answer: Arc<Histogram>,
+}
+
+impl ZoneBuilder {
+    async fn run(mut self, mut snapshots: watch::Receiver<Snapshot>, mut hosts: watch::Receiver<StaticHosts>) {
+        // Host addresses change without any Docker event (DHCP, a new
+        // interface): look again now and then.
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Without --hosts-file nobody ever sends on `hosts`; a closed channel
+        // then just means "no change", not "stop".
+        let mut hosts_open = true;
+        loop {
+            tokio::select! {
+                r = snapshots.changed() => if r.is_err() { return },
+                r = hosts.changed(), if hosts_open => hosts_open = r.is_ok(),
+                _ = tick.tick() => {}
+            }
+            let snapshot = snapshots.borrow_and_update().clone();
+            let static_hosts = hosts.borrow_and_update().clone();
+            self.rebuild(&snapshot, &static_hosts).await;
+        }
+    }
+
+    async fn rebuild(&mut self, snapshot: &Snapshot, static_hosts: &StaticHosts) {
+        self.serial = self.serial.wrapping_add(1);
+        let input = zone_input(&self.cfg, &snapshot.catalog, static_hosts, host_addrs(), self.serial);
+        self.zone.store(Arc::new(Zone::build(&input)));
+        if let Some(ns) = snapshot.event_time_ns {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
+            self.event_to_answer.observe(Duration::from_nanos(now.saturating_sub(ns).max(0) as u64));
+        }
+        self.reconcile_listeners(&snapshot.catalog).await;
+    }
+
+    async fn reconcile_listeners(&mut self, catalog: &Catalog) {
+        let mut wanted = self.fixed.clone();
+        if self.cfg.port != 0 {
+            for net in catalog.networks.values().filter(|n| n.driver == "bridge") {
+                for gw in &net.gateways {
+                    let a = SocketAddr::new(*gw, self.cfg.port);
+                    if !wanted.contains(&a) {
+                        wanted.push(a);
+                    }
+                }
+            }
+        }
+        // A fixed wildcard listener on the same port already covers gateways.
+        let wildcard_ports: Vec<(bool, u16)> =
+            self.fixed.iter().filter(|a| a.ip().is_unspecified()).map(|a| (a.is_ipv4(), a.port())).collect();
+        wanted.retain(|a| self.fixed.contains(a) || !wildcard_ports.contains(&(a.is_ipv4(), a.port())));
+        for (addr, e) in self.listeners.reconcile(&wanted).await {
+            tracing::warn!(%addr, error = %e, "cannot listen for DNS on a gateway address (will retry on the next change)");
+        }
+        self.listeners_tx.send_replace(self.listeners.addrs());
+    }
+}
+
+fn zone_input(cfg: &DnsConfig, catalog: &Catalog, static_hosts: &StaticHosts, host_addrs: Vec<IpAddr>, serial: u32) -> ZoneInput {
+    let mut networks: BTreeMap<&str, NetworkInput> = BTreeMap::new();
+    for c in catalog.containers.values() {
+        for ep in &c.endpoints {
+            let net = networks
+                .entry(ep.network_id.as_str())
+                .or_insert_with(|| NetworkInput { name: ep.network_name.clone(), members: Vec::new() });
+            net.members.push(Member {
+                id: c.id.clone(),
+                name: c.name.clone(),
+                addrs: ep.addrs().collect(),
+                aliases: ep.aliases.clone(),
+                service: c.compose_service.clone(),
+                project: c.compose_project.clone(),
+                health: match c.health {
+                    Health::Healthy => DnsHealth::Healthy,
+                    Health::Unhealthy => DnsHealth::Unhealthy,
+                    Health::None | Health::Starting => DnsHealth::Unknown,
+                },
+            });
+        }
+    }
+    let mut host_clients: Vec<IpNet> = cfg.allow.clone();
+    let gateways = catalog.networks.values().flat_map(|n| n.gateways.iter().copied());
+    host_clients.extend(gateways.chain(host_addrs).map(IpNet::from));
+    ZoneInput {
+        domain: cfg.domain.clone(),
+        ttl: cfg.ttl,
+        networks: networks.into_values().collect(),
+        static_hosts: (**static_hosts).clone(),
+        ingress: cfg.ingress_zones.iter().map(|z| (z.zone.clone(), z.addrs.clone())).collect(),
+        host_clients,
+        private_ranges: catalog.networks.values().flat_map(|n| n.subnets.iter().copied()).collect(),
+        serial,
+    }
+}
+
+/// The host's own interface addresses: clients from them are host-side.
+fn host_addrs() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    addrs
+        .filter_map(|ifa| ifa.address)
+        .filter_map(|a| {
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
+}
+
+fn read_hosts(path: &Path) -> anyhow::Result<BTreeMap<String, Vec<IpAddr>>> {
+    let text = std::fs::read_to_string(path)?;
+    let (names, errors) = portless_dns::hosts::parse(&text);
+    for e in errors {
+        tracing::warn!(file = %path.display(), error = %e, "hosts file line ignored");
+    }
+    Ok(names)
+}
+
+type FileStamp = Option<(SystemTime, u64, u64)>;
+
+fn stamp(path: &Path) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Poll the hosts file; on a change, parse it and publish. A file that
+/// vanishes or cannot be read keeps the last good contents.
+async fn follow_hosts_file(path: PathBuf, tx: watch::Sender<StaticHosts>) {
+    let mut last = stamp(&path);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let now = stamp(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match read_hosts(&path) {
+            Ok(names) => {
+                tracing::info!(file = %path.display(), names = names.len(), "hosts file reloaded");
+                if tx.send(Arc::new(names)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(file = %path.display(), error = %e, "hosts file unreadable; keeping the last good contents"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_nameservers_are_read() {
+        let ups = resolv_conf_upstreams("# x\nnameserver 127.0.0.53\nsearch lan\nnameserver ::1\nnameserver fe80::1%eth0\noptions edns0\n");
+        assert_eq!(ups, vec!["127.0.0.53:53".parse().unwrap(), "[::1]:53".parse().unwrap()]);
+    }
+}

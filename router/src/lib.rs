@@ -16,6 +16,9 @@
 //! It does not discover routes, bind sockets on its own, or render JSON: the
 //! binary does those.
 
+// Tests may unwrap: a panic there is a failed test, with its message.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod balance;
 pub mod error;
 pub mod headers;
@@ -26,3 +29,8 @@ pub mod table;
 
 pub use host::HostPattern;
 pub use table::{Backend, BackendState, Route, RouteKey, RouteSpec, RouteTable, Scheme};
+pub mod io;
+mod proxy;
+pub mod tls;
+
+pub use proxy::{BackendStatus, ReqBody, RespBody, RouteStatus, Router, RouterOptions};

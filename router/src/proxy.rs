@@ -1,0 +1,789 @@
+//! The hyper shell around the route table: serves listeners handed in by
+//! the caller, forwards to backends, retries, ejects, tunnels upgrades.
+//!
+//! The request path reads the current table through one `ArcSwap` load and
+//! otherwise touches only atomics; [`Router::update`] builds the next table
+//! (and carries ejection state and counters over by identity) off the
+//! request path.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme as UriScheme};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{Either, Empty, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::client::conn::http2;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use ipnet::IpNet;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::balance::{self, Candidate};
+use crate::error::{ErrorKind, ProxyError, RetryType};
+use crate::headers::{self, ClientInfo};
+use crate::host::normalize_authority;
+use crate::io::{Prefixed, read_proxy_header};
+use crate::metrics::{self, Metrics, RouteStats};
+use crate::proxy_protocol::ProxyHeader;
+use crate::table::{BackendState, RouteKey, RouteSpec, RouteTable, Scheme};
+
+/// Body sent to a backend: the client's (with the size limit), or empty for
+/// requests without one (so that they can be sent again on retry).
+pub type ReqBody = Either<Limited<Incoming>, Empty<Bytes>>;
+/// Body sent to a client: the backend's, or one the router made.
+pub type RespBody = Either<Incoming, Full<Bytes>>;
+
+/// Tunables, all with safe defaults.
+#[derive(Debug, Clone)]
+pub struct RouterOptions {
+    /// A client must send its request headers (and a PROXY header, and
+    /// finish the TLS handshake) within this. Also bounds how long an idle
+    /// keep-alive connection is kept.
+    pub header_read_timeout: Duration,
+    /// Largest request head (HTTP/1) or header list (HTTP/2); larger gets
+    /// 431. At least 8192.
+    pub max_header_bytes: usize,
+    /// Most header fields in an HTTP/1 request; more gets 431.
+    pub max_headers: usize,
+    /// Largest request body; larger gets 413. `None`: no limit.
+    pub max_body_bytes: Option<u64>,
+    /// TCP connect (and HTTP/2 handshake) to a backend.
+    pub connect_timeout: Duration,
+    /// From sending a request to receiving the backend's response headers;
+    /// past it, 504. Streams and WebSockets are not limited once answered.
+    pub upstream_timeout: Duration,
+    /// How long a backend that refused a connection gets no requests.
+    pub eject_for: Duration,
+    /// Peers whose forwarding headers are kept.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Every connection must start with a PROXY v1/v2 header.
+    pub proxy_protocol: bool,
+    /// When set, the plain listener answers requests for routed hosts with
+    /// a 308 to https on this port.
+    pub redirect_https_port: Option<u16>,
+    /// Idle pooled connections to backends are closed after this.
+    pub pool_idle_timeout: Duration,
+    /// Most idle pooled connections kept per backend.
+    pub pool_max_idle_per_backend: usize,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        RouterOptions {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_body_bytes: None,
+            connect_timeout: Duration::from_secs(3),
+            upstream_timeout: Duration::from_secs(60),
+            eject_for: Duration::from_secs(10),
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
+            redirect_https_port: None,
+            pool_idle_timeout: Duration::from_secs(60),
+            pool_max_idle_per_backend: 256,
+        }
+    }
+}
+
+/// Runtime state of one backend, kept across table rebuilds by identity
+/// (id, address, scheme).
+struct BackendRuntime {
+    /// Milliseconds since the router's epoch; 0 = not ejected.
+    ejected_until_ms: AtomicU64,
+    in_flight: AtomicI64,
+    requests: AtomicU64,
+    connect_failures: AtomicU64,
+    authority: Authority,
+    /// The shared HTTP/2 connection to an h2c backend.
+    h2: ArcSwapOption<http2::SendRequest<ReqBody>>,
+}
+
+impl BackendRuntime {
+    fn new(addr: SocketAddr) -> Self {
+        BackendRuntime {
+            ejected_until_ms: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            requests: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            // A socket address always renders as a valid authority.
+            authority: Authority::try_from(addr.to_string().as_str())
+                .unwrap_or_else(|_| Authority::from_static("invalid")),
+            h2: ArcSwapOption::empty(),
+        }
+    }
+
+    fn ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Relaxed) > now_ms
+    }
+}
+
+struct RouteRuntime {
+    key: RouteKey,
+    stats: Arc<RouteStats>,
+    backends: Vec<Arc<BackendRuntime>>,
+    rr: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Live {
+    table: RouteTable,
+    /// Parallel to `table.routes()`.
+    routes: Vec<RouteRuntime>,
+}
+
+type BackendIdentity = (String, SocketAddr, Scheme);
+
+#[derive(Default)]
+struct Registry {
+    backends: HashMap<BackendIdentity, Arc<BackendRuntime>>,
+    routes: HashMap<RouteKey, Arc<RouteStats>>,
+}
+
+struct Shared {
+    opts: RouterOptions,
+    live: ArcSwap<Live>,
+    registry: Mutex<Registry>,
+    client: Client<HttpConnector, ReqBody>,
+    server: auto::Builder<TokioExecutor>,
+    metrics: Metrics,
+    epoch: Instant,
+}
+
+/// What a client connection looks like to request handling.
+#[derive(Debug, Clone, Copy)]
+struct ConnInfo {
+    client: ClientInfo,
+}
+
+/// A backend as shown in status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendStatus {
+    pub id: String,
+    pub name: String,
+    pub addr: SocketAddr,
+    pub scheme: Scheme,
+    /// `healthy`, `starting`, `unhealthy`, `draining` or `ejected`.
+    pub state: &'static str,
+    /// Requests sent and not yet answered with headers.
+    pub in_flight: i64,
+    pub requests: u64,
+    pub connect_failures: u64,
+}
+
+/// A route as shown in status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteStatus {
+    /// `host/prefix`.
+    pub key: String,
+    pub host: String,
+    pub path_prefix: String,
+    pub requests: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+/// The router: cheap to clone, shared by every listener.
+#[derive(Clone)]
+pub struct Router {
+    shared: Arc<Shared>,
+}
+
+impl Router {
+    /// A router with an empty table. Must be created inside a tokio
+    /// runtime (the connection pool spawns tasks).
+    pub fn new(opts: RouterOptions) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(opts.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(30)));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(opts.pool_idle_timeout)
+            .pool_max_idle_per_host(opts.pool_max_idle_per_backend)
+            // Host is always set by the router, from the client's request.
+            .set_host(false)
+            .build(connector);
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(opts.header_read_timeout)
+            .max_buf_size(opts.max_header_bytes.max(8192))
+            .max_headers(opts.max_headers);
+        server
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Duration::from_secs(30));
+        Router {
+            shared: Arc::new(Shared {
+                opts,
+                live: ArcSwap::from_pointee(Live::default()),
+                registry: Mutex::new(Registry::default()),
+                client,
+                server,
+                metrics: Metrics::default(),
+                epoch: Instant::now(),
+            }),
+        }
+    }
+
+    /// Replace the route table. Requests in flight finish on the table they
+    /// started with; open WebSockets and streams are not touched.
+    pub fn update(&self, specs: impl IntoIterator<Item = RouteSpec>) {
+        let table = RouteTable::build(specs);
+        // The registry is only touched here, never on the request path; a
+        // poisoned lock only means an earlier update panicked half-way,
+        // and the registry is rebuilt whole below anyway.
+        let mut reg = self
+            .shared
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut next = Registry::default();
+        let mut routes = Vec::with_capacity(table.len());
+        for route in table.routes() {
+            let key = route.key();
+            let stats = reg.routes.get(&key).cloned().unwrap_or_default();
+            next.routes.insert(key.clone(), stats.clone());
+            let backends = route
+                .backends
+                .iter()
+                .map(|b| {
+                    let ident = (b.id.clone(), b.addr, b.scheme);
+                    let rt = reg
+                        .backends
+                        .get(&ident)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(BackendRuntime::new(b.addr)));
+                    next.backends.insert(ident, rt.clone());
+                    rt
+                })
+                .collect();
+            routes.push(RouteRuntime {
+                key,
+                stats,
+                backends,
+                rr: AtomicUsize::new(0),
+            });
+        }
+        *reg = next;
+        let n = table.len();
+        self.shared.live.store(Arc::new(Live { table, routes }));
+        debug!(routes = n, "route table replaced");
+    }
+
+    /// Every route with its backends, for status.
+    pub fn status(&self) -> Vec<RouteStatus> {
+        let live = self.shared.live.load();
+        let now = self.shared.now_ms();
+        live.table
+            .routes()
+            .iter()
+            .zip(&live.routes)
+            .map(|(r, rt)| RouteStatus {
+                key: rt.key.0.clone(),
+                host: r.host.to_string(),
+                path_prefix: r.path_prefix.clone(),
+                requests: rt.stats.total(),
+                backends: r
+                    .backends
+                    .iter()
+                    .zip(&rt.backends)
+                    .map(|(b, brt)| BackendStatus {
+                        id: b.id.clone(),
+                        name: b.name.clone(),
+                        addr: b.addr,
+                        scheme: b.scheme,
+                        state: match b.state {
+                            BackendState::Healthy | BackendState::Starting
+                                if brt.ejected(now) =>
+                            {
+                                "ejected"
+                            }
+                            s => s.as_str(),
+                        },
+                        in_flight: brt.in_flight.load(Relaxed),
+                        requests: brt.requests.load(Relaxed),
+                        connect_failures: brt.connect_failures.load(Relaxed),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Append the router's metrics in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        let live = self.shared.live.load();
+        metrics::render(
+            out,
+            &self.shared.metrics,
+            live.routes.iter().map(|r| (r.key.0.as_str(), &*r.stats)),
+        );
+    }
+
+    /// Serve plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge) on a
+    /// bound listener until the task is dropped.
+    pub async fn serve_http(&self, listener: TcpListener) {
+        self.serve(listener, None).await
+    }
+
+    /// Serve HTTPS on a bound listener until the task is dropped.
+    pub async fn serve_https(&self, listener: TcpListener, tls: TlsAcceptor) {
+        self.serve(listener, Some(tls)).await
+    }
+
+    async fn serve(&self, listener: TcpListener, tls: Option<TlsAcceptor>) {
+        let local = listener.local_addr().ok();
+        info!(listen = ?local, tls = tls.is_some(), "router listening");
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off a
+                    // little instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let shared = self.shared.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move { shared.connection(stream, peer, tls).await });
+        }
+    }
+}
+
+/// Decrements a gauge when a connection ends, however it ends.
+struct GaugeGuard<'a>(&'a AtomicI64);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        // Starts at 1 so that 0 can mean "never ejected".
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<TlsAcceptor>,
+    ) {
+        let m = &self.metrics;
+        m.connections_total.fetch_add(1, Relaxed);
+        let gauge = if tls.is_some() {
+            &m.open_https
+        } else {
+            &m.open_http
+        };
+        gauge.fetch_add(1, Relaxed);
+        let _guard = GaugeGuard(gauge);
+        let _ = stream.set_nodelay(true);
+        let timeout = self.opts.header_read_timeout;
+        let mut client_addr = peer.ip();
+        let mut trusted = self.opts.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
+        let io = if self.opts.proxy_protocol {
+            match tokio::time::timeout(timeout, read_proxy_header(&mut stream)).await {
+                Ok(Ok((header, rest))) => {
+                    if let ProxyHeader::Proxied { source, .. } = header {
+                        client_addr = source.ip();
+                    }
+                    // The PROXY sender is a balancer the operator put in
+                    // front: its forwarding headers are as good as its
+                    // PROXY header.
+                    trusted = true;
+                    Prefixed::new(stream, rest)
+                }
+                Ok(Err(e)) => {
+                    m.proxy_protocol_failures.fetch_add(1, Relaxed);
+                    debug!(%peer, error = %e, "PROXY header refused");
+                    return;
+                }
+                Err(_) => {
+                    m.proxy_protocol_failures.fetch_add(1, Relaxed);
+                    debug!(%peer, "PROXY header timed out");
+                    return;
+                }
+            }
+        } else {
+            Prefixed::new(stream, Bytes::new())
+        };
+        let mut conn = ConnInfo {
+            client: ClientInfo {
+                addr: client_addr,
+                trusted,
+                tls: false,
+            },
+        };
+        match tls {
+            None => self.serve_conn(TokioIo::new(io), conn).await,
+            Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+                Ok(Ok(tls_stream)) => {
+                    conn.client.tls = true;
+                    self.serve_conn(TokioIo::new(tls_stream), conn).await
+                }
+                Ok(Err(e)) => {
+                    m.tls_handshake_failures.fetch_add(1, Relaxed);
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    m.tls_handshake_failures.fetch_add(1, Relaxed);
+                    debug!(%peer, "TLS handshake timed out");
+                }
+            },
+        }
+    }
+
+    async fn serve_conn<I>(self: &Arc<Self>, io: I, conn: ConnInfo)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let shared = self.clone();
+        let svc = service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(shared.handle(req, conn).await) }
+        });
+        if let Err(e) = self.server.serve_connection_with_upgrades(io, svc).await {
+            debug!(client = %conn.client.addr, error = %e, "client connection ended with an error");
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<RespBody> {
+        let start = Instant::now();
+        let live = self.live.load_full();
+        let (result, stats) = self.route_and_forward(req, conn, &live).await;
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                debug!(error = %e, status = e.status().as_u16(), "request failed");
+                error_response(&e)
+            }
+        };
+        let stats = match stats {
+            Some(i) => &*live.routes[i].stats,
+            None => &self.metrics.unrouted,
+        };
+        stats.record(resp.status().as_u16(), start.elapsed());
+        resp
+    }
+
+    /// The route index is returned even on error, so that the error counts
+    /// against its route.
+    async fn route_and_forward(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        live: &Live,
+    ) -> (Result<Response<RespBody>, ProxyError>, Option<usize>) {
+        if req.method() == Method::CONNECT {
+            return (Err(ProxyError::new(ErrorKind::MethodNotAllowed)), None);
+        }
+        let raw_host = match req.uri().authority() {
+            Some(a) => a.as_str().to_owned(),
+            None => match req.headers().get(header::HOST).map(|h| h.to_str()) {
+                Some(Ok(h)) => h.to_owned(),
+                _ => return (Err(ProxyError::new(ErrorKind::BadRequest)), None),
+            },
+        };
+        let Some(host) = normalize_authority(&raw_host) else {
+            return (Err(ProxyError::new(ErrorKind::BadRequest)), None);
+        };
+        let Some(idx) = live.table.find(&host, req.uri().path()) else {
+            return (Err(ProxyError::new(ErrorKind::NoRoute)), None);
+        };
+        if let (Some(port), false) = (self.opts.redirect_https_port, conn.client.tls) {
+            return (Ok(redirect(&host, port, req.uri())), Some(idx));
+        }
+        if let Some(max) = self.opts.max_body_bytes {
+            let declared = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max) {
+                return (Err(ProxyError::new(ErrorKind::BodyTooLarge)), Some(idx));
+            }
+        }
+        (self.forward(req, conn, live, idx, &raw_host).await, Some(idx))
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+        live: &Live,
+        idx: usize,
+        raw_host: &str,
+    ) -> Result<Response<RespBody>, ProxyError> {
+        let route = &live.table.routes()[idx];
+        let rt = &live.routes[idx];
+        let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
+        let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let te_trailers = headers::te_trailers(req.headers());
+        let (mut parts, body) = req.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers, upgrade);
+        if !parts.headers.contains_key(header::HOST) {
+            // HTTP/2 clients send :authority only; HTTP/1 backends need Host.
+            if let Ok(v) = HeaderValue::from_str(raw_host) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        headers::set_forwarded(&mut parts.headers, &conn.client, raw_host);
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let host_authority = Authority::try_from(raw_host).ok();
+
+        let body_empty = body.is_end_stream();
+        let idempotent = matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+        );
+        let max_attempts = if body_empty && idempotent {
+            route.backends.len().min(3)
+        } else {
+            1
+        };
+        let limit = self
+            .opts
+            .max_body_bytes
+            .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
+        let mut body = Some(body);
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last_err: Option<ProxyError> = None;
+
+        let resp = loop {
+            let now = self.now_ms();
+            let pick = balance::pick(
+                route.backends.len(),
+                |i| Candidate {
+                    state: route.backends[i].state,
+                    ejected: rt.backends[i].ejected(now),
+                },
+                rt.rr.fetch_add(1, Relaxed),
+                &tried,
+            );
+            let Some(bi) = pick else {
+                return Err(last_err.unwrap_or_else(|| ProxyError::new(ErrorKind::NoBackend)));
+            };
+            let backend = &route.backends[bi];
+            let brt = &rt.backends[bi];
+            let last_attempt = tried.len() + 1 >= max_attempts;
+
+            let req_body: ReqBody = match body.take() {
+                Some(b) if !body_empty => Either::Left(Limited::new(b, limit)),
+                _ => Either::Right(Empty::new()),
+            };
+            let mut up = Request::new(req_body);
+            *up.method_mut() = parts.method.clone();
+            *up.headers_mut() = if last_attempt {
+                std::mem::take(&mut parts.headers)
+            } else {
+                parts.headers.clone()
+            };
+            let authority = match backend.scheme {
+                Scheme::Http => brt.authority.clone(),
+                Scheme::H2c => {
+                    // The backend sees the client's host as :authority.
+                    up.headers_mut().remove(header::HOST);
+                    if te_trailers {
+                        up.headers_mut()
+                            .insert(header::TE, HeaderValue::from_static("trailers"));
+                    }
+                    host_authority.clone().unwrap_or_else(|| brt.authority.clone())
+                }
+            };
+            let mut uri_parts = http::uri::Parts::default();
+            uri_parts.scheme = Some(UriScheme::HTTP);
+            uri_parts.authority = Some(authority);
+            uri_parts.path_and_query = Some(path_and_query.clone());
+            *up.uri_mut() = match Uri::from_parts(uri_parts) {
+                Ok(u) => u,
+                Err(e) => return Err(ProxyError::with_cause(ErrorKind::BadRequest, e)),
+            };
+            *up.version_mut() = match backend.scheme {
+                Scheme::Http => Version::HTTP_11,
+                Scheme::H2c => Version::HTTP_2,
+            };
+
+            brt.requests.fetch_add(1, Relaxed);
+            brt.in_flight.fetch_add(1, Relaxed);
+            let sent = tokio::time::timeout(self.opts.upstream_timeout, async {
+                match backend.scheme {
+                    Scheme::Http => self.client.request(up).await.map_err(classify_client_error),
+                    Scheme::H2c => self.send_h2(brt, backend.addr, up).await,
+                }
+            })
+            .await;
+            brt.in_flight.fetch_sub(1, Relaxed);
+            match sent {
+                Ok(Ok(resp)) => break resp,
+                Ok(Err(e)) => {
+                    if e.kind == ErrorKind::Connect {
+                        self.metrics.upstream_connect_errors.fetch_add(1, Relaxed);
+                        self.metrics.ejections.fetch_add(1, Relaxed);
+                        brt.connect_failures.fetch_add(1, Relaxed);
+                        let until = self.now_ms()
+                            + u64::try_from(self.opts.eject_for.as_millis()).unwrap_or(u64::MAX);
+                        brt.ejected_until_ms.store(until, Relaxed);
+                        debug!(backend = %backend.id, addr = %backend.addr, error = %e, "backend ejected");
+                    }
+                    if e.retry() == RetryType::Safe && !last_attempt {
+                        self.metrics.retries.fetch_add(1, Relaxed);
+                        tried.push(bi);
+                        last_err = Some(e);
+                        continue;
+                    }
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.metrics.upstream_timeouts.fetch_add(1, Relaxed);
+                    return Err(ProxyError::new(ErrorKind::UpstreamTimeout));
+                }
+            }
+        };
+
+        let mut resp = resp;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(down) = down_upgrade else {
+                return Err(ProxyError::with_cause(
+                    ErrorKind::UpstreamProtocol,
+                    "backend switched protocols unasked",
+                ));
+            };
+            let up = hyper::upgrade::on(&mut resp);
+            self.metrics.websocket_upgrades.fetch_add(1, Relaxed);
+            tokio::spawn(async move {
+                match tokio::try_join!(up, down) {
+                    Ok((up, down)) => {
+                        let mut up = TokioIo::new(up);
+                        let mut down = TokioIo::new(down);
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                            debug!(error = %e, "upgraded connection ended with an error");
+                        }
+                    }
+                    Err(e) => debug!(error = %e, "upgrade failed"),
+                }
+            });
+        }
+        let (mut rparts, rbody) = resp.into_parts();
+        headers::remove_hop_by_hop(
+            &mut rparts.headers,
+            rparts.status == StatusCode::SWITCHING_PROTOCOLS,
+        );
+        rparts.version = parts.version;
+        Ok(Response::from_parts(rparts, Either::Left(rbody)))
+    }
+
+    async fn send_h2(
+        &self,
+        brt: &BackendRuntime,
+        addr: SocketAddr,
+        req: Request<ReqBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let cached = brt.h2.load_full().filter(|s| !s.is_closed());
+        let mut sender = match cached {
+            Some(s) => (*s).clone(),
+            None => self.connect_h2(brt, addr).await?,
+        };
+        if sender.ready().await.is_err() {
+            // The cached connection died between the check and now: the
+            // request was not sent, so a fresh connection is safe.
+            sender = self.connect_h2(brt, addr).await?;
+            sender
+                .ready()
+                .await
+                .map_err(|e| ProxyError::with_cause(ErrorKind::Connect, e))?;
+        }
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| ProxyError::with_cause(ErrorKind::UpstreamProtocol, e))
+    }
+
+    async fn connect_h2(
+        &self,
+        brt: &BackendRuntime,
+        addr: SocketAddr,
+    ) -> Result<http2::SendRequest<ReqBody>, ProxyError> {
+        let stream = tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ProxyError::with_cause(ErrorKind::Connect, "connect timed out"))?
+            .map_err(|e| ProxyError::with_cause(ErrorKind::Connect, e))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::with_cause(ErrorKind::Connect, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%addr, error = %e, "h2c backend connection ended");
+            }
+        });
+        brt.h2.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
+    }
+}
+
+fn classify_client_error(e: hyper_util::client::legacy::Error) -> ProxyError {
+    if e.is_connect() {
+        return ProxyError::with_cause(ErrorKind::Connect, e);
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(s) = source {
+        if s.is::<LengthLimitError>() {
+            return ProxyError::with_cause(ErrorKind::BodyTooLarge, e);
+        }
+        source = s.source();
+    }
+    ProxyError::with_cause(ErrorKind::UpstreamProtocol, e)
+}
+
+fn error_response(e: &ProxyError) -> Response<RespBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(e.body()))));
+    *resp.status_mut() = e.status();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn redirect(host: &str, port: u16, uri: &Uri) -> Response<RespBody> {
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{pq}")
+    } else {
+        format!("https://{host}:{port}{pq}")
+    };
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}

@@ -18,8 +18,11 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod error;
 pub mod model;
+pub mod netlink;
 pub mod plan;
 
+pub use error::{Error, Result};
 pub use model::{HostRecord, Mac, Mode, Transport};
 pub use plan::{Observed, Op, Plan};

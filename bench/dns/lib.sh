@@ -88,16 +88,11 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; 
 # utime+stime of a process, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
-# CPU seconds (user+system) used so far by the calling shell's waited-for
-# children. `times` must run in that shell itself (not in a $(...) subshell,
-# which has children of its own), hence the file: children_cpu_s FILE.
-children_cpu_s() {
-    times >"$1"
-    tail -1 "$1" | awk '{
-        t = 0
-        for (i = 1; i <= 2; i++) { split($i, a, "m"); sub("s", "", a[2]); t += a[1] * 60 + a[2] }
-        printf "%.3f\n", t
-    }'
+# Busy ticks of one CPU so far (everything but idle and iowait), softirq
+# included: on loopback most of the client's cost is kernel time that no
+# process is charged with.
+core_busy_ticks() {
+    awk -v cpu="cpu$1" '$1 == cpu {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat
 }
 
 # Wait until a DNS server on 127.0.0.1:$1 answers NAME (rcode NOERROR).

@@ -3,7 +3,7 @@
 
 Input: a TSV file with one line per (server, round):
   server round sent completed lost qps avg_lat_s min_lat_s max_lat_s
-  server_cpu_pct dnsperf_cpu_pct server_cpu_us_per_query
+  server_cpu_pct client_core_busy_pct server_cpu_us_per_query
 and a TSV of server facts: server rss_kib answers_ok note
 Prints a table (median qps over rounds, all lost queries, median average
 latency, worst max latency, server CPU share, RSS) and the ratio of
@@ -46,7 +46,7 @@ def main():
     hdr = (
         f"{'server':<9} {'qps(median)':>12} {'qps(min..max)':>19} {'sent':>10} "
         f"{'lost':>7} {'lost%':>7} {'avg lat ms':>10} {'max lat ms':>10} "
-        f"{'srv CPU%':>8} {'srv us/q':>8} {'perf CPU%':>9} {'RSS MiB':>8}  answers"
+        f"{'srv CPU%':>8} {'srv us/q':>8} {'cli core%':>9} {'RSS MiB':>8}  answers"
     )
     print(hdr)
     print("-" * len(hdr))

@@ -310,9 +310,7 @@ impl Router {
                         addr: b.addr,
                         scheme: b.scheme,
                         state: match b.state {
-                            BackendState::Healthy | BackendState::Starting
-                                if brt.ejected(now) =>
-                            {
+                            BackendState::Healthy | BackendState::Starting if brt.ejected(now) => {
                                 "ejected"
                             }
                             s => s.as_str(),
@@ -343,8 +341,9 @@ impl Router {
     }
 
     /// Serve HTTPS on a bound listener until the task is dropped.
-    pub async fn serve_https(&self, listener: TcpListener, tls: TlsAcceptor) {
-        self.serve(listener, Some(tls)).await
+    /// `tls` comes from [`crate::tls::server_config`].
+    pub async fn serve_https(&self, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+        self.serve(listener, Some(TlsAcceptor::from(tls))).await
     }
 
     async fn serve(&self, listener: TcpListener, tls: Option<TlsAcceptor>) {
@@ -401,7 +400,11 @@ impl Shared {
         let _ = stream.set_nodelay(true);
         let timeout = self.opts.header_read_timeout;
         let mut client_addr = peer.ip();
-        let mut trusted = self.opts.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
+        let mut trusted = self
+            .opts
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&peer.ip()));
         let io = if self.opts.proxy_protocol {
             match tokio::time::timeout(timeout, read_proxy_header(&mut stream)).await {
                 Ok(Ok((header, rest))) => {
@@ -524,7 +527,10 @@ impl Shared {
                 return (Err(ProxyError::new(ErrorKind::BodyTooLarge)), Some(idx));
             }
         }
-        (self.forward(req, conn, live, idx, &raw_host).await, Some(idx))
+        (
+            self.forward(req, conn, live, idx, &raw_host).await,
+            Some(idx),
+        )
     }
 
     async fn forward(
@@ -559,7 +565,12 @@ impl Shared {
         let body_empty = body.is_end_stream();
         let idempotent = matches!(
             parts.method,
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::PUT
+                | Method::DELETE
+                | Method::TRACE
         );
         let max_attempts = if body_empty && idempotent {
             route.backends.len().min(3)
@@ -612,7 +623,9 @@ impl Shared {
                         up.headers_mut()
                             .insert(header::TE, HeaderValue::from_static("trailers"));
                     }
-                    host_authority.clone().unwrap_or_else(|| brt.authority.clone())
+                    host_authority
+                        .clone()
+                        .unwrap_or_else(|| brt.authority.clone())
                 }
             };
             let mut uri_parts = http::uri::Parts::default();

@@ -20,11 +20,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::ServerConfig;
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -120,12 +120,7 @@ pub fn load_cert_dir(dir: &Path) -> Result<(CertStore, Vec<TlsError>), TlsError>
     let mut files: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(|e| TlsError::Dir(dir.to_owned(), e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("pem" | "crt")
-            )
-        })
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("pem" | "crt")))
         .collect();
     files.sort();
     let mut store = CertStore::default();
@@ -145,7 +140,10 @@ pub fn load_cert_dir(dir: &Path) -> Result<(CertStore, Vec<TlsError>), TlsError>
                             .wildcard
                             .entry(suffix.to_owned())
                             .or_insert_with(|| key.clone()),
-                        None => store.exact.entry(name.clone()).or_insert_with(|| key.clone()),
+                        None => store
+                            .exact
+                            .entry(name.clone())
+                            .or_insert_with(|| key.clone()),
                     };
                     if Arc::ptr_eq(inserted, &key) {
                         store.names.push((name, path.clone()));
@@ -173,9 +171,7 @@ fn load_one(
         }
     }
     let key = key.ok_or_else(|| bad("no private key in the file or beside it (.key)".into()))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| bad("no certificate".into()))?;
+    let leaf = certs.first().ok_or_else(|| bad("no certificate".into()))?;
     let names: Vec<String> = webpki::EndEntityCert::try_from(leaf)
         .map_err(|e| bad(format!("certificate does not parse: {e}")))?
         .valid_dns_names()

@@ -1,20 +1,244 @@
-//! Router options. Owned by the router work; see `super` for the pattern.
+//! Router options: the HTTP(S) ingress. See `super` for the pattern.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::ConfigError;
 
 #[derive(Debug, Default, Clone, Args, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RouterOpts {}
-crate::merge_fields!(RouterOpts {});
+pub struct RouterOpts {
+    /// Turn the HTTP(S) router off.
+    #[arg(long, env = "PORTLESS_NO_ROUTER", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub no_router: Option<bool>,
+    /// Plain HTTP listener (HTTP/1.1, and HTTP/2 with prior knowledge).
+    /// Use [::]:80 for IPv6 too. [default: 0.0.0.0:80]
+    #[arg(long, env = "PORTLESS_HTTP_LISTEN", value_name = "ADDR:PORT")]
+    pub http_listen: Option<SocketAddr>,
+    /// HTTPS listener, active when --cert-dir is set. [default: 0.0.0.0:443]
+    #[arg(long, env = "PORTLESS_HTTPS_LISTEN", value_name = "ADDR:PORT")]
+    pub https_listen: Option<SocketAddr>,
+    /// Directory of PEM certificates (with keys in the same file or in
+    /// NAME.key), matched to requests by their names, wildcards included;
+    /// default.pem, if present, serves everything else. Reloaded on change.
+    #[arg(long, env = "PORTLESS_CERT_DIR", value_name = "DIR")]
+    pub cert_dir: Option<PathBuf>,
+    /// Answer plain-HTTP requests for routed hosts with a 308 to https.
+    #[arg(long, env = "PORTLESS_REDIRECT_HTTPS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub redirect_https: Option<bool>,
+    /// Peers whose X-Forwarded-* and Forwarded headers are kept (appended
+    /// to); from anyone else they are replaced. Repeatable.
+    #[arg(
+        long,
+        env = "PORTLESS_TRUSTED_PROXY",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub trusted_proxy: Vec<IpNet>,
+    /// Every connection to the router's listeners starts with a PROXY
+    /// protocol v1 or v2 header (from a load balancer in front).
+    #[arg(long, env = "PORTLESS_PROXY_PROTOCOL", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub proxy_protocol: Option<bool>,
+    /// Time a client has to send request headers (and TLS handshake, and
+    /// PROXY header); also the idle keep-alive limit. [default: 10000]
+    #[arg(long, env = "PORTLESS_HEADER_TIMEOUT_MS", value_name = "MS")]
+    pub header_timeout_ms: Option<u64>,
+    /// Largest request header block; larger gets 431. [default: 65536]
+    #[arg(long, env = "PORTLESS_MAX_HEADER_BYTES", value_name = "BYTES")]
+    pub max_header_bytes: Option<usize>,
+    /// Largest request body; larger gets 413. 0 means no limit. [default: 0]
+    #[arg(long, env = "PORTLESS_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<u64>,
+    /// Backend connect timeout. [default: 3000]
+    #[arg(long, env = "PORTLESS_CONNECT_TIMEOUT_MS", value_name = "MS")]
+    pub connect_timeout_ms: Option<u64>,
+    /// Time for a backend to answer with response headers; past it, 504.
+    /// [default: 60000]
+    #[arg(long, env = "PORTLESS_UPSTREAM_TIMEOUT_MS", value_name = "MS")]
+    pub upstream_timeout_ms: Option<u64>,
+    /// How long a backend that refused a connection gets no requests.
+    /// [default: 10000]
+    #[arg(long, env = "PORTLESS_EJECT_MS", value_name = "MS")]
+    pub eject_ms: Option<u64>,
+}
+crate::merge_fields!(RouterOpts {
+    no_router,
+    http_listen,
+    https_listen,
+    cert_dir,
+    redirect_https,
+    trusted_proxy,
+    proxy_protocol,
+    header_timeout_ms,
+    max_header_bytes,
+    max_body_bytes,
+    connect_timeout_ms,
+    upstream_timeout_ms,
+    eject_ms,
+});
 
-#[derive(Debug, Clone, Default)]
-pub struct RouterConfig {}
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterConfig {
+    pub enabled: bool,
+    pub http_listen: SocketAddr,
+    /// Some when certificates are configured.
+    pub https_listen: Option<SocketAddr>,
+    pub cert_dir: Option<PathBuf>,
+    pub redirect_https: bool,
+    pub trusted_proxies: Vec<IpNet>,
+    pub proxy_protocol: bool,
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: Option<u64>,
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub eject_for: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        // The defaults are those of an empty set of options, which always
+        // resolves.
+        RouterOpts::default()
+            .resolve()
+            .unwrap_or_else(|_| unreachable!("empty router options resolve"))
+    }
+}
+
+fn millis(name: &str, v: Option<u64>, default: u64, max: u64) -> Result<Duration, ConfigError> {
+    let v = v.unwrap_or(default);
+    if !(1..=max).contains(&v) {
+        return Err(ConfigError::new(format!("--{name}: between 1 and {max}")));
+    }
+    Ok(Duration::from_millis(v))
+}
 
 impl RouterOpts {
     pub fn resolve(self) -> Result<RouterConfig, ConfigError> {
-        Ok(RouterConfig {})
+        let enabled = !self.no_router.unwrap_or(false);
+        let http_listen = self
+            .http_listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 80)));
+        if let Some(dir) = &self.cert_dir
+            && !dir.is_dir()
+        {
+            return Err(ConfigError::new(format!(
+                "--cert-dir {}: not a directory",
+                dir.display()
+            )));
+        }
+        let https_listen = self.cert_dir.as_ref().map(|_| {
+            self.https_listen
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 443)))
+        });
+        if self.https_listen.is_some() && self.cert_dir.is_none() {
+            return Err(ConfigError::new(
+                "--https-listen needs --cert-dir: there is nothing to serve TLS with",
+            ));
+        }
+        let redirect_https = self.redirect_https.unwrap_or(false);
+        if redirect_https && self.cert_dir.is_none() {
+            return Err(ConfigError::new(
+                "--redirect-https needs --cert-dir: there would be no https to redirect to",
+            ));
+        }
+        if let Some(https) = https_listen
+            && https == http_listen
+        {
+            return Err(ConfigError::new(
+                "--http-listen and --https-listen must differ",
+            ));
+        }
+        let max_header_bytes = self.max_header_bytes.unwrap_or(64 * 1024);
+        if !(8192..=1024 * 1024).contains(&max_header_bytes) {
+            return Err(ConfigError::new(
+                "--max-header-bytes: between 8192 and 1048576",
+            ));
+        }
+        Ok(RouterConfig {
+            enabled,
+            http_listen,
+            https_listen,
+            cert_dir: self.cert_dir,
+            redirect_https,
+            trusted_proxies: self.trusted_proxy,
+            proxy_protocol: self.proxy_protocol.unwrap_or(false),
+            header_timeout: millis("header-timeout-ms", self.header_timeout_ms, 10_000, 600_000)?,
+            max_header_bytes,
+            max_body_bytes: self.max_body_bytes.filter(|&n| n > 0),
+            connect_timeout: millis(
+                "connect-timeout-ms",
+                self.connect_timeout_ms,
+                3_000,
+                600_000,
+            )?,
+            upstream_timeout: millis(
+                "upstream-timeout-ms",
+                self.upstream_timeout_ms,
+                60_000,
+                3_600_000,
+            )?,
+            eject_for: millis("eject-ms", self.eject_ms, 10_000, 3_600_000)?,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a panic in a test is a failed test
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_resolve() {
+        let c = RouterOpts::default().resolve().unwrap();
+        assert!(c.enabled);
+        assert_eq!(c.http_listen, "0.0.0.0:80".parse().unwrap());
+        assert_eq!(c.https_listen, None);
+        assert_eq!(c.max_body_bytes, None);
+        assert_eq!(c.upstream_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn bad_combinations_are_refused() {
+        let o = RouterOpts {
+            redirect_https: Some(true),
+            ..Default::default()
+        };
+        assert!(o.resolve().is_err());
+        let o = RouterOpts {
+            cert_dir: Some("/nonexistent/portless-certs".into()),
+            ..Default::default()
+        };
+        assert!(o.resolve().is_err());
+        let o = RouterOpts {
+            max_header_bytes: Some(100),
+            ..Default::default()
+        };
+        assert!(o.resolve().is_err());
+        let o = RouterOpts {
+            upstream_timeout_ms: Some(0),
+            ..Default::default()
+        };
+        assert!(o.resolve().is_err());
+    }
+
+    #[test]
+    fn toml_table_parses_and_rejects_unknown_keys() {
+        let o: RouterOpts = toml::from_str(
+            "http-listen = \"127.0.0.1:8080\"\ntrusted-proxy = [\"10.0.0.0/8\"]\nproxy-protocol = true\nmax-body-bytes = 1048576\n",
+        )
+        .unwrap();
+        let c = o.resolve().unwrap();
+        assert_eq!(c.http_listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.trusted_proxies.len(), 1);
+        assert!(c.proxy_protocol);
+        assert_eq!(c.max_body_bytes, Some(1_048_576));
+        assert!(toml::from_str::<RouterOpts>("listen = 1").is_err());
     }
 }

@@ -1,0 +1,221 @@
+//! Wiring of the router: bind its listeners, load certificates, and keep
+//! the route table in step with the catalog.
+
+// Until main.rs calls router_task::run (see the router report), parts are unused.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use portless_router::tls::{self, CertResolver};
+use portless_router::{Router, RouterOptions};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::catalog::Catalog;
+use crate::config::router::RouterConfig;
+use crate::routes::{self, AddressChoice, RouteProblem};
+
+/// How often the certificate directory is checked for changes.
+const CERT_POLL: Duration = Duration::from_secs(2);
+
+/// A running router. Dropping it stops the listeners and the sync task;
+/// connections already open finish on their own tasks.
+pub struct RouterHandle {
+    router: Router,
+    state: Arc<ArcSwap<PlanState>>,
+    certs: Option<Arc<CertResolver>>,
+    /// The bound plain-HTTP address (useful with port 0).
+    pub http_addr: SocketAddr,
+    /// The bound HTTPS address, when certificates are configured.
+    pub https_addr: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct PlanState {
+    choices: Vec<AddressChoice>,
+    problems: Vec<RouteProblem>,
+}
+
+impl Drop for RouterHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl RouterHandle {
+    /// Labelled containers that are not routed, and why.
+    pub fn problems(&self) -> Vec<RouteProblem> {
+        self.state.load().problems.clone()
+    }
+
+    /// `/api/routes`: every route and its backends with address and state
+    /// (healthy, starting, unhealthy, draining, ejected), the address choice
+    /// per container, refused containers with reasons, and TLS names.
+    pub fn routes_json(&self) -> serde_json::Value {
+        let state = self.state.load();
+        let routes: Vec<_> = self
+            .router
+            .status()
+            .into_iter()
+            .map(|r| {
+                json!({
+                    "route": r.key,
+                    "host": r.host,
+                    "path": r.path_prefix,
+                    "requests": r.requests,
+                    "backends": r.backends.iter().map(|b| json!({
+                        "id": b.id,
+                        "container": b.name,
+                        "addr": b.addr.to_string(),
+                        "scheme": b.scheme.as_str(),
+                        "state": b.state,
+                        "in_flight": b.in_flight,
+                        "requests": b.requests,
+                        "connect_failures": b.connect_failures,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let certificates: Vec<_> = self
+            .certs
+            .as_ref()
+            .map(|c| c.names())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, file)| json!({ "name": name, "file": file.display().to_string() }))
+            .collect();
+        json!({
+            "http_listen": self.http_addr.to_string(),
+            "https_listen": self.https_addr.map(|a| a.to_string()),
+            "routes": routes,
+            "addresses": state.choices,
+            "not_routed": state.problems,
+            "certificates": certificates,
+        })
+    }
+
+    /// Append the router's metrics (Prometheus text format) to `out`.
+    pub fn render_metrics(&self, out: &mut String) {
+        self.router.render_metrics(out);
+    }
+}
+
+/// Bind the router's listeners, load certificates, and follow the catalog.
+/// Returns once everything is bound; errors are bind or certificate
+/// failures, meant to stop the program.
+pub async fn run(
+    cfg: RouterConfig,
+    mut catalog: watch::Receiver<Arc<Catalog>>,
+) -> anyhow::Result<RouterHandle> {
+    let opts = RouterOptions {
+        header_read_timeout: cfg.header_timeout,
+        max_header_bytes: cfg.max_header_bytes,
+        max_body_bytes: cfg.max_body_bytes,
+        connect_timeout: cfg.connect_timeout,
+        upstream_timeout: cfg.upstream_timeout,
+        eject_for: cfg.eject_for,
+        trusted_proxies: cfg.trusted_proxies.clone(),
+        proxy_protocol: cfg.proxy_protocol,
+        redirect_https_port: match (cfg.redirect_https, cfg.https_listen) {
+            (true, Some(a)) => Some(a.port()),
+            _ => None,
+        },
+        ..RouterOptions::default()
+    };
+    let router = Router::new(opts);
+    let mut tasks = Vec::new();
+
+    // Certificates before any socket: a bad directory stops start-up.
+    let mut tls = None;
+    if let (Some(dir), Some(addr)) = (&cfg.cert_dir, cfg.https_listen) {
+        let (store, problems) = tls::load_cert_dir(dir)
+            .with_context(|| format!("loading certificates from {}", dir.display()))?;
+        for p in &problems {
+            warn!(error = %p, "certificate skipped");
+        }
+        if store.is_empty() {
+            warn!(dir = %dir.display(), "no usable certificate yet; HTTPS handshakes fail until one appears");
+        }
+        let resolver = Arc::new(CertResolver::new(store));
+        let config = tls::server_config(resolver.clone()).context("TLS configuration")?;
+        tls = Some((addr, resolver, config));
+    }
+
+    let http = TcpListener::bind(cfg.http_listen)
+        .await
+        .with_context(|| format!("binding the router's HTTP listener {}", cfg.http_listen))?;
+    let http_addr = http.local_addr()?;
+    let mut https_addr = None;
+    let mut certs = None;
+    if let Some((addr, resolver, acceptor)) = tls {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the router's HTTPS listener {addr}"))?;
+        https_addr = Some(l.local_addr()?);
+        let r = router.clone();
+        tasks.push(tokio::spawn(
+            async move { r.serve_https(l, acceptor).await },
+        ));
+        if let Some(dir) = cfg.cert_dir.clone() {
+            tasks.push(tokio::spawn(tls::watch_cert_dir(
+                dir,
+                resolver.clone(),
+                CERT_POLL,
+            )));
+        }
+        certs = Some(resolver);
+    }
+    let r = router.clone();
+    tasks.push(tokio::spawn(async move { r.serve_http(http).await }));
+
+    let state = Arc::new(ArcSwap::from_pointee(PlanState::default()));
+    let sync_router = router.clone();
+    let sync_state = state.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
+        loop {
+            let snapshot = catalog.borrow_and_update().clone();
+            let plan = routes::plan(&snapshot);
+            let now: BTreeSet<(String, String)> = plan
+                .problems
+                .iter()
+                .map(|p| (p.container.clone(), p.reason.clone()))
+                .collect();
+            for (container, reason) in now.difference(&reported) {
+                warn!(%container, %reason, "container not routed");
+            }
+            reported = now;
+            let n = plan.specs.len();
+            sync_router.update(plan.specs);
+            sync_state.store(Arc::new(PlanState {
+                choices: plan.choices,
+                problems: plan.problems,
+            }));
+            tracing::debug!(specs = n, "routes synced from catalog");
+            if catalog.changed().await.is_err() {
+                // Discovery is gone: keep serving the last table.
+                break;
+            }
+        }
+    }));
+    info!(http = %http_addr, https = ?https_addr, "router started");
+    Ok(RouterHandle {
+        router,
+        state,
+        certs,
+        http_addr,
+        https_addr,
+        tasks,
+    })
+}

@@ -8,6 +8,8 @@ mod config;
 mod discovery;
 mod dns;
 mod metrics;
+mod router_task;
+mod routes;
 mod status;
 
 use std::process::ExitCode;

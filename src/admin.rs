@@ -74,7 +74,9 @@ pub async fn start(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<S
                     let state = state.clone();
                     async move { Ok::<_, Infallible>(handle(&state, req)) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });
@@ -92,14 +94,26 @@ fn text(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> 
 
 fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into());
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4", render_metrics(state)),
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            render_metrics(state),
+        ),
         "/api/status" => match serde_json::to_string_pretty(&status(state)) {
             Ok(json) => text(StatusCode::OK, "application/json", json),
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("{e}\n"),
+            ),
         },
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
@@ -126,30 +140,124 @@ fn status(state: &AdminState) -> Status {
 fn render_metrics(state: &AdminState) -> String {
     let mut out = String::new();
     let m = &state.dns.metrics;
-    header(&mut out, "portless_dns_queries_total", "counter", "DNS queries by type and outcome.");
+    header(
+        &mut out,
+        "portless_dns_queries_total",
+        "counter",
+        "DNS queries by type and outcome.",
+    );
     for (qtype, outcome, n) in m.queries() {
-        sample(&mut out, "portless_dns_queries_total", &format!("type=\"{qtype}\",outcome=\"{outcome}\""), n);
+        sample(
+            &mut out,
+            "portless_dns_queries_total",
+            &format!("type=\"{qtype}\",outcome=\"{outcome}\""),
+            n,
+        );
     }
-    header(&mut out, "portless_dns_forwarded_total", "counter", "Forwarded queries by result.");
-    for (result, c) in [("ok", &m.forward_ok), ("failed", &m.forward_failed), ("overloaded", &m.forward_overloaded)] {
-        sample(&mut out, "portless_dns_forwarded_total", &format!("result=\"{result}\""), c.load(Ordering::Relaxed));
+    header(
+        &mut out,
+        "portless_dns_forwarded_total",
+        "counter",
+        "Forwarded queries by result.",
+    );
+    for (result, c) in [
+        ("ok", &m.forward_ok),
+        ("failed", &m.forward_failed),
+        ("overloaded", &m.forward_overloaded),
+    ] {
+        sample(
+            &mut out,
+            "portless_dns_forwarded_total",
+            &format!("result=\"{result}\""),
+            c.load(Ordering::Relaxed),
+        );
     }
-    header(&mut out, "portless_dns_forward_tcp_retries_total", "counter", "Forwarded queries retried over TCP after truncation.");
-    sample(&mut out, "portless_dns_forward_tcp_retries_total", "", m.forward_tcp_retries.load(Ordering::Relaxed));
-    header(&mut out, "portless_dns_names", "gauge", "Names in the live zone.");
-    sample(&mut out, "portless_dns_names", "", state.dns.zone.load().len());
+    header(
+        &mut out,
+        "portless_dns_forward_tcp_retries_total",
+        "counter",
+        "Forwarded queries retried over TCP after truncation.",
+    );
+    sample(
+        &mut out,
+        "portless_dns_forward_tcp_retries_total",
+        "",
+        m.forward_tcp_retries.load(Ordering::Relaxed),
+    );
+    header(
+        &mut out,
+        "portless_dns_names",
+        "gauge",
+        "Names in the live zone.",
+    );
+    sample(
+        &mut out,
+        "portless_dns_names",
+        "",
+        state.dns.zone.load().len(),
+    );
     let catalog = state.snapshots.borrow().catalog.clone();
-    header(&mut out, "portless_catalog_containers", "gauge", "Running containers known.");
-    sample(&mut out, "portless_catalog_containers", "", catalog.containers.len());
-    header(&mut out, "portless_catalog_networks", "gauge", "Docker networks known.");
-    sample(&mut out, "portless_catalog_networks", "", catalog.networks.len());
+    header(
+        &mut out,
+        "portless_catalog_containers",
+        "gauge",
+        "Running containers known.",
+    );
+    sample(
+        &mut out,
+        "portless_catalog_containers",
+        "",
+        catalog.containers.len(),
+    );
+    header(
+        &mut out,
+        "portless_catalog_networks",
+        "gauge",
+        "Docker networks known.",
+    );
+    sample(
+        &mut out,
+        "portless_catalog_networks",
+        "",
+        catalog.networks.len(),
+    );
     let d = &state.discovery;
-    header(&mut out, "portless_docker_connected", "gauge", "1 while the Docker event stream is followed.");
-    sample(&mut out, "portless_docker_connected", "", d.connected.load(Ordering::Relaxed));
-    header(&mut out, "portless_docker_reconnects_total", "counter", "Reconnections to the Docker Engine.");
-    sample(&mut out, "portless_docker_reconnects_total", "", d.reconnects.load(Ordering::Relaxed));
-    header(&mut out, "portless_docker_events_total", "counter", "Docker events received.");
-    sample(&mut out, "portless_docker_events_total", "", d.events.load(Ordering::Relaxed));
+    header(
+        &mut out,
+        "portless_docker_connected",
+        "gauge",
+        "1 while the Docker event stream is followed.",
+    );
+    sample(
+        &mut out,
+        "portless_docker_connected",
+        "",
+        d.connected.load(Ordering::Relaxed),
+    );
+    header(
+        &mut out,
+        "portless_docker_reconnects_total",
+        "counter",
+        "Reconnections to the Docker Engine.",
+    );
+    sample(
+        &mut out,
+        "portless_docker_reconnects_total",
+        "",
+        d.reconnects.load(Ordering::Relaxed),
+    );
+    header(
+        &mut out,
+        "portless_docker_events_total",
+        "counter",
+        "Docker events received.",
+    );
+    sample(
+        &mut out,
+        "portless_docker_events_total",
+        "",
+        d.events.load(Ordering::Relaxed),
+    );
     state.dns.event_to_answer.render(
         &mut out,
         "portless_discovery_event_to_answer_seconds",

@@ -14,8 +14,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use bollard::Docker;
-use bollard::models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum, HealthStatusEnum};
-use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptions};
+use bollard::models::{
+    ContainerInspectResponse, EventMessage, EventMessageTypeEnum, HealthStatusEnum,
+};
+use bollard::query_parameters::{
+    EventsOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptions,
+};
 use futures::StreamExt;
 use tokio::sync::watch;
 
@@ -50,9 +54,11 @@ pub fn connect(host: &DockerHost) -> anyhow::Result<Docker> {
     match host {
         DockerHost::Unix(path) => {
             let path = path.to_str().context("Docker socket path is not UTF-8")?;
-            Docker::connect_with_unix(path, API_TIMEOUT_S, version).context("connecting to the Docker socket")
+            Docker::connect_with_unix(path, API_TIMEOUT_S, version)
+                .context("connecting to the Docker socket")
         }
-        DockerHost::Http(url) => Docker::connect_with_http(url, API_TIMEOUT_S, version).context("connecting to the Docker API"),
+        DockerHost::Http(url) => Docker::connect_with_http(url, API_TIMEOUT_S, version)
+            .context("connecting to the Docker API"),
         DockerHost::None => anyhow::bail!("discovery is off (--docker-host none)"),
     }
 }
@@ -64,7 +70,10 @@ pub async fn run(host: DockerHost, tx: watch::Sender<Snapshot>, metrics: Arc<Dis
         let started = tokio::time::Instant::now();
         match session(&host, &tx, &metrics).await {
             Ok(()) => tracing::warn!("Docker event stream ended; reconnecting"),
-            Err(e) => tracing::warn!(error = format!("{e:#}"), "Docker discovery failed; reconnecting"),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "Docker discovery failed; reconnecting"
+            ),
         }
         metrics.connected.store(0, Ordering::Relaxed);
         metrics.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -76,36 +85,71 @@ pub async fn run(host: DockerHost, tx: watch::Sender<Snapshot>, metrics: Arc<Dis
     }
 }
 
-async fn session(host: &DockerHost, tx: &watch::Sender<Snapshot>, metrics: &DiscoveryMetrics) -> anyhow::Result<()> {
-    let docker = connect(host)?.negotiate_version().await.context("negotiating the Docker API version")?;
+async fn session(
+    host: &DockerHost,
+    tx: &watch::Sender<Snapshot>,
+    metrics: &DiscoveryMetrics,
+) -> anyhow::Result<()> {
+    let docker = connect(host)?
+        .negotiate_version()
+        .await
+        .context("negotiating the Docker API version")?;
     // Events are replayed from a second before the listing starts, so a
     // change made while we list is applied after it (applying is
     // idempotent: every event re-reads the object).
-    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs().saturating_sub(1);
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        .saturating_sub(1);
     let filters: HashMap<&str, Vec<&str>> = HashMap::from([("type", vec!["container", "network"])]);
-    let mut events = docker.events(Some(EventsOptionsBuilder::new().since(&since.to_string()).filters(&filters).build()));
+    let mut events = docker.events(Some(
+        EventsOptionsBuilder::new()
+            .since(&since.to_string())
+            .filters(&filters)
+            .build(),
+    ));
 
     let mut catalog = list_all(&docker).await?;
-    tx.send_replace(Snapshot { catalog: Arc::new(catalog.clone()), event_time_ns: None });
+    tx.send_replace(Snapshot {
+        catalog: Arc::new(catalog.clone()),
+        event_time_ns: None,
+    });
     metrics.connected.store(1, Ordering::Relaxed);
-    tracing::info!(containers = catalog.containers.len(), networks = catalog.networks.len(), "Docker catalog listed");
+    tracing::info!(
+        containers = catalog.containers.len(),
+        networks = catalog.networks.len(),
+        "Docker catalog listed"
+    );
 
     while let Some(event) = events.next().await {
         let event = event.context("reading the Docker event stream")?;
         metrics.events.fetch_add(1, Ordering::Relaxed);
         if apply(&docker, &mut catalog, &event).await? {
-            tx.send_replace(Snapshot { catalog: Arc::new(catalog.clone()), event_time_ns: event.time_nano });
+            tx.send_replace(Snapshot {
+                catalog: Arc::new(catalog.clone()),
+                event_time_ns: event.time_nano,
+            });
         }
     }
     Ok(())
 }
 
 /// Apply one event; true when the catalog changed.
-async fn apply(docker: &Docker, catalog: &mut Catalog, event: &EventMessage) -> anyhow::Result<bool> {
+async fn apply(
+    docker: &Docker,
+    catalog: &mut Catalog,
+    event: &EventMessage,
+) -> anyhow::Result<bool> {
     let action = event.action.as_deref().unwrap_or("");
     let actor = event.actor.as_ref();
     let id = actor.and_then(|a| a.id.clone()).unwrap_or_default();
-    let attr = |k: &str| actor.and_then(|a| a.attributes.as_ref()).and_then(|m| m.get(k)).cloned();
+    let attr = |k: &str| {
+        actor
+            .and_then(|a| a.attributes.as_ref())
+            .and_then(|m| m.get(k))
+            .cloned()
+    };
     tracing::debug!(?event.typ, action, id, "docker event");
     let before = catalog.clone();
     match event.typ {
@@ -119,13 +163,16 @@ async fn apply(docker: &Docker, catalog: &mut Catalog, event: &EventMessage) -> 
                 "kill" => {
                     // Only the stop signals mean "going away"; `docker kill -s HUP` does not.
                     let signal = attr("signal").unwrap_or_default();
-                    if matches!(signal.as_str(), "9" | "15" | "2" | "3" | "SIGKILL" | "SIGTERM" | "SIGINT" | "SIGQUIT")
-                        && let Some(c) = catalog.containers.get_mut(&id)
+                    if matches!(
+                        signal.as_str(),
+                        "9" | "15" | "2" | "3" | "SIGKILL" | "SIGTERM" | "SIGINT" | "SIGQUIT"
+                    ) && let Some(c) = catalog.containers.get_mut(&id)
                     {
                         c.stopping = true;
                     }
                 }
-                "start" | "restart" | "unpause" | "pause" | "health_status" | "rename" | "update" => {
+                "start" | "restart" | "unpause" | "pause" | "health_status" | "rename"
+                | "update" => {
                     refresh_container(docker, catalog, &id).await?;
                 }
                 _ => return Ok(false),
@@ -168,7 +215,9 @@ async fn refresh_container(docker: &Docker, catalog: &mut Catalog, id: &str) -> 
             }
             Ok(())
         }
-        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {
             catalog.containers.remove(id);
             Ok(())
         }
@@ -192,31 +241,56 @@ async fn list_all(docker: &Docker) -> anyhow::Result<Catalog> {
                 }
             }
             // Removed between the listing and now.
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {}
             Err(e) => return Err(e).context(format!("inspecting container {id}")),
         }
     }
-    Ok(Catalog { networks, containers })
+    Ok(Catalog {
+        networks,
+        containers,
+    })
 }
 
 async fn list_networks(docker: &Docker) -> anyhow::Result<BTreeMap<String, Network>> {
-    let list = docker.list_networks(None::<ListNetworksOptions>).await.context("listing networks")?;
+    let list = docker
+        .list_networks(None::<ListNetworksOptions>)
+        .await
+        .context("listing networks")?;
     let mut out = BTreeMap::new();
     for n in list {
-        let (Some(id), Some(name)) = (n.id, n.name) else { continue };
+        let (Some(id), Some(name)) = (n.id, n.name) else {
+            continue;
+        };
         let mut subnets = Vec::new();
         let mut gateways = Vec::new();
         for cfg in n.ipam.and_then(|i| i.config).unwrap_or_default() {
-            if let Some(net) = cfg.subnet.as_deref().and_then(|s| s.parse::<ipnet::IpNet>().ok()) {
+            if let Some(net) = cfg
+                .subnet
+                .as_deref()
+                .and_then(|s| s.parse::<ipnet::IpNet>().ok())
+            {
                 subnets.push(net);
             }
-            if let Some(gw) = cfg.gateway.as_deref().and_then(|g| g.parse::<IpAddr>().ok()) {
+            if let Some(gw) = cfg
+                .gateway
+                .as_deref()
+                .and_then(|g| g.parse::<IpAddr>().ok())
+            {
                 gateways.push(gw);
             }
         }
         out.insert(
             id.clone(),
-            Network { id, name, driver: n.driver.unwrap_or_default(), subnets, gateways, internal: n.internal.unwrap_or(false) },
+            Network {
+                id,
+                name,
+                driver: n.driver.unwrap_or_default(),
+                subnets,
+                gateways,
+                internal: n.internal.unwrap_or(false),
+            },
         );
     }
     Ok(out)
@@ -257,21 +331,38 @@ pub fn container_from(resp: ContainerInspectResponse) -> Option<Container> {
         .into_iter()
         .filter_map(|(network_name, ep)| {
             let ipv4 = ep.ip_address.as_deref().and_then(|a| a.parse().ok());
-            let ipv6 = ep.global_ipv6_address.as_deref().and_then(|a| a.parse().ok());
+            let ipv6 = ep
+                .global_ipv6_address
+                .as_deref()
+                .and_then(|a| a.parse().ok());
             if ipv4.is_none() && ipv6.is_none() {
                 // host or none networking: no address of its own.
                 return None;
             }
-            let mut aliases: Vec<String> =
-                ep.aliases.unwrap_or_default().into_iter().filter(|a| *a != short_id && *a != id).collect();
+            let mut aliases: Vec<String> = ep
+                .aliases
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|a| *a != short_id && *a != id)
+                .collect();
             aliases.sort();
             aliases.dedup();
-            Some(Endpoint { network_id: ep.network_id.unwrap_or_default(), network_name, ipv4, ipv6, aliases })
+            Some(Endpoint {
+                network_id: ep.network_id.unwrap_or_default(),
+                network_name,
+                ipv4,
+                ipv6,
+                aliases,
+            })
         })
         .collect();
     endpoints.sort_by(|a, b| a.network_name.cmp(&b.network_name));
     Some(Container {
-        name: resp.name.unwrap_or_default().trim_start_matches('/').to_owned(),
+        name: resp
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_owned(),
         compose_project: labels.get("com.docker.compose.project").cloned(),
         compose_service: labels.get("com.docker.compose.service").cloned(),
         id,

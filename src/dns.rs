@@ -10,7 +10,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
-use portless_dns::{Forwarder, Handler, Health as DnsHealth, Listeners, Member, Metrics, NetworkInput, Zone, ZoneHandle, ZoneInput};
+use portless_dns::{
+    Forwarder, Handler, Health as DnsHealth, Listeners, Member, Metrics, NetworkInput, Zone,
+    ZoneHandle, ZoneInput,
+};
 use tokio::sync::watch;
 
 use crate::catalog::{Catalog, Health};
@@ -47,7 +50,10 @@ pub fn resolv_conf_upstreams(text: &str) -> Vec<SocketAddr> {
 
 /// Start the DNS service: bind the fixed listeners now (an error here stops
 /// start-up), then follow catalog and hosts-file changes in the background.
-pub async fn start(cfg: &DnsConfig, snapshots: watch::Receiver<Snapshot>) -> anyhow::Result<DnsState> {
+pub async fn start(
+    cfg: &DnsConfig,
+    snapshots: watch::Receiver<Snapshot>,
+) -> anyhow::Result<DnsState> {
     let metrics = Arc::new(Metrics::default());
     let mut upstreams = cfg.upstreams.clone();
     if upstreams.is_empty() {
@@ -56,22 +62,33 @@ pub async fn start(cfg: &DnsConfig, snapshots: watch::Receiver<Snapshot>) -> any
         // Never forward to ourselves.
         upstreams.retain(|u| !cfg.listen.contains(u));
         if upstreams.is_empty() {
-            tracing::warn!("no upstream resolver in /etc/resolv.conf: names portless does not serve will get SERVFAIL");
+            tracing::warn!(
+                "no upstream resolver in /etc/resolv.conf: names portless does not serve will get SERVFAIL"
+            );
         }
     }
-    let forwarder = Arc::new(Forwarder::new(upstreams.clone(), cfg.forward_timeout, cfg.forward_max_inflight, metrics.clone()));
+    let forwarder = Arc::new(Forwarder::new(
+        upstreams.clone(),
+        cfg.forward_timeout,
+        cfg.forward_max_inflight,
+        metrics.clone(),
+    ));
     let zone: ZoneHandle = Arc::new(ArcSwap::from_pointee(Zone::default()));
     let mut listeners = Listeners::new(Handler::new(zone.clone(), forwarder, metrics.clone()));
     let mut fixed = Vec::new();
     for addr in &cfg.listen {
-        let bound = listeners.add(*addr).await.with_context(|| format!("binding DNS listener {addr}"))?;
+        let bound = listeners
+            .add(*addr)
+            .await
+            .with_context(|| format!("binding DNS listener {addr}"))?;
         fixed.push(bound);
     }
     let (listeners_tx, listeners_rx) = watch::channel(listeners.addrs());
 
     let hosts = match &cfg.hosts_file {
         Some(path) => {
-            let initial = read_hosts(path).with_context(|| format!("reading --hosts-file {}", path.display()))?;
+            let initial = read_hosts(path)
+                .with_context(|| format!("reading --hosts-file {}", path.display()))?;
             let (tx, rx) = watch::channel(Arc::new(initial));
             tokio::spawn(follow_hosts_file(path.clone(), tx));
             rx
@@ -91,8 +108,18 @@ pub async fn start(cfg: &DnsConfig, snapshots: watch::Receiver<Snapshot>) -> any
     let cfg = cfg.clone();
     // Build the first zone before returning, so that a fixed listener never
     // answers from an empty zone after start-up.
-    let mut builder = ZoneBuilder { cfg, zone, listeners, listeners_tx, fixed, serial: 0, event_to_answer };
-    builder.rebuild(&snapshots.borrow().clone(), &hosts.borrow().clone()).await;
+    let mut builder = ZoneBuilder {
+        cfg,
+        zone,
+        listeners,
+        listeners_tx,
+        fixed,
+        serial: 0,
+        event_to_answer,
+    };
+    builder
+        .rebuild(&snapshots.borrow().clone(), &hosts.borrow().clone())
+        .await;
     tokio::spawn(builder.run(snapshots, hosts));
     Ok(state)
 }
@@ -108,7 +135,11 @@ struct ZoneBuilder {
 }
 
 impl ZoneBuilder {
-    async fn run(mut self, mut snapshots: watch::Receiver<Snapshot>, mut hosts: watch::Receiver<StaticHosts>) {
+    async fn run(
+        mut self,
+        mut snapshots: watch::Receiver<Snapshot>,
+        mut hosts: watch::Receiver<StaticHosts>,
+    ) {
         // Host addresses change without any Docker event (DHCP, a new
         // interface): look again now and then.
         let mut tick = tokio::time::interval(Duration::from_secs(30));
@@ -130,11 +161,21 @@ impl ZoneBuilder {
 
     async fn rebuild(&mut self, snapshot: &Snapshot, static_hosts: &StaticHosts) {
         self.serial = self.serial.wrapping_add(1);
-        let input = zone_input(&self.cfg, &snapshot.catalog, static_hosts, host_addrs(), self.serial);
+        let input = zone_input(
+            &self.cfg,
+            &snapshot.catalog,
+            static_hosts,
+            host_addrs(),
+            self.serial,
+        );
         self.zone.store(Arc::new(Zone::build(&input)));
         if let Some(ns) = snapshot.event_time_ns {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
-            self.event_to_answer.observe(Duration::from_nanos(now.saturating_sub(ns).max(0) as u64));
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as i64;
+            self.event_to_answer
+                .observe(Duration::from_nanos(now.saturating_sub(ns).max(0) as u64));
         }
         self.reconcile_listeners(&snapshot.catalog).await;
     }
@@ -152,9 +193,15 @@ impl ZoneBuilder {
             }
         }
         // A fixed wildcard listener on the same port already covers gateways.
-        let wildcard_ports: Vec<(bool, u16)> =
-            self.fixed.iter().filter(|a| a.ip().is_unspecified()).map(|a| (a.is_ipv4(), a.port())).collect();
-        wanted.retain(|a| self.fixed.contains(a) || !wildcard_ports.contains(&(a.is_ipv4(), a.port())));
+        let wildcard_ports: Vec<(bool, u16)> = self
+            .fixed
+            .iter()
+            .filter(|a| a.ip().is_unspecified())
+            .map(|a| (a.is_ipv4(), a.port()))
+            .collect();
+        wanted.retain(|a| {
+            self.fixed.contains(a) || !wildcard_ports.contains(&(a.is_ipv4(), a.port()))
+        });
         for (addr, e) in self.listeners.reconcile(&wanted).await {
             tracing::warn!(%addr, error = %e, "cannot listen for DNS on a gateway address (will retry on the next change)");
         }
@@ -162,13 +209,22 @@ impl ZoneBuilder {
     }
 }
 
-fn zone_input(cfg: &DnsConfig, catalog: &Catalog, static_hosts: &StaticHosts, host_addrs: Vec<IpAddr>, serial: u32) -> ZoneInput {
+fn zone_input(
+    cfg: &DnsConfig,
+    catalog: &Catalog,
+    static_hosts: &StaticHosts,
+    host_addrs: Vec<IpAddr>,
+    serial: u32,
+) -> ZoneInput {
     let mut networks: BTreeMap<&str, NetworkInput> = BTreeMap::new();
     for c in catalog.containers.values() {
         for ep in &c.endpoints {
             let net = networks
                 .entry(ep.network_id.as_str())
-                .or_insert_with(|| NetworkInput { name: ep.network_name.clone(), members: Vec::new() });
+                .or_insert_with(|| NetworkInput {
+                    name: ep.network_name.clone(),
+                    members: Vec::new(),
+                });
             net.members.push(Member {
                 id: c.id.clone(),
                 name: c.name.clone(),
@@ -185,23 +241,36 @@ fn zone_input(cfg: &DnsConfig, catalog: &Catalog, static_hosts: &StaticHosts, ho
         }
     }
     let mut host_clients: Vec<IpNet> = cfg.allow.clone();
-    let gateways = catalog.networks.values().flat_map(|n| n.gateways.iter().copied());
+    let gateways = catalog
+        .networks
+        .values()
+        .flat_map(|n| n.gateways.iter().copied());
     host_clients.extend(gateways.chain(host_addrs).map(IpNet::from));
     ZoneInput {
         domain: cfg.domain.clone(),
         ttl: cfg.ttl,
         networks: networks.into_values().collect(),
         static_hosts: (**static_hosts).clone(),
-        ingress: cfg.ingress_zones.iter().map(|z| (z.zone.clone(), z.addrs.clone())).collect(),
+        ingress: cfg
+            .ingress_zones
+            .iter()
+            .map(|z| (z.zone.clone(), z.addrs.clone()))
+            .collect(),
         host_clients,
-        private_ranges: catalog.networks.values().flat_map(|n| n.subnets.iter().copied()).collect(),
+        private_ranges: catalog
+            .networks
+            .values()
+            .flat_map(|n| n.subnets.iter().copied())
+            .collect(),
         serial,
     }
 }
 
 /// The host's own interface addresses: clients from them are host-side.
 fn host_addrs() -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
     addrs
         .filter_map(|ifa| ifa.address)
         .filter_map(|a| {
@@ -250,7 +319,9 @@ async fn follow_hosts_file(path: PathBuf, tx: watch::Sender<StaticHosts>) {
                     return;
                 }
             }
-            Err(e) => tracing::warn!(file = %path.display(), error = %e, "hosts file unreadable; keeping the last good contents"),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "hosts file unreadable; keeping the last good contents")
+            }
         }
     }
 }
@@ -261,7 +332,15 @@ mod tests {
 
     #[test]
     fn resolv_conf_nameservers_are_read() {
-        let ups = resolv_conf_upstreams("# x\nnameserver 127.0.0.53\nsearch lan\nnameserver ::1\nnameserver fe80::1%eth0\noptions edns0\n");
-        assert_eq!(ups, vec!["127.0.0.53:53".parse().unwrap(), "[::1]:53".parse().unwrap()]);
+        let ups = resolv_conf_upstreams(
+            "# x\nnameserver 127.0.0.53\nsearch lan\nnameserver ::1\nnameserver fe80::1%eth0\noptions edns0\n",
+        );
+        assert_eq!(
+            ups,
+            vec![
+                "127.0.0.53:53".parse().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
     }
 }

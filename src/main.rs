@@ -30,7 +30,10 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("portless: cannot start the async runtime: {e}");
@@ -75,7 +78,10 @@ fn init_tracing(filter: &str) {
         eprintln!("portless: bad --log filter `{filter}` ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -86,14 +92,25 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         // Fail fast on a socket path that cannot work at all; a daemon that
         // is merely down is retried in the background.
         discovery::connect(&cfg.docker)?;
-        tokio::spawn(discovery::run(cfg.docker.clone(), snap_tx, discovery_metrics.clone()));
+        tokio::spawn(discovery::run(
+            cfg.docker.clone(),
+            snap_tx,
+            discovery_metrics.clone(),
+        ));
     } else {
         tracing::info!("Docker discovery off (--docker-host none)");
         // Keep the sender alive so that receivers never see a closed channel.
         std::mem::forget(snap_tx);
     }
-    let dns = dns::start(&cfg.dns, snap_rx.clone()).await.context("starting DNS")?;
-    let admin_state = Arc::new(admin::AdminState { snapshots: snap_rx, discovery: discovery_metrics, docker_enabled, dns });
+    let dns = dns::start(&cfg.dns, snap_rx.clone())
+        .await
+        .context("starting DNS")?;
+    let admin_state = Arc::new(admin::AdminState {
+        snapshots: snap_rx,
+        discovery: discovery_metrics,
+        docker_enabled,
+        dns,
+    });
     admin::start(cfg.admin_listen, admin_state).await?;
     tracing::info!("portless running");
     shutdown_signal().await;

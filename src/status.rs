@@ -14,15 +14,24 @@ use crate::catalog::Catalog;
 pub async fn get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
     let stream = tokio::net::TcpStream::connect(admin)
         .await
-        .with_context(|| format!("cannot reach the admin API at {admin} (is `portless run` running? see --admin)"))?;
+        .with_context(|| {
+            format!(
+                "cannot reach the admin API at {admin} (is `portless run` running? see --admin)"
+            )
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = http::Request::get(path).header(http::header::HOST, admin.to_string()).body(Empty::<Bytes>::new())?;
+    let req = http::Request::get(path)
+        .header(http::header::HOST, admin.to_string())
+        .body(Empty::<Bytes>::new())?;
     let resp = sender.send_request(req).await?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     let body = String::from_utf8_lossy(&body).into_owned();
-    anyhow::ensure!(status.is_success(), "admin API answered {status} for {path}: {body}");
+    anyhow::ensure!(
+        status.is_success(),
+        "admin API answered {status} for {path}: {body}"
+    );
     Ok(body)
 }
 
@@ -52,23 +61,48 @@ pub fn table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
 }
 
 pub fn render(status: &Status) -> anyhow::Result<String> {
-    let catalog: Catalog = serde_json::from_value(status.catalog.clone()).context("decoding the catalog")?;
+    let catalog: Catalog =
+        serde_json::from_value(status.catalog.clone()).context("decoding the catalog")?;
     let mut out = String::new();
     let d = &status.docker;
     let _ = writeln!(
         out,
         "Docker: {}",
-        if !d.enabled { "off (--docker-host none)".to_owned() } else if d.connected { format!("connected ({} reconnects)", d.reconnects) } else { format!("DISCONNECTED, retrying ({} reconnects)", d.reconnects) }
+        if !d.enabled {
+            "off (--docker-host none)".to_owned()
+        } else if d.connected {
+            format!("connected ({} reconnects)", d.reconnects)
+        } else {
+            format!("DISCONNECTED, retrying ({} reconnects)", d.reconnects)
+        }
     );
-    let _ = writeln!(out, "DNS: domain {}, {} names, upstreams {}", status.dns.domain, status.dns.names, join(&status.dns.upstreams));
+    let _ = writeln!(
+        out,
+        "DNS: domain {}, {} names, upstreams {}",
+        status.dns.domain,
+        status.dns.names,
+        join(&status.dns.upstreams)
+    );
     let _ = writeln!(out, "\nLISTENERS");
-    let rows: Vec<Vec<String>> = status.dns.listeners.iter().map(|l| vec!["dns".into(), format!("{l} udp+tcp")]).collect();
+    let rows: Vec<Vec<String>> = status
+        .dns
+        .listeners
+        .iter()
+        .map(|l| vec!["dns".into(), format!("{l} udp+tcp")])
+        .collect();
     table(&mut out, &["KIND", "ADDRESS"], &rows);
     let _ = writeln!(out, "\nNETWORKS");
     let rows: Vec<Vec<String>> = catalog
         .networks
         .values()
-        .map(|n| vec![n.name.clone(), n.driver.clone(), join(&n.subnets), join(&n.gateways)])
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                n.driver.clone(),
+                join(&n.subnets),
+                join(&n.gateways),
+            ]
+        })
         .collect();
     table(&mut out, &["NAME", "DRIVER", "SUBNETS", "GATEWAYS"], &rows);
     let _ = writeln!(out, "\nCONTAINERS");
@@ -79,18 +113,37 @@ pub fn render(status: &Status) -> anyhow::Result<String> {
                 (Some(s), Some(p)) => format!("{s}.{p}"),
                 _ => "-".into(),
             };
-            let health = if c.stopping { "stopping".to_owned() } else { format!("{:?}", c.health).to_lowercase() };
+            let health = if c.stopping {
+                "stopping".to_owned()
+            } else {
+                format!("{:?}", c.health).to_lowercase()
+            };
             rows.push(vec![
                 c.name.clone(),
                 ep.network_name.clone(),
                 join(&ep.addrs().collect::<Vec<_>>()),
-                if ep.aliases.is_empty() { "-".into() } else { ep.aliases.join(",") },
+                if ep.aliases.is_empty() {
+                    "-".into()
+                } else {
+                    ep.aliases.join(",")
+                },
                 compose,
                 health,
             ]);
         }
     }
-    table(&mut out, &["NAME", "NETWORK", "ADDRESSES", "ALIASES", "SERVICE", "HEALTH"], &rows);
+    table(
+        &mut out,
+        &[
+            "NAME",
+            "NETWORK",
+            "ADDRESSES",
+            "ALIASES",
+            "SERVICE",
+            "HEALTH",
+        ],
+        &rows,
+    );
     Ok(out)
 }
 
@@ -98,5 +151,9 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
     if items.is_empty() {
         return "-".into();
     }
-    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }

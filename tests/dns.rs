@@ -1,0 +1,730 @@
+//! The DNS against the real Docker Engine: real containers and networks,
+//! the real `portless` binary, dig from the host and from inside
+//! containers' network namespaces, busybox nslookup inside containers.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Start portless with a DNS listener on each given gateway and on
+/// loopback, all on one free port, and no gateway-following listeners.
+fn portless_on(gateways: &[IpAddr], extra: &[&str]) -> (Portless, Vec<SocketAddr>) {
+    let port = free_port([127, 0, 0, 1].into());
+    let mut addrs: Vec<SocketAddr> = gateways.iter().map(|g| SocketAddr::new(*g, port)).collect();
+    addrs.push(SocketAddr::new([127, 0, 0, 1].into(), port));
+    let listen: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let mut args: Vec<&str> = vec!["--dns-port", "0", "--upstream", "127.0.0.1:9"];
+    for l in &listen {
+        args.push("--dns-listen");
+        args.push(l);
+    }
+    args.extend_from_slice(extra);
+    (Portless::start(&args), addrs)
+}
+
+fn arpa(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.{}.in-addr.arpa", o[3], o[2], o[1], o[0])
+        }
+        IpAddr::V6(v6) => {
+            let hex: String = v6.octets().iter().map(|b| format!("{b:02x}")).collect();
+            let nibbles: Vec<String> = hex.chars().rev().map(|c| c.to_string()).collect();
+            format!("{}.ip6.arpa", nibbles.join("."))
+        }
+    }
+}
+
+fn lo(addrs: &[SocketAddr]) -> SocketAddr {
+    *addrs.last().unwrap()
+}
+
+#[test]
+fn names_and_aliases_resolve_only_inside_their_networks() {
+    require("dig");
+    require("nsenter");
+    let c = Cleanup::new();
+    let (front, front_gw) = network(&c, &[]);
+    let (back, back_gw) = network(&c, &[]);
+    let web = unique("web");
+    let db = unique("db");
+    let other = unique("oth");
+    container(
+        &c,
+        &web,
+        &["--network", &front, "--network-alias", "www"],
+        &[],
+    );
+    container(
+        &c,
+        &db,
+        &["--network", &front, "--network-alias", "database"],
+        &[],
+    );
+    docker(&["network", "connect", "--alias", "store", &back, &db]);
+    container(&c, &other, &["--network", &back], &[]);
+    let (_p, addrs) = portless_on(&[front_gw, back_gw], &[]);
+    let (on_front, on_back) = (addrs[0], addrs[1]);
+    let db_front = container_ip(&db, &front).to_string();
+    let db_back = container_ip(&db, &back).to_string();
+    let web_ip = container_ip(&web, &front).to_string();
+
+    let r = dig_from(&web, on_front, "www", "A");
+    assert_eq!(
+        (r.status.as_str(), r.answers.clone()),
+        ("NOERROR", vec![web_ip.clone()]),
+        "{}",
+        r.raw
+    );
+    // db is on both networks, but web shares only `front` with it.
+    assert_eq!(
+        dig_from(&web, on_front, &db, "A").answers,
+        vec![db_front.clone()]
+    );
+    assert_eq!(
+        dig_from(&web, on_front, "database", "A").answers,
+        vec![db_front.clone()]
+    );
+    assert_eq!(
+        dig_from(&web, on_front, &format!("{db}.{front}"), "A").answers,
+        vec![db_front.clone()]
+    );
+    assert_eq!(
+        dig_from(&other, on_back, "store", "A").answers,
+        vec![db_back.clone()]
+    );
+    assert_eq!(
+        dig_from(&other, on_back, &db, "A").answers,
+        vec![db_back.clone()]
+    );
+    // Isolation: names of a network the client is not on do not exist for it.
+    for (client, server, name) in [
+        (&web, on_front, "store"),
+        (&web, on_front, other.as_str()),
+        (&other, on_back, "www"),
+        (&other, on_back, "database"),
+        (&other, on_back, web.as_str()),
+    ] {
+        let r = dig_from(client, server, name, "A");
+        assert!(
+            r.answers.is_empty(),
+            "{client} must not resolve {name}: {}",
+            r.raw
+        );
+    }
+    let r = dig_from(&other, on_back, &format!("{web}.docker.internal"), "A");
+    assert_eq!(r.status, "NXDOMAIN", "{}", r.raw);
+    // The host sees everything under the domain, with every address.
+    let mut both = vec![db_front.clone(), db_back.clone()];
+    both.sort();
+    assert_eq!(
+        dig(lo(&addrs), &format!("{db}.docker.internal"), "A", &[]).sorted(),
+        both
+    );
+    assert_eq!(
+        dig(
+            lo(&addrs),
+            &format!("{db}.{back}.docker.internal"),
+            "A",
+            &[]
+        )
+        .answers,
+        vec![db_back.clone()]
+    );
+    assert_eq!(
+        dig(
+            lo(&addrs),
+            &format!("store.{back}.docker.internal"),
+            "A",
+            &[]
+        )
+        .answers,
+        vec![db_back]
+    );
+    assert_eq!(
+        dig(
+            lo(&addrs),
+            &format!("www.{front}.docker.internal"),
+            "A",
+            &[]
+        )
+        .answers,
+        vec![web_ip]
+    );
+}
+
+#[test]
+fn nodata_nxdomain_soa_and_ptr() {
+    let c = Cleanup::new();
+    let (net, gw) = network(&c, &[]);
+    let app = unique("app");
+    container(&c, &app, &["--network", &net], &[]);
+    let ip = container_ip(&app, &net);
+    let (_p, addrs) = portless_on(&[gw], &["--ttl", "7"]);
+    let server = lo(&addrs);
+
+    let r = dig(server, &format!("{app}.docker.internal"), "A", &[]);
+    assert_eq!(r.answers, vec![ip.to_string()]);
+    assert_eq!(r.ttls, vec![7], "TTL 7 expected: {}", r.raw);
+    assert!(r.flags.contains("aa"), "authoritative: {}", r.raw);
+
+    let r = dig(server, &format!("{app}.docker.internal"), "AAAA", &[]);
+    assert_eq!(r.status, "NOERROR", "{}", r.raw);
+    assert!(r.answers.is_empty());
+    assert!(
+        r.authority.iter().any(|a| a.starts_with("SOA")),
+        "NODATA carries the SOA: {}",
+        r.raw
+    );
+
+    let r = dig(server, &format!("{app}-missing.docker.internal"), "A", &[]);
+    assert_eq!(r.status, "NXDOMAIN", "{}", r.raw);
+    assert!(
+        r.authority.iter().any(|a| a.starts_with("SOA")),
+        "{}",
+        r.raw
+    );
+
+    let r = dig(server, "docker.internal", "SOA", &[]);
+    assert!(
+        r.answers
+            .first()
+            .is_some_and(|a| a.starts_with("ns.docker.internal. hostmaster.docker.internal.")),
+        "{}",
+        r.raw
+    );
+
+    let r = dig(server, &arpa(ip), "PTR", &[]);
+    assert_eq!(
+        r.answers,
+        vec![format!("{app}.{net}.docker.internal.")],
+        "{}",
+        r.raw
+    );
+    // Unknown address inside a Docker subnet: ours to deny.
+    let unknown: IpAddr = match ip {
+        IpAddr::V4(v4) => IpAddr::V4([v4.octets()[0], v4.octets()[1], v4.octets()[2], 250].into()),
+        v6 => v6,
+    };
+    assert_eq!(dig(server, &arpa(unknown), "PTR", &[]).status, "NXDOMAIN");
+}
+
+#[test]
+fn replicas_answer_all_addresses_shuffled_and_unhealthy_ones_are_left_out() {
+    let c = Cleanup::new();
+    let (net, gw) = network(&c, &[]);
+    let client = unique("cli");
+    container(&c, &client, &["--network", &net], &[]);
+    let mut ips = Vec::new();
+    for _ in 0..3 {
+        let n = unique("rep");
+        container(
+            &c,
+            &n,
+            &[
+                "--network",
+                &net,
+                "--network-alias",
+                "api",
+                "--health-cmd",
+                "true",
+                "--health-interval",
+                "1s",
+            ],
+            &[],
+        );
+        ips.push(container_ip(&n, &net).to_string());
+    }
+    let sick = unique("sick");
+    container(
+        &c,
+        &sick,
+        &[
+            "--network",
+            &net,
+            "--network-alias",
+            "api",
+            "--health-cmd",
+            "false",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "1",
+        ],
+        &[],
+    );
+    let sick_ip = container_ip(&sick, &net).to_string();
+    let (_p, addrs) = portless_on(&[gw], &[]);
+    ips.sort();
+    // Wait for Docker to call `sick` unhealthy and the others healthy.
+    wait_until("health states to settle", Duration::from_secs(30), || {
+        (dig_from(&client, addrs[0], "api", "A").sorted() == ips).then_some(())
+    });
+    let orders: std::collections::BTreeSet<Vec<String>> = (0..20)
+        .map(|_| dig_from(&client, addrs[0], "api", "A").answers)
+        .collect();
+    assert!(
+        orders.len() > 1,
+        "20 answers, always in the same order: {orders:?}"
+    );
+    assert!(orders.iter().all(|o| !o.contains(&sick_ip)));
+}
+
+#[test]
+fn containers_appear_move_and_vanish_as_events_arrive() {
+    let c = Cleanup::new();
+    let (net, gw) = network(&c, &[]);
+    let (p, addrs) = portless_on(&[gw], &[]);
+    let server = lo(&addrs);
+    let app = unique("mov");
+    let name = format!("{app}.docker.internal");
+    let prefix = gw.to_string();
+    let prefix = prefix.trim_end_matches(".1");
+    let first = format!("{prefix}.10");
+    let second = format!("{prefix}.20");
+
+    container(&c, &app, &["--network", &net, "--ip", &first], &[]);
+    wait_until("the new container to resolve", WAIT, || {
+        (dig(server, &name, "A", &[]).answers == vec![first.clone()]).then_some(())
+    });
+
+    // Restart with a new address.
+    docker(&["stop", "-t", "0", &app]);
+    wait_until("the stopped container to vanish", WAIT, || {
+        (dig(server, &name, "A", &[]).status == "NXDOMAIN").then_some(())
+    });
+    docker(&["network", "disconnect", &net, &app]);
+    docker(&["network", "connect", "--ip", &second, &net, &app]);
+    docker(&["start", &app]);
+    wait_until("the new address", WAIT, || {
+        (dig(server, &name, "A", &[]).answers == vec![second.clone()]).then_some(())
+    });
+
+    // Removal.
+    docker(&["rm", "-f", &app]);
+    wait_until("the removed container to vanish", WAIT, || {
+        (dig(server, &name, "A", &[]).status == "NXDOMAIN").then_some(())
+    });
+    let m = p.metrics();
+    assert!(
+        m.contains("portless_discovery_event_to_answer_seconds_count"),
+        "{m}"
+    );
+}
+
+#[test]
+fn default_bridge_containers_have_names_too() {
+    let c = Cleanup::new();
+    let a = unique("dfa");
+    let b = unique("dfb");
+    container(&c, &a, &[], &[]);
+    container(&c, &b, &[], &[]);
+    let gw: IpAddr = docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "-f",
+        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+    ])
+    .parse()
+    .unwrap_or_else(|_| "172.17.0.1".parse().unwrap());
+    let (_p, addrs) = portless_on(&[gw], &[]);
+    let a_ip = container_ip(&a, "bridge").to_string();
+    assert_eq!(
+        dig(lo(&addrs), &format!("{a}.docker.internal"), "A", &[]).answers,
+        vec![a_ip.clone()]
+    );
+    assert_eq!(dig_from(&b, addrs[0], &a, "A").answers, vec![a_ip]);
+}
+
+#[test]
+fn compose_services_resolve_by_service_and_project() {
+    require("docker-compose");
+    let c = Cleanup::new();
+    busybox_image();
+    let project = unique("proj");
+    let dir = std::env::temp_dir().join(&project);
+    std::fs::create_dir_all(&dir).unwrap();
+    c.push(&["rm", "-rf", dir.to_str().unwrap()]);
+    // Pick a free subnet by creating (and removing) a throwaway network.
+    let (probe, gw) = {
+        let probe_cleanup = Cleanup::new();
+        let (n, gw) = network(&probe_cleanup, &[]);
+        (n, gw)
+    };
+    let _ = probe;
+    let gw_s = gw.to_string();
+    let subnet = format!("{}.0/24", gw_s.trim_end_matches(".1"));
+    let compose = format!(
+        "version: '2.4'\nservices:\n  web:\n    image: {IMAGE}\n    command: sleep 3600\n    scale: 2\n    labels: ['portless-test=1']\n  client:\n    image: {IMAGE}\n    command: sleep 3600\n    labels: ['portless-test=1']\nnetworks:\n  default:\n    labels: ['portless-test=1']\n    ipam:\n      config:\n        - subnet: {subnet}\n          gateway: {gw_s}\n"
+    );
+    let file = dir.join("docker-compose.yml");
+    std::fs::write(&file, compose).unwrap();
+    let f = file.to_str().unwrap();
+    c.push(&[
+        "docker-compose",
+        "-f",
+        f,
+        "-p",
+        &project,
+        "down",
+        "-v",
+        "-t",
+        "0",
+    ]);
+    ok("docker-compose", &["-f", f, "-p", &project, "up", "-d"]);
+    let (_p, addrs) = portless_on(&[gw], &[]);
+    let ids = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.compose.project={project}"),
+        "--filter",
+        "label=com.docker.compose.service=web",
+    ]);
+    let net = format!("{project}_default");
+    let mut web_ips: Vec<String> = ids
+        .lines()
+        .map(|id| container_ip(id, &net).to_string())
+        .collect();
+    web_ips.sort();
+    assert_eq!(web_ips.len(), 2);
+    let client = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.compose.project={project}"),
+        "--filter",
+        "label=com.docker.compose.service=client",
+    ]);
+    assert_eq!(dig_from(&client, addrs[0], "web", "A").sorted(), web_ips);
+    assert_eq!(
+        dig_from(&client, addrs[0], &format!("web.{project}"), "A").sorted(),
+        web_ips
+    );
+    assert_eq!(
+        dig(
+            lo(&addrs),
+            &format!("web.{project}.docker.internal"),
+            "A",
+            &[]
+        )
+        .sorted(),
+        web_ips
+    );
+}
+
+#[test]
+fn other_names_are_forwarded_faithfully_with_failover_and_tcp_retry() {
+    let mut hosts = String::from("192.0.2.7 a.upstream.test\n");
+    for i in 1..=60 {
+        hosts.push_str(&format!("192.0.2.{i} big.upstream.test\n"));
+    }
+    // The first upstream knows nothing (REFUSED), the second is dead, the
+    // third answers: portless must get through to it.
+    let empty = common::dnsmasq::Dnsmasq::start("", "nothing.test");
+    let good = common::dnsmasq::Dnsmasq::start(&hosts, "upstream.test");
+    let dead = format!("127.0.0.1:{}", free_port([127, 0, 0, 1].into()));
+    let ups = format!("{},{},{}", empty.addr, dead, good.addr);
+    let port = free_port([127, 0, 0, 1].into());
+    let listen = format!("127.0.0.1:{port}");
+    let p = Portless::start(&[
+        "--docker-host",
+        "none",
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &listen,
+        "--upstream",
+        &ups,
+    ]);
+    let server: SocketAddr = listen.parse().unwrap();
+
+    let r = dig(server, "a.upstream.test", "A", &[]);
+    assert_eq!(r.answers, vec!["192.0.2.7"], "{}", r.raw);
+    assert_eq!(r.ttls, vec![1234], "upstream TTL kept: {}", r.raw);
+    let r = dig(server, "nope.upstream.test", "A", &[]);
+    assert_eq!(r.status, "NXDOMAIN", "upstream rcode kept: {}", r.raw);
+    // Too big for dnsmasq's 512-byte UDP answers: portless retries over TCP
+    // and returns all of it to a client that reads over TCP.
+    let r = dig(server, "big.upstream.test", "A", &["+tcp"]);
+    assert_eq!(r.answers.len(), 60, "{}", r.raw);
+    let m = p.metrics();
+    assert!(
+        m.contains("portless_dns_forward_tcp_retries_total ")
+            && !m.contains("portless_dns_forward_tcp_retries_total 0"),
+        "{m}"
+    );
+    // Truncation towards our own client: no EDNS means 512 bytes.
+    let r = dig(server, "big.upstream.test", "A", &["+noedns", "+ignore"]);
+    assert!(r.flags.contains("tc"), "TC expected: {}", r.raw);
+}
+
+#[test]
+fn strangers_are_refused_and_allowed_ranges_are_not() {
+    require("ip");
+    let c = Cleanup::new();
+    let ns = unique("plr");
+    let (host_if, ns_if) = (unique("plh"), unique("plc"));
+    let third = std::process::id() % 250;
+    let host_ip = format!("198.18.{third}.1");
+    let ns_ip = format!("198.18.{third}.2");
+    ok("ip", &["netns", "add", &ns]);
+    c.push(&["ip", "netns", "del", &ns]);
+    ok(
+        "ip",
+        &[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ],
+    );
+    c.push(&["ip", "link", "del", &host_if]);
+    ok("ip", &["link", "set", &ns_if, "netns", &ns]);
+    ok(
+        "ip",
+        &["addr", "add", &format!("{host_ip}/30"), "dev", &host_if],
+    );
+    ok("ip", &["link", "set", &host_if, "up"]);
+    ok(
+        "ip",
+        &[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ns_ip}/30"),
+            "dev",
+            &ns_if,
+        ],
+    );
+    ok("ip", &["-n", &ns, "link", "set", &ns_if, "up"]);
+    let port = free_port(host_ip.parse().unwrap());
+    let listen = format!("{host_ip}:{port}");
+    let hosts = std::env::temp_dir().join(unique("plhf-"));
+    std::fs::write(&hosts, "192.0.2.44 static.example\n").unwrap();
+    c.push(&["rm", "-f", hosts.to_str().unwrap()]);
+    let h = hosts.to_str().unwrap();
+    let dig_ns = |name: &str| {
+        let out = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "dig",
+                &format!("@{host_ip}"),
+                "-p",
+                &port.to_string(),
+                name,
+                "A",
+                "+tries=1",
+                "+time=3",
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    {
+        let _p = Portless::start(&[
+            "--docker-host",
+            "none",
+            "--dns-port",
+            "0",
+            "--dns-listen",
+            &listen,
+            "--hosts-file",
+            h,
+            "--upstream",
+            "127.0.0.1:9",
+        ]);
+        let out = dig_ns("static.example");
+        assert!(out.contains("status: REFUSED"), "{out}");
+        let out = dig_ns("example.org");
+        assert!(
+            out.contains("status: REFUSED"),
+            "portless is no open resolver: {out}"
+        );
+    }
+    let allow = format!("{ns_ip}/32");
+    let _p = Portless::start(&[
+        "--docker-host",
+        "none",
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &listen,
+        "--hosts-file",
+        h,
+        "--dns-allow",
+        &allow,
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    let out = dig_ns("static.example");
+    assert!(
+        out.contains("status: NOERROR") && out.contains("192.0.2.44"),
+        "{out}"
+    );
+}
+
+#[test]
+fn hosts_file_and_ingress_zones_answer_and_reload() {
+    let hosts = std::env::temp_dir().join(unique("plhf-"));
+    std::fs::write(&hosts, "192.0.2.10 nas.lan nas-alias.lan\nbad line here\n").unwrap();
+    let h = hosts.to_str().unwrap().to_owned();
+    let port = free_port([127, 0, 0, 1].into());
+    let listen = format!("127.0.0.1:{port}");
+    let _p = Portless::start(&[
+        "--docker-host",
+        "none",
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &listen,
+        "--hosts-file",
+        &h,
+        "--ingress-zone",
+        "apps.example.com=192.0.2.80",
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    let server: SocketAddr = listen.parse().unwrap();
+    assert_eq!(dig(server, "nas.lan", "A", &[]).answers, vec!["192.0.2.10"]);
+    assert_eq!(
+        dig(server, "nas-alias.lan", "A", &[]).answers,
+        vec!["192.0.2.10"]
+    );
+    assert_eq!(
+        dig(server, "shop.apps.example.com", "A", &[]).answers,
+        vec!["192.0.2.80"]
+    );
+    assert_eq!(
+        dig(server, "a.b.apps.example.com", "A", &[]).answers,
+        vec!["192.0.2.80"]
+    );
+    std::fs::write(&hosts, "192.0.2.11 nas.lan\n").unwrap();
+    wait_until("the hosts file to reload", WAIT, || {
+        (dig(server, "nas.lan", "A", &[]).answers == vec!["192.0.2.11"]).then_some(())
+    });
+    std::fs::remove_file(&hosts).unwrap();
+}
+
+#[test]
+fn malformed_packets_get_formerr_or_are_dropped_and_nothing_crashes() {
+    use std::net::UdpSocket;
+    let port = free_port([127, 0, 0, 1].into());
+    let listen = format!("127.0.0.1:{port}");
+    let p = Portless::start(&[
+        "--docker-host",
+        "none",
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &listen,
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    let server: SocketAddr = listen.parse().unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    // A header that promises a question and has none.
+    let header_only = [0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
+    sock.send_to(&header_only, server).unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = sock
+        .recv_from(&mut buf)
+        .expect("an answer to a truncated question");
+    assert!(n >= 12 && buf[0] == 0x12 && buf[1] == 0x34, "same id");
+    assert_eq!(buf[3] & 0x0f, 1, "FORMERR");
+    // Garbage of every length.
+    for len in [0usize, 1, 5, 11, 12, 13, 40, 300, 1500] {
+        let junk: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
+        sock.send_to(&junk, server).unwrap();
+    }
+    // Two questions in one message.
+    let mut two = vec![0xab, 0xcd, 0x01, 0x00, 0x00, 0x02, 0, 0, 0, 0, 0, 0];
+    for _ in 0..2 {
+        two.extend_from_slice(&[1, b'a', 0, 0, 1, 0, 1]);
+    }
+    sock.send_to(&two, server).unwrap();
+    // Still alive and answering.
+    let r = dig(server, "docker.internal", "SOA", &[]);
+    assert_eq!(r.status, "NOERROR", "{}", r.raw);
+    assert!(
+        p.metrics().contains("outcome=\"formerr\""),
+        "{}",
+        p.metrics()
+    );
+}
+
+#[test]
+fn bad_configuration_exits_64_with_a_clear_message() {
+    let dir = std::env::temp_dir().join(unique("plcfg-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad_key = dir.join("bad.toml");
+    std::fs::write(&bad_key, "[dns]\ndns-prot = 53\n").unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/examples/portless.toml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_portless");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "run".into(),
+                "--config".into(),
+                bad_key.display().to_string(),
+            ],
+            "dns-prot",
+        ),
+        (vec!["run".into(), "--ttl".into(), "soon".into()], "--ttl"),
+        (
+            vec![
+                "run".into(),
+                "--ingress-zone".into(),
+                "apps.example.com".into(),
+            ],
+            "ZONE=ADDR",
+        ),
+        (
+            vec!["run".into(), "--upstream".into(), "resolver.example".into()],
+            "--upstream",
+        ),
+        (
+            vec!["run".into(), "--docker-host".into(), "ftp://x".into()],
+            "--docker-host",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--config".into(),
+                dir.join("missing.toml").display().to_string(),
+            ],
+            "cannot read",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = std::process::Command::new(bin)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?} should mention {needle}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -18,10 +18,13 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod agent;
 pub mod error;
+pub mod iptables;
 pub mod model;
 pub mod netlink;
 pub mod plan;
+pub mod store;
 
 pub use error::{Error, Result};
 pub use model::{HostRecord, Mac, Mode, Transport};

@@ -289,3 +289,115 @@ impl Container {
         }
     }
 }
+
+/// A single-member etcd (Debian's `etcd-server`) with a temporary data
+/// directory, in the test process's namespace on loopback or inside a test
+/// namespace. Killed and its directory removed on drop.
+pub struct Etcd {
+    pub ip: Ipv4Addr,
+    pub client_port: u16,
+    peer_port: u16,
+    netns: Option<String>,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Etcd {
+    /// On 127.0.0.1 with free ports.
+    pub fn on_loopback() -> Etcd {
+        Self::start(None, Ipv4Addr::LOCALHOST, free_port(), free_port())
+    }
+
+    /// Inside a test namespace, on one of its addresses.
+    pub fn in_netns(ns: &Netns, ip: Ipv4Addr) -> Etcd {
+        Self::start(Some(ns.name.clone()), ip, 2379, 2380)
+    }
+
+    fn start(netns: Option<String>, ip: Ipv4Addr, client_port: u16, peer_port: u16) -> Etcd {
+        let dir = std::env::temp_dir().join(format!("portless-etcd-{}", unique_tag()));
+        let mut e = Etcd {
+            ip,
+            client_port,
+            peer_port,
+            netns,
+            dir,
+            child: None,
+        };
+        e.restart();
+        e
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}:{}", self.ip, self.client_port)
+    }
+
+    /// Start (again, on the same data) and wait until it serves.
+    pub fn restart(&mut self) {
+        self.stop();
+        let client = self.endpoint();
+        let peer = format!("http://{}:{}", self.ip, self.peer_port);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcd"]);
+                c
+            }
+            None => Command::new("etcd"),
+        };
+        cmd.args([
+            "--name",
+            "t",
+            "--data-dir",
+            &self.dir.to_string_lossy(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("t={peer}"),
+            "--log-level",
+            "error",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        self.child = Some(cmd.spawn().expect("etcd (apt-get install etcd-server)"));
+        let probe = format!("echo > /dev/tcp/{}/{}", self.ip, self.client_port);
+        for _ in 0..100 {
+            let ok = match &self.netns {
+                Some(ns) => try_sh(&["ip", "netns", "exec", ns, "bash", "-c", &probe]),
+                None => try_sh(&["bash", "-c", &probe]),
+            };
+            if ok {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("etcd did not come up on {}", self.endpoint());
+    }
+
+    /// Kill it (the data stays for a restart).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,617 @@
+//! The running netplane of one host: lease, peer watch and reconcile loop.
+//!
+//! - On start it finds the underlay, then leases a subnet (retrying while
+//!   etcd is unreachable: whatever the kernel holds from an earlier run is
+//!   left alone until then).
+//! - A keep-alive task refreshes the lease every third of its TTL and takes
+//!   the subnet again if the lease expired (after a long etcd outage).
+//! - A watch task lists every host record, then follows changes; after any
+//!   error it lists again. It never forgets peers because etcd is away: the
+//!   last known plan stays in force.
+//! - A reconcile task compares the kernel with the plan on start, on every
+//!   peer change and every `resync`, and applies the difference.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use etcd_client::EventType;
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+use crate::iptables::{self, Rules};
+use crate::model::{HostRecord, Mac, Mode, Transport};
+use crate::netlink::Kernel;
+use crate::plan::{self, LocalSpec, Refusal, Underlay};
+use crate::store::{self, Claim, Lease, Store};
+
+/// Everything the agent needs, already validated.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub etcd: Vec<String>,
+    /// Key prefix, normally [`store::PREFIX`].
+    pub prefix: String,
+    pub cluster: Ipv4Net,
+    pub subnet_len: u8,
+    /// Underlay address; None: the address of the default route's interface.
+    pub advertise: Option<Ipv4Addr>,
+    /// Host identity in etcd; None: the advertise address.
+    pub host_id: Option<String>,
+    pub hostname: String,
+    pub mode: Mode,
+    pub vxlan_port: u16,
+    pub vni: u32,
+    pub vxlan_name: String,
+    pub lease_ttl: Duration,
+    /// A bridge of portless's own holding the subnet's gateway (no Docker).
+    pub bridge: Option<String>,
+    pub resync: Duration,
+    /// Network namespace to work in (tests); None: the process's own.
+    pub netns: Option<PathBuf>,
+    /// Manage iptables rules.
+    pub iptables: bool,
+    /// Masquerade traffic from the subnet to outside the cluster (Docker
+    /// does this itself for its networks).
+    pub masquerade_outside: bool,
+}
+
+/// This host's lease as shown to people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostStatus {
+    pub id: String,
+    pub hostname: String,
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub underlay: Ipv4Addr,
+    pub interface: String,
+    pub mode: Mode,
+    pub vtep_mac: Mac,
+    /// MTU for containers on this host's network.
+    pub mtu: u32,
+    pub lease_id: i64,
+    pub lease_ttl: i64,
+}
+
+/// One peer as shown to people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerStatus {
+    pub id: String,
+    pub hostname: String,
+    pub subnet: Ipv4Net,
+    pub underlay: Ipv4Addr,
+    pub mode: Mode,
+    pub transport: Transport,
+    /// All of its kernel entries are in place.
+    pub in_place: bool,
+}
+
+/// The status snapshot, served as JSON at `/api/cluster`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct Status {
+    /// None until the first lease is granted.
+    pub host: Option<HostStatus>,
+    pub etcd_endpoints: Vec<String>,
+    pub etcd_prefix: String,
+    pub etcd_connected: bool,
+    pub peers: Vec<PeerStatus>,
+    pub refused: Vec<Refusal>,
+    pub last_reconcile_unix_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub reconciles: u64,
+    pub ops_applied: u64,
+}
+
+struct Shared {
+    spec: Option<LocalSpec>,
+    lease: Option<Lease>,
+    peers: BTreeMap<String, HostRecord>,
+    etcd_ok: bool,
+    last_error: Option<String>,
+    reconciles: u64,
+    ops_applied: u64,
+}
+
+/// A running netplane. Dropping it stops its tasks and leaves the kernel
+/// as it is; [`Agent::stop`] can also clean up.
+pub struct Agent {
+    cfg: AgentConfig,
+    kernel: Kernel,
+    store: Store,
+    shared: Arc<Mutex<Shared>>,
+    status: watch::Receiver<Status>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    // A panic while holding the lock leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Agent {
+    /// Start the netplane. Returns once the executor and the underlay are
+    /// known; the lease and the first reconcile follow in the background
+    /// (see [`Agent::ready`]).
+    pub async fn start(cfg: AgentConfig) -> Result<Agent> {
+        let kernel = Kernel::spawn(cfg.netns.as_deref())?;
+        let underlay = kernel.underlay(cfg.advertise).await?;
+        info!(
+            interface = %underlay.ifname,
+            addr = %underlay.addr,
+            mtu = underlay.mtu,
+            "netplane underlay"
+        );
+        kernel.enable_forwarding().await?;
+        let store = Store::connect(&cfg.etcd, &cfg.prefix).await?;
+        let shared = Arc::new(Mutex::new(Shared {
+            spec: None,
+            lease: None,
+            peers: BTreeMap::new(),
+            etcd_ok: false,
+            last_error: None,
+            reconciles: 0,
+            ops_applied: 0,
+        }));
+        let (status_tx, status) = watch::channel(Status {
+            etcd_endpoints: cfg.etcd.clone(),
+            etcd_prefix: store.prefix().to_owned(),
+            ..Status::default()
+        });
+        let status_tx = Arc::new(status_tx);
+        let wake = Arc::new(Notify::new());
+        let record = HostRecord {
+            id: cfg
+                .host_id
+                .clone()
+                .unwrap_or_else(|| underlay.addr.to_string()),
+            subnet: cfg.cluster,
+            underlay: underlay.addr,
+            vtep_mac: Mac::for_vtep(underlay.addr),
+            mode: cfg.mode,
+            vxlan_port: cfg.vxlan_port,
+            hostname: cfg.hostname.clone(),
+        };
+        let claim = Claim {
+            cluster: cfg.cluster,
+            subnet_len: cfg.subnet_len,
+            ttl: cfg.lease_ttl,
+            record,
+        };
+
+        let main = tokio::spawn(run(
+            cfg.clone(),
+            kernel.clone(),
+            store.clone(),
+            underlay,
+            claim,
+            shared.clone(),
+            status_tx,
+            wake,
+        ));
+        Ok(Agent {
+            cfg,
+            kernel,
+            store,
+            shared,
+            status,
+            tasks: vec![main],
+        })
+    }
+
+    /// The latest status snapshot.
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every new status snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Wait until this host holds a lease and has reconciled once; returns
+    /// its status.
+    pub async fn ready(&self) -> HostStatus {
+        let mut rx = self.status.clone();
+        loop {
+            {
+                let s = rx.borrow_and_update();
+                if let (Some(h), Some(_)) = (&s.host, s.last_reconcile_unix_ms) {
+                    return h.clone();
+                }
+            }
+            if rx.changed().await.is_err() {
+                // The sender lives as long as the agent's task; wait forever
+                // rather than spin if it ended.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    /// Stop the tasks. With `cleanup`, give the lease back (peers drop this
+    /// host at once) and remove every kernel object and rule portless made.
+    pub async fn stop(mut self, cleanup: bool) -> Result<()> {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        if cleanup {
+            let lease = lock(&self.shared).lease.clone();
+            if let Some(l) = lease
+                && let Err(e) = self.store.release(l.id).await
+            {
+                warn!(error = %e, "could not give the lease back; it expires on its own");
+            }
+            cleanup_kernel(&self.kernel, self.cfg.iptables).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Remove every link, route and rule portless owns in the executor's
+/// namespace; returns the number of netlink ops applied.
+pub async fn cleanup_kernel(kernel: &Kernel, with_iptables: bool) -> Result<usize> {
+    let obs = kernel.observe().await?;
+    let ops = plan::cleanup(&obs);
+    let n = ops.len();
+    let mut first_err = None;
+    for a in kernel.apply(ops).await? {
+        if let Err(e) = a.result {
+            first_err.get_or_insert(e);
+        }
+    }
+    if with_iptables {
+        iptables::cleanup(kernel).await?;
+    }
+    info!(ops = n, "netplane cleaned up");
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(n),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    cfg: AgentConfig,
+    kernel: Kernel,
+    store: Store,
+    underlay: Underlay,
+    claim: Claim,
+    shared: Arc<Mutex<Shared>>,
+    status_tx: Arc<watch::Sender<Status>>,
+    wake: Arc<Notify>,
+) {
+    // 1. A lease, however long etcd takes to answer.
+    let mut backoff = Duration::from_millis(200);
+    let lease = loop {
+        match store.claim(&claim).await {
+            Ok(l) => break l,
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot lease a subnet yet");
+                lock(&shared).last_error = Some(e.to_string());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    {
+        let mut s = lock(&shared);
+        s.spec = Some(spec_for(&cfg, &underlay, &lease.record));
+        s.lease = Some(lease);
+        s.etcd_ok = true;
+        s.last_error = None;
+    }
+
+    let keepalive = tokio::spawn(keep_alive(
+        store.clone(),
+        claim,
+        cfg.clone(),
+        underlay,
+        shared.clone(),
+        wake.clone(),
+    ));
+    let watcher = tokio::spawn(watch_peers(store, shared.clone(), wake.clone()));
+    // Aborting `run` drops these handles without stopping the tasks, so
+    // they are tied to a guard that aborts them.
+    let _guard = AbortOnDrop(vec![keepalive, watcher]);
+
+    loop {
+        reconcile(&cfg, &kernel, &shared, &status_tx).await;
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(cfg.resync) => {}
+        }
+    }
+}
+
+struct AbortOnDrop(Vec<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+fn spec_for(cfg: &AgentConfig, underlay: &Underlay, record: &HostRecord) -> LocalSpec {
+    LocalSpec {
+        record: record.clone(),
+        underlay: underlay.clone(),
+        vxlan_name: cfg.vxlan_name.clone(),
+        vni: cfg.vni,
+        bridge: cfg.bridge.clone(),
+    }
+}
+
+async fn keep_alive(
+    store: Store,
+    claim: Claim,
+    cfg: AgentConfig,
+    underlay: Underlay,
+    shared: Arc<Mutex<Shared>>,
+    wake: Arc<Notify>,
+) {
+    let period = (cfg.lease_ttl / 3).max(Duration::from_millis(300));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(lease_id) = lock(&shared).lease.as_ref().map(|l| l.id) else {
+            continue;
+        };
+        match store.keep_alive(lease_id).await {
+            Ok(ttl) if ttl > 0 => {
+                let mut s = lock(&shared);
+                if !s.etcd_ok {
+                    info!(lease = lease_id, "etcd reachable again; lease kept");
+                    s.etcd_ok = true;
+                    s.last_error = None;
+                    drop(s);
+                    wake.notify_one();
+                }
+            }
+            Ok(_) => {
+                warn!(lease = lease_id, "lease expired; leasing again");
+                match store.claim(&claim).await {
+                    Ok(l) => {
+                        let mut s = lock(&shared);
+                        if s.lease.as_ref().map(|o| o.record.subnet) != Some(l.record.subnet) {
+                            warn!(subnet = %l.record.subnet, "subnet changed after the lease expired");
+                        }
+                        s.spec = Some(spec_for(&cfg, &underlay, &l.record));
+                        s.lease = Some(l);
+                        s.etcd_ok = true;
+                        s.last_error = None;
+                        drop(s);
+                        wake.notify_one();
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "leasing again failed");
+                        lock(&shared).last_error = Some(e.to_string());
+                    }
+                }
+            }
+            Err(e) => {
+                let mut s = lock(&shared);
+                if s.etcd_ok {
+                    warn!(error = %e, "etcd unreachable; keeping the last known plan");
+                }
+                s.etcd_ok = false;
+                s.last_error = Some(e.to_string());
+            }
+        }
+    }
+}
+
+async fn watch_peers(store: Store, shared: Arc<Mutex<Shared>>, wake: Arc<Notify>) {
+    loop {
+        let (hosts, rev) = match store.hosts().await {
+            Ok(v) => v,
+            Err(e) => {
+                debug!(error = %e, "listing hosts failed; retrying");
+                lock(&shared).etcd_ok = false;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        {
+            let mut s = lock(&shared);
+            if s.peers != hosts {
+                debug!(hosts = hosts.len(), "host list replaced");
+                s.peers = hosts;
+                drop(s);
+                wake.notify_one();
+            }
+        }
+        let mut stream = match store.watch_hosts(rev + 1).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "watch failed; listing again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.canceled() {
+                        debug!(
+                            reason = resp.cancel_reason(),
+                            "watch canceled; listing again"
+                        );
+                        break;
+                    }
+                    let mut changed = false;
+                    let mut s = lock(&shared);
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let Some(id) = kv.key_str().ok().and_then(|k| store.host_id_of_key(k))
+                        else {
+                            continue;
+                        };
+                        match ev.event_type() {
+                            EventType::Put => {
+                                if let Some(r) = store::decode_host(kv.value())
+                                    && s.peers.get(id) != Some(&r)
+                                {
+                                    info!(host = %id, subnet = %r.subnet, underlay = %r.underlay, "peer up");
+                                    s.peers.insert(id.to_owned(), r);
+                                    changed = true;
+                                }
+                            }
+                            EventType::Delete => {
+                                if s.peers.remove(id).is_some() {
+                                    info!(host = %id, "peer gone");
+                                    changed = true;
+                                }
+                            }
+                        }
+                    }
+                    drop(s);
+                    if changed {
+                        wake.notify_one();
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(error = %e, "watch broke; listing again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn reconcile(
+    cfg: &AgentConfig,
+    kernel: &Kernel,
+    shared: &Mutex<Shared>,
+    status_tx: &watch::Sender<Status>,
+) {
+    let (spec, lease, peers) = {
+        let s = lock(shared);
+        let Some(spec) = s.spec.clone() else { return };
+        (
+            spec,
+            s.lease.clone(),
+            s.peers.values().cloned().collect::<Vec<_>>(),
+        )
+    };
+    let p = plan::plan(&spec, &peers);
+    let mut error: Option<Error> = None;
+    let mut applied = 0u64;
+    let observed = match kernel.observe().await {
+        Ok(obs) => {
+            let ops = plan::diff(&p, &obs);
+            if !ops.is_empty() {
+                debug!(ops = ops.len(), "applying netlink ops");
+                match kernel.apply(ops).await {
+                    Ok(results) => {
+                        for a in results {
+                            match a.result {
+                                Ok(()) => applied += 1,
+                                Err(e) => {
+                                    error.get_or_insert(e);
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => error = Some(e),
+                }
+            }
+            kernel.observe().await.unwrap_or(obs)
+        }
+        Err(e) => {
+            error = Some(e);
+            Default::default()
+        }
+    };
+    if cfg.iptables {
+        let rules = Rules {
+            cluster: cfg.cluster,
+            subnet: spec.record.subnet,
+            masquerade_outside: cfg.masquerade_outside,
+        };
+        if let Err(e) = iptables::ensure(kernel, &rules).await {
+            error.get_or_insert(e);
+        }
+    }
+    for r in &p.refused {
+        debug!(peer = %r.id, reason = %r.reason, "peer refused");
+    }
+    let by_id: BTreeMap<&str, &HostRecord> = peers.iter().map(|r| (r.id.as_str(), r)).collect();
+    let peer_status = p
+        .peers
+        .iter()
+        .map(|pp| {
+            let rec = by_id.get(pp.id.as_str());
+            PeerStatus {
+                id: pp.id.clone(),
+                hostname: rec.map(|r| r.hostname.clone()).unwrap_or_default(),
+                subnet: pp.subnet,
+                underlay: pp.underlay,
+                mode: rec.map(|r| r.mode).unwrap_or(Mode::Vxlan),
+                transport: pp.transport,
+                in_place: plan::peer_in_place(pp, &observed),
+            }
+        })
+        .collect();
+    let mut s = lock(shared);
+    s.reconciles += 1;
+    s.ops_applied += applied;
+    if let Some(e) = &error {
+        warn!(error = %e, "reconcile incomplete; retrying at the next pass");
+        s.last_error = Some(e.to_string());
+    } else if s.etcd_ok {
+        s.last_error = None;
+    }
+    let host = lease.as_ref().map(|l| HostStatus {
+        id: spec.record.id.clone(),
+        hostname: spec.record.hostname.clone(),
+        subnet: spec.record.subnet,
+        gateway: spec.gateway().addr(),
+        underlay: spec.underlay.addr,
+        interface: spec.underlay.ifname.clone(),
+        mode: spec.record.mode,
+        vtep_mac: spec.record.vtep_mac,
+        mtu: spec.container_mtu(),
+        lease_id: l.id,
+        lease_ttl: l.ttl,
+    });
+    let status = Status {
+        host,
+        etcd_endpoints: cfg.etcd.clone(),
+        etcd_prefix: cfg.prefix.clone(),
+        etcd_connected: s.etcd_ok,
+        peers: peer_status,
+        refused: p.refused.clone(),
+        last_reconcile_unix_ms: Some(now_ms()),
+        last_error: s.last_error.clone(),
+        reconciles: s.reconciles,
+        ops_applied: s.ops_applied,
+    };
+    drop(s);
+    status_tx.send_replace(status);
+}

@@ -1,0 +1,312 @@
+//! Cluster state in etcd.
+//!
+//! Layout under one versioned prefix (default [`PREFIX`]):
+//!
+//! | key                               | value              | bound to lease |
+//! |-----------------------------------|--------------------|----------------|
+//! | `{prefix}subnets/10.244.3.0-24`   | host id            | yes            |
+//! | `{prefix}hosts/{id}`              | [`HostRecord`] JSON | yes           |
+//! | `{prefix}reservations/10.244.3.0-24` | host id (last holder) | no       |
+//!
+//! A subnet is granted by one transaction that succeeds only if its
+//! `subnets/` key does not exist (or still names this host, after a quick
+//! restart), so two hosts never get the same subnet. The reservation
+//! outlives the lease, so that a host coming back gets its own subnet again
+//! and other hosts prefer subnets nobody reserved.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    WatchStream,
+};
+use ipnet::Ipv4Net;
+use tracing::{debug, info};
+
+use crate::error::{Error, Result};
+use crate::model::HostRecord;
+use crate::plan::pick_subnet;
+
+/// Default key prefix; the version moves when the layout changes.
+pub const PREFIX: &str = "/portless/v1/";
+
+/// A subnet held under an etcd lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub id: i64,
+    pub ttl: i64,
+    pub record: HostRecord,
+}
+
+/// What to ask for.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub cluster: Ipv4Net,
+    pub subnet_len: u8,
+    pub ttl: Duration,
+    /// The record to publish; its `subnet` is filled in by [`Store::claim`].
+    pub record: HostRecord,
+}
+
+/// One etcd connection with the key layout.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    prefix: String,
+}
+
+fn subnet_key(net: &Ipv4Net) -> String {
+    format!("{}-{}", net.network(), net.prefix_len())
+}
+
+fn parse_subnet_key(s: &str) -> Option<Ipv4Net> {
+    let (ip, len) = s.rsplit_once('-')?;
+    Ipv4Net::new(ip.parse().ok()?, len.parse().ok()?).ok()
+}
+
+impl Store {
+    /// Connect lazily: this succeeds while etcd is down, and requests fail
+    /// fast (seconds, not minutes) until it is back.
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Store> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        let client = Client::connect(endpoints, Some(opts)).await?;
+        let mut prefix = prefix.to_owned();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Ok(Store { client, prefix })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn key(&self, kind: &str, rest: &str) -> String {
+        format!("{}{kind}/{rest}", self.prefix)
+    }
+
+    /// Grant a lease and take a subnet under it: this host's own subnet if
+    /// it still holds it or it is free, else a free one.
+    pub async fn claim(&self, claim: &Claim) -> Result<Lease> {
+        let mut kv = self.client.kv_client();
+        let mut leases = self.client.lease_client();
+        let id = claim.record.id.clone();
+        let ttl = claim.ttl.as_secs().max(1) as i64;
+        let grant = leases.grant(ttl, None).await?;
+        let lease_id = grant.id();
+        for attempt in 0..16 {
+            let (held, reserved) = self.subnets().await?;
+            let mine = held
+                .iter()
+                .find(|(n, (owner, _, _))| {
+                    owner == &id && claim.cluster.contains(*n) && n.prefix_len() == claim.subnet_len
+                })
+                .map(|(n, v)| (*n, v.clone()));
+            let (subnet, guard) = match mine {
+                // Still ours from before a restart: take it over if nobody
+                // touched it since we looked.
+                Some((n, (_, rev, _))) => (
+                    n,
+                    vec![Compare::mod_revision(
+                        self.key("subnets", &subnet_key(&n)),
+                        CompareOp::Equal,
+                        rev,
+                    )],
+                ),
+                None => {
+                    let taken: BTreeSet<Ipv4Net> = held.keys().copied().collect();
+                    let n = pick_subnet(claim.cluster, claim.subnet_len, &id, &taken, &reserved)
+                        .ok_or_else(|| {
+                            Error::Store(format!(
+                                "no free /{} left in {}",
+                                claim.subnet_len, claim.cluster
+                            ))
+                        })?;
+                    (
+                        n,
+                        vec![Compare::create_revision(
+                            self.key("subnets", &subnet_key(&n)),
+                            CompareOp::Equal,
+                            0,
+                        )],
+                    )
+                }
+            };
+            let mut record = claim.record.clone();
+            record.subnet = subnet;
+            let json = serde_json::to_string(&record)
+                .map_err(|e| Error::Store(format!("encoding host record: {e}")))?;
+            let on_lease = Some(PutOptions::new().with_lease(lease_id));
+            let txn = Txn::new().when(guard).and_then(vec![
+                TxnOp::put(
+                    self.key("subnets", &subnet_key(&subnet)),
+                    id.clone(),
+                    on_lease.clone(),
+                ),
+                TxnOp::put(self.key("hosts", &id), json, on_lease),
+                TxnOp::put(
+                    self.key("reservations", &subnet_key(&subnet)),
+                    id.clone(),
+                    None,
+                ),
+            ]);
+            if kv.txn(txn).await?.succeeded() {
+                if let Some((_, (_, _, old))) = mine
+                    && old != 0
+                    && old != lease_id
+                {
+                    // The previous run's lease holds nothing any more.
+                    let _ = leases.revoke(old).await;
+                }
+                info!(host = %id, subnet = %subnet, lease = lease_id, "subnet leased");
+                return Ok(Lease {
+                    id: lease_id,
+                    ttl,
+                    record,
+                });
+            }
+            debug!(host = %id, subnet = %subnet, attempt, "subnet taken meanwhile; retrying");
+        }
+        let _ = leases.revoke(lease_id).await;
+        Err(Error::Store(
+            "could not win a subnet after 16 attempts".into(),
+        ))
+    }
+
+    /// Live subnets (owner, mod revision, lease) and reservations.
+    #[allow(clippy::type_complexity)]
+    async fn subnets(
+        &self,
+    ) -> Result<(
+        BTreeMap<Ipv4Net, (String, i64, i64)>,
+        BTreeMap<Ipv4Net, String>,
+    )> {
+        let mut kv = self.client.kv_client();
+        let mut held = BTreeMap::new();
+        let prefix = self.key("subnets", "");
+        let resp = kv
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        for item in resp.kvs() {
+            let Ok(k) = item.key_str() else { continue };
+            let Some(net) = k.strip_prefix(&prefix).and_then(parse_subnet_key) else {
+                continue;
+            };
+            let owner = item.value_str().unwrap_or_default().to_owned();
+            held.insert(net, (owner, item.mod_revision(), item.lease()));
+        }
+        let mut reserved = BTreeMap::new();
+        let prefix = self.key("reservations", "");
+        let resp = kv
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        for item in resp.kvs() {
+            let Ok(k) = item.key_str() else { continue };
+            if let Some(net) = k.strip_prefix(&prefix).and_then(parse_subnet_key) {
+                reserved.insert(net, item.value_str().unwrap_or_default().to_owned());
+            }
+        }
+        Ok((held, reserved))
+    }
+
+    /// Refresh a lease once; the remaining TTL, 0 or less once it expired.
+    pub async fn keep_alive(&self, lease_id: i64) -> Result<i64> {
+        let mut leases = self.client.lease_client();
+        let once = async {
+            let (mut keeper, mut stream) = leases.keep_alive(lease_id).await?;
+            keeper.keep_alive().await?;
+            stream.message().await
+        };
+        let once = tokio::time::timeout(Duration::from_secs(3), once);
+        let Ok(result) = once.await else {
+            return Err(Error::Store("keep-alive timed out".into()));
+        };
+        match result {
+            Ok(Some(resp)) => Ok(resp.ttl()),
+            Ok(None) => Err(Error::Store("keep-alive stream closed".into())),
+            // etcd answered: the lease is gone.
+            Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Give a lease back: its subnet and record vanish at once.
+    pub async fn release(&self, lease_id: i64) -> Result<()> {
+        self.client.lease_client().revoke(lease_id).await?;
+        Ok(())
+    }
+
+    /// Every live host record, and the revision they were read at.
+    pub async fn hosts(&self) -> Result<(BTreeMap<String, HostRecord>, i64)> {
+        let mut kv = self.client.kv_client();
+        let prefix = self.key("hosts", "");
+        let resp = kv
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut out = BTreeMap::new();
+        for item in resp.kvs() {
+            if let Some(r) = decode_host(item.value()) {
+                out.insert(r.id.clone(), r);
+            }
+        }
+        Ok((out, rev))
+    }
+
+    /// Watch host records from `revision` on.
+    pub async fn watch_hosts(&self, revision: i64) -> Result<WatchStream> {
+        let mut w = self.client.watch_client();
+        Ok(w.watch(
+            self.key("hosts", ""),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision)
+                    .with_prev_key()
+                    .with_progress_notify(),
+            ),
+        )
+        .await?)
+    }
+
+    /// The host id of a `hosts/` key.
+    pub fn host_id_of_key<'k>(&self, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(&self.key("hosts", ""))
+    }
+
+    /// The raw client, for tests and tools.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// A host record from its JSON; None (and ignored) when malformed, so that
+/// one bad key cannot stop a cluster.
+pub fn decode_host(bytes: &[u8]) -> Option<HostRecord> {
+    match serde_json::from_slice(bytes) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring malformed host record");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_keys_round_trip() {
+        let n: Ipv4Net = "10.244.3.0/24".parse().unwrap();
+        assert_eq!(subnet_key(&n), "10.244.3.0-24");
+        assert_eq!(parse_subnet_key("10.244.3.0-24"), Some(n));
+        assert_eq!(parse_subnet_key("10.244.3.0/24"), None);
+        assert_eq!(parse_subnet_key("garbage"), None);
+    }
+}

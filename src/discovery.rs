@@ -281,6 +281,19 @@ async fn list_networks(docker: &Docker) -> anyhow::Result<BTreeMap<String, Netwo
                 gateways.push(gw);
             }
         }
+        // The default `bridge` network lists no gateway in its IPAM config:
+        // its gateway is the address of its bridge device.
+        if gateways.is_empty()
+            && let Some(dev) = n
+                .options
+                .as_ref()
+                .and_then(|o| o.get("com.docker.network.bridge.name"))
+        {
+            gateways = interface_addrs(dev)
+                .into_iter()
+                .filter(|a| subnets.iter().any(|s| s.contains(a)))
+                .collect();
+        }
         out.insert(
             id.clone(),
             Network {
@@ -294,6 +307,22 @@ async fn list_networks(docker: &Docker) -> anyhow::Result<BTreeMap<String, Netwo
         );
     }
     Ok(out)
+}
+
+/// Addresses of one network interface.
+fn interface_addrs(name: &str) -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter(|ifa| ifa.interface_name == name)
+        .filter_map(|ifa| ifa.address)
+        .filter_map(|a| match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+            (Some(v4), _) => Some(IpAddr::V4(v4.ip())),
+            (_, Some(v6)) => Some(IpAddr::V6(v6.ip())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A running container from its inspect output; None when it is not

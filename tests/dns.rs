@@ -728,3 +728,108 @@ fn bad_configuration_exits_64_with_a_clear_message() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_cut_event_stream_is_resynced_with_no_stale_or_missing_names() {
+    let c = Cleanup::new();
+    let (net, _gw) = network(&c, &[]);
+    let proxy = common::docker_proxy::DockerProxy::start();
+    let host = format!("tcp://{}", proxy.addr);
+    let port = free_port([127, 0, 0, 1].into());
+    let listen = format!("127.0.0.1:{port}");
+    let p = Portless::start(&[
+        "--docker-host",
+        &host,
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &listen,
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    let server: SocketAddr = listen.parse().unwrap();
+    let old = unique("old");
+    container(&c, &old, &["--network", &net], &[]);
+    let old_name = format!("{old}.docker.internal");
+    wait_until("the first container", WAIT, || {
+        (dig(server, &old_name, "A", &[]).answers.len() == 1).then_some(())
+    });
+
+    proxy.cut();
+    wait_until("portless to notice the cut", WAIT, || {
+        p.metrics()
+            .contains("portless_docker_connected 0")
+            .then_some(())
+    });
+    // Changes while portless is blind.
+    docker(&["rm", "-f", &old]);
+    let new = unique("new");
+    container(&c, &new, &["--network", &net], &[]);
+    let new_name = format!("{new}.docker.internal");
+    // Until it reconnects it keeps answering from the last catalog.
+    assert_eq!(dig(server, &old_name, "A", &[]).answers.len(), 1);
+    proxy.restore();
+    wait_until("the resync", Duration::from_secs(20), || {
+        (dig(server, &new_name, "A", &[]).answers.len() == 1
+            && dig(server, &old_name, "A", &[]).status == "NXDOMAIN")
+            .then_some(())
+    });
+    let m = p.metrics();
+    assert!(!m.contains("portless_docker_reconnects_total 0"), "{m}");
+}
+
+/// Tests that serve DNS on port 53 of every gateway cannot overlap.
+static PORT_53: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[test]
+fn gateway_listeners_follow_networks_and_containers_resolve_through_docker_dns() {
+    let _serial = PORT_53.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cleanup::new();
+    let port = free_port([127, 0, 0, 1].into());
+    let listen = format!("127.0.0.1:{port}");
+    let p = Portless::start(&["--dns-listen", &listen, "--upstream", "127.0.0.1:9"]);
+    // A network made after start gets a listener on its gateway.
+    let (net, gw) = network(&c, &[]);
+    let gw53 = format!("\"{gw}:53\"");
+    wait_until("a listener on the new gateway", WAIT, || {
+        http_get(p.admin, "/api/status")?
+            .contains(&gw53)
+            .then_some(())
+    });
+    let target = unique("tgt");
+    container(&c, &target, &["--network", &net], &[]);
+    let target_ip = container_ip(&target, &net).to_string();
+    // The client uses Docker's own 127.0.0.11, which forwards what it does
+    // not know (names under our domain) to portless, from the client's IP.
+    let client = unique("cli");
+    let gw_s = gw.to_string();
+    container(&c, &client, &["--network", &net, "--dns", &gw_s], &[]);
+    let name = format!("{target}.docker.internal");
+    let out = wait_until("nslookup inside the container", WAIT, || {
+        let out = run("docker", &["exec", &client, "nslookup", "-type=a", &name]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains(&target_ip).then_some(text)
+    });
+    assert!(out.contains(&name), "{out}");
+    // Asked straight at the gateway, too.
+    let out = docker(&["exec", &client, "nslookup", "-type=a", &target, &gw_s]);
+    assert!(out.contains(&target_ip), "{out}");
+    // The network goes, so does its listener.
+    docker(&["rm", "-f", &client, &target]);
+    docker(&["network", "rm", &net]);
+    wait_until("the listener to close", WAIT, || {
+        (!http_get(p.admin, "/api/status")?.contains(&gw53)).then_some(())
+    });
+    // `portless status` shows what it knows, as tables.
+    let out = ok(
+        env!("CARGO_BIN_EXE_portless"),
+        &["status", "--admin", &p.admin.to_string()],
+    );
+    assert!(
+        out.contains("LISTENERS")
+            && out.contains(&listen)
+            && out.contains("NETWORKS")
+            && out.contains("CONTAINERS"),
+        "{out}"
+    );
+}

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod dnsmasq;
+pub mod docker_proxy;
 
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::process::{Child, Command, Output, Stdio};

@@ -47,10 +47,12 @@ pub fn pick(
         .filter(|i| !tried.contains(i))
         .filter_map(|i| tier(candidate(i)))
         .min()?;
-    let start = counter % n;
-    (0..n)
-        .map(|k| (start + k) % n)
-        .find(|&i| !tried.contains(&i) && tier(candidate(i)) == Some(best))
+    // Round-robin over the members of the best tier only: skipping
+    // ineligible slots of the full list would hand their share to the next
+    // eligible backend.
+    let eligible = |i: &usize| !tried.contains(i) && tier(candidate(*i)) == Some(best);
+    let count = (0..n).filter(eligible).count();
+    (0..n).filter(eligible).nth(counter % count)
 }
 
 #[cfg(test)]
@@ -71,6 +73,21 @@ mod tests {
             counts[pick(3, |i| cs[i], k, &[]).unwrap()] += 1;
         }
         assert_eq!(counts, [100, 100, 100]);
+    }
+
+    #[test]
+    fn round_robin_is_even_with_ineligible_backends_between() {
+        let cs = [
+            c(Healthy, false),
+            c(Draining, false),
+            c(Unhealthy, false),
+            c(Healthy, false),
+        ];
+        let mut counts = [0; 4];
+        for k in 0..100 {
+            counts[pick(4, |i| cs[i], k, &[]).unwrap()] += 1;
+        }
+        assert_eq!(counts, [50, 0, 0, 50]);
     }
 
     #[test]

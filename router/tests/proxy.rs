@@ -1,0 +1,499 @@
+//! The router end to end: real backends on loopback, real clients.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portless_router::{BackendState, RouterOptions, Scheme};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn url(r: &TestRouter, host: &str, path: &str) -> String {
+    format!("http://{host}:{}{path}", r.addr.port())
+}
+
+#[tokio::test]
+async fn routes_by_exact_host_wildcard_and_longest_path() {
+    let (shop, api, wild) = (
+        backend("shop").await,
+        backend("api").await,
+        backend("wild").await,
+    );
+    let r = router(
+        RouterOptions::default(),
+        vec![
+            spec(&["shop.example.test"], "/", vec![b("shop", shop.addr)]),
+            spec(&["shop.example.test"], "/api", vec![b("api", api.addr)]),
+            spec(&["*.example.test"], "/", vec![b("wild", wild.addr)]),
+        ],
+    )
+    .await;
+    let got = curl(&url(&r, "shop.example.test", "/"), &[]).await;
+    assert_eq!(
+        (got.status, got.header("x-backend").as_deref()),
+        (200, Some("shop"))
+    );
+    let got = curl(&url(&r, "SHOP.example.test.", "/api/v1?q=1"), &[]).await;
+    assert_eq!(got.header("x-backend").as_deref(), Some("api"));
+    assert!(got.body.contains("uri=/api/v1?q=1"), "{}", got.body);
+    let got = curl(&url(&r, "shop.example.test", "/apiary"), &[]).await;
+    assert_eq!(got.header("x-backend").as_deref(), Some("shop"));
+    let got = curl(&url(&r, "blog.example.test", "/"), &[]).await;
+    assert_eq!(got.header("x-backend").as_deref(), Some("wild"));
+    // Host passes unchanged, port included.
+    assert!(
+        got.body
+            .contains(&format!("host: blog.example.test:{}", r.addr.port())),
+        "{}",
+        got.body
+    );
+}
+
+#[tokio::test]
+async fn unknown_host_gets_a_plain_404_that_reveals_nothing() {
+    let shop = backend("shop").await;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(&["shop.test"], "/", vec![b("shop", shop.addr)])],
+    )
+    .await;
+    let got = curl(&url(&r, "other.test", "/"), &[]).await;
+    assert_eq!(got.status, 404);
+    assert_eq!(got.body, "404 Not Found\n");
+    // A request naming a backend address directly still routes by host.
+    let raw_req = format!(
+        "GET http://{}/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        shop.addr, shop.addr
+    );
+    let out = raw(r.addr, raw_req.as_bytes(), Duration::from_secs(5)).await;
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    assert_eq!(shop.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let out = raw(
+        r.addr,
+        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+}
+
+#[tokio::test]
+async fn no_backend_is_503_refused_connect_is_502_slow_backend_is_504() {
+    let slow = backend("slow").await;
+    let mut draining = b("d", slow.addr);
+    draining.state = BackendState::Draining;
+    let opts = RouterOptions {
+        upstream_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let r = router(
+        opts,
+        vec![
+            spec(&["none.test"], "/", vec![]),
+            spec(&["draining.test"], "/", vec![draining]),
+            spec(&["dead.test"], "/", vec![b("dead", dead_addr().await)]),
+            spec(&["slow.test"], "/", vec![b("slow", slow.addr)]),
+        ],
+    )
+    .await;
+    assert_eq!(curl(&url(&r, "none.test", "/"), &[]).await.status, 503);
+    assert_eq!(curl(&url(&r, "draining.test", "/"), &[]).await.status, 503);
+    assert_eq!(curl(&url(&r, "dead.test", "/"), &[]).await.status, 502);
+    assert_eq!(curl(&url(&r, "slow.test", "/slow"), &[]).await.status, 504);
+    assert_eq!(curl(&url(&r, "slow.test", "/"), &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn idempotent_requests_retry_past_a_dead_backend_which_is_then_ejected() {
+    let live = backend("live").await;
+    let dead = dead_addr().await;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(
+            &["a.test"],
+            "/",
+            vec![b("dead", dead), b("live", live.addr)],
+        )],
+    )
+    .await;
+    for _ in 0..6 {
+        let got = curl(&url(&r, "a.test", "/"), &[]).await;
+        assert_eq!(
+            (got.status, got.header("x-backend").as_deref()),
+            (200, Some("live"))
+        );
+    }
+    let status = r.router.status();
+    let dead_b = status[0].backends.iter().find(|b| b.id == "dead").unwrap();
+    assert_eq!(dead_b.state, "ejected");
+    // Ejected: one connect failure, not one per request.
+    assert_eq!(dead_b.connect_failures, 1);
+    // A POST with a body is not retried; while "dead" is ejected it is not
+    // even tried, so it succeeds too.
+    let got = curl(&url(&r, "a.test", "/"), &["-d", "x=1"]).await;
+    assert_eq!(got.status, 200);
+}
+
+#[tokio::test]
+async fn round_robin_spreads_evenly_and_health_states_count() {
+    let (a, bb, c) = (backend("a").await, backend("b").await, backend("c").await);
+    let mut starting = b("c", c.addr);
+    starting.state = BackendState::Starting;
+    let mut unhealthy = b("u", c.addr);
+    unhealthy.state = BackendState::Unhealthy;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(
+            &["a.test"],
+            "/",
+            vec![b("a", a.addr), b("b", bb.addr), starting, unhealthy],
+        )],
+    )
+    .await;
+    // One curl, many requests on one keep-alive connection.
+    let u = url(&r, "a.test", "/");
+    let urls: Vec<&str> = std::iter::repeat_n(u.as_str(), 40).collect();
+    let _ = curl(&u, &urls).await;
+    let (ha, hb, hc) = (
+        a.hits.load(std::sync::atomic::Ordering::Relaxed),
+        bb.hits.load(std::sync::atomic::Ordering::Relaxed),
+        c.hits.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    assert_eq!(ha + hb, 41);
+    assert!(ha.abs_diff(hb) <= 1, "{ha} vs {hb}");
+    assert_eq!(
+        hc, 0,
+        "starting/unhealthy got traffic while healthy ones exist"
+    );
+    // With no healthy backend left, the starting one serves.
+    let mut starting = b("c", c.addr);
+    starting.state = BackendState::Starting;
+    r.router
+        .update(vec![spec(&["a.test"], "/", vec![starting])]);
+    assert_eq!(
+        curl(&u, &[]).await.header("x-backend").as_deref(),
+        Some("c")
+    );
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_replaced_from_untrusted_clients_and_appended_from_trusted() {
+    let be = backend("be").await;
+    let specs = || vec![spec(&["a.test"], "/", vec![b("be", be.addr)])];
+    let spoof = [
+        "-H",
+        "X-Forwarded-For: 6.6.6.6",
+        "-H",
+        "Forwarded: for=6.6.6.6",
+        "-H",
+        "X-Forwarded-Proto: https",
+    ];
+    let r = router(RouterOptions::default(), specs()).await;
+    let got = curl(&url(&r, "a.test", "/"), &spoof).await;
+    assert!(
+        got.body.contains("x-forwarded-for: 127.0.0.1\n"),
+        "{}",
+        got.body
+    );
+    assert!(
+        got.body.contains("x-forwarded-proto: http\n"),
+        "{}",
+        got.body
+    );
+    assert!(
+        got.body
+            .contains(&format!("x-forwarded-host: a.test:{}\n", r.addr.port())),
+        "{}",
+        got.body
+    );
+    assert!(!got.body.contains("6.6.6.6"), "{}", got.body);
+
+    let trusted = RouterOptions {
+        trusted_proxies: vec!["127.0.0.0/8".parse().unwrap()],
+        ..Default::default()
+    };
+    let r = router(trusted, specs()).await;
+    let got = curl(&url(&r, "a.test", "/"), &spoof).await;
+    assert!(
+        got.body.contains("x-forwarded-for: 6.6.6.6, 127.0.0.1\n"),
+        "{}",
+        got.body
+    );
+    assert!(
+        got.body.contains("x-forwarded-proto: https\n"),
+        "{}",
+        got.body
+    );
+    assert!(
+        got.body
+            .contains("forwarded: for=6.6.6.6, for=127.0.0.1;proto=http"),
+        "{}",
+        got.body
+    );
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_do_not_reach_the_backend() {
+    let be = backend("be").await;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(&["a.test"], "/", vec![b("be", be.addr)])],
+    )
+    .await;
+    let got = curl(
+        &url(&r, "a.test", "/"),
+        &[
+            "-H",
+            "Connection: keep-alive, X-Secret",
+            "-H",
+            "X-Secret: 1",
+            "-H",
+            "Keep-Alive: timeout=5",
+            "-H",
+            "Proxy-Authorization: x",
+            "-H",
+            "X-App: kept",
+        ],
+    )
+    .await;
+    for h in [
+        "x-secret",
+        "keep-alive",
+        "proxy-authorization",
+        "connection",
+    ] {
+        assert!(
+            !got.body.contains(&format!("\n{h}:")),
+            "{h} leaked: {}",
+            got.body
+        );
+    }
+    assert!(got.body.contains("x-app: kept"));
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_from_clients_and_h2c_backends_keep_trailers() {
+    let be = backend("grpc").await;
+    let mut h2 = b("grpc", be.addr);
+    h2.scheme = Scheme::H2c;
+    let r = router(
+        RouterOptions::default(),
+        vec![
+            spec(&["h1.test"], "/", vec![b("h1", be.addr)]),
+            spec(&["grpc.test"], "/", vec![h2]),
+        ],
+    )
+    .await;
+    // curl speaking h2c with prior knowledge to an HTTP/1.1 backend.
+    let got = curl(&url(&r, "h1.test", "/"), &["--http2-prior-knowledge"]).await;
+    assert!(got.head.starts_with("HTTP/2 200"), "{}", got.head);
+    assert!(got.body.contains("version=HTTP/1.1"), "{}", got.body);
+    assert!(
+        got.body
+            .contains(&format!("host: h1.test:{}", r.addr.port())),
+        "{}",
+        got.body
+    );
+
+    // An HTTP/2 client to an h2c backend: trailers arrive intact.
+    let stream = TcpStream::connect(r.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(format!("http://grpc.test:{}/trailers", r.addr.port()))
+        .header("te", "trailers")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers forwarded");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(collected.to_bytes(), "hello trailers");
+    // The h2c backend saw the client's host as :authority, over HTTP/2.
+    let req = http::Request::builder()
+        .uri(format!("http://grpc.test:{}/echo", r.addr.port()))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let body = send
+        .send_request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("version=HTTP/2.0"), "{body}");
+    assert!(
+        body.contains(&format!("uri=http://grpc.test:{}/echo", r.addr.port())),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn websocket_echoes_both_ways_and_survives_a_route_change() {
+    let (one, two) = (backend("one").await, backend("two").await);
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(&["ws.test"], "/", vec![b("one", one.addr)])],
+    )
+    .await;
+    let mut s = TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    s.write_all(b"ping").await.unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"one:ping");
+    // Replace the route: the open tunnel stays with its backend.
+    r.router
+        .update(vec![spec(&["ws.test"], "/", vec![b("two", two.addr)])]);
+    assert_eq!(
+        curl(&url(&r, "ws.test", "/"), &[])
+            .await
+            .header("x-backend")
+            .as_deref(),
+        Some("two")
+    );
+    s.write_all(b"again").await.unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"one:again");
+    r.router.update(vec![]);
+    s.write_all(b"still").await.unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"one:still");
+}
+
+#[tokio::test]
+async fn hostile_requests_get_431_413_400_and_slow_headers_time_out() {
+    let be = backend("be").await;
+    let opts = RouterOptions {
+        header_read_timeout: Duration::from_millis(500),
+        max_header_bytes: 16 * 1024,
+        max_body_bytes: Some(1000),
+        ..Default::default()
+    };
+    let r = router(opts, vec![spec(&["a.test"], "/", vec![b("be", be.addr)])]).await;
+    let big = format!("X-Big: {}", "a".repeat(20_000));
+    assert_eq!(
+        curl(&url(&r, "a.test", "/"), &["-H", &big]).await.status,
+        431
+    );
+    let body = "x".repeat(2000);
+    assert_eq!(
+        curl(&url(&r, "a.test", "/"), &["--data-binary", &body])
+            .await
+            .status,
+        413
+    );
+    // Chunked (no Content-Length): the limit still holds.
+    let got = curl(
+        &url(&r, "a.test", "/"),
+        &["--data-binary", &body, "-H", "Transfer-Encoding: chunked"],
+    )
+    .await;
+    assert_eq!(got.status, 413, "{got:?}");
+    assert_eq!(
+        curl(&url(&r, "a.test", "/"), &["--data-binary", "small"])
+            .await
+            .status,
+        200
+    );
+    // Conflicting Content-Length and Transfer-Encoding: Transfer-Encoding
+    // wins, Content-Length never reaches the backend (no desync possible),
+    // and the connection is closed after the response.
+    let smuggle = b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /second HTTP/1.1\r\nHost: a.test\r\n\r\n";
+    let out = raw(r.addr, smuggle, Duration::from_secs(3)).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("body-bytes=5"), "{out}");
+    assert!(!out.contains("content-length: 4"), "{out}");
+    assert!(
+        !out.contains("/second"),
+        "a smuggled request was served: {out}"
+    );
+    // Bad Transfer-Encoding: 400.
+    let out = raw(
+        r.addr,
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: gzip\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    // Slow headers: the connection is closed after the timeout.
+    let mut s = TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a.te").await.unwrap();
+    let start = std::time::Instant::now();
+    let mut sink = Vec::new();
+    let res = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+    assert!(res.is_ok(), "slow client was not cut off");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn proxy_protocol_v1_and_v2_set_the_client_address() {
+    use portless_router::proxy_protocol::{encode_v1, encode_v2};
+    let be = backend("be").await;
+    let opts = RouterOptions {
+        proxy_protocol: true,
+        ..Default::default()
+    };
+    let r = router(opts, vec![spec(&["a.test"], "/", vec![b("be", be.addr)])]).await;
+    let req = b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 198.51.100.1\r\nConnection: close\r\n\r\n";
+    for (enc, src) in [
+        (encode_v1 as fn(_, _) -> Vec<u8>, "203.0.113.7:4000"),
+        (encode_v2, "[2001:db8::7]:4000"),
+    ] {
+        let mut bytes = enc(src.parse().unwrap(), r.addr);
+        bytes.extend_from_slice(req);
+        let out = raw(r.addr, &bytes, Duration::from_secs(5)).await;
+        let ip = src.rsplit_once(':').unwrap().0.trim_matches(['[', ']']);
+        // The PROXY sender is trusted: its X-Forwarded-For is kept.
+        assert!(
+            out.contains(&format!("x-forwarded-for: 198.51.100.1, {ip}\n")),
+            "{out}"
+        );
+    }
+    // curl's own PROXY v1 support.
+    let got = curl(&url(&r, "a.test", "/"), &["--haproxy-protocol"]).await;
+    assert_eq!(got.status, 200);
+    // Without a PROXY header the connection is dropped.
+    let out = raw(r.addr, req, Duration::from_secs(5)).await;
+    assert_eq!(out, "");
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_class() {
+    let be = backend("be").await;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(&["a.test"], "/", vec![b("be", be.addr)])],
+    )
+    .await;
+    curl(&url(&r, "a.test", "/"), &[]).await;
+    curl(&url(&r, "nope.test", "/"), &[]).await;
+    let mut out = String::new();
+    r.router.render_metrics(&mut out);
+    assert!(
+        out.contains("portless_router_requests_total{route=\"a.test/\",class=\"2xx\"} 1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("portless_router_requests_total{route=\"\",class=\"4xx\"} 1"),
+        "{out}"
+    );
+    assert!(out.contains("portless_router_connections_total 2"), "{out}");
+}

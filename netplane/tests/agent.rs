@@ -1,0 +1,279 @@
+//! The whole netplane of several namespace hosts against a real etcd:
+//! leases, peer watch, reconcile, dead-host removal, etcd outages, cleanup.
+//! Requires root and etcd-server; skipped otherwise.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../tests/common/netns.rs"]
+mod netns;
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use netns::{Container, Etcd, Host, Segment};
+use portless_netplane::agent::{Agent, AgentConfig, HostStatus};
+use portless_netplane::plan::VXLAN_DEVICE;
+use portless_netplane::{Mode, Observed, Transport};
+
+fn runnable() -> bool {
+    let etcd = std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    netns::can_run() && etcd
+}
+
+macro_rules! require {
+    () => {
+        if !runnable() {
+            eprintln!("skipped: needs root, iproute2 and etcd");
+            return;
+        }
+    };
+}
+
+const TTL: Duration = Duration::from_secs(2);
+
+fn config(etcd: &Etcd, host: &Host, cluster: &str, mode: Mode) -> AgentConfig {
+    AgentConfig {
+        etcd: vec![etcd.endpoint()],
+        prefix: "/portless/v1/".into(),
+        cluster: cluster.parse().unwrap(),
+        subnet_len: 24,
+        advertise: Some(host.addr),
+        host_id: None,
+        hostname: host.ns.name.clone(),
+        mode,
+        vxlan_port: 4789,
+        vni: 42,
+        vxlan_name: VXLAN_DEVICE.into(),
+        lease_ttl: TTL,
+        bridge: Some("pl-br0".into()),
+        resync: Duration::from_millis(500),
+        netns: Some(host.ns.path()),
+        iptables: true,
+        masquerade_outside: true,
+    }
+}
+
+fn container(tag: &str, name: &str, host: &Host, st: &HostStatus) -> Container {
+    let addr = Ipv4Net::new(
+        Ipv4Addr::from(u32::from(st.subnet.network()) + 10),
+        st.subnet.prefix_len(),
+    )
+    .unwrap();
+    Container::new(tag, name, &host.ns, "pl-br0", addr, st.gateway, st.mtu)
+}
+
+async fn wait_for(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        if f().await {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {secs}s waiting for: {what}");
+}
+
+fn peers_in_place(a: &Agent, n: usize) -> bool {
+    let s = a.status();
+    s.peers.len() == n && s.peers.iter().all(|p| p.in_place)
+}
+
+/// TCP across hosts with iperf3 for one second.
+fn tcp_ok(client: &Container, server: &Container) -> bool {
+    let mut srv = server
+        .ns
+        .command(&["iperf3", "-s", "-1", "-B", &server.addr.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let ok = client.ns.try_exec(&[
+        "iperf3",
+        "-c",
+        &server.addr.to_string(),
+        "-t",
+        "1",
+        "--connect-timeout",
+        "2000",
+    ]);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_lease_subnets_and_containers_reach_each_other() {
+    require!();
+    let tag = netns::unique_tag();
+    let etcd = Etcd::on_loopback();
+    let seg = Segment::new(&tag, "sw", "192.168.70.0/24");
+    let h1 = Host::new(&tag, "h1", &seg, 1);
+    let h2 = Host::new(&tag, "h2", &seg, 2);
+    let h3 = Host::new(&tag, "h3", &seg, 3);
+    let a1 = Agent::start(config(&etcd, &h1, "10.70.0.0/16", Mode::Vxlan))
+        .await
+        .unwrap();
+    let a2 = Agent::start(config(&etcd, &h2, "10.70.0.0/16", Mode::Vxlan))
+        .await
+        .unwrap();
+    let a3 = Agent::start(config(&etcd, &h3, "10.70.0.0/16", Mode::Vxlan))
+        .await
+        .unwrap();
+    let s1 = a1.ready().await;
+    let s2 = a2.ready().await;
+    let s3 = a3.ready().await;
+    assert_eq!(s1.mtu, 1450);
+    let subnets: std::collections::BTreeSet<_> = [s1.subnet, s2.subnet, s3.subnet].into();
+    assert_eq!(subnets.len(), 3, "subnets must differ");
+    for a in [&a1, &a2, &a3] {
+        wait_for("all peers in place", 5, async || peers_in_place(a, 2)).await;
+    }
+    assert!(
+        a1.status()
+            .peers
+            .iter()
+            .all(|p| p.transport == Transport::Vxlan)
+    );
+    assert!(a1.status().etcd_connected);
+
+    let c1 = container(&tag, "c1", &h1, &s1);
+    let c2 = container(&tag, "c2", &h2, &s2);
+    let c3 = container(&tag, "c3", &h3, &s3);
+    for (x, y) in [(&c1, &c2), (&c2, &c3), (&c3, &c1)] {
+        assert!(x.ns.ping_until(y.addr, 5), "{} -> {}", x.addr, y.addr);
+    }
+    assert!(
+        c1.ns.ping_size(c2.addr, 1450),
+        "a full-size packet must cross"
+    );
+    assert!(tcp_ok(&c1, &c3), "TCP across hosts");
+
+    // iptables: portless's chains exist in the host namespace.
+    let rules = String::from_utf8(h1.ns.exec(&["iptables", "-S", "PORTLESS-FWD"]).stdout).unwrap();
+    assert!(
+        rules.contains("-s 10.70.0.0/16 -d 10.70.0.0/16 -j ACCEPT"),
+        "{rules}"
+    );
+
+    // Drift: a deleted route and a deleted device come back on their own.
+    h1.ns
+        .ip(&["route", "del", &s2.subnet.to_string(), "proto", "149"]);
+    h1.ns.ip(&["link", "del", VXLAN_DEVICE]);
+    assert!(c1.ns.ping_until(c2.addr, 5), "drift was not repaired");
+
+    // A host that dies (no cleanup, lease left to expire) disappears from
+    // every other kernel within the TTL plus one second.
+    drop(a3);
+    let gone = wait_for("dead host removed", 5, async || peers_in_place(&a1, 1)).await;
+    assert!(gone <= TTL + Duration::from_secs(1), "took {gone:?}");
+    let routes = String::from_utf8(h1.ns.ip(&["route", "show", "proto", "149"]).stdout).unwrap();
+    assert!(
+        !routes.contains(&s3.subnet.network().to_string()),
+        "{routes}"
+    );
+    assert!(c1.ns.ping(c2.addr), "the other peer is untouched");
+
+    // Restarting the dead host gets its subnet back.
+    let a3 = Agent::start(config(&etcd, &h3, "10.70.0.0/16", Mode::Vxlan))
+        .await
+        .unwrap();
+    assert_eq!(a3.ready().await.subnet, s3.subnet);
+    assert!(c1.ns.ping_until(c3.addr, 5));
+
+    // Cleanup: lease given back (peers drop it at once), nothing left.
+    let k = a3.kernel().clone();
+    a3.stop(true).await.unwrap();
+    assert_eq!(k.observe().await.unwrap(), Observed::default());
+    assert!(!h3.ns.try_exec(&["iptables", "-n", "-L", "PORTLESS-FWD"]));
+    assert!(
+        !h3.ns
+            .try_exec(&["iptables", "-t", "nat", "-n", "-L", "PORTLESS-NAT"])
+    );
+    wait_for("released host removed", 2, async || peers_in_place(&a1, 1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_keeps_connectivity_and_converges_after() {
+    require!();
+    let tag = netns::unique_tag();
+    let mut etcd = Etcd::on_loopback();
+    let seg = Segment::new(&tag, "sw", "192.168.71.0/24");
+    let h1 = Host::new(&tag, "h1", &seg, 1);
+    let h2 = Host::new(&tag, "h2", &seg, 2);
+    let h3 = Host::new(&tag, "h3", &seg, 3);
+    let a1 = Agent::start(config(&etcd, &h1, "10.71.0.0/16", Mode::Auto))
+        .await
+        .unwrap();
+    let a2 = Agent::start(config(&etcd, &h2, "10.71.0.0/16", Mode::Vxlan))
+        .await
+        .unwrap();
+    let s1 = a1.ready().await;
+    let s2 = a2.ready().await;
+    wait_for("peers", 5, async || {
+        peers_in_place(&a1, 1) && peers_in_place(&a2, 1)
+    })
+    .await;
+    let c1 = container(&tag, "c1", &h1, &s1);
+    let c2 = container(&tag, "c2", &h2, &s2);
+    assert!(c1.ns.ping_until(c2.addr, 5));
+
+    // A steady ping across the whole outage, longer than the lease TTL.
+    let mut pinger = c1
+        .ns
+        .command(&[
+            "ping",
+            "-i",
+            "0.2",
+            "-c",
+            "30",
+            "-W",
+            "1",
+            &c2.addr.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    etcd.stop();
+    wait_for("etcd seen down", 8, async || !a1.status().etcd_connected).await;
+    tokio::time::sleep(TTL * 2).await;
+    assert!(
+        peers_in_place(&a1, 1),
+        "entries must stay while etcd is away"
+    );
+    etcd.restart();
+    let out = tokio::task::spawn_blocking(move || pinger.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" 0% packet loss"), "{text}");
+
+    wait_for("etcd seen back", 10, async || a1.status().etcd_connected).await;
+    // After the outage, changes converge again: a new host joins.
+    let a3 = Agent::start(config(&etcd, &h3, "10.71.0.0/16", Mode::Auto))
+        .await
+        .unwrap();
+    let s3 = a3.ready().await;
+    wait_for("new peer everywhere", 5, async || {
+        peers_in_place(&a1, 2) && peers_in_place(&a2, 2) && peers_in_place(&a3, 2)
+    })
+    .await;
+    let c3 = container(&tag, "c3", &h3, &s3);
+    assert!(c3.ns.ping_until(c1.addr, 5));
+    assert!(c3.ns.ping_until(c2.addr, 5));
+    // Auto between two auto hosts on one segment: a plain route.
+    let t = a1
+        .status()
+        .peers
+        .iter()
+        .find(|p| p.subnet == s3.subnet)
+        .map(|p| p.transport);
+    assert_eq!(t, Some(Transport::Route));
+}

@@ -281,25 +281,28 @@ async fn list_networks(docker: &Docker) -> anyhow::Result<BTreeMap<String, Netwo
                 gateways.push(gw);
             }
         }
-        // The default `bridge` network lists no gateway in its IPAM config:
-        // its gateway is the address of its bridge device.
-        if gateways.is_empty()
-            && let Some(dev) = n
+        // The default `bridge` network lists no gateway in its IPAM config.
+        // Neither do user-defined networks created without --gateway. The
+        // bridge device is named in the options, or `br-` + the short id.
+        let driver = n.driver.unwrap_or_default();
+        if driver == "bridge" {
+            let dev = n
                 .options
                 .as_ref()
-                .and_then(|o| o.get("com.docker.network.bridge.name"))
-        {
-            gateways = interface_addrs(dev)
-                .into_iter()
-                .filter(|a| subnets.iter().any(|s| s.contains(a)))
-                .collect();
+                .and_then(|o| o.get("com.docker.network.bridge.name").cloned())
+                .unwrap_or_else(|| format!("br-{}", id.chars().take(12).collect::<String>()));
+            for a in interface_addrs(&dev) {
+                if !gateways.contains(&a) && subnets.iter().any(|s| s.contains(&a)) {
+                    gateways.push(a);
+                }
+            }
         }
         out.insert(
             id.clone(),
             Network {
                 id,
                 name,
-                driver: n.driver.unwrap_or_default(),
+                driver,
                 subnets,
                 gateways,
                 internal: n.internal.unwrap_or(false),

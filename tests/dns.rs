@@ -833,3 +833,29 @@ fn gateway_listeners_follow_networks_and_containers_resolve_through_docker_dns()
         "{out}"
     );
 }
+
+#[test]
+fn ipv6_networks_answer_aaaa_and_ip6_ptr() {
+    let c = Cleanup::new();
+    let third = std::process::id() % 250;
+    let v6 = format!("fd00:5eed:{third:x}::/64");
+    let (net, gw) = network(&c, &["--ipv6", "--subnet", &v6]);
+    let app = unique("six");
+    let peer = unique("pee");
+    container(&c, &app, &["--network", &net], &[]);
+    container(&c, &peer, &["--network", &net], &[]);
+    let fmt = format!("{{{{(index .NetworkSettings.Networks \"{net}\").GlobalIPv6Address}}}}");
+    let app6: IpAddr = docker(&["inspect", "-f", &fmt, &app]).parse().unwrap();
+    let (_p, addrs) = portless_on(&[gw], &[]);
+    let r = dig(lo(&addrs), &format!("{app}.docker.internal"), "AAAA", &[]);
+    assert_eq!(r.answers, vec![app6.to_string()], "{}", r.raw);
+    let r = dig_from(&peer, addrs[0], &app, "AAAA");
+    assert_eq!(r.answers, vec![app6.to_string()], "{}", r.raw);
+    let r = dig(lo(&addrs), &arpa(app6), "PTR", &[]);
+    assert_eq!(
+        r.answers,
+        vec![format!("{app}.{net}.docker.internal.")],
+        "{}",
+        r.raw
+    );
+}

@@ -129,16 +129,9 @@ pub fn network(cleanup: &Cleanup, extra: &[&str]) -> (String, IpAddr) {
         let third = (std::process::id() + n * 7) % 250;
         let subnet = format!("10.213.{third}.0/24");
         let gateway = format!("10.213.{third}.1");
-        let mut args = vec![
-            "network",
-            "create",
-            "--label",
-            LABEL,
-            "--subnet",
-            &subnet,
-            "--gateway",
-            &gateway,
-        ];
+        // No --gateway: Docker then lists none in the IPAM config, and
+        // portless must find it on the bridge device (the common case).
+        let mut args = vec!["network", "create", "--label", LABEL, "--subnet", &subnet];
         args.extend_from_slice(extra);
         args.push(&name);
         let out = run("docker", &args);

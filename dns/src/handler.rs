@@ -316,3 +316,46 @@ impl RequestHandler for Handler {
         }
     }
 }
+
+/// Collects the encoded response instead of sending it.
+#[derive(Clone, Default)]
+struct Capture(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+
+#[async_trait::async_trait]
+impl ResponseHandler for Capture {
+    async fn send_response<'a>(
+        &mut self,
+        response: hickory_server::zone_handler::MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, hickory_server::net::NetError> {
+        let mut buf = Vec::with_capacity(512);
+        let mut encoder = hickory_proto::serialize::binary::BinEncoder::new(&mut buf);
+        encoder.set_max_size(u16::MAX);
+        let info = response.destructive_emit(&mut encoder)?;
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(buf);
+        }
+        Ok(info)
+    }
+}
+
+impl Handler {
+    /// Answer one message given as wire bytes from `src`, as the server
+    /// would over TCP, and return the encoded response. `None` when the
+    /// bytes are not a DNS message at all (the server then answers FORMERR
+    /// from the header, or drops them). For property tests, fuzzing and
+    /// benchmarks of the query path without sockets.
+    pub async fn answer_bytes(&self, bytes: &[u8], src: std::net::SocketAddr) -> Option<Vec<u8>> {
+        let request = Request::from_bytes(bytes.to_vec(), src, hickory_server::net::xfer::Protocol::Tcp).ok()?;
+        let capture = Capture::default();
+        self.handle_request::<_, hickory_server::net::runtime::TokioTime>(&request, capture.clone())
+            .await;
+        capture.0.lock().ok()?.take()
+    }
+}

@@ -22,7 +22,10 @@ pub enum RetryType {
     /// Nothing of the request reached a backend (connect failed): an
     /// idempotent request with no body may be retried elsewhere.
     Safe,
-    /// The backend may have seen the request.
+    /// The backend may have seen the request but not answered: retry only
+    /// a request that is idempotent by its method.
+    IdempotentOnly,
+    /// The backend may have acted on the request.
     Unsafe,
 }
 
@@ -37,6 +40,11 @@ pub enum ErrorKind {
     Connect,
     /// The backend did not answer with headers within the upstream timeout.
     UpstreamTimeout,
+    /// The backend closed the connection before answering (typically a
+    /// pooled keep-alive connection that a stopping backend just closed).
+    /// It may have seen the request, so only idempotent requests with no
+    /// body are retried.
+    UpstreamClosed,
     /// The backend broke the connection or spoke bad HTTP.
     UpstreamProtocol,
     /// The request body is larger than the configured limit.
@@ -72,9 +80,10 @@ impl ProxyError {
     pub fn source_of_fault(&self) -> ErrorSource {
         match self.kind {
             ErrorKind::NoRoute | ErrorKind::NoBackend => ErrorSource::Internal,
-            ErrorKind::Connect | ErrorKind::UpstreamTimeout | ErrorKind::UpstreamProtocol => {
-                ErrorSource::Upstream
-            }
+            ErrorKind::Connect
+            | ErrorKind::UpstreamTimeout
+            | ErrorKind::UpstreamClosed
+            | ErrorKind::UpstreamProtocol => ErrorSource::Upstream,
             ErrorKind::BodyTooLarge | ErrorKind::BadRequest | ErrorKind::MethodNotAllowed => {
                 ErrorSource::Downstream
             }
@@ -84,6 +93,9 @@ impl ProxyError {
     pub fn retry(&self) -> RetryType {
         match self.kind {
             ErrorKind::Connect => RetryType::Safe,
+            // RFC 9110 9.2.2: a request idempotent by its method may be
+            // sent again when the connection failed before the answer.
+            ErrorKind::UpstreamClosed | ErrorKind::UpstreamProtocol => RetryType::IdempotentOnly,
             _ => RetryType::Unsafe,
         }
     }
@@ -93,7 +105,9 @@ impl ProxyError {
         match self.kind {
             ErrorKind::NoRoute => StatusCode::NOT_FOUND,
             ErrorKind::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorKind::Connect | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            ErrorKind::Connect | ErrorKind::UpstreamClosed | ErrorKind::UpstreamProtocol => {
+                StatusCode::BAD_GATEWAY
+            }
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
@@ -132,6 +146,10 @@ mod tests {
         assert_eq!(ProxyError::new(ErrorKind::Connect).retry(), RetryType::Safe);
         assert_eq!(
             ProxyError::new(ErrorKind::UpstreamProtocol).retry(),
+            RetryType::IdempotentOnly
+        );
+        assert_eq!(
+            ProxyError::new(ErrorKind::UpstreamTimeout).retry(),
             RetryType::Unsafe
         );
         assert_eq!(

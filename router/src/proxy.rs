@@ -572,7 +572,10 @@ impl Shared {
                 | Method::DELETE
                 | Method::TRACE
         );
-        let max_attempts = if body_empty && idempotent {
+        // Only a request without a body can be sent again (the body is
+        // streamed, not buffered); which failures allow it depends on the
+        // method (see the retry check below).
+        let max_attempts = if body_empty {
             route.backends.len().min(3)
         } else {
             1
@@ -663,7 +666,12 @@ impl Shared {
                         brt.ejected_until_ms.store(until, Relaxed);
                         debug!(backend = %backend.id, addr = %backend.addr, error = %e, "backend ejected");
                     }
-                    if e.retry() == RetryType::Safe && !last_attempt {
+                    let may_retry = match e.retry() {
+                        RetryType::Safe => true,
+                        RetryType::IdempotentOnly => idempotent,
+                        RetryType::Unsafe => false,
+                    };
+                    if may_retry && !last_attempt {
                         self.metrics.retries.fetch_add(1, Relaxed);
                         tried.push(bi);
                         last_err = Some(e);
@@ -770,6 +778,11 @@ fn classify_client_error(e: hyper_util::client::legacy::Error) -> ProxyError {
     while let Some(s) = source {
         if s.is::<LengthLimitError>() {
             return ProxyError::with_cause(ErrorKind::BodyTooLarge, e);
+        }
+        if let Some(h) = s.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled() || h.is_closed())
+        {
+            return ProxyError::with_cause(ErrorKind::UpstreamClosed, e);
         }
         source = s.source();
     }

@@ -497,3 +497,131 @@ async fn metrics_count_requests_by_route_and_class() {
     );
     assert!(out.contains("portless_router_connections_total 2"), "{out}");
 }
+
+/// Load: `workers` clients in a loop, each on its own keep-alive
+/// connection, until `stop`; returns (ok, failed, failures seen).
+async fn load(
+    addr: std::net::SocketAddr,
+    host: &'static str,
+    workers: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (u64, u64, Vec<String>) {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let stop = stop.clone();
+        set.spawn(async move {
+            let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .build_http::<Empty<Bytes>>();
+            let (mut ok, mut failed, mut seen) = (0u64, 0u64, Vec::new());
+            while !*stop.borrow() {
+                let req = http::Request::builder()
+                    .uri(format!("http://{addr}/"))
+                    .header("host", host)
+                    .body(Empty::new())
+                    .unwrap();
+                match client.request(req).await {
+                    Ok(resp) if resp.status() == 200 => {
+                        let _ = resp.into_body().collect().await;
+                        ok += 1;
+                    }
+                    Ok(resp) => {
+                        failed += 1;
+                        seen.push(resp.status().to_string());
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        seen.push(e.to_string());
+                    }
+                }
+            }
+            (ok, failed, seen)
+        });
+    }
+    let mut total = (0, 0, Vec::new());
+    while let Some(Ok((ok, failed, seen))) = set.join_next().await {
+        total.0 += ok;
+        total.1 += failed;
+        total.2.extend(seen);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_replacement_of_three_replicas_under_load_fails_no_request() {
+    let names = ["old1", "old2", "old3", "new1", "new2", "new3"];
+    let mut old = Vec::new();
+    for n in &names[..3] {
+        old.push(backend(n).await);
+    }
+    let mut live: Vec<(String, std::net::SocketAddr, BackendState)> = old
+        .iter()
+        .map(|t| (t.name.to_owned(), t.addr, BackendState::Healthy))
+        .collect();
+    let table = |live: &Vec<(String, std::net::SocketAddr, BackendState)>| {
+        let backends = live
+            .iter()
+            .map(|(id, addr, st)| {
+                let mut x = b(id, *addr);
+                x.state = *st;
+                x
+            })
+            .collect();
+        vec![spec(&["roll.test"], "/", backends)]
+    };
+    let r = router(RouterOptions::default(), table(&live)).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let loader = tokio::spawn(load(r.addr, "roll.test", 8, stop_rx));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut new = Vec::new();
+    for (i, old_b) in old.into_iter().enumerate() {
+        // Docker order: the new container starts, the old one is told to
+        // stop (draining), then its process exits.
+        let nb = backend(names[3 + i]).await;
+        live.push((nb.name.to_owned(), nb.addr, BackendState::Healthy));
+        new.push(nb);
+        r.router.update(table(&live));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        live[i].2 = BackendState::Draining;
+        r.router.update(table(&live));
+        old_b.graceful_stop().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The stopped ones leave the catalog.
+    live.retain(|(_, _, st)| *st != BackendState::Draining);
+    r.router.update(table(&live));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_tx.send(true).unwrap();
+    let (ok, failed, seen) = loader.await.unwrap();
+    assert!(ok > 100, "too little load: {ok}");
+    assert_eq!(failed, 0, "{ok} ok, {failed} failed: {seen:?}");
+    assert!(
+        new.iter()
+            .all(|n| n.hits.load(std::sync::atomic::Ordering::Relaxed) > 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_without_warning_fails_no_idempotent_request() {
+    let (a, bb) = (backend("a").await, backend("b").await);
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(
+            &["kill.test"],
+            "/",
+            vec![b("a", a.addr), b("b", bb.addr)],
+        )],
+    )
+    .await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let loader = tokio::spawn(load(r.addr, "kill.test", 8, stop_rx));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every connection reset, the port closed, no draining first.
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(true).unwrap();
+    let (ok, failed, seen) = loader.await.unwrap();
+    assert!(ok > 100, "too little load: {ok}");
+    assert_eq!(failed, 0, "{ok} ok, {failed} failed: {seen:?}");
+    let st = r.router.status();
+    assert_eq!(st[0].backends[0].state, "ejected");
+}

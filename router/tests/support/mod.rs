@@ -23,17 +23,28 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-/// A backend server; stops when dropped.
+/// A backend server; killed (every connection reset) when dropped.
 pub struct TestBackend {
     pub name: &'static str,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
+    stop: tokio::sync::watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl Drop for TestBackend {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+impl TestBackend {
+    /// Stop like a well-behaved server on SIGTERM: close the listener,
+    /// finish requests in flight, close keep-alive connections.
+    pub async fn graceful_stop(mut self) {
+        let _ = self.stop.send(true);
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
+        let _ = task.await;
     }
 }
 
@@ -129,27 +140,44 @@ pub async fn backend(name: &'static str) -> TestBackend {
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicU64::new(0));
     let h = hits.clone();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
+        // Dropping the set (when this task is aborted) aborts every
+        // connection: a killed process.
+        let mut conns = tokio::task::JoinSet::new();
+        let mut stop_accept = stop_rx.clone();
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = tokio::select! {
+                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+                _ = stop_accept.changed() => break,
             };
             let h = h.clone();
-            tokio::spawn(async move {
+            let mut stop_conn = stop_rx.clone();
+            conns.spawn(async move {
                 let svc = service_fn(move |req| {
                     let h = h.clone();
                     async move { Ok::<_, Infallible>(serve_backend(name, h, req).await) }
                 });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .await;
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = stop_conn.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
             });
         }
+        drop(listener);
+        while conns.join_next().await.is_some() {}
     });
     TestBackend {
         name,
         addr,
         hits,
+        stop,
         task,
     }
 }

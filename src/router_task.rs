@@ -19,8 +19,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::catalog::Catalog;
 use crate::config::router::RouterConfig;
+use crate::discovery::Snapshot;
 use crate::routes::{self, AddressChoice, RouteProblem};
 
 /// How often the certificate directory is checked for changes.
@@ -111,12 +111,23 @@ impl RouterHandle {
     }
 }
 
-/// Bind the router's listeners, load certificates, and follow the catalog.
-/// Returns once everything is bound; errors are bind or certificate
-/// failures, meant to stop the program.
-pub async fn run(
+/// Start the router unless `--no-router`: load certificates, bind its
+/// listeners, and follow the catalog. Returns once everything is bound;
+/// errors (bind, certificates) are meant to stop the program.
+pub async fn start(
+    cfg: &RouterConfig,
+    snapshots: watch::Receiver<Snapshot>,
+) -> anyhow::Result<Option<RouterHandle>> {
+    if !cfg.enabled {
+        info!("router off (--no-router)");
+        return Ok(None);
+    }
+    run(cfg.clone(), snapshots).await.map(Some)
+}
+
+async fn run(
     cfg: RouterConfig,
-    mut catalog: watch::Receiver<Arc<Catalog>>,
+    mut snapshots: watch::Receiver<Snapshot>,
 ) -> anyhow::Result<RouterHandle> {
     let opts = RouterOptions {
         header_read_timeout: cfg.header_timeout,
@@ -185,8 +196,8 @@ pub async fn run(
     tasks.push(tokio::spawn(async move {
         let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
         loop {
-            let snapshot = catalog.borrow_and_update().clone();
-            let plan = routes::plan(&snapshot);
+            let catalog = snapshots.borrow_and_update().catalog.clone();
+            let plan = routes::plan(&catalog);
             let now: BTreeSet<(String, String)> = plan
                 .problems
                 .iter()
@@ -203,7 +214,7 @@ pub async fn run(
                 problems: plan.problems,
             }));
             tracing::debug!(specs = n, "routes synced from catalog");
-            if catalog.changed().await.is_err() {
+            if snapshots.changed().await.is_err() {
                 // Discovery is gone: keep serving the last table.
                 break;
             }

@@ -859,3 +859,78 @@ fn ipv6_networks_answer_aaaa_and_ip6_ptr() {
         r.raw
     );
 }
+
+#[test]
+fn forwarding_is_bounded_in_time_and_concurrency() {
+    // An upstream that reads queries and never answers.
+    let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let up = blackhole.local_addr().unwrap().to_string();
+    let port = free_port([127, 0, 0, 1].into());
+    let listen = format!("127.0.0.1:{port}");
+    let p = Portless::start(&[
+        "--docker-host",
+        "none",
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &listen,
+        "--upstream",
+        &up,
+        "--forward-max-inflight",
+        "2",
+        "--forward-timeout-ms",
+        "1500",
+    ]);
+    let server: SocketAddr = listen.parse().unwrap();
+    let handles: Vec<_> = (0..10)
+        .map(|i| {
+            std::thread::spawn(move || {
+                dig(server, &format!("n{i}.example.org"), "A", &["+time=5"]).status
+            })
+        })
+        .collect();
+    let statuses: Vec<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(statuses.iter().all(|s| s == "SERVFAIL"), "{statuses:?}");
+    let m = p.metrics();
+    let overloaded: u64 = m
+        .lines()
+        .find(|l| l.starts_with("portless_dns_forwarded_total{result=\"overloaded\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0);
+    assert!(overloaded >= 1, "queries over the bound must be shed: {m}");
+    assert!(
+        m.contains("portless_dns_forwarded_total{result=\"failed\"}"),
+        "{m}"
+    );
+    drop(blackhole);
+}
+
+#[test]
+fn edns_versions_above_zero_get_badvers() {
+    let port = free_port([127, 0, 0, 1].into());
+    let listen = format!("127.0.0.1:{port}");
+    let _p = Portless::start(&[
+        "--docker-host",
+        "none",
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &listen,
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    let r = dig(
+        listen.parse().unwrap(),
+        "docker.internal",
+        "SOA",
+        &["+edns=1", "+noednsneg"],
+    );
+    assert_eq!(r.status, "BADVERS", "{}", r.raw);
+    let r = dig(
+        listen.parse().unwrap(),
+        "docker.internal",
+        "SOA",
+        &["+edns=0"],
+    );
+    assert_eq!(r.status, "NOERROR", "{}", r.raw);
+}

@@ -311,4 +311,56 @@ mod tests {
         assert!(parse_docker_host(Some("ftp://x".into())).is_err());
         assert!(parse_docker_host(Some("unix://".into())).is_err());
     }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let mut all = vec!["portless", "run"];
+        all.extend_from_slice(args);
+        match Cli::try_parse_from(all).expect("arguments parse").command {
+            Command::Run(args) => *args,
+            _ => unreachable!("run was asked for"),
+        }
+    }
+
+    #[test]
+    fn example_config_parses_and_flags_win_over_it() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/examples/portless.toml");
+        let cfg = run_args(&["--config", example])
+            .resolve()
+            .expect("the example config is valid");
+        assert_eq!(cfg.dns.domain, "docker.internal");
+        assert_eq!(cfg.dns.listen, vec!["127.0.0.1:5353".parse().unwrap()]);
+        assert_eq!(cfg.dns.upstreams, vec!["127.0.0.53:53".parse().unwrap()]);
+        let cfg = run_args(&[
+            "--config",
+            example,
+            "--ttl",
+            "9",
+            "--domain",
+            "lan.internal",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!((cfg.dns.ttl, cfg.dns.domain.as_str()), (9, "lan.internal"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = std::env::temp_dir().join(format!("portless-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text, needle) in [
+            ("top.toml", "dns-port = 53\n", "dns-port"),
+            ("section.toml", "[dns]\nttl = 5\nbogus = 1\n", "bogus"),
+            ("type.toml", "[dns]\nttl = \"five\"\n", "ttl"),
+            ("syntax.toml", "[dns\n", "config file"),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            let err = run_args(&["--config", path.to_str().unwrap()])
+                .resolve()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{name}: {err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -4,6 +4,7 @@
 
 mod admin;
 mod catalog;
+mod cluster;
 mod config;
 mod discovery;
 mod dns;

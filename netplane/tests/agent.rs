@@ -3,6 +3,8 @@
 //! Requires root and etcd-server; skipped otherwise.
 
 #![allow(clippy::unwrap_used)]
+// tcp_ok waits for iperf3 to listen; a short blocking sleep is fine in a test.
+#![allow(clippy::disallowed_methods)]
 
 #[path = "../../tests/common/netns.rs"]
 mod netns;
@@ -224,7 +226,7 @@ async fn etcd_outage_keeps_connectivity_and_converges_after() {
     assert!(c1.ns.ping_until(c2.addr, 5));
 
     // A steady ping across the whole outage, longer than the lease TTL.
-    let mut pinger = c1
+    let pinger = c1
         .ns
         .command(&[
             "ping",

@@ -5,6 +5,9 @@
 //! the test's own namespaces. Requires root.
 
 #![allow(dead_code)]
+// The harness is synchronous by design (it shells out to iproute2 and
+// waits for processes); short sleeps while polling are fine here.
+#![allow(clippy::disallowed_methods)]
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;

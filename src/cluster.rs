@@ -1,0 +1,518 @@
+//! Cluster mode: the netplane agent of this host, the Docker bridge network
+//! on its leased subnet, and `portless netplane cleanup`.
+//!
+//! The agent itself (lease, peer watch, reconcile, iptables) lives in
+//! `portless-netplane`; this module only adds what needs Docker or the
+//! binary's configuration.
+
+// main.rs wires `run`, `ClusterHandle::status_source`/`shutdown` and
+// `cleanup` (owned by the lead); until then they are unused in the binary.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use bollard::Docker;
+use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
+use bollard::query_parameters::ListNetworksOptions;
+use portless_netplane::agent::{self, Agent, AgentConfig, HostStatus};
+use portless_netplane::netlink::Kernel;
+use portless_netplane::plan::VXLAN_DEVICE;
+use portless_netplane::store::Store;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::DockerHost;
+use crate::config::cluster::ClusterConfig;
+
+/// Label on every Docker network portless creates; cleanup removes exactly
+/// the networks that carry it.
+pub const NETWORK_LABEL: &str = "io.portless.netplane";
+const MTU_OPTION: &str = "com.docker.network.driver.mtu";
+
+/// The Docker network as shown at `/api/cluster`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DockerNetworkStatus {
+    pub name: String,
+    pub id: Option<String>,
+    pub ready: bool,
+    pub error: Option<String>,
+}
+
+/// Everything `/api/cluster` serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterStatus {
+    #[serde(flatten)]
+    pub netplane: agent::Status,
+    /// None with `--docker-host none`.
+    pub docker_network: Option<DockerNetworkStatus>,
+    /// The bridge of portless's own (with `--docker-host none`).
+    pub bridge: Option<String>,
+}
+
+/// A cheap, cloneable source of [`ClusterStatus`] snapshots for the admin API.
+#[derive(Clone)]
+pub struct ClusterStatusSource {
+    netplane: watch::Receiver<agent::Status>,
+    docker: Option<Arc<Mutex<DockerNetworkStatus>>>,
+    bridge: Option<String>,
+}
+
+impl ClusterStatusSource {
+    pub fn snapshot(&self) -> ClusterStatus {
+        ClusterStatus {
+            netplane: self.netplane.borrow().clone(),
+            docker_network: self
+                .docker
+                .as_ref()
+                .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+            bridge: self.bridge.clone(),
+        }
+    }
+}
+
+/// The running cluster mode of this host.
+pub struct ClusterHandle {
+    agent: Agent,
+    cfg: ClusterConfig,
+    docker: Option<Docker>,
+    source: ClusterStatusSource,
+    docker_task: Option<JoinHandle<()>>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn agent_config(cfg: &ClusterConfig, docker: &DockerHost) -> AgentConfig {
+    let no_docker = *docker == DockerHost::None;
+    AgentConfig {
+        etcd: cfg.etcd.clone(),
+        prefix: cfg.etcd_prefix.clone(),
+        cluster: cfg.cidr,
+        subnet_len: cfg.host_subnet_len,
+        advertise: cfg.advertise_addr,
+        host_id: cfg.host_id.clone(),
+        hostname: hostname(),
+        mode: cfg.mode,
+        vxlan_port: cfg.vxlan_port,
+        vni: cfg.vni,
+        vxlan_name: VXLAN_DEVICE.to_owned(),
+        lease_ttl: cfg.lease_ttl,
+        bridge: no_docker.then(|| cfg.bridge.clone()),
+        resync: cfg.resync,
+        netns: None,
+        iptables: true,
+        // Docker masquerades its own networks' outbound traffic.
+        masquerade_outside: no_docker,
+    }
+}
+
+/// Start cluster mode: the netplane agent (lease, watch, reconcile) and, on
+/// a Docker host, the bridge network on the leased subnet once the lease is
+/// granted. Returns at once; progress shows in the status.
+pub async fn run(cfg: ClusterConfig, docker: &DockerHost) -> anyhow::Result<ClusterHandle> {
+    let agent = Agent::start(agent_config(&cfg, docker))
+        .await
+        .context("starting netplane")?;
+    let client = match docker {
+        DockerHost::None => None,
+        host => Some(
+            crate::discovery::connect(host)
+                .context("connecting to Docker for the cluster network")?,
+        ),
+    };
+    let docker_status = client.as_ref().map(|_| {
+        Arc::new(Mutex::new(DockerNetworkStatus {
+            name: cfg.docker_network.clone(),
+            ..Default::default()
+        }))
+    });
+    let docker_task = match (&client, &docker_status) {
+        (Some(client), Some(st)) => {
+            let client = client.clone();
+            let st = st.clone();
+            let name = cfg.docker_network.clone();
+            let mut rx = agent.subscribe();
+            Some(tokio::spawn(async move {
+                // Follow the lease: (re)ensure the network whenever the
+                // subnet or MTU changes, retrying while Docker is away.
+                let mut done: Option<(ipnet::Ipv4Net, u32)> = None;
+                loop {
+                    let host = rx.borrow_and_update().host.clone();
+                    if let Some(h) = host
+                        && done != Some((h.subnet, h.mtu))
+                    {
+                        let res = ensure_network(&client, &name, &h).await;
+                        let failed = {
+                            let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+                            match res {
+                                Ok(id) => {
+                                    tracing::info!(network = %name, subnet = %h.subnet, mtu = h.mtu, "cluster Docker network ready");
+                                    s.id = Some(id);
+                                    s.ready = true;
+                                    s.error = None;
+                                    done = Some((h.subnet, h.mtu));
+                                    false
+                                }
+                                Err(e) => {
+                                    tracing::warn!(network = %name, error = format!("{e:#}"), "cannot ensure the cluster Docker network; retrying");
+                                    s.ready = false;
+                                    s.error = Some(format!("{e:#}"));
+                                    true
+                                }
+                            }
+                        };
+                        if failed {
+                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                            continue;
+                        }
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }))
+        }
+        _ => None,
+    };
+    let source = ClusterStatusSource {
+        netplane: agent.subscribe(),
+        docker: docker_status,
+        bridge: (*docker == DockerHost::None).then(|| cfg.bridge.clone()),
+    };
+    Ok(ClusterHandle {
+        agent,
+        cfg,
+        docker: client,
+        source,
+        docker_task,
+    })
+}
+
+impl ClusterHandle {
+    /// Status snapshots for the admin API (`/api/cluster`).
+    pub fn status_source(&self) -> ClusterStatusSource {
+        self.source.clone()
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        self.source.snapshot()
+    }
+
+    /// Wait until the lease is granted and the kernel reconciled once.
+    pub async fn ready(&self) -> HostStatus {
+        self.agent.ready().await
+    }
+
+    /// Stop. With `--cleanup-on-exit`: give the lease back and remove the
+    /// Docker network, kernel objects and iptables rules portless created.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(t) = self.docker_task.take() {
+            t.abort();
+        }
+        if !self.cfg.cleanup_on_exit {
+            self.agent.stop(false).await?;
+            return Ok(());
+        }
+        let mut first_err = None;
+        if let Some(d) = &self.docker
+            && let Err(e) = remove_networks(d, Some(&self.cfg.docker_network)).await
+        {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "removing the cluster Docker network failed"
+            );
+            first_err = Some(e);
+        }
+        self.agent.stop(true).await.context("netplane cleanup")?;
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+fn network_matches(
+    ipam: Option<&Ipam>,
+    options: Option<&HashMap<String, String>>,
+    h: &HostStatus,
+) -> bool {
+    let subnet_ok = ipam.and_then(|i| i.config.as_ref()).is_some_and(|c| {
+        c.len() == 1
+            && c[0].subnet.as_deref() == Some(h.subnet.to_string().as_str())
+            && c[0].gateway.as_deref() == Some(h.gateway.to_string().as_str())
+    });
+    let mtu_ok = options
+        .and_then(|o| o.get(MTU_OPTION))
+        .is_some_and(|m| *m == h.mtu.to_string());
+    subnet_ok && mtu_ok
+}
+
+/// Make sure the bridge network `name` exists on the leased subnet with the
+/// right gateway and MTU; returns its id. A network of that name that is
+/// not portless's is never touched.
+pub async fn ensure_network(docker: &Docker, name: &str, h: &HostStatus) -> anyhow::Result<String> {
+    match docker.inspect_network(name, None).await {
+        Ok(n) => {
+            let ours = n
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(NETWORK_LABEL));
+            if !ours {
+                anyhow::bail!(
+                    "Docker network {name} exists and was not created by portless; \
+                     remove it or choose another --docker-network"
+                );
+            }
+            if network_matches(n.ipam.as_ref(), n.options.as_ref(), h) {
+                return Ok(n.id.unwrap_or_default());
+            }
+            let attached = n.containers.as_ref().map_or(0, |c| c.len());
+            if attached > 0 {
+                anyhow::bail!(
+                    "Docker network {name} is on another subnet or MTU than the lease ({} mtu {}) \
+                     and has {attached} containers attached; detach them to let portless recreate it",
+                    h.subnet,
+                    h.mtu
+                );
+            }
+            tracing::info!(network = %name, "recreating the cluster Docker network for a new lease");
+            docker
+                .remove_network(name)
+                .await
+                .with_context(|| format!("removing stale network {name}"))?;
+        }
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {}
+        Err(e) => return Err(e).with_context(|| format!("inspecting network {name}")),
+    }
+    let req = NetworkCreateRequest {
+        name: name.to_owned(),
+        driver: Some("bridge".into()),
+        attachable: Some(true),
+        ipam: Some(Ipam {
+            driver: Some("default".into()),
+            config: Some(vec![IpamConfig {
+                subnet: Some(h.subnet.to_string()),
+                gateway: Some(h.gateway.to_string()),
+                ..Default::default()
+            }]),
+            options: None,
+        }),
+        options: Some(HashMap::from([(MTU_OPTION.to_owned(), h.mtu.to_string())])),
+        labels: Some(HashMap::from([
+            (NETWORK_LABEL.to_owned(), "1".to_owned()),
+            ("io.portless.subnet".to_owned(), h.subnet.to_string()),
+        ])),
+        ..Default::default()
+    };
+    let resp = docker
+        .create_network(req)
+        .await
+        .with_context(|| format!("creating network {name} on {}", h.subnet))?;
+    Ok(resp.id)
+}
+
+/// Remove every Docker network carrying [`NETWORK_LABEL`] (only the one
+/// named `only`, if given); the names removed.
+pub async fn remove_networks(docker: &Docker, only: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let mut filters = HashMap::from([("label".to_owned(), vec![NETWORK_LABEL.to_owned()])]);
+    if let Some(name) = only {
+        filters.insert("name".to_owned(), vec![name.to_owned()]);
+    }
+    let nets = docker
+        .list_networks(Some(ListNetworksOptions {
+            filters: Some(filters),
+        }))
+        .await
+        .context("listing networks")?;
+    let mut removed = Vec::new();
+    for n in nets {
+        let Some(name) = n.name else { continue };
+        // Docker's name filter matches substrings.
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        docker
+            .remove_network(&name)
+            .await
+            .with_context(|| format!("removing network {name} (are containers still attached?)"))?;
+        removed.push(name);
+    }
+    Ok(removed)
+}
+
+/// What `portless netplane cleanup` removed.
+#[derive(Debug, Default, Serialize)]
+pub struct CleanupReport {
+    pub netlink_ops: usize,
+    pub docker_networks: Vec<String>,
+    pub lease_released: bool,
+}
+
+impl std::fmt::Display for CleanupReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "kernel objects removed: {}", self.netlink_ops)?;
+        writeln!(
+            f,
+            "Docker networks removed: {}",
+            if self.docker_networks.is_empty() {
+                "none".to_owned()
+            } else {
+                self.docker_networks.join(", ")
+            }
+        )?;
+        writeln!(
+            f,
+            "iptables chains removed: PORTLESS-FWD, PORTLESS-NAT (if present)"
+        )?;
+        writeln!(
+            f,
+            "etcd lease released: {}",
+            if self.lease_released { "yes" } else { "no" }
+        )
+    }
+}
+
+/// `portless netplane cleanup`: remove every kernel object, iptables rule
+/// and Docker network portless created on this host, and nothing else. With
+/// cluster options and a reachable etcd, also give this host's lease back
+/// so that peers drop it at once.
+pub async fn cleanup(
+    cluster: Option<&ClusterConfig>,
+    docker: &DockerHost,
+) -> anyhow::Result<CleanupReport> {
+    let mut report = CleanupReport::default();
+    let kernel = Kernel::spawn(None).context("starting the netlink executor")?;
+    if let Some(cfg) = cluster {
+        match release_lease(&kernel, cfg).await {
+            Ok(released) => report.lease_released = released,
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "could not release the lease; it expires on its own"
+            ),
+        }
+    }
+    if *docker != DockerHost::None {
+        let d = crate::discovery::connect(docker)?;
+        let d = d
+            .negotiate_version()
+            .await
+            .context("negotiating the Docker API version")?;
+        report.docker_networks = remove_networks(&d, None).await?;
+    }
+    report.netlink_ops = agent::cleanup_kernel(&kernel, true)
+        .await
+        .context("removing kernel objects")?;
+    Ok(report)
+}
+
+async fn release_lease(kernel: &Kernel, cfg: &ClusterConfig) -> anyhow::Result<bool> {
+    let id = match &cfg.host_id {
+        Some(id) => id.clone(),
+        None => kernel.underlay(cfg.advertise_addr).await?.addr.to_string(),
+    };
+    let store = Store::connect(&cfg.etcd, &cfg.etcd_prefix).await?;
+    let key = format!("{}hosts/{id}", store.prefix());
+    let mut kv = store.client().kv_client();
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(5), kv.get(key, None))
+        .await
+        .context("etcd did not answer")??;
+    let Some(lease) = resp.kvs().first().map(|k| k.lease()).filter(|l| *l != 0) else {
+        return Ok(false);
+    };
+    store.release(lease).await?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portless_netplane::{Mac, Mode};
+
+    fn host(subnet: &str, mtu: u32) -> HostStatus {
+        let subnet: ipnet::Ipv4Net = subnet.parse().unwrap();
+        HostStatus {
+            id: "192.0.2.1".into(),
+            hostname: "t".into(),
+            subnet,
+            gateway: subnet.hosts().next().unwrap(),
+            underlay: "192.0.2.1".parse().unwrap(),
+            interface: "eth0".into(),
+            mode: Mode::Vxlan,
+            vtep_mac: Mac::for_vtep("192.0.2.1".parse().unwrap()),
+            mtu,
+            lease_id: 1,
+            lease_ttl: 10,
+        }
+    }
+
+    struct NetGuard(Docker, String);
+    impl Drop for NetGuard {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("docker")
+                .args(["network", "rm", &self.1])
+                .output();
+        }
+    }
+
+    /// Against the real Docker Engine: the network sits on the leased
+    /// subnet with the lease's gateway and MTU, is left alone when right,
+    /// recreated when the lease changes, never taken over when foreign, and
+    /// removed by label.
+    #[tokio::test]
+    async fn docker_network_follows_the_lease() {
+        let d = crate::discovery::connect(&DockerHost::Unix("/var/run/docker.sock".into()))
+            .unwrap()
+            .negotiate_version()
+            .await
+            .expect("the Docker Engine must be running for this test");
+        let pid = std::process::id();
+        let name = format!("pl-test-net-{pid}");
+        let _g = NetGuard(d.clone(), name.clone());
+        let third = 100 + pid % 150;
+        let h = host(&format!("10.213.{third}.0/24"), 1450);
+
+        let id = ensure_network(&d, &name, &h).await.unwrap();
+        let n = d.inspect_network(&name, None).await.unwrap();
+        let cfg = &n.ipam.unwrap().config.unwrap()[0];
+        assert_eq!(cfg.subnet.as_deref(), Some(h.subnet.to_string().as_str()));
+        assert_eq!(cfg.gateway.as_deref(), Some(h.gateway.to_string().as_str()));
+        assert_eq!(
+            n.options.unwrap().get(MTU_OPTION).map(String::as_str),
+            Some("1450")
+        );
+        assert!(n.labels.unwrap().contains_key(NETWORK_LABEL));
+
+        // Right already: untouched.
+        assert_eq!(ensure_network(&d, &name, &h).await.unwrap(), id);
+        // A new lease (here: MTU) with nothing attached: recreated.
+        let h2 = host(&format!("10.213.{third}.0/24"), 1400);
+        assert_ne!(ensure_network(&d, &name, &h2).await.unwrap(), id);
+
+        assert_eq!(
+            remove_networks(&d, Some(&name)).await.unwrap(),
+            vec![name.clone()]
+        );
+        assert!(d.inspect_network(&name, None).await.is_err());
+
+        // A network of that name that is not portless's is refused.
+        let out = std::process::Command::new("docker")
+            .args(["network", "create", "--label", "portless-test=1", &name])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let err = ensure_network(&d, &name, &h).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not created by portless"),
+            "{err:#}"
+        );
+        assert!(remove_networks(&d, Some(&name)).await.unwrap().is_empty());
+    }
+}

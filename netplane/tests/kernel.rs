@@ -74,12 +74,14 @@ fn container(tag: &str, name: &str, n: &Node, host_part: u32) -> Container {
     )
 }
 
+// A test that cannot run must not pass silently: test.sh runs as root and
+// installs what is missing.
 macro_rules! require_root {
     () => {
-        if !netns::can_run() {
-            eprintln!("skipped: needs root and iproute2");
-            return;
-        }
+        assert!(
+            netns::can_run(),
+            "needs root, iproute2 and ping (see test.sh)"
+        );
     };
 }
 
@@ -202,4 +204,78 @@ async fn auto_mode_tunnels_across_a_router_and_route_mode_refuses() {
             .reason
             .contains("not on a directly connected segment")
     );
+}
+
+/// iptables glue in a namespace: hooks into DOCKER-USER when Docker made
+/// one (faked here), else FORWARD; idempotent; cleanup removes exactly
+/// portless's chains and jumps.
+#[tokio::test]
+async fn iptables_rules_hook_in_and_clean_up() {
+    require_root!();
+    use portless_netplane::iptables::{self, Rules};
+    let tag = netns::unique_tag();
+    let ns = netns::Netns::new(format!("pl-{tag}-ipt"));
+    let kernel = Kernel::spawn(Some(&ns.path())).unwrap();
+    let rules = Rules {
+        cluster: "10.60.0.0/16".parse().unwrap(),
+        subnet: "10.60.3.0/24".parse().unwrap(),
+        masquerade_outside: true,
+    };
+    let save =
+        |table: &str| String::from_utf8(ns.exec(&["iptables", "-t", table, "-S"]).stdout).unwrap();
+
+    // No Docker: FORWARD.
+    iptables::ensure(&kernel, &rules).await.unwrap();
+    iptables::ensure(&kernel, &rules).await.unwrap();
+    let filter = save("filter");
+    assert_eq!(
+        filter.matches("-A FORWARD -j PORTLESS-FWD").count(),
+        1,
+        "{filter}"
+    );
+    assert!(filter.contains("-A PORTLESS-FWD -s 10.60.0.0/16 -d 10.60.0.0/16 -j ACCEPT"));
+    let nat = save("nat");
+    assert_eq!(
+        nat.matches("-A POSTROUTING -j PORTLESS-NAT").count(),
+        1,
+        "{nat}"
+    );
+    assert!(nat.contains("-A PORTLESS-NAT -s 10.60.3.0/24 -d 10.60.0.0/16 -j ACCEPT"));
+    assert!(nat.contains("-A PORTLESS-NAT -s 10.60.3.0/24 ! -d 10.60.0.0/16 -j MASQUERADE"));
+
+    // A foreign rule is never touched.
+    ns.exec(&[
+        "iptables",
+        "-A",
+        "FORWARD",
+        "-s",
+        "10.1.1.1/32",
+        "-j",
+        "DROP",
+    ]);
+    iptables::cleanup(&kernel).await.unwrap();
+    assert!(!iptables::present(&kernel).await.unwrap());
+    let filter = save("filter");
+    assert!(!filter.contains("PORTLESS"), "{filter}");
+    assert!(filter.contains("-A FORWARD -s 10.1.1.1/32 -j DROP"));
+    assert!(!save("nat").contains("PORTLESS"));
+
+    // With Docker's user chain present, the jump goes there, first.
+    ns.exec(&["iptables", "-N", "DOCKER-USER"]);
+    ns.exec(&["iptables", "-A", "DOCKER-USER", "-j", "RETURN"]);
+    iptables::ensure(
+        &kernel,
+        &Rules {
+            masquerade_outside: false,
+            ..rules
+        },
+    )
+    .await
+    .unwrap();
+    let out = String::from_utf8(ns.exec(&["iptables", "-S", "DOCKER-USER"]).stdout).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[1], "-A DOCKER-USER -j PORTLESS-FWD", "{out}");
+    assert!(!save("nat").contains("MASQUERADE"));
+    iptables::cleanup(&kernel).await.unwrap();
+    assert!(!save("filter").contains("PORTLESS"));
 }

@@ -22,14 +22,17 @@ pub fn unique_tag() -> String {
     format!("{:x}{n}", std::process::id() & 0xffff)
 }
 
-/// Whether the tests can build namespaces (root with iproute2).
+/// Whether the tests can build namespaces and probe them (root, iproute2,
+/// ping).
 pub fn can_run() -> bool {
-    Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-        && nix_is_root()
+    let has = |tool: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    has("ip") && has("ping") && nix_is_root()
 }
 
 fn nix_is_root() -> bool {

@@ -132,6 +132,15 @@ portless_ready() {
     fi
 }
 
+# Which portless was measured: the binary's build time and the tree it was
+# built in (HEAD, and whether the tree had uncommitted changes to sources).
+portless_version() {
+    local head dirty=""
+    head=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')
+    (cd "$ROOT" && git diff --quiet HEAD -- src dns Cargo.toml Cargo.lock 2>/dev/null) || dirty="+changes"
+    echo "binary of $(date -u -r "$PORTLESS_BIN" '+%Y-%m-%d %H:%M UTC'), tree at $head$dirty"
+}
+
 ###########################################################################
 # Throughput and memory
 ###########################################################################
@@ -308,7 +317,7 @@ EOF
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  host: $(nproc) CPUs, $(awk -F': *' '/model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "names: $NAMES under bench.test; queries: 90% existing, 10% missing (NXDOMAIN), type A, $(wc -l <"$WORK/data/queries") lines shuffled"
     echo "dnsperf $(dnsperf -h 2>&1 | awk '/^Version/ {print $2}'): -l $LENGTH -c $CLIENTS -T 1 -q $OUTSTANDING -t $TIMEOUT, $ROUNDS round(s), server pinned to CPU $SERVER_CPU, dnsperf to CPU $CLIENT_CPU, both at nice $NICE"
-    echo "versions: knot $(knotd --version | awk '{print $NF}'), dnsmasq $(dnsmasq --version | awk 'NR==1 {print $3}'), unbound $(unbound -V | awk '/^Version/ {print $2}')${PORT_portless:+, portless $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')}"
+    echo "versions: knot $(knotd --version | awk '{print $NF}'), dnsmasq $(dnsmasq --version | awk 'NR==1 {print $3}'), unbound $(unbound -V | awk '/^Version/ {print $2}')${PORT_portless:+, portless $(portless_version)}"
     echo
     python3 "$HERE/dns/summarize.py" "$WORK/rounds.tsv" "$WORK/facts.tsv"
     if [[ -n $portless_note ]] && ((WITH_PORTLESS)); then
@@ -362,7 +371,7 @@ events() {
 
     echo
     echo "== portless DNS benchmark: container start event -> answer =="
-    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  host: $(nproc) CPUs; docker $(docker version -f '{{.Server.Version}}' 2>/dev/null); portless $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  host: $(nproc) CPUs; docker $(docker version -f '{{.Server.Version}}' 2>/dev/null); portless $(portless_version)"
     python3 "$HERE/dns/events.py" --dns-port "$port" --admin "127.0.0.1:$admin" \
         --network "$net" --image "$image" --containers "$CONTAINERS" --samples "$SAMPLES" \
         --pid "$PID_portless"

@@ -11,7 +11,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-# shellcheck source=dns/lib.sh
+# shellcheck source-path=SCRIPTDIR
 source "$HERE/dns/lib.sh"
 
 MODE=throughput
@@ -75,14 +75,15 @@ done
 
 WORK=$(mktemp -d /tmp/portless-dns-bench.XXXXXX)
 PIDS=()
+PID_portless="" # PID_* are set through eval in start()
 DOCKER_CLEANUP=0
 
 docker_cleanup() {
-    local ids
-    ids=$(docker ps -aq --filter label=portless-bench=1 2>/dev/null || true)
-    [[ -z $ids ]] || docker rm -f $ids >/dev/null 2>&1 || true
-    ids=$(docker network ls -q --filter label=portless-bench=1 2>/dev/null || true)
-    [[ -z $ids ]] || docker network rm $ids >/dev/null 2>&1 || true
+    local ids=()
+    mapfile -t ids < <(docker ps -aq --filter label=portless-bench=1 2>/dev/null || true)
+    ((${#ids[@]} == 0)) || docker rm -f "${ids[@]}" >/dev/null 2>&1 || true
+    mapfile -t ids < <(docker network ls -q --filter label=portless-bench=1 2>/dev/null || true)
+    ((${#ids[@]} == 0)) || docker network rm "${ids[@]}" >/dev/null 2>&1 || true
 }
 
 cleanup() {
@@ -101,7 +102,8 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# start NAME LOGFILE CMD...: start a server pinned to SERVER_CPU.
+# start NAME LOGFILE CMD...: start a server pinned to SERVER_CPU; its pid
+# goes to PID_NAME.
 start() {
     local name=$1 logf=$2
     shift 2

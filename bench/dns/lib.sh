@@ -97,8 +97,8 @@ core_busy_ticks() {
 
 # Wait until a DNS server on 127.0.0.1:$1 answers NAME (rcode NOERROR).
 wait_dns() {
-    local port=$1 name=$2 pid=$3 i
-    for i in $(seq 1 300); do
+    local port=$1 name=$2 pid=$3 _
+    for _ in $(seq 1 300); do
         kill -0 "$pid" 2>/dev/null || return 1
         if dig +short +tries=1 +time=1 @127.0.0.1 -p "$port" "$name" A 2>/dev/null | grep -q .; then
             return 0

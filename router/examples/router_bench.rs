@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use portless_router::host::{HostPattern, normalize_authority};
 use portless_router::{
-    Backend, BackendState, RouteSpec, RouteTable, Router, RouterOptions, Scheme,
+    Backend, BackendState, RouteSpec, RouteTable, Router, RouterOptions, Scheme, bind_reuseport,
 };
 
 fn spec(host: &str, path: &str, addr: SocketAddr, id: String) -> RouteSpec {
@@ -47,7 +47,7 @@ fn routes(n: usize) -> Vec<RouteSpec> {
         .collect()
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("serve") => {
@@ -55,19 +55,21 @@ fn main() {
             let host = args[2].clone();
             let backend: SocketAddr = args[3].parse().unwrap();
             let extra: usize = args.get(4).map_or(0, |s| s.parse().unwrap());
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let router = Router::new(RouterOptions::default());
-                let mut specs = routes(extra);
-                specs.push(spec(&host, "/", backend, "bench".into()));
-                router.update(specs);
-                let l = tokio::net::TcpListener::bind(listen).await.unwrap();
-                println!("ready");
-                router.serve_http(l).await;
-            });
+            // As the binary runs it: one thread per core, each with its
+            // own runtime, listener (SO_REUSEPORT) and upstream pool.
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let router = Router::new(RouterOptions::default());
+            let mut specs = routes(extra);
+            specs.push(spec(&host, "/", backend, "bench".into()));
+            router.update(specs);
+            let listeners = bind_reuseport(listen, threads).unwrap();
+            // Kept for the life of the process: dropping it stops serving.
+            let _running = router.spawn_threads(listeners, Vec::new(), None).unwrap();
+            println!("ready");
+            // Serve until killed.
+            loop {
+                std::thread::park();
+            }
         }
         Some("lookup") => {
             let n: usize = args[1].parse().unwrap();
@@ -104,8 +106,11 @@ fn main() {
             );
         }
         _ => {
-            eprintln!("usage: router_bench serve LISTEN HOST BACKEND [EXTRA_ROUTES] | lookup ROUTES LOOKUPS");
-            std::process::exit(64);
+            eprintln!(
+                "usage: router_bench serve LISTEN HOST BACKEND [EXTRA_ROUTES] | lookup ROUTES LOOKUPS"
+            );
+            return std::process::ExitCode::from(64);
         }
     }
+    std::process::ExitCode::SUCCESS
 }

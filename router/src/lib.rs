@@ -33,4 +33,7 @@ pub mod io;
 mod proxy;
 pub mod tls;
 
-pub use proxy::{BackendStatus, ReqBody, RespBody, RouteStatus, Router, RouterOptions};
+pub use proxy::{
+    BackendStatus, ReqBody, RespBody, RouteStatus, Router, RouterOptions, RouterThreads,
+    bind_reuseport,
+};

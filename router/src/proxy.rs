@@ -30,6 +30,54 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+/// Threads serving the router's listeners, one single-threaded runtime
+/// each. Dropping this stops them (their open connections are closed).
+pub struct RouterThreads {
+    stop: tokio::sync::watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RouterThreads {
+    /// Stop every thread and wait for them to end.
+    pub fn stop(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RouterThreads {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Bind `n` listening sockets to the same address with `SO_REUSEPORT`, so
+/// that the kernel spreads new connections over [`Router::spawn_threads`]'s
+/// threads. With port 0, all get the port the first one was given.
+pub fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    let mut bind_to = addr;
+    for _ in 0..n.max(1) {
+        let s = Socket::new(
+            Domain::for_address(bind_to),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&bind_to.into())?;
+        s.listen(1024)?;
+        let l: std::net::TcpListener = s.into();
+        bind_to = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
 use crate::balance::{self, Candidate};
 use crate::error::{ErrorKind, ProxyError, RetryType};
 use crate::headers::{self, ClientInfo};
@@ -156,10 +204,46 @@ struct Shared {
     opts: RouterOptions,
     live: ArcSwap<Live>,
     registry: Mutex<Registry>,
-    client: Client<HttpConnector, ReqBody>,
     server: auto::Builder<TokioExecutor>,
     metrics: Metrics,
     epoch: Instant,
+}
+
+/// One accept loop's view of the router: the shared table plus its own
+/// upstream connection pool. With one worker per thread (see
+/// [`Router::spawn_threads`]) a request never leaves its thread: client
+/// connection, pool checkout and backend connection are all driven by the
+/// same single-threaded runtime, with no cross-thread wake-ups.
+struct Worker {
+    shared: Arc<Shared>,
+    client: Client<HttpConnector, ReqBody>,
+}
+
+impl std::ops::Deref for Worker {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl Worker {
+    fn new(shared: Arc<Shared>) -> Self {
+        let opts = &shared.opts;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(opts.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(30)));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(opts.pool_idle_timeout)
+            .pool_max_idle_per_host(opts.pool_max_idle_per_backend)
+            // Host is always set by the router, from the client's request.
+            .set_host(false)
+            .build(connector);
+        Worker { shared, client }
+    }
 }
 
 /// What a client connection looks like to request handling.
@@ -201,21 +285,8 @@ pub struct Router {
 }
 
 impl Router {
-    /// A router with an empty table. Must be created inside a tokio
-    /// runtime (the connection pool spawns tasks).
+    /// A router with an empty table.
     pub fn new(opts: RouterOptions) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(opts.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(30)));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(opts.pool_idle_timeout)
-            .pool_max_idle_per_host(opts.pool_max_idle_per_backend)
-            // Host is always set by the router, from the client's request.
-            .set_host(false)
-            .build(connector);
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
             .http1()
@@ -234,7 +305,6 @@ impl Router {
                 opts,
                 live: ArcSwap::from_pointee(Live::default()),
                 registry: Mutex::new(Registry::default()),
-                client,
                 server,
                 metrics: Metrics::default(),
                 epoch: Instant::now(),
@@ -334,6 +404,62 @@ impl Router {
         );
     }
 
+    /// Serve on `max(http.len(), https.len())` threads, thread `i` taking
+    /// `http[i]` and `https[i]` (from [`bind_reuseport`]). Each thread runs
+    /// its own single-threaded runtime and upstream pool; all share the
+    /// route table. `tls` is needed when `https` is not empty.
+    pub fn spawn_threads(
+        &self,
+        http: Vec<std::net::TcpListener>,
+        https: Vec<std::net::TcpListener>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<RouterThreads> {
+        if !https.is_empty() && tls.is_none() {
+            return Err(std::io::Error::other(
+                "HTTPS listeners without a TLS config",
+            ));
+        }
+        let n = http.len().max(https.len());
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut http = http.into_iter();
+        let mut https = https.into_iter();
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let h = http.next();
+            let s = https.next();
+            let shared = self.shared.clone();
+            let tls = tls.clone();
+            let mut stop_rx = stop_rx.clone();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let t = std::thread::Builder::new()
+                .name(format!("router-{i}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        let worker = Arc::new(Worker::new(shared));
+                        for (l, tls) in [(h, None), (s, tls.map(TlsAcceptor::from))] {
+                            let Some(l) = l else { continue };
+                            match l
+                                .set_nonblocking(true)
+                                .and_then(|()| TcpListener::from_std(l))
+                            {
+                                Ok(l) => {
+                                    tokio::spawn(worker.clone().accept_loop(l, tls));
+                                }
+                                Err(e) => warn!(error = %e, "router listener unusable"),
+                            }
+                        }
+                        // Until stopped, or until the handle is gone.
+                        let _ = stop_rx.wait_for(|s| *s).await;
+                    });
+                })?;
+            threads.push(t);
+        }
+        info!(threads = n, "router serving");
+        Ok(RouterThreads { stop, threads })
+    }
+
     /// Serve plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge) on a
     /// bound listener until the task is dropped.
     pub async fn serve_http(&self, listener: TcpListener) {
@@ -347,8 +473,15 @@ impl Router {
     }
 
     async fn serve(&self, listener: TcpListener, tls: Option<TlsAcceptor>) {
+        let worker = Arc::new(Worker::new(self.shared.clone()));
+        worker.accept_loop(listener, tls).await
+    }
+}
+
+impl Worker {
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, tls: Option<TlsAcceptor>) {
         let local = listener.local_addr().ok();
-        info!(listen = ?local, tls = tls.is_some(), "router listening");
+        debug!(listen = ?local, tls = tls.is_some(), "router accepting");
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(x) => x,
@@ -360,9 +493,9 @@ impl Router {
                     continue;
                 }
             };
-            let shared = self.shared.clone();
+            let worker = self.clone();
             let tls = tls.clone();
-            tokio::spawn(async move { shared.connection(stream, peer, tls).await });
+            tokio::spawn(async move { worker.connection(stream, peer, tls).await });
         }
     }
 }
@@ -381,7 +514,9 @@ impl Shared {
         // Starts at 1 so that 0 can mean "never ejected".
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
     }
+}
 
+impl Worker {
     async fn connection(
         self: Arc<Self>,
         mut stream: TcpStream,
@@ -461,10 +596,10 @@ impl Shared {
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
-        let shared = self.clone();
+        let worker = self.clone();
         let svc = service_fn(move |req| {
-            let shared = shared.clone();
-            async move { Ok::<_, Infallible>(shared.handle(req, conn).await) }
+            let worker = worker.clone();
+            async move { Ok::<_, Infallible>(worker.handle(req, conn).await) }
         });
         if let Err(e) = self.server.serve_connection_with_upgrades(io, svc).await {
             debug!(client = %conn.client.addr, error = %e, "client connection ended with an error");

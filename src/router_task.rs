@@ -12,9 +12,8 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use portless_router::tls::{self, CertResolver};
-use portless_router::{Router, RouterOptions};
+use portless_router::{Router, RouterOptions, RouterThreads, bind_reuseport};
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -37,6 +36,8 @@ pub struct RouterHandle {
     /// The bound HTTPS address, when certificates are configured.
     pub https_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
+    /// Dropping it stops the serving threads.
+    _threads: RouterThreads,
 }
 
 #[derive(Default)]
@@ -163,21 +164,19 @@ async fn run(
         tls = Some((addr, resolver, config));
     }
 
-    let http = TcpListener::bind(cfg.http_listen)
-        .await
+    // One listening socket per thread (SO_REUSEPORT): the kernel spreads
+    // connections, and each thread serves its own with its own pool.
+    let http = bind_reuseport(cfg.http_listen, cfg.threads)
         .with_context(|| format!("binding the router's HTTP listener {}", cfg.http_listen))?;
-    let http_addr = http.local_addr()?;
+    let http_addr = http[0].local_addr()?;
+    let mut https = Vec::new();
     let mut https_addr = None;
     let mut certs = None;
-    if let Some((addr, resolver, acceptor)) = tls {
-        let l = TcpListener::bind(addr)
-            .await
+    let mut tls_config = None;
+    if let Some((addr, resolver, config)) = tls {
+        https = bind_reuseport(addr, cfg.threads)
             .with_context(|| format!("binding the router's HTTPS listener {addr}"))?;
-        https_addr = Some(l.local_addr()?);
-        let r = router.clone();
-        tasks.push(tokio::spawn(
-            async move { r.serve_https(l, acceptor).await },
-        ));
+        https_addr = Some(https[0].local_addr()?);
         if let Some(dir) = cfg.cert_dir.clone() {
             tasks.push(tokio::spawn(tls::watch_cert_dir(
                 dir,
@@ -186,9 +185,11 @@ async fn run(
             )));
         }
         certs = Some(resolver);
+        tls_config = Some(config);
     }
-    let r = router.clone();
-    tasks.push(tokio::spawn(async move { r.serve_http(http).await }));
+    let threads = router
+        .spawn_threads(http, https, tls_config)
+        .context("starting the router's threads")?;
 
     let state = Arc::new(ArcSwap::from_pointee(PlanState::default()));
     let sync_router = router.clone();
@@ -228,5 +229,6 @@ async fn run(
         http_addr,
         https_addr,
         tasks,
+        _threads: threads,
     })
 }

@@ -66,6 +66,10 @@ pub struct RouterOpts {
     /// [default: 10000]
     #[arg(long, env = "PORTLESS_EJECT_MS", value_name = "MS")]
     pub eject_ms: Option<u64>,
+    /// Router threads, each with its own listener socket (SO_REUSEPORT)
+    /// and backend connection pool. [default: the number of CPUs]
+    #[arg(long, env = "PORTLESS_ROUTER_THREADS", value_name = "N")]
+    pub router_threads: Option<usize>,
 }
 crate::merge_fields!(RouterOpts {
     no_router,
@@ -81,6 +85,7 @@ crate::merge_fields!(RouterOpts {
     connect_timeout_ms,
     upstream_timeout_ms,
     eject_ms,
+    router_threads,
 });
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +104,7 @@ pub struct RouterConfig {
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub eject_for: Duration,
+    pub threads: usize,
 }
 
 impl Default for RouterConfig {
@@ -155,6 +161,11 @@ impl RouterOpts {
                 "--http-listen and --https-listen must differ",
             ));
         }
+        let threads = match self.router_threads {
+            Some(n) if (1..=256).contains(&n) => n,
+            Some(_) => return Err(ConfigError::new("--router-threads: between 1 and 256")),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
         let max_header_bytes = self.max_header_bytes.unwrap_or(64 * 1024);
         if !(8192..=1024 * 1024).contains(&max_header_bytes) {
             return Err(ConfigError::new(
@@ -185,6 +196,7 @@ impl RouterOpts {
                 3_600_000,
             )?,
             eject_for: millis("eject-ms", self.eject_ms, 10_000, 3_600_000)?,
+            threads,
         })
     }
 }

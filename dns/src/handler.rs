@@ -1,14 +1,20 @@
-//! The hickory-server request handler: decode, scope, answer or forward.
+//! Answering one request: decode, scope, answer or forward.
+//!
+//! [`Handler::decide`] is synchronous: it answers from the zone snapshot or
+//! says the question must be forwarded. The UDP loop ([`crate::udp`]) calls
+//! it inline, with no task per query; TCP goes through hickory-server's
+//! `Server`, for which [`Handler`] is the `RequestHandler`.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use hickory_proto::op::{Edns, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Header, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::BinEncoder;
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
 
 use crate::forward::Forwarder;
 use crate::metrics::{Metrics, Outcome};
@@ -22,33 +28,101 @@ pub struct Handler {
     metrics: Arc<Metrics>,
 }
 
-impl Handler {
-    pub fn new(zone: ZoneHandle, forwarder: Arc<Forwarder>, metrics: Arc<Metrics>) -> Self {
-        Self {
-            zone,
-            forwarder,
-            metrics,
+/// A response ready to encode.
+#[derive(Debug)]
+pub struct Reply {
+    pub metadata: Metadata,
+    pub edns: Option<Edns>,
+    pub answers: Vec<Record>,
+    pub authorities: Vec<Record>,
+    pub additionals: Vec<Record>,
+}
+
+/// A question that must go upstream, with what its response needs.
+#[derive(Debug)]
+pub struct Pending {
+    query: Query,
+    qtype: RecordType,
+    metadata: Metadata,
+    edns: Option<Edns>,
+    recursion_desired: bool,
+}
+
+/// What [`Handler::decide`] says.
+#[derive(Debug)]
+pub enum Decision {
+    Reply(Reply),
+    Forward(Pending),
+}
+
+impl Reply {
+    fn empty(metadata: Metadata, edns: Option<Edns>) -> Self {
+        Reply {
+            metadata,
+            edns,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
         }
+    }
+
+    /// Build the hickory response for `queries` (the request's question
+    /// section, echoed).
+    pub fn response<'q>(
+        &'q self,
+        queries: &'q Queries,
+    ) -> MessageResponse<
+        'q,
+        'q,
+        impl Iterator<Item = &'q Record> + Send + 'q,
+        impl Iterator<Item = &'q Record> + Send + 'q,
+        impl Iterator<Item = &'q Record> + Send + 'q,
+        impl Iterator<Item = &'q Record> + Send + 'q,
+    > {
+        let mut builder = MessageResponseBuilder::new(queries, None);
+        if let Some(edns) = &self.edns {
+            builder.edns(edns);
+        }
+        builder.build(
+            self.metadata,
+            self.answers.iter(),
+            self.authorities.iter(),
+            std::iter::empty(),
+            self.additionals.iter(),
+        )
+    }
+
+    /// Encode into `out` (cleared first) for UDP: at most the client's
+    /// EDNS payload size, else 512 bytes; what does not fit is left out and
+    /// TC is set, by hickory's encoder.
+    pub fn encode_udp(
+        &self,
+        queries: &Queries,
+        out: &mut Vec<u8>,
+    ) -> Result<(), hickory_proto::ProtoError> {
+        out.clear();
+        let mut encoder = BinEncoder::new(out);
+        encoder.set_max_size(self.edns.as_ref().map_or(512, |e| e.max_payload().max(512)));
+        self.response(queries).destructive_emit(&mut encoder)?;
+        Ok(())
     }
 }
 
 fn soa_record(zone: &Zone) -> Record {
     let apex = zone.domain().clone();
-    let mname = Name::from_ascii("ns")
-        .ok()
-        .and_then(|n| n.append_domain(&apex).ok())
-        .unwrap_or_else(|| apex.clone());
-    let rname = Name::from_ascii("hostmaster")
-        .ok()
-        .and_then(|n| n.append_domain(&apex).ok())
-        .unwrap_or_else(|| apex.clone());
+    let child = |label: &str| {
+        Name::from_ascii(label)
+            .ok()
+            .and_then(|n| n.append_domain(&apex).ok())
+            .unwrap_or_else(|| apex.clone())
+    };
     let ttl = zone.ttl();
     Record::from_rdata(
-        apex,
+        apex.clone(),
         ttl,
         RData::SOA(SOA::new(
-            mname,
-            rname,
+            child("ns"),
+            child("hostmaster"),
             zone.serial(),
             3600,
             600,
@@ -58,52 +132,24 @@ fn soa_record(zone: &Zone) -> Record {
     )
 }
 
-async fn send<R: ResponseHandler>(
-    request: &Request,
-    response_handle: &mut R,
-    edns: Option<&Edns>,
-    metadata: Metadata,
-    answers: &[Record],
-    authorities: &[Record],
-    additionals: &[Record],
-) -> ResponseInfo {
-    let mut builder = MessageResponseBuilder::new(&request.queries, None);
-    if let Some(edns) = edns {
-        builder.edns(edns);
-    }
-    let response = builder.build(
-        metadata,
-        answers.iter(),
-        authorities.iter(),
-        std::iter::empty(),
-        additionals.iter(),
-    );
-    match response_handle.send_response(response).await {
-        Ok(info) => info,
-        Err(e) => {
-            tracing::debug!(error = %e, src = %request.src(), "failed to send a response");
-            let mut failed = metadata;
-            failed.response_code = ResponseCode::ServFail;
-            hickory_proto::op::Header {
-                metadata: failed,
-                counts: Default::default(),
-            }
-            .into()
+impl Handler {
+    pub fn new(zone: ZoneHandle, forwarder: Arc<Forwarder>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            zone,
+            forwarder,
+            metrics,
         }
     }
-}
 
-#[async_trait::async_trait]
-impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        mut response_handle: R,
-    ) -> ResponseInfo {
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Answer from the zone, or say that the question goes upstream.
+    pub fn decide(&self, request: &Request, client: IpAddr) -> Decision {
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.recursion_available = true;
-
-        let resp_edns = request.edns.as_ref().map(|req| {
+        let edns = request.edns.as_ref().map(|req| {
             let mut e = Edns::new();
             e.set_max_payload(req.max_payload().max(512));
             e.set_version(0);
@@ -114,54 +160,23 @@ impl RequestHandler for Handler {
             .queries
             .queries()
             .first()
-            .map(|q| q.query_type())
-            .unwrap_or(RecordType::NULL);
-        let mut fail = |code: ResponseCode, outcome: Outcome| {
+            .map_or(RecordType::NULL, |q| q.query_type());
+        let fail = |code: ResponseCode, outcome: Outcome, edns: Option<Edns>| {
             self.metrics.record(qtype, outcome);
-            metadata.response_code = code;
-            metadata
+            let mut m = metadata;
+            m.response_code = code;
+            Decision::Reply(Reply::empty(m, edns))
         };
         if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
-            let m = fail(ResponseCode::BADVERS, Outcome::FormErr);
-            return send(
-                request,
-                &mut response_handle,
-                resp_edns.as_ref(),
-                m,
-                &[],
-                &[],
-                &[],
-            )
-            .await;
+            return fail(ResponseCode::BADVERS, Outcome::FormErr, edns);
         }
         if request.metadata.op_code != OpCode::Query {
-            let m = fail(ResponseCode::NotImp, Outcome::NotImp);
-            return send(
-                request,
-                &mut response_handle,
-                resp_edns.as_ref(),
-                m,
-                &[],
-                &[],
-                &[],
-            )
-            .await;
+            return fail(ResponseCode::NotImp, Outcome::NotImp, edns);
         }
         let Ok(info) = request.request_info() else {
-            let m = fail(ResponseCode::FormErr, Outcome::FormErr);
-            return send(
-                request,
-                &mut response_handle,
-                resp_edns.as_ref(),
-                m,
-                &[],
-                &[],
-                &[],
-            )
-            .await;
+            return fail(ResponseCode::FormErr, Outcome::FormErr, edns);
         };
         let query = info.query;
-        let client: IpAddr = request.src().ip();
         let zone = self.zone.load();
         let answer = if query.query_class() == DNSClass::IN {
             zone.answer(client, query.name(), qtype)
@@ -170,61 +185,30 @@ impl RequestHandler for Handler {
         } else {
             Answer::Refused
         };
-        let owner = query.original().name().clone();
+        let owner = || query.original().name().clone();
         let ttl = zone.ttl();
+        let mut reply = Reply::empty(metadata, edns);
         match answer {
             Answer::Addrs(addrs) => {
                 self.metrics.record(qtype, Outcome::Answer);
-                metadata.authoritative = true;
-                let records: Vec<Record> = addrs
+                reply.metadata.authoritative = true;
+                reply.answers = addrs
                     .into_iter()
                     .map(|a| match a {
-                        IpAddr::V4(v4) => Record::from_rdata(owner.clone(), ttl, RData::A(A(v4))),
-                        IpAddr::V6(v6) => {
-                            Record::from_rdata(owner.clone(), ttl, RData::AAAA(AAAA(v6)))
-                        }
+                        IpAddr::V4(v4) => Record::from_rdata(owner(), ttl, RData::A(A(v4))),
+                        IpAddr::V6(v6) => Record::from_rdata(owner(), ttl, RData::AAAA(AAAA(v6))),
                     })
                     .collect();
-                send(
-                    request,
-                    &mut response_handle,
-                    resp_edns.as_ref(),
-                    metadata,
-                    &records,
-                    &[],
-                    &[],
-                )
-                .await
             }
             Answer::Ptr(target) => {
                 self.metrics.record(qtype, Outcome::Answer);
-                metadata.authoritative = true;
-                let records = [Record::from_rdata(owner, ttl, RData::PTR(PTR(target)))];
-                send(
-                    request,
-                    &mut response_handle,
-                    resp_edns.as_ref(),
-                    metadata,
-                    &records,
-                    &[],
-                    &[],
-                )
-                .await
+                reply.metadata.authoritative = true;
+                reply.answers = vec![Record::from_rdata(owner(), ttl, RData::PTR(PTR(target)))];
             }
             Answer::Soa => {
                 self.metrics.record(qtype, Outcome::Answer);
-                metadata.authoritative = true;
-                let records = [soa_record(&zone)];
-                send(
-                    request,
-                    &mut response_handle,
-                    resp_edns.as_ref(),
-                    metadata,
-                    &records,
-                    &[],
-                    &[],
-                )
-                .await
+                reply.metadata.authoritative = true;
+                reply.answers = vec![soa_record(&zone)];
             }
             Answer::NoData | Answer::NxDomain => {
                 let nx = answer == Answer::NxDomain;
@@ -236,82 +220,113 @@ impl RequestHandler for Handler {
                         Outcome::NoData
                     },
                 );
-                metadata.authoritative = true;
-                metadata.response_code = if nx {
+                reply.metadata.authoritative = true;
+                reply.metadata.response_code = if nx {
                     ResponseCode::NXDomain
                 } else {
                     ResponseCode::NoError
                 };
-                let soa = [soa_record(&zone)];
-                send(
-                    request,
-                    &mut response_handle,
-                    resp_edns.as_ref(),
-                    metadata,
-                    &[],
-                    &soa,
-                    &[],
-                )
-                .await
+                reply.authorities = vec![soa_record(&zone)];
             }
-            Answer::Refused => {
-                let m = fail(ResponseCode::Refused, Outcome::Refused);
-                send(
-                    request,
-                    &mut response_handle,
-                    resp_edns.as_ref(),
-                    m,
-                    &[],
-                    &[],
-                    &[],
-                )
-                .await
-            }
+            Answer::Refused => return fail(ResponseCode::Refused, Outcome::Refused, reply.edns),
             Answer::Forward => {
-                // Do not hold the zone snapshot across the upstream wait.
-                drop(zone);
-                let dnssec_ok = resp_edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
-                match self
-                    .forwarder
-                    .forward(
-                        query.original(),
-                        request.metadata.recursion_desired,
-                        dnssec_ok,
-                    )
-                    .await
-                {
-                    Ok(upstream) => {
-                        self.metrics.record(qtype, Outcome::Forwarded);
-                        metadata.response_code = upstream.metadata.response_code;
-                        metadata.authoritative = upstream.metadata.authoritative;
-                        metadata.recursion_available = upstream.metadata.recursion_available;
-                        metadata.authentic_data = upstream.metadata.authentic_data;
-                        send(
-                            request,
-                            &mut response_handle,
-                            resp_edns.as_ref(),
-                            metadata,
-                            &upstream.answers,
-                            &upstream.authorities,
-                            &upstream.additionals,
-                        )
-                        .await
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, name = %query.name(), "forwarding failed");
-                        let m = fail(ResponseCode::ServFail, Outcome::ServFail);
-                        send(
-                            request,
-                            &mut response_handle,
-                            resp_edns.as_ref(),
-                            m,
-                            &[],
-                            &[],
-                            &[],
-                        )
-                        .await
-                    }
+                return Decision::Forward(Pending {
+                    query: query.original().clone(),
+                    qtype,
+                    metadata,
+                    recursion_desired: request.metadata.recursion_desired,
+                    edns: reply.edns,
+                });
+            }
+        }
+        Decision::Reply(reply)
+    }
+
+    /// Ask upstream and turn its answer (or failure) into our reply.
+    pub async fn forward(&self, pending: Pending) -> Reply {
+        let Pending {
+            query,
+            qtype,
+            mut metadata,
+            edns,
+            recursion_desired,
+        } = pending;
+        let dnssec_ok = edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
+        match self
+            .forwarder
+            .forward(&query, recursion_desired, dnssec_ok)
+            .await
+        {
+            Ok(upstream) => {
+                self.metrics.record(qtype, Outcome::Forwarded);
+                metadata.response_code = upstream.metadata.response_code;
+                metadata.authoritative = upstream.metadata.authoritative;
+                metadata.recursion_available = upstream.metadata.recursion_available;
+                metadata.authentic_data = upstream.metadata.authentic_data;
+                Reply {
+                    metadata,
+                    edns,
+                    answers: upstream.answers,
+                    authorities: upstream.authorities,
+                    additionals: upstream.additionals,
                 }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, name = %query.name(), "forwarding failed");
+                self.metrics.record(qtype, Outcome::ServFail);
+                metadata.response_code = ResponseCode::ServFail;
+                Reply::empty(metadata, edns)
+            }
+        }
+    }
+
+    /// Answer one message given as wire bytes from `src`, as the server
+    /// would over TCP, and return the encoded response. `None` when the
+    /// bytes are not a DNS message at all (the server then answers FORMERR
+    /// from the header, or drops them). For property tests, fuzzing and
+    /// benchmarks of the query path without sockets.
+    pub async fn answer_bytes(&self, bytes: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
+        let request = Request::from_bytes(
+            bytes.to_vec(),
+            src,
+            hickory_server::net::xfer::Protocol::Tcp,
+        )
+        .ok()?;
+        let capture = Capture::default();
+        self.handle_request::<_, hickory_server::net::runtime::TokioTime>(
+            &request,
+            capture.clone(),
+        )
+        .await;
+        capture.0.lock().ok()?.take()
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let reply = match self.decide(request, request.src().ip()) {
+            Decision::Reply(reply) => reply,
+            Decision::Forward(pending) => self.forward(pending).await,
+        };
+        match response_handle
+            .send_response(reply.response(&request.queries))
+            .await
+        {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(error = %e, src = %request.src(), "failed to send a response");
+                let mut failed = reply.metadata;
+                failed.response_code = ResponseCode::ServFail;
+                Header {
+                    metadata: failed,
+                    counts: Default::default(),
+                }
+                .into()
             }
         }
     }
@@ -325,7 +340,7 @@ struct Capture(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
 impl ResponseHandler for Capture {
     async fn send_response<'a>(
         &mut self,
-        response: hickory_server::zone_handler::MessageResponse<
+        response: MessageResponse<
             '_,
             'a,
             impl Iterator<Item = &'a Record> + Send + 'a,
@@ -335,27 +350,12 @@ impl ResponseHandler for Capture {
         >,
     ) -> Result<ResponseInfo, hickory_server::net::NetError> {
         let mut buf = Vec::with_capacity(512);
-        let mut encoder = hickory_proto::serialize::binary::BinEncoder::new(&mut buf);
+        let mut encoder = BinEncoder::new(&mut buf);
         encoder.set_max_size(u16::MAX);
         let info = response.destructive_emit(&mut encoder)?;
         if let Ok(mut slot) = self.0.lock() {
             *slot = Some(buf);
         }
         Ok(info)
-    }
-}
-
-impl Handler {
-    /// Answer one message given as wire bytes from `src`, as the server
-    /// would over TCP, and return the encoded response. `None` when the
-    /// bytes are not a DNS message at all (the server then answers FORMERR
-    /// from the header, or drops them). For property tests, fuzzing and
-    /// benchmarks of the query path without sockets.
-    pub async fn answer_bytes(&self, bytes: &[u8], src: std::net::SocketAddr) -> Option<Vec<u8>> {
-        let request = Request::from_bytes(bytes.to_vec(), src, hickory_server::net::xfer::Protocol::Tcp).ok()?;
-        let capture = Capture::default();
-        self.handle_request::<_, hickory_server::net::runtime::TokioTime>(&request, capture.clone())
-            .await;
-        capture.0.lock().ok()?.take()
     }
 }

@@ -20,6 +20,7 @@ pub mod handler;
 pub mod hosts;
 pub mod listener;
 pub mod metrics;
+pub mod udp;
 pub mod zone;
 
 pub use forward::{ForwardError, Forwarder};

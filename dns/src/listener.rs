@@ -1,8 +1,9 @@
 //! The set of DNS listeners, changed live.
 //!
-//! Every address gets a UDP socket and a TCP listener served by its own
-//! hickory [`Server`], so one address can be added or removed without
-//! touching the others (Docker networks come and go while we run).
+//! Every address gets a UDP socket (served by [`crate::udp`]) and a TCP
+//! listener (served by a hickory [`Server`]) of its own, so one address can
+//! be added or removed without touching the others (Docker networks come
+//! and go while we run).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -42,7 +43,13 @@ impl Listeners {
         let (udp, tcp) = bind_pair(addr).await?;
         let bound = udp.local_addr()?;
         let mut server = Server::new(self.handler.clone());
-        server.register_socket(udp);
+        // UDP is served by our own loop (see `udp`), TCP by hickory's
+        // server; both stop on the same token.
+        tokio::spawn(crate::udp::serve(
+            udp,
+            self.handler.clone(),
+            server.shutdown_token().clone(),
+        ));
         server.register_listener(tcp, TCP_TIMEOUT, 64);
         self.active.insert(bound, server);
         tracing::info!(addr = %bound, "dns listening");

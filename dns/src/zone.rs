@@ -15,7 +15,7 @@
 //!   `SERVICE.PROJECT.DOMAIN`.
 //! - Both see static names and ingress zones. Anyone else is refused.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -23,6 +23,10 @@ use arc_swap::ArcSwap;
 use hickory_proto::rr::{LowerName, Name, RecordType};
 use ipnet::IpNet;
 use rand::seq::SliceRandom;
+
+/// Keys are our own names; a seeded fast hasher keeps lookups cheap
+/// without making collisions predictable.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A container's attachment to one network, as the zone needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,7 +157,7 @@ impl Zone {
     pub fn build(input: &ZoneInput) -> Zone {
         let lower = |s: &str| s.to_ascii_lowercase();
         let domain = lower(input.domain.trim_end_matches('.'));
-        let mut ids: HashMap<&str, u32> = HashMap::new();
+        let mut ids: HashMap<&str, u32> = HashMap::default();
         let mut zone = Zone {
             domain_name: fqdn(&domain).unwrap_or_else(Name::root),
             domain,
@@ -166,7 +170,7 @@ impl Zone {
         for (net_idx, net) in input.networks.iter().enumerate() {
             let net_idx = net_idx as u32;
             let net_name = lower(&net.name);
-            let mut names = Names::new();
+            let mut names = Names::default();
             for m in &net.members {
                 let next = ids.len() as u32;
                 let id = *ids.entry(m.id.as_str()).or_insert(next);
@@ -281,8 +285,8 @@ impl Zone {
         if container_nets.is_none() && !self.is_host_client(client) {
             return Answer::Refused;
         }
-        let text = qname.to_string();
-        let name = text.strip_suffix('.').unwrap_or(&text);
+        let text = lookup_key(qname);
+        let name = text.as_str();
 
         if name.ends_with(".in-addr.arpa") || name.ends_with(".ip6.arpa") {
             return self.reverse(container_nets, qname, qtype);
@@ -385,6 +389,27 @@ impl Zone {
         }
         Answer::Forward
     }
+}
+
+/// The query name as a zone key: labels joined by dots, no trailing dot.
+/// `LowerName` is lower case already. Bytes outside ASCII become U+FFFD, so
+/// such names match no key (every key is checked ASCII when built). This
+/// is the per-query hot path: no `fmt` machinery.
+fn lookup_key(name: &LowerName) -> String {
+    let mut key = String::with_capacity(name.len().max(1));
+    for (i, label) in name.iter().enumerate() {
+        if i > 0 {
+            key.push('.');
+        }
+        for &b in label {
+            key.push(if b.is_ascii() {
+                char::from(b.to_ascii_lowercase())
+            } else {
+                '\u{FFFD}'
+            });
+        }
+    }
+    key
 }
 
 fn addresses(addrs: impl Iterator<Item = IpAddr>, qtype: RecordType) -> Answer {

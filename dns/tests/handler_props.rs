@@ -2,6 +2,8 @@
 //! answers with the same id and a parseable message, or nothing; it never
 //! panics and never answers a stranger with data.
 
+#![allow(clippy::unwrap_used)] // tests may panic on broken setup
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,18 +27,33 @@ fn handler() -> Handler {
     let zone = Zone::build(&ZoneInput {
         domain: "docker.internal".into(),
         ttl: 5,
-        networks: vec![NetworkInput { name: "net".into(), members: vec![member("a", "10.0.0.2"), member("b", "10.0.0.3")] }],
-        static_hosts: [("static.test".to_string(), vec!["192.0.2.1".parse::<IpAddr>().unwrap()])].into(),
+        networks: vec![NetworkInput {
+            name: "net".into(),
+            members: vec![member("a", "10.0.0.2"), member("b", "10.0.0.3")],
+        }],
+        static_hosts: [(
+            "static.test".to_string(),
+            vec!["192.0.2.1".parse::<IpAddr>().unwrap()],
+        )]
+        .into(),
         ..ZoneInput::default()
     });
     let metrics = Arc::new(Metrics::default());
     // No upstream: forwarding fails fast with SERVFAIL, and no packet leaves.
-    let forwarder = Arc::new(Forwarder::new(vec![], Duration::from_millis(50), 8, metrics.clone()));
+    let forwarder = Arc::new(Forwarder::new(
+        vec![],
+        Duration::from_millis(50),
+        8,
+        metrics.clone(),
+    ));
     Handler::new(Arc::new(ArcSwap::from_pointee(zone)), forwarder, metrics)
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn query_bytes(name: &str, t: RecordType, id: u16) -> Vec<u8> {
@@ -55,7 +72,9 @@ fn golden_answers() {
     let rt = rt();
     let h = handler();
     let ask = |name: &str, t: RecordType, src: &str| {
-        let bytes = rt.block_on(h.answer_bytes(&query_bytes(name, t, 7), src.parse().unwrap())).unwrap();
+        let bytes = rt
+            .block_on(h.answer_bytes(&query_bytes(name, t, 7), src.parse().unwrap()))
+            .unwrap();
         Message::from_vec(&bytes).unwrap()
     };
     let m = ask("b.", RecordType::A, CONTAINER);
@@ -69,9 +88,15 @@ fn golden_answers() {
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
     assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
     let m = ask("b.docker.internal.", RecordType::TXT, HOST);
-    assert_eq!((m.metadata.response_code, m.answers.len()), (ResponseCode::NoError, 0));
+    assert_eq!(
+        (m.metadata.response_code, m.answers.len()),
+        (ResponseCode::NoError, 0)
+    );
     let m = ask("static.test.", RecordType::A, STRANGER);
-    assert_eq!((m.metadata.response_code, m.answers.len()), (ResponseCode::Refused, 0));
+    assert_eq!(
+        (m.metadata.response_code, m.answers.len()),
+        (ResponseCode::Refused, 0)
+    );
     let m = ask("example.com.", RecordType::A, HOST);
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
 }

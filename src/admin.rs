@@ -25,6 +25,10 @@ pub struct AdminState {
     pub discovery: Arc<DiscoveryMetrics>,
     pub docker_enabled: bool,
     pub dns: DnsState,
+    /// None with --no-router.
+    pub router: Option<crate::router_task::RouterHandle>,
+    /// None without --cluster-etcd.
+    pub cluster: Option<crate::cluster::ClusterStatusSource>,
 }
 
 /// The JSON of `/api/status`.
@@ -107,15 +111,35 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             "text/plain; version=0.0.4",
             render_metrics(state),
         ),
-        "/api/status" => match serde_json::to_string_pretty(&status(state)) {
-            Ok(json) => text(StatusCode::OK, "application/json", json),
-            Err(e) => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
+        "/api/status" => json(&status(state)),
+        "/api/routes" => match &state.router {
+            Some(r) => json(&r.routes_json()),
+            None => text(
+                StatusCode::NOT_FOUND,
                 "text/plain",
-                format!("{e}\n"),
+                "the router is off (--no-router)\n".into(),
+            ),
+        },
+        "/api/cluster" => match &state.cluster {
+            Some(c) => json(&c.snapshot()),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "cluster mode is off (no --cluster-etcd)\n".into(),
             ),
         },
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(value) {
+        Ok(json) => text(StatusCode::OK, "application/json", json),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        ),
     }
 }
 
@@ -264,5 +288,8 @@ fn render_metrics(state: &AdminState) -> String {
         "From a Docker event's emission to the DNS zone with its change being live.",
         "",
     );
+    if let Some(router) = &state.router {
+        router.render_metrics(&mut out);
+    }
     out
 }

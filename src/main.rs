@@ -67,9 +67,25 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Netplane(config::NetplaneCommand::Cleanup(_args)) => {
-            eprintln!("portless netplane cleanup: not available in this build");
-            ExitCode::FAILURE
+        Command::Netplane(config::NetplaneCommand::Cleanup(args)) => {
+            let cfg = match args.resolve() {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("portless: {e}");
+                    return ExitCode::from(EXIT_CONFIG as u8);
+                }
+            };
+            init_tracing(&cfg.log);
+            match runtime.block_on(cluster::cleanup(cfg.cluster.as_ref(), &cfg.docker)) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("portless netplane cleanup: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }
@@ -89,7 +105,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let (snap_tx, snap_rx) = watch::channel(discovery::Snapshot::default());
     let discovery_metrics = Arc::new(discovery::DiscoveryMetrics::default());
     let docker_enabled = cfg.docker != DockerHost::None;
-    if docker_enabled {
+    // Keeps the channel open without Docker, so receivers never see it close.
+    let _idle_sender = if docker_enabled {
         // Fail fast on a socket path that cannot work at all; a daemon that
         // is merely down is retried in the background.
         discovery::connect(&cfg.docker)?;
@@ -98,24 +115,40 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             snap_tx,
             discovery_metrics.clone(),
         ));
+        None
     } else {
         tracing::info!("Docker discovery off (--docker-host none)");
-        // Keep the sender alive so that receivers never see a closed channel.
-        std::mem::forget(snap_tx);
-    }
+        Some(snap_tx)
+    };
     let dns = dns::start(&cfg.dns, snap_rx.clone())
         .await
         .context("starting DNS")?;
+    let router = router_task::start(&cfg.router, snap_rx.clone())
+        .await
+        .context("starting the router")?;
+    let cluster = match cfg.cluster.clone() {
+        Some(c) => Some(
+            cluster::run(c, &cfg.docker)
+                .await
+                .context("starting cluster mode")?,
+        ),
+        None => None,
+    };
     let admin_state = Arc::new(admin::AdminState {
         snapshots: snap_rx,
         discovery: discovery_metrics,
         docker_enabled,
         dns,
+        router,
+        cluster: cluster.as_ref().map(cluster::ClusterHandle::status_source),
     });
     admin::start(cfg.admin_listen, admin_state).await?;
     tracing::info!("portless running");
     shutdown_signal().await;
     tracing::info!("portless stopping");
+    if let Some(cluster) = cluster {
+        cluster.shutdown().await.context("stopping cluster mode")?;
+    }
     Ok(())
 }
 
@@ -137,11 +170,27 @@ async fn shutdown_signal() {
 
 async fn status_cmd(args: config::StatusArgs) -> anyhow::Result<()> {
     let body = status::get(args.admin, "/api/status").await?;
+    let routes = status::get_optional(args.admin, "/api/routes").await?;
+    let cluster = status::get_optional(args.admin, "/api/cluster").await?;
     if args.json {
-        println!("{body}");
+        let all = serde_json::json!({
+            "status": serde_json::from_str::<serde_json::Value>(&body)?,
+            "routes": routes.as_deref().map(serde_json::from_str::<serde_json::Value>).transpose()?,
+            "cluster": cluster.as_deref().map(serde_json::from_str::<serde_json::Value>).transpose()?,
+        });
+        println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
     }
     let st: admin::Status = serde_json::from_str(&body).context("decoding /api/status")?;
     print!("{}", status::render(&st)?);
+    if let Some(routes) = routes {
+        print!("{}", status::render_routes(&serde_json::from_str(&routes)?));
+    }
+    if let Some(cluster) = cluster {
+        print!(
+            "{}",
+            status::render_cluster(&serde_json::from_str(&cluster)?)
+        );
+    }
     Ok(())
 }

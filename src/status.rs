@@ -35,6 +35,15 @@ pub async fn get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(body)
 }
 
+/// Like [`get`], but None when the part is off (404).
+pub async fn get_optional(admin: SocketAddr, path: &str) -> anyhow::Result<Option<String>> {
+    match get(admin, path).await {
+        Ok(body) => Ok(Some(body)),
+        Err(e) if e.to_string().contains("answered 404") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Render rows as an aligned table with a header.
 pub fn table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
@@ -156,4 +165,109 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+fn s(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The ROUTES and NOT ROUTED tables from `/api/routes`.
+pub fn render_routes(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nROUTER: http {} https {}",
+        s(&v["http_listen"]),
+        s(&v["https_listen"])
+    );
+    let _ = writeln!(out, "\nROUTES");
+    let mut rows = Vec::new();
+    for r in v["routes"].as_array().into_iter().flatten() {
+        let backends = r["backends"].as_array().cloned().unwrap_or_default();
+        if backends.is_empty() {
+            rows.push(vec![
+                s(&r["host"]),
+                s(&r["path"]),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]);
+        }
+        for b in backends {
+            rows.push(vec![
+                s(&r["host"]),
+                s(&r["path"]),
+                s(&b["container"]),
+                s(&b["addr"]),
+                s(&b["scheme"]),
+                s(&b["state"]),
+            ]);
+        }
+    }
+    table(
+        &mut out,
+        &["HOST", "PATH", "CONTAINER", "ADDRESS", "SCHEME", "STATE"],
+        &rows,
+    );
+    let problems: Vec<Vec<String>> = v["not_routed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| vec![s(&p["container"]), s(&p["reason"])])
+        .collect();
+    if !problems.is_empty() {
+        let _ = writeln!(out, "\nNOT ROUTED");
+        table(&mut out, &["CONTAINER", "REASON"], &problems);
+    }
+    out
+}
+
+/// The CLUSTER section from `/api/cluster`.
+pub fn render_cluster(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let host = &v["host"];
+    let _ = writeln!(
+        out,
+        "\nCLUSTER: etcd {} ({}), this host {} subnet {} underlay {} mode {}",
+        s(&v["etcd_endpoints"]),
+        if v["etcd_connected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        },
+        s(&host["id"]),
+        s(&host["subnet"]),
+        s(&host["underlay"]),
+        s(&host["mode"]),
+    );
+    let rows: Vec<Vec<String>> = v["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            vec![
+                s(&p["id"]),
+                s(&p["subnet"]),
+                s(&p["underlay"]),
+                s(&p["transport"]),
+                if p["in_place"].as_bool() == Some(true) {
+                    "yes".into()
+                } else {
+                    "NO".into()
+                },
+            ]
+        })
+        .collect();
+    let _ = writeln!(out, "\nPEERS");
+    table(
+        &mut out,
+        &["HOST", "SUBNET", "UNDERLAY", "TRANSPORT", "IN KERNEL"],
+        &rows,
+    );
+    out
 }

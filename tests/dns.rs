@@ -2,6 +2,9 @@
 //! the real `portless` binary, dig from the host and from inside
 //! containers' network namespaces, busybox nslookup inside containers.
 
+// Tests may panic on a broken setup, and may block their own thread.
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
@@ -18,7 +21,13 @@ fn portless_on(gateways: &[IpAddr], extra: &[&str]) -> (Portless, Vec<SocketAddr
     let mut addrs: Vec<SocketAddr> = gateways.iter().map(|g| SocketAddr::new(*g, port)).collect();
     addrs.push(SocketAddr::new([127, 0, 0, 1].into(), port));
     let listen: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-    let mut args: Vec<&str> = vec!["--dns-port", "0", "--upstream", "127.0.0.1:9"];
+    let mut args: Vec<&str> = vec![
+        "--no-router=true",
+        "--dns-port",
+        "0",
+        "--upstream",
+        "127.0.0.1:9",
+    ];
     for l in &listen {
         args.push("--dns-listen");
         args.push(l);
@@ -435,6 +444,7 @@ fn other_names_are_forwarded_faithfully_with_failover_and_tcp_retry() {
     let port = free_port([127, 0, 0, 1].into());
     let listen = format!("127.0.0.1:{port}");
     let p = Portless::start(&[
+        "--no-router=true",
         "--docker-host",
         "none",
         "--dns-port",
@@ -530,6 +540,7 @@ fn strangers_are_refused_and_allowed_ranges_are_not() {
     };
     {
         let _p = Portless::start(&[
+            "--no-router=true",
             "--docker-host",
             "none",
             "--dns-port",
@@ -551,6 +562,7 @@ fn strangers_are_refused_and_allowed_ranges_are_not() {
     }
     let allow = format!("{ns_ip}/32");
     let _p = Portless::start(&[
+        "--no-router=true",
         "--docker-host",
         "none",
         "--dns-port",
@@ -579,6 +591,7 @@ fn hosts_file_and_ingress_zones_answer_and_reload() {
     let port = free_port([127, 0, 0, 1].into());
     let listen = format!("127.0.0.1:{port}");
     let _p = Portless::start(&[
+        "--no-router=true",
         "--docker-host",
         "none",
         "--dns-port",
@@ -619,6 +632,7 @@ fn malformed_packets_get_formerr_or_are_dropped_and_nothing_crashes() {
     let port = free_port([127, 0, 0, 1].into());
     let listen = format!("127.0.0.1:{port}");
     let p = Portless::start(&[
+        "--no-router=true",
         "--docker-host",
         "none",
         "--dns-port",
@@ -738,6 +752,7 @@ fn a_cut_event_stream_is_resynced_with_no_stale_or_missing_names() {
     let port = free_port([127, 0, 0, 1].into());
     let listen = format!("127.0.0.1:{port}");
     let p = Portless::start(&[
+        "--no-router=true",
         "--docker-host",
         &host,
         "--dns-port",
@@ -787,7 +802,13 @@ fn gateway_listeners_follow_networks_and_containers_resolve_through_docker_dns()
     let c = Cleanup::new();
     let port = free_port([127, 0, 0, 1].into());
     let listen = format!("127.0.0.1:{port}");
-    let p = Portless::start(&["--dns-listen", &listen, "--upstream", "127.0.0.1:9"]);
+    let p = Portless::start(&[
+        "--no-router=true",
+        "--dns-listen",
+        &listen,
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
     // A network made after start gets a listener on its gateway.
     let (net, gw) = network(&c, &[]);
     let gw53 = format!("\"{gw}:53\"");
@@ -868,6 +889,7 @@ fn forwarding_is_bounded_in_time_and_concurrency() {
     let port = free_port([127, 0, 0, 1].into());
     let listen = format!("127.0.0.1:{port}");
     let p = Portless::start(&[
+        "--no-router=true",
         "--docker-host",
         "none",
         "--dns-port",
@@ -910,6 +932,7 @@ fn edns_versions_above_zero_get_badvers() {
     let port = free_port([127, 0, 0, 1].into());
     let listen = format!("127.0.0.1:{port}");
     let _p = Portless::start(&[
+        "--no-router=true",
         "--docker-host",
         "none",
         "--dns-port",

@@ -4,10 +4,12 @@
 //! Every object a test creates has a unique name, carries the label
 //! `portless-test=1`, and is removed by a guard's `Drop`, so it goes away
 //! even when the test fails.
-#![allow(dead_code)]
+// Test harness: it may panic on a broken setup and block its own thread.
+#![allow(dead_code, clippy::unwrap_used, clippy::disallowed_methods)]
 
 pub mod dnsmasq;
 pub mod docker_proxy;
+pub mod netns;
 
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::process::{Child, Command, Output, Stdio};

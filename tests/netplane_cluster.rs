@@ -1,0 +1,225 @@
+//! Cluster mode of the real `portless run`: every host is a network
+//! namespace running the binary with `--docker-host none`, etcd runs in a
+//! namespace of its own on the test segment, containers are namespaces on
+//! each host's `pl-br0`. Requires root, iproute2, ping, curl and etcd.
+
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::netns::{self, Container, Etcd, Host, Netns, Segment};
+use ipnet::Ipv4Net;
+
+const BIN: &str = env!("CARGO_BIN_EXE_portless");
+
+/// `portless run` inside a host namespace; SIGTERM and wait on drop.
+struct Portless {
+    child: Option<Child>,
+}
+
+impl Portless {
+    fn start(host: &Host, etcd: &str, extra: &[&str]) -> Portless {
+        let mut args = vec![
+            "netns",
+            "exec",
+            &host.ns.name,
+            BIN,
+            "run",
+            "--docker-host",
+            "none",
+            "--cluster-etcd",
+            etcd,
+            "--dns-port",
+            "0",
+            "--no-router",
+            "--admin-listen",
+            "127.0.0.1:9053",
+            "--advertise-addr",
+        ];
+        let addr = host.addr.to_string();
+        args.push(&addr);
+        args.extend_from_slice(&["--lease-ttl", "2", "--netplane-resync", "1"]);
+        args.extend_from_slice(extra);
+        let child = Command::new("ip")
+            .args(&args)
+            .env("PORTLESS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("portless");
+        Portless { child: Some(child) }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+}
+
+impl Drop for Portless {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn cluster_status(ns: &Netns) -> Option<serde_json::Value> {
+    let out = ns
+        .command(&[
+            "curl",
+            "-sf",
+            "-m",
+            "2",
+            "http://127.0.0.1:9053/api/cluster",
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Wait until the host holds a lease and every one of `peers` peers is in
+/// place; returns (subnet, gateway, mtu).
+fn wait_ready(host: &Host, peers: usize) -> (Ipv4Net, Ipv4Addr, u32) {
+    let end = Instant::now() + Duration::from_secs(15);
+    let mut last = None;
+    while Instant::now() < end {
+        if let Some(s) = cluster_status(&host.ns) {
+            let ok = s["host"].is_object()
+                && s["peers"].as_array().map(|p| p.len()) == Some(peers)
+                && s["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().all(|p| p["in_place"] == true));
+            if ok {
+                let h = &s["host"];
+                return (
+                    h["subnet"].as_str().unwrap().parse().unwrap(),
+                    h["gateway"].as_str().unwrap().parse().unwrap(),
+                    h["mtu"].as_u64().unwrap() as u32,
+                );
+            }
+            last = Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{} not ready; last /api/cluster: {last:#?}", host.ns.name);
+}
+
+fn container(
+    tag: &str,
+    name: &str,
+    host: &Host,
+    subnet: Ipv4Net,
+    gw: Ipv4Addr,
+    mtu: u32,
+) -> Container {
+    let addr = Ipv4Net::new(
+        Ipv4Addr::from(u32::from(subnet.network()) + 10),
+        subnet.prefix_len(),
+    )
+    .unwrap();
+    Container::new(tag, name, &host.ns, "pl-br0", addr, gw, mtu)
+}
+
+fn nothing_left(host: &Host) {
+    let links = String::from_utf8(host.ns.ip(&["-o", "link", "show"]).stdout).unwrap();
+    assert!(
+        !links.contains("pl-vx0") && !links.contains("pl-br0"),
+        "{links}"
+    );
+    let routes = String::from_utf8(host.ns.ip(&["route", "show", "proto", "149"]).stdout).unwrap();
+    assert!(routes.trim().is_empty(), "{routes}");
+    assert!(!host.ns.try_exec(&["iptables", "-n", "-L", "PORTLESS-FWD"]));
+    assert!(
+        !host
+            .ns
+            .try_exec(&["iptables", "-t", "nat", "-n", "-L", "PORTLESS-NAT"])
+    );
+}
+
+#[test]
+fn two_hosts_run_portless_and_containers_reach_each_other() {
+    assert!(
+        netns::can_run(),
+        "needs root, iproute2 and ping (see test.sh)"
+    );
+    common::require("etcd");
+    common::require("curl");
+    let tag = netns::unique_tag();
+    let seg = Segment::new(&tag, "sw", "192.168.80.0/24");
+    let etcd_ns = Netns::new(format!("pl-{tag}-etcd"));
+    let etcd_ip = seg.plug(&etcd_ns, "eth0", 250);
+    let etcd = Etcd::in_netns(&etcd_ns, etcd_ip);
+    let h1 = Host::new(&tag, "h1", &seg, 1);
+    let h2 = Host::new(&tag, "h2", &seg, 2);
+
+    let mut p1 = Portless::start(&h1, &etcd.endpoint(), &["--cleanup-on-exit"]);
+    let mut p2 = Portless::start(&h2, &etcd.endpoint(), &[]);
+    let (n1, g1, mtu1) = wait_ready(&h1, 1);
+    let (n2, g2, mtu2) = wait_ready(&h2, 1);
+    assert_ne!(n1, n2);
+    assert_eq!(mtu1, 1450);
+    let c1 = container(&tag, "c1", &h1, n1, g1, mtu1);
+    let c2 = container(&tag, "c2", &h2, n2, g2, mtu2);
+    assert!(c1.ns.ping_until(c2.addr, 5), "c1 -> c2");
+    assert!(c2.ns.ping(c1.addr), "c2 -> c1");
+    assert!(c1.ns.ping_size(c2.addr, mtu1), "full-size packet");
+
+    // --cleanup-on-exit: a clean stop removes everything of h1 and gives
+    // its lease back, so h2 drops it at once.
+    assert!(p1.stop(), "portless on h1 did not stop cleanly");
+    nothing_left(&h1);
+    wait_ready(&h2, 0);
+
+    // `portless netplane cleanup` after a plain stop.
+    assert!(p2.stop(), "portless on h2 did not stop cleanly");
+    assert!(
+        h2.ns.try_exec(&["ip", "link", "show", "pl-vx0"]),
+        "kept without --cleanup-on-exit"
+    );
+    let out = h2
+        .ns
+        .command(&[
+            BIN,
+            "netplane",
+            "cleanup",
+            "--docker-host",
+            "none",
+            "--cluster-etcd",
+            &etcd.endpoint(),
+            "--advertise-addr",
+            &h2.addr.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    nothing_left(&h2);
+}

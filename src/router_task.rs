@@ -16,7 +16,7 @@ use portless_router::{Router, RouterOptions, RouterThreads, bind_reuseport};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::router::RouterConfig;
 use crate::discovery::Snapshot;
@@ -196,6 +196,7 @@ async fn run(
     let sync_state = state.clone();
     tasks.push(tokio::spawn(async move {
         let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut chosen: Vec<AddressChoice> = Vec::new();
         loop {
             let catalog = snapshots.borrow_and_update().catalog.clone();
             let plan = routes::plan(&catalog);
@@ -208,13 +209,24 @@ async fn run(
                 warn!(%container, %reason, "container not routed");
             }
             reported = now;
+            for c in plan.choices.iter().filter(|c| !chosen.contains(c)) {
+                debug!(
+                    container = %c.container,
+                    group = %c.group,
+                    network = %c.network,
+                    addr = %c.addr,
+                    chosen_by = c.chosen_by,
+                    "route address"
+                );
+            }
+            chosen = plan.choices.clone();
             let n = plan.specs.len();
             sync_router.update(plan.specs);
             sync_state.store(Arc::new(PlanState {
                 choices: plan.choices,
                 problems: plan.problems,
             }));
-            tracing::debug!(specs = n, "routes synced from catalog");
+            debug!(specs = n, "routes synced from catalog");
             if snapshots.changed().await.is_err() {
                 // Discovery is gone: keep serving the last table.
                 break;

@@ -58,6 +58,13 @@ impl Drop for RouterThreads {
 /// threads. With port 0, all get the port the first one was given.
 pub fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     use socket2::{Domain, Protocol, Socket, Type};
+    if addr.port() != 0 {
+        // SO_REUSEPORT would let this bind share a port that another
+        // process of the same user already serves (another portless, say),
+        // silently splitting its connections. A plain bind first makes
+        // "address in use" an error, as it should be.
+        drop(std::net::TcpListener::bind(addr)?);
+    }
     let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(n);
     let mut bind_to = addr;
     for _ in 0..n.max(1) {

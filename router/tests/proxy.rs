@@ -625,3 +625,30 @@ async fn a_replica_killed_without_warning_fails_no_idempotent_request() {
     let st = r.router.status();
     assert_eq!(st[0].backends[0].state, "ejected");
 }
+
+#[tokio::test]
+async fn spawned_threads_share_one_table_and_refuse_a_port_in_use() {
+    let be = backend("be").await;
+    let r = portless_router::Router::new(RouterOptions::default());
+    r.update(vec![spec(&["t.test"], "/", vec![b("be", be.addr)])]);
+    let listeners = portless_router::bind_reuseport("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+    let addr = listeners[0].local_addr().unwrap();
+    assert_eq!(listeners[1].local_addr().unwrap(), addr);
+    // The port is now served: binding it again is refused.
+    assert!(portless_router::bind_reuseport(addr, 2).is_err());
+    let threads = r.spawn_threads(listeners, Vec::new(), None).unwrap();
+    let u = format!("http://t.test:{}/", addr.port());
+    for _ in 0..4 {
+        assert_eq!(
+            curl(&u, &[]).await.header("x-backend").as_deref(),
+            Some("be")
+        );
+    }
+    // A table update reaches every thread.
+    r.update(vec![]);
+    for _ in 0..4 {
+        assert_eq!(curl(&u, &[]).await.status, 404);
+    }
+    threads.stop();
+    assert_eq!(curl(&u, &[]).await.status, 0, "still serving after stop");
+}

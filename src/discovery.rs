@@ -188,8 +188,15 @@ async fn apply(
                 }
             }
             "connect" | "disconnect" => {
-                if let Some(container) = attr("container") {
-                    refresh_container(docker, catalog, &container).await?;
+                // Only for containers already running. `docker run` connects
+                // a container before it starts, and inspecting it then waits
+                // inside the Engine until the start is done, stalling every
+                // other event behind it; its `start` event brings it in.
+                match attr("container") {
+                    Some(container) if catalog.containers.contains_key(&container) => {
+                        refresh_container(docker, catalog, &container).await?;
+                    }
+                    _ => return Ok(false),
                 }
             }
             _ => return Ok(false),

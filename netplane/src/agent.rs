@@ -115,6 +115,8 @@ struct Shared {
     last_error: Option<String>,
     reconciles: u64,
     ops_applied: u64,
+    /// Refusals already logged, so that each is said once, at warn.
+    refused: Vec<Refusal>,
 }
 
 /// A running netplane. Dropping it stops its tasks and leaves the kernel
@@ -171,6 +173,7 @@ impl Agent {
             last_error: None,
             reconciles: 0,
             ops_applied: 0,
+            refused: Vec::new(),
         }));
         let (status_tx, status) = watch::channel(Status {
             etcd_endpoints: cfg.etcd.clone(),
@@ -558,9 +561,6 @@ async fn reconcile(
             error.get_or_insert(e);
         }
     }
-    for r in &p.refused {
-        debug!(peer = %r.id, reason = %r.reason, "peer refused");
-    }
     let by_id: BTreeMap<&str, &HostRecord> = peers.iter().map(|r| (r.id.as_str(), r)).collect();
     let peer_status = p
         .peers
@@ -579,6 +579,12 @@ async fn reconcile(
         })
         .collect();
     let mut s = lock(shared);
+    for r in &p.refused {
+        if !s.refused.contains(r) {
+            warn!(peer = %r.id, subnet = %r.subnet, reason = %r.reason, "peer refused");
+        }
+    }
+    s.refused = p.refused.clone();
     s.reconciles += 1;
     s.ops_applied += applied;
     if let Some(e) = &error {

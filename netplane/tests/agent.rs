@@ -272,6 +272,7 @@ async fn etcd_outage_keeps_connectivity_and_converges_after() {
     let c3 = container(&tag, "c3", &h3, &s3);
     assert!(c3.ns.ping_until(c1.addr, 5));
     assert!(c3.ns.ping_until(c2.addr, 5));
+    assert!(tcp_ok(&c3, &c1), "TCP over a plain route (auto mode)");
     // Auto between two auto hosts on one segment: a plain route.
     let t = a1
         .status()

@@ -88,6 +88,11 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; 
 # utime+stime of a process, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
+# Voluntary context switches (sleeps) of all threads of a process so far.
+sleeps() {
+    cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^voluntary_ctxt_switches:/ {n += $2} END {print n + 0}'
+}
+
 # Busy ticks of one CPU so far (everything but idle and iowait), softirq
 # included: on loopback most of the client's cost is kernel time that no
 # process is charged with.

@@ -4,6 +4,7 @@
 Input: a TSV file with one line per (server, round):
   server round sent completed lost qps avg_lat_s min_lat_s max_lat_s
   server_cpu_pct client_core_busy_pct server_cpu_us_per_query
+  server_sleeps_per_query
 and a TSV of server facts: server rss_kib answers_ok note
 Prints a table (median qps over rounds, all lost queries, median average
 latency, worst max latency, server CPU share, RSS) and the ratio of
@@ -20,7 +21,7 @@ def main():
     rows = {}
     for line in open(rounds_path):
         f = line.split("\t")
-        if len(f) < 12:
+        if len(f) < 13:
             continue
         srv = f[0]
         rows.setdefault(srv, []).append(
@@ -35,6 +36,7 @@ def main():
                 cpu=float(f[9]),
                 ccpu=float(f[10]),
                 us=float(f[11]),
+                wq=float(f[12]),
             )
         )
     facts = {}
@@ -46,7 +48,7 @@ def main():
     hdr = (
         f"{'server':<9} {'qps(median)':>12} {'qps(min..max)':>19} {'sent':>10} "
         f"{'lost':>7} {'lost%':>7} {'avg lat ms':>10} {'max lat ms':>10} "
-        f"{'srv CPU%':>8} {'srv us/q':>8} {'cli core%':>9} {'RSS MiB':>8}  answers"
+        f"{'srv CPU%':>8} {'srv us/q':>8} {'sleeps/q':>8} {'cli core%':>9} {'RSS MiB':>8}  answers"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -60,7 +62,7 @@ def main():
         rs = rows.get(srv, [])
         if not rs:
             print(f"{srv:<9} {'-':>12} {'-':>19} {'-':>10} {'-':>7} {'-':>7} {'-':>10} "
-                  f"{'-':>10} {'-':>8} {'-':>8} {'-':>9} {fact['rss'] / 1024:>8.1f}  "
+                  f"{'-':>10} {'-':>8} {'-':>8} {'-':>8} {'-':>9} {fact['rss'] / 1024:>8.1f}  "
                   f"{fact['ok']} {fact['note']}")
             continue
         q = [r["qps"] for r in rs]
@@ -76,6 +78,7 @@ def main():
             f"{1000 * max(r['max'] for r in rs):>10.3f} "
             f"{statistics.median(r['cpu'] for r in rs):>8.0f} "
             f"{us[srv]:>8.2f} "
+            f"{statistics.median(r['wq'] for r in rs):>8.3f} "
             f"{statistics.median(r['ccpu'] for r in rs):>9.0f} "
             f"{fact['rss'] / 1024:>8.1f}  {fact['ok']} {fact['note']}"
         )

@@ -272,6 +272,8 @@ EOF
 
     log "dnsperf: $ROUNDS round(s) x ${#up[@]} servers x ${LENGTH}s, -c $CLIENTS -T 1 -q $OUTSTANDING -t $TIMEOUT; server on CPU $SERVER_CPU, dnsperf on CPU $CLIENT_CPU"
     : >"$WORK/rounds.tsv"
+    local load0 load1
+    load0=$(cut -d' ' -f1-3 /proc/loadavg)
     local r i n=${#up[@]} hz
     hz=$(getconf CLK_TCK)
     for ((r = 1; r <= ROUNDS; r++)); do
@@ -306,6 +308,8 @@ EOF
         done
     done
 
+    load1=$(cut -d' ' -f1-3 /proc/loadavg)
+
     # Resident memory after the run, with all names loaded and queried.
     for s in "${servers[@]}"; do
         eval "pid=\$PID_$s"
@@ -322,6 +326,7 @@ EOF
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  host: $(nproc) CPUs, $(awk -F': *' '/model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "names: $NAMES under bench.test; queries: 90% existing, 10% missing (NXDOMAIN), type A, $(wc -l <"$WORK/data/queries") lines shuffled"
     echo "dnsperf $(dnsperf -h 2>&1 | awk '/^Version/ {print $2}'): -l $LENGTH -c $CLIENTS -T 1 -q $OUTSTANDING -t $TIMEOUT, $ROUNDS round(s), server pinned to CPU $SERVER_CPU, dnsperf to CPU $CLIENT_CPU, both at nice $NICE"
+    echo "load average (1/5/15 min) before the rounds: $load0; after: $load1 (other work on the machine)"
     echo "versions: knot $(knotd --version | awk '{print $NF}'), dnsmasq $(dnsmasq --version | awk 'NR==1 {print $3}'), unbound $(unbound -V | awk '/^Version/ {print $2}')${PORT_portless:+, portless $(portless_version)}"
     echo
     python3 "$HERE/dns/summarize.py" "$WORK/rounds.tsv" "$WORK/facts.tsv"

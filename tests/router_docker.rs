@@ -2,8 +2,9 @@
 //! containers, the real `portless` binary, real curl. Traffic goes only to
 //! loopback (the router) and the tests' own containers.
 
-// Plain threads, no runtime here: blocking sleeps are fine.
-#![allow(clippy::disallowed_methods)]
+// Plain threads, no runtime here: blocking sleeps are fine; a panic in a
+// helper is a failed test.
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
 mod common;
 

@@ -110,6 +110,10 @@ async fn session(
             .build(),
     ));
 
+    let listed_at_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i64;
     let mut catalog = list_all(&docker).await?;
     tx.send_replace(Snapshot {
         catalog: Arc::new(catalog.clone()),
@@ -126,9 +130,11 @@ async fn session(
         let event = event.context("reading the Docker event stream")?;
         metrics.events.fetch_add(1, Ordering::Relaxed);
         if apply(&docker, &mut catalog, &event).await? {
+            // Events replayed from before the listing are already in it:
+            // they do not count as event -> answer latency.
             tx.send_replace(Snapshot {
                 catalog: Arc::new(catalog.clone()),
-                event_time_ns: event.time_nano,
+                event_time_ns: event.time_nano.filter(|t| *t >= listed_at_ns),
             });
         }
     }

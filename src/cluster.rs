@@ -138,6 +138,7 @@ pub async fn run(cfg: ClusterConfig, docker: &DockerHost) -> anyhow::Result<Clus
             let st = st.clone();
             let name = cfg.docker_network.clone();
             let mut rx = agent.subscribe();
+            let wake = agent.waker();
             Some(tokio::spawn(async move {
                 // Follow the lease: (re)ensure the network whenever the
                 // subnet or MTU changes, retrying while Docker is away.
@@ -157,6 +158,9 @@ pub async fn run(cfg: ClusterConfig, docker: &DockerHost) -> anyhow::Result<Clus
                                     s.ready = true;
                                     s.error = None;
                                     done = Some((h.subnet, h.mtu));
+                                    // Docker just added its rules for the
+                                    // network; put ours back in front now.
+                                    wake.notify_one();
                                     false
                                 }
                                 Err(e) => {

@@ -127,6 +127,7 @@ pub struct Agent {
     store: Store,
     shared: Arc<Mutex<Shared>>,
     status: watch::Receiver<Status>,
+    wake: Arc<Notify>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -209,7 +210,7 @@ impl Agent {
             claim,
             shared.clone(),
             status_tx,
-            wake,
+            wake.clone(),
         ));
         Ok(Agent {
             cfg,
@@ -217,6 +218,7 @@ impl Agent {
             store,
             shared,
             status,
+            wake,
             tasks: vec![main],
         })
     }
@@ -248,6 +250,19 @@ impl Agent {
                 std::future::pending::<()>().await;
             }
         }
+    }
+
+    /// Reconcile now rather than at the next period: something outside
+    /// the agent changed (a Docker network appeared, and with it Docker's
+    /// iptables rules).
+    pub fn reconcile_now(&self) {
+        self.wake.notify_one();
+    }
+
+    /// A handle that triggers a reconcile, for tasks that outlive a borrow
+    /// of the agent.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
     }
 
     pub fn kernel(&self) -> &Kernel {

@@ -151,7 +151,16 @@ fn ensure_sync(rules: &Rules) -> Result<()> {
         ("filter", hook, FILTER_CHAIN),
         ("nat", "POSTROUTING", NAT_CHAIN),
     ] {
-        if !ok(&["-t", table, "-C", parent, "-j", chain]) {
+        // The jump must come first: Docker inserts its own rules (such as
+        // a new network's MASQUERADE) at the top of POSTROUTING, ahead of
+        // ours, so presence alone is not enough.
+        let jump = format!("-A {parent} -j {chain}");
+        let rules = list_rules(table, parent);
+        let first = rules.first().map(String::as_str) == Some(jump.as_str());
+        let count = rules.iter().filter(|r| **r == jump).count();
+        if !first || count != 1 {
+            debug!(table, parent, chain, "moving the jump to the top");
+            while ok(&["-t", table, "-D", parent, "-j", chain]) {}
             must(&["-t", table, "-I", parent, "1", "-j", chain])?;
         }
     }

@@ -243,6 +243,30 @@ async fn iptables_rules_hook_in_and_clean_up() {
     assert!(nat.contains("-A PORTLESS-NAT -s 10.60.3.0/24 -d 10.60.0.0/16 -j ACCEPT"));
     assert!(nat.contains("-A PORTLESS-NAT -s 10.60.3.0/24 ! -d 10.60.0.0/16 -j MASQUERADE"));
 
+    // A rule inserted ahead of the jump (as Docker does for a new network)
+    // is overtaken again.
+    ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-I",
+        "POSTROUTING",
+        "1",
+        "-s",
+        "10.9.9.0/24",
+        "-j",
+        "MASQUERADE",
+    ]);
+    iptables::ensure(&kernel, &rules).await.unwrap();
+    let nat = save("nat");
+    let first = nat
+        .lines()
+        .find(|l| l.starts_with("-A POSTROUTING"))
+        .unwrap();
+    assert_eq!(first, "-A POSTROUTING -j PORTLESS-NAT", "{nat}");
+    assert_eq!(nat.matches("-j PORTLESS-NAT").count(), 1, "{nat}");
+    assert!(nat.contains("-A POSTROUTING -s 10.9.9.0/24 -j MASQUERADE"));
+
     // A foreign rule is never touched.
     ns.exec(&[
         "iptables",
@@ -275,7 +299,12 @@ async fn iptables_rules_hook_in_and_clean_up() {
     let out = String::from_utf8(ns.exec(&["iptables", "-S", "DOCKER-USER"]).stdout).unwrap();
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[1], "-A DOCKER-USER -j PORTLESS-FWD", "{out}");
-    assert!(!save("nat").contains("MASQUERADE"));
+    let nat = String::from_utf8(
+        ns.exec(&["iptables", "-t", "nat", "-S", "PORTLESS-NAT"])
+            .stdout,
+    )
+    .unwrap();
+    assert!(!nat.contains("MASQUERADE"), "{nat}");
     iptables::cleanup(&kernel).await.unwrap();
     assert!(!save("filter").contains("PORTLESS"));
 }

@@ -5,10 +5,6 @@
 //! `portless-netplane`; this module only adds what needs Docker or the
 //! binary's configuration.
 
-// main.rs wires `run`, `ClusterHandle::status_source`/`shutdown` and
-// `cleanup` (owned by the lead); until then they are unused in the binary.
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -202,15 +198,6 @@ impl ClusterHandle {
     /// Status snapshots for the admin API (`/api/cluster`).
     pub fn status_source(&self) -> ClusterStatusSource {
         self.source.clone()
-    }
-
-    pub fn status(&self) -> ClusterStatus {
-        self.source.snapshot()
-    }
-
-    /// Wait until the lease is granted and the kernel reconciled once.
-    pub async fn ready(&self) -> HostStatus {
-        self.agent.ready().await
     }
 
     /// Stop. With `--cleanup-on-exit`: give the lease back and remove the

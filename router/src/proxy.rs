@@ -75,6 +75,10 @@ pub fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
         )?;
         s.set_reuse_address(true)?;
         s.set_reuse_port(true)?;
+        if bind_to.is_ipv6() && bind_to.ip().is_unspecified() {
+            // `[::]` means every address, IPv4 included.
+            s.set_only_v6(false)?;
+        }
         s.set_nonblocking(true)?;
         s.bind(&bind_to.into())?;
         s.listen(1024)?;

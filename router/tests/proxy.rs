@@ -652,3 +652,13 @@ async fn spawned_threads_share_one_table_and_refuse_a_port_in_use() {
     threads.stop();
     assert_eq!(curl(&u, &[]).await.status, 0, "still serving after stop");
 }
+
+#[tokio::test]
+async fn unspecified_v6_listener_takes_ipv4_too() {
+    let Ok(ls) = portless_router::bind_reuseport("[::]:0".parse().unwrap(), 1) else {
+        // No IPv6 on this host: nothing to check.
+        return;
+    };
+    let port = ls[0].local_addr().unwrap().port();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+}

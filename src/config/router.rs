@@ -17,10 +17,12 @@ pub struct RouterOpts {
     #[arg(long, env = "PORTLESS_NO_ROUTER", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub no_router: Option<bool>,
     /// Plain HTTP listener (HTTP/1.1, and HTTP/2 with prior knowledge).
-    /// Use [::]:80 for IPv6 too. [default: 0.0.0.0:80]
+    /// [default: [::]:80, all IPv6 and IPv4 addresses; 0.0.0.0:80 on hosts
+    /// without IPv6]
     #[arg(long, env = "PORTLESS_HTTP_LISTEN", value_name = "ADDR:PORT")]
     pub http_listen: Option<SocketAddr>,
-    /// HTTPS listener, active when --cert-dir is set. [default: 0.0.0.0:443]
+    /// HTTPS listener, active when --cert-dir is set. [default: [::]:443,
+    /// or 0.0.0.0:443 on hosts without IPv6]
     #[arg(long, env = "PORTLESS_HTTPS_LISTEN", value_name = "ADDR:PORT")]
     pub https_listen: Option<SocketAddr>,
     /// Directory of PEM certificates (with keys in the same file or in
@@ -117,6 +119,17 @@ impl Default for RouterConfig {
     }
 }
 
+/// `[::]:port`, which also takes IPv4, where the host has IPv6; else
+/// `0.0.0.0:port`.
+fn all_addresses(port: u16) -> SocketAddr {
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+    if std::net::TcpListener::bind(v6).is_ok() {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], port))
+    }
+}
+
 fn millis(name: &str, v: Option<u64>, default: u64, max: u64) -> Result<Duration, ConfigError> {
     let v = v.unwrap_or(default);
     if !(1..=max).contains(&v) {
@@ -128,9 +141,7 @@ fn millis(name: &str, v: Option<u64>, default: u64, max: u64) -> Result<Duration
 impl RouterOpts {
     pub fn resolve(self) -> Result<RouterConfig, ConfigError> {
         let enabled = !self.no_router.unwrap_or(false);
-        let http_listen = self
-            .http_listen
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 80)));
+        let http_listen = self.http_listen.unwrap_or_else(|| all_addresses(80));
         if let Some(dir) = &self.cert_dir
             && !dir.is_dir()
         {
@@ -139,10 +150,10 @@ impl RouterOpts {
                 dir.display()
             )));
         }
-        let https_listen = self.cert_dir.as_ref().map(|_| {
-            self.https_listen
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 443)))
-        });
+        let https_listen = self
+            .cert_dir
+            .as_ref()
+            .map(|_| self.https_listen.unwrap_or_else(|| all_addresses(443)));
         if self.https_listen.is_some() && self.cert_dir.is_none() {
             return Err(ConfigError::new(
                 "--https-listen needs --cert-dir: there is nothing to serve TLS with",
@@ -210,7 +221,8 @@ mod tests {
     fn defaults_resolve() {
         let c = RouterOpts::default().resolve().unwrap();
         assert!(c.enabled);
-        assert_eq!(c.http_listen, "0.0.0.0:80".parse().unwrap());
+        assert_eq!(c.http_listen.port(), 80);
+        assert!(c.http_listen.ip().is_unspecified());
         assert_eq!(c.https_listen, None);
         assert_eq!(c.max_body_bytes, None);
         assert_eq!(c.upstream_timeout, Duration::from_secs(60));

@@ -444,11 +444,11 @@ mod tests {
         }
     }
 
-    struct NetGuard(Docker, String);
+    struct NetGuard(String);
     impl Drop for NetGuard {
         fn drop(&mut self) {
             let _ = std::process::Command::new("docker")
-                .args(["network", "rm", &self.1])
+                .args(["network", "rm", &self.0])
                 .output();
         }
     }
@@ -466,7 +466,7 @@ mod tests {
             .expect("the Docker Engine must be running for this test");
         let pid = std::process::id();
         let name = format!("pl-test-net-{pid}");
-        let _g = NetGuard(d.clone(), name.clone());
+        let _g = NetGuard(name.clone());
         let third = 100 + pid % 150;
         let h = host(&format!("10.213.{third}.0/24"), 1450);
 

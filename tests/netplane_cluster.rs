@@ -223,3 +223,110 @@ fn two_hosts_run_portless_and_containers_reach_each_other() {
     );
     nothing_left(&h2);
 }
+
+/// Two segments joined by a router namespace: `auto` tunnels to the far
+/// host and routes to the near one; `route` refuses the far host with a
+/// reason in /api/cluster; a host killed with SIGKILL disappears from its
+/// peers' kernels within the lease TTL plus a second.
+#[test]
+fn modes_across_a_router_and_dead_host_removal() {
+    assert!(
+        netns::can_run(),
+        "needs root, iproute2 and ping (see test.sh)"
+    );
+    common::require("etcd");
+    common::require("curl");
+    let tag = netns::unique_tag();
+    let sa = Segment::new(&tag, "sa", "192.168.81.0/24");
+    let sb = Segment::new(&tag, "sb", "192.168.82.0/24");
+    let r = netns::Router::new(&tag, "rt");
+    let ra = sa.plug(&r.ns, "ea", 254);
+    let rb = sb.plug(&r.ns, "eb", 254);
+    let etcd_ns = Netns::new(format!("pl-{tag}-etcd"));
+    let etcd_ip = sa.plug(&etcd_ns, "eth0", 250);
+    etcd_ns.ip(&["route", "add", "default", "via", &ra.to_string()]);
+    let etcd = Etcd::in_netns(&etcd_ns, etcd_ip);
+    let h1 = Host::new(&tag, "h1", &sa, 1);
+    let h2 = Host::new(&tag, "h2", &sa, 2);
+    let h3 = Host::new(&tag, "h3", &sb, 3);
+    h1.default_via(ra);
+    h2.default_via(ra);
+    h3.default_via(rb);
+
+    let _p1 = Portless::start(&h1, &etcd.endpoint(), &["--netplane-mode", "auto"]);
+    let mut p2 = Portless::start(&h2, &etcd.endpoint(), &["--netplane-mode", "auto"]);
+    let _p3 = Portless::start(&h3, &etcd.endpoint(), &["--netplane-mode", "auto"]);
+    let (n1, g1, m1) = wait_ready(&h1, 2);
+    let (n2, g2, m2) = wait_ready(&h2, 2);
+    let (n3, g3, m3) = wait_ready(&h3, 2);
+    let s1 = cluster_status(&h1.ns).unwrap();
+    let transport = |subnet: Ipv4Net| {
+        s1["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["subnet"] == subnet.to_string())
+            .map(|p| p["transport"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(transport(n2).as_deref(), Some("route"));
+    assert_eq!(transport(n3).as_deref(), Some("vxlan"));
+    let c1 = container(&tag, "c1", &h1, n1, g1, m1);
+    let c2 = container(&tag, "c2", &h2, n2, g2, m2);
+    let c3 = container(&tag, "c3", &h3, n3, g3, m3);
+    assert!(c1.ns.ping_until(c2.addr, 5), "same segment");
+    assert!(c1.ns.ping_until(c3.addr, 5), "across the router");
+    assert!(c3.ns.ping_until(c2.addr, 5), "across the router, back");
+
+    // A fourth host in route mode on the far segment: the near hosts are
+    // refused with a reason, visible in its status.
+    let h4 = Host::new(&tag, "h4", &sb, 4);
+    h4.default_via(rb);
+    let _p4 = Portless::start(&h4, &etcd.endpoint(), &["--netplane-mode", "route"]);
+    let end = Instant::now() + Duration::from_secs(15);
+    let refused = loop {
+        let s = cluster_status(&h4.ns);
+        if let Some(s) = s
+            && s["refused"].as_array().is_some_and(|r| r.len() == 2)
+        {
+            break s["refused"].clone();
+        }
+        assert!(Instant::now() < end, "h4 never refused the far hosts");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = refused.to_string();
+    assert!(
+        text.contains("not on a directly connected segment"),
+        "{text}"
+    );
+
+    // SIGKILL h2: no clean stop, the lease runs out (TTL 2 s).
+    let killed = Instant::now();
+    if let Some(c) = p2.child.as_mut() {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+    p2.child = None;
+    loop {
+        let gone = cluster_status(&h1.ns).is_some_and(|s| {
+            s["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().all(|p| p["subnet"] != n2.to_string()))
+        });
+        if gone {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(6),
+            "dead host never removed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = killed.elapsed();
+    let routes = String::from_utf8(h1.ns.ip(&["route", "show", "proto", "149"]).stdout).unwrap();
+    assert!(!routes.contains(&n2.network().to_string()), "{routes}");
+    assert!(
+        took <= Duration::from_secs(3),
+        "removed after {took:?} (TTL 2 s + 1 s)"
+    );
+    assert!(c1.ns.ping(c3.addr), "the other peers are untouched");
+}

@@ -355,10 +355,37 @@ async fn run(
     // they are tied to a guard that aborts them.
     let _guard = AbortOnDrop(vec![keepalive, watcher]);
 
+    // Kernel changes by anyone wake the loop too, so that drift is
+    // repaired at once; the period stays as the safety net.
+    let mut changes = match kernel.changes().await {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            warn!(error = %e, "cannot follow kernel changes; drift is repaired every resync period only");
+            None
+        }
+    };
     loop {
         reconcile(&cfg, &kernel, &shared, &status_tx).await;
+        let changed = async {
+            match changes.as_mut() {
+                Some(rx) => {
+                    if rx.recv().await.is_none() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             _ = wake.notified() => {}
+            _ = changed => {
+                // A burst (our own apply, a container starting) is one
+                // reconcile: wait a moment, then drop what piled up.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Some(rx) = changes.as_mut() {
+                    while rx.try_recv().is_ok() {}
+                }
+            }
             _ = tokio::time::sleep(cfg.resync) => {}
         }
     }
@@ -432,11 +459,15 @@ async fn keep_alive(
             }
             Err(e) => {
                 let mut s = lock(&shared);
-                if s.etcd_ok {
-                    warn!(error = %e, "etcd unreachable; keeping the last known plan");
-                }
+                let was_ok = s.etcd_ok;
                 s.etcd_ok = false;
                 s.last_error = Some(e.to_string());
+                drop(s);
+                if was_ok {
+                    warn!(error = %e, "etcd unreachable; keeping the last known plan");
+                    // Only to publish the status: the plan stays as it is.
+                    wake.notify_one();
+                }
             }
         }
     }

@@ -167,6 +167,49 @@ impl Kernel {
             .await?
     }
 
+    /// Follow kernel changes in the executor's namespace: the receiver
+    /// gets a unit whenever a link, address, IPv4 route or neighbour is
+    /// deleted or changed by anyone (portless included). The reconcile loop
+    /// uses it to repair drift at once instead of at the next period.
+    pub async fn changes(&self) -> Result<mpsc::UnboundedReceiver<()>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.call(move |_| async move {
+            let groups = [
+                rtnetlink::MulticastGroup::Link,
+                rtnetlink::MulticastGroup::Ipv4Ifaddr,
+                rtnetlink::MulticastGroup::Ipv4Route,
+                rtnetlink::MulticastGroup::Neigh,
+            ];
+            let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&groups)?;
+            // Both run on the executor thread's runtime, which lives as
+            // long as the executor.
+            tokio::spawn(conn);
+            tokio::spawn(async move {
+                use futures::StreamExt;
+                use rtnetlink::packet_core::NetlinkPayload;
+                use rtnetlink::packet_route::RouteNetlinkMessage as M;
+                while let Some((msg, _)) = messages.next().await {
+                    let relevant = matches!(
+                        msg.payload,
+                        NetlinkPayload::InnerMessage(
+                            M::DelLink(_)
+                                | M::NewLink(_)
+                                | M::DelAddress(_)
+                                | M::DelRoute(_)
+                                | M::DelNeighbour(_)
+                        )
+                    );
+                    if relevant && tx.send(()).is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok::<_, Error>(())
+        })
+        .await??;
+        Ok(rx)
+    }
+
     /// Turn on IPv4 forwarding in the executor's namespace.
     pub async fn enable_forwarding(&self) -> Result<()> {
         self.blocking(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))

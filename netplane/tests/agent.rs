@@ -55,7 +55,9 @@ fn config(etcd: &Etcd, host: &Host, cluster: &str, mode: Mode) -> AgentConfig {
         vxlan_name: VXLAN_DEVICE.into(),
         lease_ttl: TTL,
         bridge: Some("pl-br0".into()),
-        resync: Duration::from_millis(500),
+        // Long on purpose: drift must be repaired on the kernel's change
+        // events, not by the periodic pass.
+        resync: Duration::from_secs(60),
         netns: Some(host.ns.path()),
         iptables: true,
         masquerade_outside: true,
@@ -168,6 +170,17 @@ async fn hosts_lease_subnets_and_containers_reach_each_other() {
     // Drift: a deleted route and a deleted device come back on their own.
     h1.ns
         .ip(&["route", "del", &s2.subnet.to_string(), "proto", "149"]);
+    let k = a1.kernel().clone();
+    let back = wait_for("route restored", 2, async || {
+        k.observe()
+            .await
+            .unwrap()
+            .routes
+            .iter()
+            .any(|r| r.dst == s2.subnet)
+    })
+    .await;
+    assert!(back < Duration::from_secs(1), "took {back:?}");
     h1.ns.ip(&["link", "del", VXLAN_DEVICE]);
     assert!(c1.ns.ping_until(c2.addr, 5), "drift was not repaired");
 

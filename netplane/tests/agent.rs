@@ -256,6 +256,22 @@ async fn etcd_outage_keeps_connectivity_and_converges_after() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // And one TCP connection that lives through it.
+    let mut server = c2
+        .ns
+        .command(&["iperf3", "-s", "-1", "-B", &c2.addr.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = c1
+        .ns
+        .command(&["iperf3", "-c", &c2.addr.to_string(), "-t", "7", "-b", "10M"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     etcd.stop();
     wait_for("etcd seen down", 8, async || !a1.status().etcd_connected).await;
@@ -271,6 +287,17 @@ async fn etcd_outage_keeps_connectivity_and_converges_after() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(" 0% packet loss"), "{text}");
+    let tcp = tokio::task::spawn_blocking(move || client.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let _ = server.wait();
+    assert!(
+        tcp.status.success(),
+        "TCP connection broke during the outage: {}{}",
+        String::from_utf8_lossy(&tcp.stdout),
+        String::from_utf8_lossy(&tcp.stderr)
+    );
 
     wait_for("etcd seen back", 10, async || a1.status().etcd_connected).await;
     // After the outage, changes converge again: a new host joins.

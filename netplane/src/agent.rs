@@ -164,6 +164,17 @@ impl Agent {
             mtu = underlay.mtu,
             "netplane underlay"
         );
+        if let Some(net) = underlay
+            .connected
+            .iter()
+            .find(|n| n.contains(&cfg.cluster) || cfg.cluster.contains(*n))
+        {
+            return Err(Error::Underlay(format!(
+                "the cluster range {} overlaps the underlay network {net} of {}; \
+                 choose another --cluster-cidr",
+                cfg.cluster, underlay.ifname
+            )));
+        }
         kernel.enable_forwarding().await?;
         let store = Store::connect(&cfg.etcd, &cfg.prefix).await?;
         let shared = Arc::new(Mutex::new(Shared {

@@ -322,3 +322,43 @@ async fn etcd_outage_keeps_connectivity_and_converges_after() {
         .map(|p| p.transport);
     assert_eq!(t, Some(Transport::Route));
 }
+
+#[tokio::test]
+async fn cluster_range_overlapping_the_underlay_is_refused() {
+    require!();
+    let tag = netns::unique_tag();
+    let seg = Segment::new(&tag, "sw", "192.168.73.0/24");
+    let h1 = Host::new(&tag, "h1", &seg, 1);
+    let mut cfg = AgentConfig {
+        etcd: vec!["http://127.0.0.1:1".into()],
+        ..config_without_etcd(&h1)
+    };
+    cfg.cluster = "192.168.0.0/16".parse().unwrap();
+    let err = Agent::start(cfg).await.err().expect("must be refused");
+    assert!(
+        err.to_string().contains("overlaps the underlay network"),
+        "{err}"
+    );
+}
+
+fn config_without_etcd(host: &Host) -> AgentConfig {
+    AgentConfig {
+        etcd: vec![],
+        prefix: "/portless/v1/".into(),
+        cluster: "10.72.0.0/16".parse().unwrap(),
+        subnet_len: 24,
+        advertise: Some(host.addr),
+        host_id: None,
+        hostname: String::new(),
+        mode: Mode::Vxlan,
+        vxlan_port: 4789,
+        vni: 1,
+        vxlan_name: VXLAN_DEVICE.into(),
+        lease_ttl: TTL,
+        bridge: None,
+        resync: Duration::from_secs(10),
+        netns: Some(host.ns.path()),
+        iptables: false,
+        masquerade_outside: false,
+    }
+}

@@ -203,7 +203,18 @@ pub fn plan(local: &LocalSpec, peers: &[HostRecord]) -> Plan {
             });
             continue;
         }
-        match transport(local, peer) {
+        let chosen = transport(local, peer).and_then(|t| {
+            if t == Transport::Vxlan && peer.vxlan_port != local.record.vxlan_port {
+                Err(format!(
+                    "peer {} listens for VXLAN on port {}, this host on {}: \
+                     every host needs the same --vxlan-port",
+                    peer.id, peer.vxlan_port, local.record.vxlan_port
+                ))
+            } else {
+                Ok(t)
+            }
+        });
+        match chosen {
             Ok(t) => {
                 claimed.push(peer.subnet);
                 out.peers.push(peer_plan(local, peer, t));
@@ -817,6 +828,24 @@ mod tests {
             p.vxlan.is_some(),
             "auto keeps a VTEP so that remote peers can reach it"
         );
+    }
+
+    #[test]
+    fn vxlan_port_mismatch_is_refused_with_a_reason() {
+        let l = local(Mode::Vxlan, false);
+        let mut b = rec("b", "10.244.2.0/24", [10, 0, 0, 2], Mode::Vxlan);
+        b.vxlan_port = 8472;
+        let p = plan(&l, &[b]);
+        assert!(p.peers.is_empty());
+        assert!(
+            p.refused[0].reason.contains("--vxlan-port"),
+            "{:?}",
+            p.refused
+        );
+        // Routed peers do not care.
+        let mut c = rec("c", "10.244.3.0/24", [192, 168, 1, 3], Mode::Route);
+        c.vxlan_port = 8472;
+        assert_eq!(plan(&l, &[c]).peers.len(), 1);
     }
 
     #[test]

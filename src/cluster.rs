@@ -467,8 +467,9 @@ mod tests {
         let pid = std::process::id();
         let name = format!("pl-test-net-{pid}");
         let _g = NetGuard(name.clone());
-        let third = 100 + pid % 150;
-        let h = host(&format!("10.213.{third}.0/24"), 1450);
+        // Clear of 10.213.0.0/16, where the other Docker tests make networks.
+        let third = pid % 250;
+        let h = host(&format!("10.216.{third}.0/24"), 1450);
 
         let id = ensure_network(&d, &name, &h).await.unwrap();
         let n = d.inspect_network(&name, None).await.unwrap();
@@ -484,7 +485,7 @@ mod tests {
         // Right already: untouched.
         assert_eq!(ensure_network(&d, &name, &h).await.unwrap(), id);
         // A new lease (here: MTU) with nothing attached: recreated.
-        let h2 = host(&format!("10.213.{third}.0/24"), 1400);
+        let h2 = host(&format!("10.216.{third}.0/24"), 1400);
         assert_ne!(ensure_network(&d, &name, &h2).await.unwrap(), id);
 
         assert_eq!(

@@ -35,7 +35,9 @@ fn docker_network_and_iptables_rules_follow_the_lease_and_go_on_exit() {
     let etcd = Etcd::on_loopback();
     let net = common::unique("plc");
     cleanup.push(&["docker", "network", "rm", &net]);
-    let third = 200 + std::process::id() % 50;
+    // 10.220-249: clear of 10.213.0.0/16, where the other Docker tests make
+    // networks.
+    let third = 220 + std::process::id() % 30;
     let cidr = format!("10.{third}.0.0/16");
     let endpoint = etcd.endpoint();
     let p = common::Portless::start(&[

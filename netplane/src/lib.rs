@@ -8,13 +8,22 @@
 //!
 //! - [`plan`]: the pure core. [`plan::plan`] turns this host's spec and its
 //!   peers' [`HostRecord`]s into a [`Plan`]; [`plan::diff`] compares it with
-//!   the [`Observed`] kernel state and yields netlink [`Op`]s.
-//! - `netlink`: the executor on rtnetlink, which reads back what portless
-//!   owns and applies ops idempotently, inside a given network namespace if
-//!   asked.
+//!   the [`Observed`] kernel state and yields netlink [`Op`]s. Also the
+//!   subnet choice ([`plan::pick_subnet`]). Tested without root.
+//! - [`netlink`]: the executor ([`netlink::Kernel`]) on rtnetlink, on a
+//!   dedicated OS thread that enters a network namespace if asked; reads
+//!   back what portless owns and applies ops idempotently; follows kernel
+//!   change events.
+//! - [`store`]: the state in etcd under a versioned prefix: subnet leases
+//!   granted by compare-and-swap, reservations, host records, watch.
+//! - [`iptables`]: the `PORTLESS-FWD`/`PORTLESS-NAT` chains.
+//! - [`agent`]: one host's running netplane ([`agent::Agent`]): lease and
+//!   keep-alive, peer watch, reconcile loop, status snapshot, cleanup.
 //!
-//! It does not know Docker: the binary creates the Docker network on the
-//! leased subnet. IPv4 only.
+//! What portless creates is its own: links named `pl-*`, routes with
+//! protocol [`plan::ROUTE_PROTOCOL`], the two iptables chains. It does not
+//! know Docker: the binary creates the Docker network on the leased subnet.
+//! IPv4 only; etcd over plain http.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

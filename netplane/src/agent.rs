@@ -391,8 +391,12 @@ async fn run(
             _ = wake.notified() => {}
             _ = changed => {
                 // A burst (our own apply, a container starting) is one
-                // reconcile: wait a moment, then drop what piled up.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // reconcile: wait a moment, then drop what piled up. A peer
+                // change does not wait.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = wake.notified() => {}
+                }
                 if let Some(rx) = changes.as_mut() {
                     while rx.try_recv().is_ok() {}
                 }

@@ -134,6 +134,12 @@ pub fn normalize_authority(authority: &str) -> Option<Cow<'_, str>> {
     if host.is_empty() || host.len() > 253 {
         return None;
     }
+    // No empty label: `.a.example.com` or `a..example.com` would otherwise
+    // reach a wildcard route that HostPattern::matches refuses (found by
+    // the fuzzer).
+    if host.starts_with('.') || host.contains("..") {
+        return None;
+    }
     let ok = host
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'[' | b']' | b':'));
@@ -205,6 +211,8 @@ mod tests {
         );
         assert_eq!(n("[::1]:80").as_deref(), Some("[::1]"));
         assert_eq!(n("a:b:c"), None);
+        assert_eq!(n(".st"), None);
+        assert_eq!(n("a..st:80"), None);
         assert_eq!(n("user@host"), None);
         assert_eq!(n(""), None);
         assert_eq!(n("a b"), None);

@@ -694,8 +694,11 @@ impl Worker {
         let te_trailers = headers::te_trailers(req.headers());
         let (mut parts, body) = req.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers, upgrade);
-        if !parts.headers.contains_key(header::HOST) {
-            // HTTP/2 clients send :authority only; HTTP/1 backends need Host.
+        if parts.uri.authority().is_some() || !parts.headers.contains_key(header::HOST) {
+            // The host the request was routed by is the one the backend
+            // sees: an HTTP/2 :authority (HTTP/1 backends need it as Host),
+            // or an absolute-form URI's, which overrides Host (RFC 9112
+            // 3.2.2).
             if let Ok(v) = HeaderValue::from_str(raw_host) {
                 parts.headers.insert(header::HOST, v);
             }

@@ -686,3 +686,80 @@ fn https_with_a_cert_dir_sni_and_redirect() {
         format!("308 https://shop.tls.test:{}/a?b=1", https.port())
     );
 }
+
+#[test]
+#[ignore = "until main.rs calls router_task::start (see the router report)"]
+fn forwarded_headers_proxy_protocol_and_hostile_requests_through_the_binary() {
+    let cleanup = Cleanup::new();
+    let (net, _) = network(&cleanup, &[]);
+    let c = unique("fwd");
+    let h = label("portless.http.host", "fwd.test");
+    test_backend(&cleanup, &c, &["--network", &net, "--label", &h]);
+    let curl = |router: SocketAddr, extra: &[&str]| -> (u16, String) {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", "-w", "\n%{http_code}", "--resolve"])
+            .arg(format!("fwd.test:{}:127.0.0.1", router.port()))
+            .args(extra)
+            .arg(format!("http://fwd.test:{}/", router.port()))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    };
+    let spoof = [
+        "-H",
+        "X-Forwarded-For: 6.6.6.6",
+        "-H",
+        "Forwarded: for=6.6.6.6",
+    ];
+
+    // Untrusted client: what it claims is replaced; oversized headers get
+    // 431, bodies over the limit 413.
+    let (_p, router) =
+        portless_router(&["--max-header-bytes", "16384", "--max-body-bytes", "1000"]);
+    wait_until("fwd.test to route", WAIT, || {
+        (curl(router, &[]).0 == 200).then_some(())
+    });
+    let (_, body) = curl(router, &spoof);
+    assert!(body.contains("x-forwarded-for: 127.0.0.1\n"), "{body}");
+    assert!(!body.contains("6.6.6.6"), "{body}");
+    assert!(
+        body.contains(&format!("x-forwarded-host: fwd.test:{}\n", router.port())),
+        "{body}"
+    );
+    let big = format!("X-Big: {}", "a".repeat(20_000));
+    assert_eq!(curl(router, &["-H", &big]).0, 431);
+    let payload = "x".repeat(2000);
+    assert_eq!(curl(router, &["--data-binary", &payload]).0, 413);
+
+    // Behind a PROXY-protocol balancer: every connection needs the header,
+    // and the balancer's forwarding headers are kept.
+    let (_p2, router2) = portless_router(&["--proxy-protocol"]);
+    wait_until("fwd.test to route (PROXY)", WAIT, || {
+        (curl(router2, &["--haproxy-protocol"]).0 == 200).then_some(())
+    });
+    let mut with_proxy = vec!["--haproxy-protocol"];
+    with_proxy.extend_from_slice(&spoof);
+    let (_, body) = curl(router2, &with_proxy);
+    assert!(
+        body.contains("x-forwarded-for: 6.6.6.6, 127.0.0.1\n"),
+        "{body}"
+    );
+    assert_eq!(
+        curl(router2, &[]).0,
+        0,
+        "a connection without a PROXY header was served"
+    );
+
+    // A trusted proxy by address.
+    let (_p3, router3) = portless_router(&["--trusted-proxy", "127.0.0.0/8"]);
+    wait_until("fwd.test to route (trusted)", WAIT, || {
+        (curl(router3, &[]).0 == 200).then_some(())
+    });
+    let (_, body) = curl(router3, &spoof);
+    assert!(
+        body.contains("forwarded: for=6.6.6.6, for=127.0.0.1;proto=http"),
+        "{body}"
+    );
+}

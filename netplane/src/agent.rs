@@ -472,19 +472,22 @@ async fn keep_alive(
                     }
                 }
             }
-            Err(e) => {
-                let mut s = lock(&shared);
-                let was_ok = s.etcd_ok;
-                s.etcd_ok = false;
-                s.last_error = Some(e.to_string());
-                drop(s);
-                if was_ok {
-                    warn!(error = %e, "etcd unreachable; keeping the last known plan");
-                    // Only to publish the status: the plan stays as it is.
-                    wake.notify_one();
-                }
-            }
+            Err(e) => etcd_down(&shared, &wake, &e),
         }
+    }
+}
+
+/// Note that etcd is away (whoever saw it first). Nothing is torn down; the
+/// reconcile loop is woken only to publish the status.
+fn etcd_down(shared: &Mutex<Shared>, wake: &Notify, e: &Error) {
+    let mut s = lock(shared);
+    let was_ok = s.etcd_ok;
+    s.etcd_ok = false;
+    s.last_error = Some(e.to_string());
+    drop(s);
+    if was_ok {
+        warn!(error = %e, "etcd unreachable; keeping the last known plan");
+        wake.notify_one();
     }
 }
 
@@ -494,7 +497,7 @@ async fn watch_peers(store: Store, shared: Arc<Mutex<Shared>>, wake: Arc<Notify>
             Ok(v) => v,
             Err(e) => {
                 debug!(error = %e, "listing hosts failed; retrying");
-                lock(&shared).etcd_ok = false;
+                etcd_down(&shared, &wake, &e);
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }

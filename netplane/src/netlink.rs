@@ -416,10 +416,11 @@ fn to_mac(b: &[u8]) -> Option<Mac> {
 }
 
 fn route_of(m: &RouteMessage, names: &HashMap<u32, String>) -> Option<Route> {
-    let (mut dst, mut via, mut oif) = (Ipv4Addr::UNSPECIFIED, None, None);
+    let (mut dst, mut via, mut oif, mut src) = (Ipv4Addr::UNSPECIFIED, None, None, None);
     for a in &m.attributes {
         match a {
             RouteAttribute::Destination(RouteAddress::Inet(v)) => dst = *v,
+            RouteAttribute::PrefSource(RouteAddress::Inet(v)) => src = Some(*v),
             RouteAttribute::Gateway(RouteAddress::Inet(v)) => via = Some(*v),
             RouteAttribute::Oif(i) => oif = Some(*i),
             _ => {}
@@ -430,6 +431,7 @@ fn route_of(m: &RouteMessage, names: &HashMap<u32, String>) -> Option<Route> {
         via: via?,
         dev: names.get(&oif?)?.clone(),
         onlink: m.header.flags.contains(RouteFlags::Onlink),
+        src,
     })
 }
 
@@ -503,6 +505,9 @@ fn route_message(r: &Route, oif: u32) -> RouteMessage {
         .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
     if r.onlink {
         b = b.onlink();
+    }
+    if let Some(src) = r.src {
+        b = b.pref_source(src);
     }
     b.build()
 }

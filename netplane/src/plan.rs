@@ -121,6 +121,11 @@ pub struct Route {
     pub via: Ipv4Addr,
     pub dev: String,
     pub onlink: bool,
+    /// Preferred source for traffic the host itself sends (the router in
+    /// the host's namespace reaching remote containers). Plain routes use
+    /// the local gateway, an address inside the cluster range, so that the
+    /// peer's forwarding rules, which accept the cluster range, let it in.
+    pub src: Option<Ipv4Addr>,
 }
 
 /// What one peer needs in the kernel.
@@ -303,6 +308,9 @@ fn peer_plan(local: &LocalSpec, peer: &HostRecord, t: Transport) -> PeerPlan {
                     via: vtep_ip,
                     dev,
                     onlink: true,
+                    // The VTEP's own address (the subnet's network address)
+                    // is already inside the cluster range.
+                    src: None,
                 },
             )
         }
@@ -314,6 +322,7 @@ fn peer_plan(local: &LocalSpec, peer: &HostRecord, t: Transport) -> PeerPlan {
                 via: peer.underlay,
                 dev: local.underlay.ifname.clone(),
                 onlink: false,
+                src: Some(local.gateway().addr()),
             },
         ),
     };
@@ -424,11 +433,12 @@ impl fmt::Display for Op {
             Op::AddFdb(e) => write!(f, "fdb add {} dst {} dev {}", e.mac, e.dst, e.dev),
             Op::AddRoute(r) => write!(
                 f,
-                "route add {} via {} dev {}{}",
+                "route add {} via {} dev {}{}{}",
                 r.dst,
                 r.via,
                 r.dev,
-                if r.onlink { " onlink" } else { "" }
+                if r.onlink { " onlink" } else { "" },
+                r.src.map(|s| format!(" src {s}")).unwrap_or_default()
             ),
         }
     }
@@ -763,6 +773,7 @@ mod tests {
             via: Ipv4Addr::new(10, 244, 2, 0),
             dev: "pl-vx0".into(),
             onlink: true,
+            src: None,
         })));
         assert!(ops.contains(&Op::AddAddr(Addr {
             dev: "pl-vx0".into(),
@@ -787,6 +798,7 @@ mod tests {
                 via: Ipv4Addr::new(192, 168, 1, 2),
                 dev: "eth0".into(),
                 onlink: false,
+                src: Some(Ipv4Addr::new(10, 244, 1, 1)),
             })]
         );
     }

@@ -104,6 +104,17 @@ async fn two_hosts_one_segment(mode: Mode) {
     let c2 = container(&tag, "c2", &b, 10);
     assert!(c1.ns.ping_until(c2.addr, 5), "c1 cannot reach c2");
     assert!(c2.ns.ping(c1.addr), "c2 cannot reach c1");
+    // The host itself (where the router runs) reaches remote containers,
+    // from an address inside the cluster range.
+    assert!(a.host.ns.ping(c2.addr), "h1 cannot reach c2");
+    let got =
+        String::from_utf8(a.host.ns.ip(&["route", "get", &c2.addr.to_string()]).stdout).unwrap();
+    let src = if mode == Mode::Vxlan {
+        a.spec.record.subnet.network()
+    } else {
+        a.spec.gateway().addr()
+    };
+    assert!(got.contains(&format!("src {src}")), "{got}");
     // A full-size packet crosses without fragmentation.
     let mtu = a.spec.container_mtu();
     assert!(c1.ns.ping_size(c2.addr, mtu), "{mtu}-byte packet lost");

@@ -308,17 +308,20 @@ pub struct Etcd {
     child: Option<std::process::Child>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// Two distinct free loopback ports (both held while picking, so that the
+/// kernel cannot hand out the same one twice).
+fn two_free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    let b = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    let port = |l: &std::net::TcpListener| l.local_addr().expect("bound").port();
+    (port(&a), port(&b))
 }
 
 impl Etcd {
     /// On 127.0.0.1 with free ports.
     pub fn on_loopback() -> Etcd {
-        Self::start(None, Ipv4Addr::LOCALHOST, free_port(), free_port())
+        let (client, peer) = two_free_ports();
+        Self::start(None, Ipv4Addr::LOCALHOST, client, peer)
     }
 
     /// Inside a test namespace, on one of its addresses.

@@ -73,6 +73,18 @@ stop_packaged_services() {
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
+# utime+stime of processes (clock ticks), summed. Field 2 (comm) may hold
+# spaces, so count from the end of ") ".
+cpu_ticks() {
+    local p sum=0 t
+    for p in "$@"; do
+        t=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
+        sum=$((sum + ${t:-0}))
+    done
+    echo "$sum"
+}
+TICK=$(getconf CLK_TCK)
+
 ensure_packages nginx haproxy caddy wrk curl python3
 stop_packaged_services
 
@@ -219,18 +231,30 @@ done
 
 log "machine: $(nproc) cores, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB; wrk -t$THREADS -c$CONNS -d${DURATION}s, $ROUNDS rounds"
 declare -A TARGET=([direct]=$BP [nginx]=$NP [haproxy]=$HP [caddy]=$CP [portless]=$PP [portless-10k]=$PP10K)
+# The processes doing each target's work (nginx: its workers), for CPU time
+# per request: a measure of efficiency that the noise of a shared machine
+# disturbs far less than requests per second.
+NGINX_WORKERS=$(pgrep -P "$NGINX_PID" | tr '\n' ' ')
+BACKEND_WORKERS=$(pgrep -P "$BACKEND_PID" | tr '\n' ' ')
+declare -A PROCS=([direct]="$BACKEND_WORKERS" [nginx]="$NGINX_WORKERS" [haproxy]=$HAPROXY_PID [caddy]=$CADDY_PID [portless]=$PORTLESS_PID [portless-10k]=$PORTLESS10K_PID)
 ORDER=(direct nginx haproxy caddy portless portless-10k)
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
     for name in "${ORDER[@]}"; do
         port=${TARGET[$name]}
+        # shellcheck disable=SC2086 # word splitting of the pid list is wanted
+        t0=$(cpu_ticks ${PROCS[$name]})
         out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "Host: $HOST" "http://127.0.0.1:$port/" 2>&1)
+        # shellcheck disable=SC2086
+        t1=$(cpu_ticks ${PROCS[$name]})
+        total=$(awk '/requests in/ {print $1}' <<<"$out")
+        cpu_us=$(python3 -c "print(round(($t1 - $t0) * 1e6 / $TICK / max(1, $total), 2))")
         rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
         p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
         errs=$(awk '/Non-2xx|Socket errors/ {printf "%s ", $0}' <<<"$out")
-        printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p99" "${errs:-none}" >>"$RESULTS"
-        log "round $round $name: $rps req/s, p99 $p99 ${errs}"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p99" "${errs:-none}" "$cpu_us" >>"$RESULTS"
+        log "round $round $name: $rps req/s, p99 $p99, $cpu_us us CPU/request ${errs}"
     done
 done
 
@@ -257,15 +281,18 @@ for n in names:
     rs = [float(r[2]) for r in rows if r[1] == n]
     ps = [ms(r[3]) for r in rows if r[1] == n]
     errs = sorted({r[4] for r in rows if r[1] == n})
-    med[n] = (statistics.median(rs), statistics.median(ps), errs)
+    cpu = statistics.median(float(r[5]) for r in rows if r[1] == n)
+    med[n] = (statistics.median(rs), statistics.median(ps), errs, cpu)
 best = max(("nginx", "haproxy"), key=lambda n: med[n][0])
-print(f"{'target':<14}{'req/s (median)':>16}{'p99 ms (median)':>17}  errors")
+print(f"{'target':<14}{'req/s (median)':>16}{'p99 ms (median)':>17}{'CPU us/req':>12}  errors")
 for n in names:
-    print(f"{n:<14}{med[n][0]:>16.0f}{med[n][1]:>17.2f}  {' '.join(med[n][2])}")
+    print(f"{n:<14}{med[n][0]:>16.0f}{med[n][1]:>17.2f}{med[n][3]:>12.2f}  {' '.join(med[n][2])}")
 for n in ("portless", "portless-10k"):
     print(f"{n} / best of nginx+haproxy ({best}): req/s x{med[n][0] / med[best][0]:.2f}, "
           f"p99 {med[n][1]:.2f} ms vs {med[best][1]:.2f} ms")
 print(f"portless / direct: req/s x{med['portless'][0] / med['direct'][0]:.2f}")
+for n in ("nginx", "haproxy"):
+    print(f"CPU per request, portless / {n}: x{med['portless'][3] / med[n][3]:.2f}")
 print(f"portless / caddy: req/s x{med['portless'][0] / med['caddy'][0]:.2f}")
 print(f"resident memory: 1 route {int(sys.argv[2]) / 1024:.1f} MiB, 10,000 routes {int(sys.argv[3]) / 1024:.1f} MiB (after the load)")
 print(f"lookup (normalise host + find), 10,000 routes: {sys.argv[4]}")

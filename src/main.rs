@@ -43,12 +43,9 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => {
-            let cfg = match args.resolve() {
+            let cfg = match resolve(*args) {
                 Ok(cfg) => cfg,
-                Err(e) => {
-                    eprintln!("portless: {e}");
-                    return ExitCode::from(EXIT_CONFIG as u8);
-                }
+                Err(code) => return code,
             };
             init_tracing(&cfg.log);
             match runtime.block_on(run(cfg)) {
@@ -68,12 +65,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Netplane(config::NetplaneCommand::Cleanup(args)) => {
-            let cfg = match args.resolve() {
+            let cfg = match resolve(*args) {
                 Ok(cfg) => cfg,
-                Err(e) => {
-                    eprintln!("portless: {e}");
-                    return ExitCode::from(EXIT_CONFIG as u8);
-                }
+                Err(code) => return code,
             };
             init_tracing(&cfg.log);
             match runtime.block_on(cluster::cleanup(cfg.cluster.as_ref(), &cfg.docker)) {
@@ -88,6 +82,15 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The validated configuration, or the exit code of a bad one (after
+/// saying why).
+fn resolve(args: config::RunArgs) -> Result<Config, ExitCode> {
+    args.resolve().map_err(|e| {
+        eprintln!("portless: {e}");
+        ExitCode::from(EXIT_CONFIG as u8)
+    })
 }
 
 fn init_tracing(filter: &str) {

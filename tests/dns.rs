@@ -36,6 +36,24 @@ fn portless_on(gateways: &[IpAddr], extra: &[&str]) -> (Portless, Vec<SocketAddr
     (Portless::start(&args), addrs)
 }
 
+/// portless without Docker, with one DNS listener on a free loopback port;
+/// returns it and that listener's address as text.
+fn static_portless(extra: &[&str]) -> (Portless, String) {
+    let port = free_port([127, 0, 0, 1].into());
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--no-router=true",
+        "--docker-host",
+        "none",
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &listen,
+    ];
+    args.extend_from_slice(extra);
+    (Portless::start(&args), listen)
+}
+
 fn arpa(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => {
@@ -441,19 +459,7 @@ fn other_names_are_forwarded_faithfully_with_failover_and_tcp_retry() {
     let good = common::dnsmasq::Dnsmasq::start(&hosts, "upstream.test");
     let dead = format!("127.0.0.1:{}", free_port([127, 0, 0, 1].into()));
     let ups = format!("{},{},{}", empty.addr, dead, good.addr);
-    let port = free_port([127, 0, 0, 1].into());
-    let listen = format!("127.0.0.1:{port}");
-    let p = Portless::start(&[
-        "--no-router=true",
-        "--docker-host",
-        "none",
-        "--dns-port",
-        "0",
-        "--dns-listen",
-        &listen,
-        "--upstream",
-        &ups,
-    ]);
+    let (p, listen) = static_portless(&["--upstream", &ups]);
     let server: SocketAddr = listen.parse().unwrap();
 
     let r = dig(server, "a.upstream.test", "A", &[]);
@@ -588,16 +594,7 @@ fn hosts_file_and_ingress_zones_answer_and_reload() {
     let hosts = std::env::temp_dir().join(unique("plhf-"));
     std::fs::write(&hosts, "192.0.2.10 nas.lan nas-alias.lan\nbad line here\n").unwrap();
     let h = hosts.to_str().unwrap().to_owned();
-    let port = free_port([127, 0, 0, 1].into());
-    let listen = format!("127.0.0.1:{port}");
-    let _p = Portless::start(&[
-        "--no-router=true",
-        "--docker-host",
-        "none",
-        "--dns-port",
-        "0",
-        "--dns-listen",
-        &listen,
+    let (_p, listen) = static_portless(&[
         "--hosts-file",
         &h,
         "--ingress-zone",
@@ -629,19 +626,7 @@ fn hosts_file_and_ingress_zones_answer_and_reload() {
 #[test]
 fn malformed_packets_get_formerr_or_are_dropped_and_nothing_crashes() {
     use std::net::UdpSocket;
-    let port = free_port([127, 0, 0, 1].into());
-    let listen = format!("127.0.0.1:{port}");
-    let p = Portless::start(&[
-        "--no-router=true",
-        "--docker-host",
-        "none",
-        "--dns-port",
-        "0",
-        "--dns-listen",
-        &listen,
-        "--upstream",
-        "127.0.0.1:9",
-    ]);
+    let (p, listen) = static_portless(&["--upstream", "127.0.0.1:9"]);
     let server: SocketAddr = listen.parse().unwrap();
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(500)))
@@ -886,16 +871,7 @@ fn forwarding_is_bounded_in_time_and_concurrency() {
     // An upstream that reads queries and never answers.
     let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let up = blackhole.local_addr().unwrap().to_string();
-    let port = free_port([127, 0, 0, 1].into());
-    let listen = format!("127.0.0.1:{port}");
-    let p = Portless::start(&[
-        "--no-router=true",
-        "--docker-host",
-        "none",
-        "--dns-port",
-        "0",
-        "--dns-listen",
-        &listen,
+    let (p, listen) = static_portless(&[
         "--upstream",
         &up,
         "--forward-max-inflight",
@@ -929,19 +905,7 @@ fn forwarding_is_bounded_in_time_and_concurrency() {
 
 #[test]
 fn edns_versions_above_zero_get_badvers() {
-    let port = free_port([127, 0, 0, 1].into());
-    let listen = format!("127.0.0.1:{port}");
-    let _p = Portless::start(&[
-        "--no-router=true",
-        "--docker-host",
-        "none",
-        "--dns-port",
-        "0",
-        "--dns-listen",
-        &listen,
-        "--upstream",
-        "127.0.0.1:9",
-    ]);
+    let (_p, listen) = static_portless(&["--upstream", "127.0.0.1:9"]);
     let r = dig(
         listen.parse().unwrap(),
         "docker.internal",

@@ -130,3 +130,66 @@ async fn redirect_https_sends_308_for_routed_hosts_only() {
     let got = curl(&format!("http://other.test:{}/", r.addr.port()), &[]).await;
     assert_eq!(got.status, 404);
 }
+
+#[tokio::test]
+async fn an_open_tls_connection_survives_a_certificate_change() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = TestCa::new();
+    let certs = TempDir::new("certs-keep");
+    ca.issue(&certs.0, "keep", &["keep.test"]);
+    let (store, _) = load_cert_dir(&certs.0).unwrap();
+    let resolver = Arc::new(CertResolver::new(store));
+    let watcher = tokio::spawn(watch_cert_dir(
+        certs.0.clone(),
+        resolver.clone(),
+        Duration::from_millis(200),
+    ));
+    let be = backend("be").await;
+    let mut r = router(
+        RouterOptions::default(),
+        vec![spec(&["keep.test"], "/", vec![b("be", be.addr)])],
+    )
+    .await;
+    let https = r.add_https(server_config(resolver.clone()).unwrap()).await;
+
+    // A real TLS client (rustls) trusting the test CA.
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca.ca_path()).unwrap();
+    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("keep.test").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let req = b"GET / HTTP/1.1\r\nHost: keep.test\r\n\r\n";
+    let mut buf = vec![0u8; 8192];
+    tls.write_all(req).await.unwrap();
+    let n = tls.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+
+    // Replace the certificate (new key) and wait for the reload.
+    std::fs::remove_file(certs.0.join("keep.pem")).unwrap();
+    std::fs::remove_file(certs.0.join("keep.key")).unwrap();
+    ca.issue(&certs.0, "keep", &["keep.test", "other.keep.test"]);
+    let reloaded = eventually(Duration::from_secs(5), async || {
+        resolver.names().iter().any(|(n, _)| n == "other.keep.test")
+    })
+    .await;
+    assert!(reloaded, "certificate change not picked up");
+    // The open connection carries on.
+    tls.write_all(req).await.unwrap();
+    let n = tls.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    watcher.abort();
+}

@@ -362,3 +362,52 @@ fn config_without_etcd(host: &Host) -> AgentConfig {
         masquerade_outside: false,
     }
 }
+
+/// portless restarting while etcd is down leaves the kernel as the last run
+/// left it (containers keep talking), and takes its own subnet back once
+/// etcd returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_during_etcd_outage_keeps_the_last_plan() {
+    require!();
+    let tag = netns::unique_tag();
+    let mut etcd = Etcd::on_loopback();
+    let seg = Segment::new(&tag, "sw", "192.168.74.0/24");
+    let h1 = Host::new(&tag, "h1", &seg, 1);
+    let h2 = Host::new(&tag, "h2", &seg, 2);
+    let a1 = Agent::start(config(&etcd, &h1, "10.74.0.0/16", Mode::Vxlan))
+        .await
+        .unwrap();
+    let a2 = Agent::start(config(&etcd, &h2, "10.74.0.0/16", Mode::Vxlan))
+        .await
+        .unwrap();
+    let s1 = a1.ready().await;
+    let s2 = a2.ready().await;
+    wait_for("peers", 5, async || {
+        peers_in_place(&a1, 1) && peers_in_place(&a2, 1)
+    })
+    .await;
+    let c1 = container(&tag, "c1", &h1, &s1);
+    let c2 = container(&tag, "c2", &h2, &s2);
+    assert!(c1.ns.ping_until(c2.addr, 5));
+
+    // h1's portless stops (no cleanup), etcd goes away, h1's portless
+    // comes back without etcd.
+    drop(a1);
+    etcd.stop();
+    let a1 = Agent::start(config(&etcd, &h1, "10.74.0.0/16", Mode::Vxlan))
+        .await
+        .unwrap();
+    tokio::time::sleep(TTL * 2).await;
+    assert!(a1.status().host.is_none(), "no lease without etcd");
+    assert!(c1.ns.ping(c2.addr), "the kernel must keep the last plan");
+    assert!(c2.ns.ping(c1.addr));
+
+    etcd.restart();
+    let again = a1.ready().await;
+    assert_eq!(again.subnet, s1.subnet, "its own subnet back");
+    wait_for("converged", 10, async || {
+        peers_in_place(&a1, 1) && peers_in_place(&a2, 1)
+    })
+    .await;
+    assert!(c1.ns.ping(c2.addr));
+}

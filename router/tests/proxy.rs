@@ -668,3 +668,35 @@ async fn unspecified_v6_listener_takes_ipv4_too() {
     let port = ls[0].local_addr().unwrap().port();
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
 }
+
+#[tokio::test]
+async fn a_streaming_response_finishes_after_its_route_is_removed() {
+    let be = backend("be").await;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(&["s.test"], "/", vec![b("be", be.addr)])],
+    )
+    .await;
+    let stream = TcpStream::connect(r.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri("/stream")
+        .header("host", "s.test")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let mut body = send.send_request(req).await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "chunk 0\n");
+    // The route goes away mid-stream; the response still completes.
+    r.router.update(vec![]);
+    assert_eq!(curl(&url(&r, "s.test", "/"), &[]).await.status, 404);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert!(
+        rest.ends_with(b"chunk 9\n"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+}

@@ -94,6 +94,20 @@ async fn serve_backend(
                 .body(full(""))
                 .unwrap()
         }
+        "/stream" => {
+            // Ten chunks, 100 ms apart.
+            let s = futures::stream::unfold(0u32, |i| async move {
+                if i == 10 {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Some((
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(format!("chunk {i}\n")))),
+                    i + 1,
+                ))
+            });
+            Response::new(StreamBody::new(s).boxed())
+        }
         "/trailers" => {
             // gRPC-style: a body, then trailers.
             let mut trailers = HeaderMap::new();

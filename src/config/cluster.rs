@@ -317,3 +317,41 @@ mod tests {
         assert!(toml::from_str::<ClusterOpts>("cluster-etc = []").is_err());
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use clap::Parser;
+
+    use crate::config::{Cli, Command};
+
+    fn resolve(args: &[&str]) -> super::ClusterConfig {
+        let mut all = vec!["portless", "run"];
+        all.extend_from_slice(args);
+        let Command::Run(run) = Cli::try_parse_from(all).expect("arguments parse").command else {
+            unreachable!("run was asked for")
+        };
+        run.resolve()
+            .expect("valid")
+            .cluster
+            .expect("cluster mode on")
+    }
+
+    #[test]
+    fn example_cluster_config_parses_and_flags_win_over_it() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/examples/cluster.toml");
+        let c = resolve(&["--config", example]);
+        assert_eq!(c.etcd.len(), 2);
+        assert_eq!(c.mode, portless_netplane::Mode::Auto);
+        assert_eq!(c.advertise_addr, Some("10.0.0.1".parse().unwrap()));
+        let c = resolve(&[
+            "--config",
+            example,
+            "--netplane-mode",
+            "route",
+            "--cluster-etcd",
+            "http://127.0.0.1:2379",
+        ]);
+        assert_eq!(c.mode, portless_netplane::Mode::Route);
+        assert_eq!(c.etcd, vec!["http://127.0.0.1:2379".to_owned()]);
+    }
+}

@@ -280,10 +280,11 @@ EOF
         for ((i = 0; i < n; i++)); do
             s=${up[$(((i + r - 1) % n))]}
             eval "pid=\$PID_$s port=\$PORT_$s"
-            local out="$WORK/dnsperf-$s-$r.txt" t0 t1 c0 c1 k0 k1 w0 w1
+            local out="$WORK/dnsperf-$s-$r.txt" t0 t1 c0 c1 k0 k1 w0 w1 d0 d1
             c0=$(cpu_ticks "$pid")
             k0=$(core_busy_ticks "$CLIENT_CPU")
             w0=$(sleeps "$pid")
+            d0=$(udp_drops)
             t0=$(date +%s.%N)
             nice -n "$NICE" taskset -c "$CLIENT_CPU" dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/data/queries" \
                 -l "$LENGTH" -c "$CLIENTS" -T 1 -q "$OUTSTANDING" -t "$TIMEOUT" >"$out" 2>&1 ||
@@ -292,6 +293,7 @@ EOF
             c1=$(cpu_ticks "$pid")
             k1=$(core_busy_ticks "$CLIENT_CPU")
             w1=$(sleeps "$pid")
+            d1=$(udp_drops)
             local sent completed lost qps avg min max cpu ccpu us wq
             sent=$(awk '/Queries sent:/ {print $3}' "$out")
             completed=$(awk '/Queries completed:/ {print $3}' "$out")
@@ -302,9 +304,9 @@ EOF
             ccpu=$(awk -v k="$((k1 - k0))" -v hz="$hz" -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%.1f", 100 * k / hz / (t1 - t0)}')
             us=$(awk -v c="$((c1 - c0))" -v hz="$hz" -v n="$completed" 'BEGIN {printf "%.2f", n ? 1e6 * c / hz / n : 0}')
             wq=$(awk -v w="$((w1 - w0))" -v n="$completed" 'BEGIN {printf "%.3f", n ? w / n : 0}')
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$r" "$sent" "$completed" \
-                "$lost" "$qps" "$avg" "$min" "$max" "$cpu" "$ccpu" "$us" "$wq" >>"$WORK/rounds.tsv"
-            log "round $r $s: $qps qps, lost $lost/$sent, avg ${avg}s max ${max}s, server CPU $cpu% (${us} us/query, $wq sleeps/query), client core busy $ccpu%"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$r" "$sent" "$completed" \
+                "$lost" "$qps" "$avg" "$min" "$max" "$cpu" "$ccpu" "$us" "$wq" "$((d1 - d0))" >>"$WORK/rounds.tsv"
+            log "round $r $s: $qps qps, lost $lost/$sent (kernel UDP drops on the host: $((d1 - d0))), avg ${avg}s max ${max}s, server CPU $cpu% (${us} us/query, $wq sleeps/query), client core busy $ccpu%"
         done
     done
 

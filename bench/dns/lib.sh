@@ -93,6 +93,12 @@ sleeps() {
     cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^voluntary_ctxt_switches:/ {n += $2} END {print n + 0}'
 }
 
+# UDP datagrams the kernel dropped so far, host-wide (receive or send buffer
+# full, no memory): tells a server's losses from the kernel's.
+udp_drops() {
+    awk '$1 == "Udp:" && $2 ~ /^[0-9]+$/ {print $6 + $7 + $10}' /proc/net/snmp
+}
+
 # Busy ticks of one CPU so far (everything but idle and iowait), softirq
 # included: on loopback most of the client's cost is kernel time that no
 # process is charged with.

@@ -4,7 +4,7 @@
 Input: a TSV file with one line per (server, round):
   server round sent completed lost qps avg_lat_s min_lat_s max_lat_s
   server_cpu_pct client_core_busy_pct server_cpu_us_per_query
-  server_sleeps_per_query
+  server_sleeps_per_query host_udp_drops
 and a TSV of server facts: server rss_kib answers_ok note
 Prints a table (median qps over rounds, all lost queries, median average
 latency, worst max latency, server CPU share, RSS) and the ratio of
@@ -21,7 +21,7 @@ def main():
     rows = {}
     for line in open(rounds_path):
         f = line.split("\t")
-        if len(f) < 13:
+        if len(f) < 14:
             continue
         srv = f[0]
         rows.setdefault(srv, []).append(
@@ -37,6 +37,7 @@ def main():
                 ccpu=float(f[10]),
                 us=float(f[11]),
                 wq=float(f[12]),
+                drops=int(f[13]),
             )
         )
     facts = {}
@@ -47,7 +48,7 @@ def main():
     order = PEERS + ["portless"]
     hdr = (
         f"{'server':<9} {'qps(median)':>12} {'qps(min..max)':>19} {'sent':>10} "
-        f"{'lost':>7} {'lost%':>7} {'avg lat ms':>10} {'max lat ms':>10} "
+        f"{'lost':>7} {'lost%':>7} {'UDP drops':>9} {'avg lat ms':>10} {'max lat ms':>10} "
         f"{'srv CPU%':>8} {'srv us/q':>8} {'sleeps/q':>8} {'cli core%':>9} {'RSS MiB':>8}  answers"
     )
     print(hdr)
@@ -61,7 +62,7 @@ def main():
         fact = facts.get(srv, dict(rss=0, ok="-", note=""))
         rs = rows.get(srv, [])
         if not rs:
-            print(f"{srv:<9} {'-':>12} {'-':>19} {'-':>10} {'-':>7} {'-':>7} {'-':>10} "
+            print(f"{srv:<9} {'-':>12} {'-':>19} {'-':>10} {'-':>7} {'-':>7} {'-':>9} {'-':>10} "
                   f"{'-':>10} {'-':>8} {'-':>8} {'-':>8} {'-':>9} {fact['rss'] / 1024:>8.1f}  "
                   f"{fact['ok']} {fact['note']}")
             continue
@@ -73,7 +74,7 @@ def main():
         lost[srv] = lst / sent if sent else 0.0
         print(
             f"{srv:<9} {med[srv]:>12.0f} {min(q):>9.0f}..{max(q):<9.0f} {sent:>10} "
-            f"{lst:>7} {100 * lost[srv]:>6.3f}% "
+            f"{lst:>7} {100 * lost[srv]:>6.3f}% {sum(r['drops'] for r in rs):>9} "
             f"{1000 * statistics.median(r['avg'] for r in rs):>10.3f} "
             f"{1000 * max(r['max'] for r in rs):>10.3f} "
             f"{statistics.median(r['cpu'] for r in rs):>8.0f} "

@@ -117,6 +117,10 @@ struct Shared {
     ops_applied: u64,
     /// Refusals already logged, so that each is said once, at warn.
     refused: Vec<Refusal>,
+    /// The peers have been listed from etcd at least once. Until then the
+    /// kernel is not touched: an empty peer set would tear down what a
+    /// previous run left in place.
+    listed: bool,
 }
 
 /// A running netplane. Dropping it stops its tasks and leaves the kernel
@@ -186,6 +190,7 @@ impl Agent {
             reconciles: 0,
             ops_applied: 0,
             refused: Vec::new(),
+            listed: false,
         }));
         let (status_tx, status) = watch::channel(Status {
             etcd_endpoints: cfg.etcd.clone(),
@@ -504,9 +509,10 @@ async fn watch_peers(store: Store, shared: Arc<Mutex<Shared>>, wake: Arc<Notify>
         };
         {
             let mut s = lock(&shared);
-            if s.peers != hosts {
+            if s.peers != hosts || !s.listed {
                 debug!(hosts = hosts.len(), "host list replaced");
                 s.peers = hosts;
+                s.listed = true;
                 drop(s);
                 wake.notify_one();
             }
@@ -579,6 +585,9 @@ async fn reconcile(
 ) {
     let (spec, lease, peers) = {
         let s = lock(shared);
+        if !s.listed {
+            return;
+        }
         let Some(spec) = s.spec.clone() else { return };
         (
             spec,

@@ -390,18 +390,33 @@ pub async fn cleanup(
             ),
         }
     }
+    // Every part is tried even when another fails; the first error is
+    // returned at the end.
+    let mut first_err: Option<anyhow::Error> = None;
     if *docker != DockerHost::None {
-        let d = crate::discovery::connect(docker)?;
-        let d = d
-            .negotiate_version()
-            .await
-            .context("negotiating the Docker API version")?;
-        report.docker_networks = remove_networks(&d, None).await?;
+        let docker_part = async {
+            let d = crate::discovery::connect(docker)?
+                .negotiate_version()
+                .await
+                .context("negotiating the Docker API version")?;
+            remove_networks(&d, None).await
+        };
+        match docker_part.await {
+            Ok(names) => report.docker_networks = names,
+            Err(e) => first_err = Some(e),
+        }
     }
-    report.netlink_ops = agent::cleanup_kernel(&kernel, true)
-        .await
-        .context("removing kernel objects")?;
-    Ok(report)
+    match agent::cleanup_kernel(&kernel, true).await {
+        Ok(n) => report.netlink_ops = n,
+        Err(e) => {
+            let e = anyhow::Error::new(e).context("removing kernel objects");
+            first_err.get_or_insert(e);
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
 }
 
 async fn release_lease(kernel: &Kernel, cfg: &ClusterConfig) -> anyhow::Result<bool> {

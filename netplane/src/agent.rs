@@ -107,6 +107,80 @@ pub struct Status {
     pub ops_applied: u64,
 }
 
+impl Status {
+    /// The status as Prometheus text-format metrics (`portless_netplane_*`),
+    /// for the admin API's `/metrics`.
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                if labels.is_empty() {
+                    let _ = writeln!(out, "{name} {v}");
+                } else {
+                    let _ = writeln!(out, "{name}{{{labels}}} {v}");
+                }
+            }
+        };
+        metric(
+            "portless_netplane_lease_held",
+            "gauge",
+            "1 when this host holds its subnet lease.",
+            &[("", u64::from(self.host.is_some()))],
+        );
+        metric(
+            "portless_netplane_etcd_connected",
+            "gauge",
+            "1 when etcd answered the last keep-alive.",
+            &[("", u64::from(self.etcd_connected))],
+        );
+        let count = |t: Transport, in_place: Option<bool>| {
+            self.peers
+                .iter()
+                .filter(|p| p.transport == t && in_place.is_none_or(|i| p.in_place == i))
+                .count() as u64
+        };
+        metric(
+            "portless_netplane_peers",
+            "gauge",
+            "Peers by transport.",
+            &[
+                ("transport=\"vxlan\"", count(Transport::Vxlan, None)),
+                ("transport=\"route\"", count(Transport::Route, None)),
+            ],
+        );
+        metric(
+            "portless_netplane_peers_not_in_place",
+            "gauge",
+            "Peers whose kernel entries are not all in place.",
+            &[
+                ("transport=\"vxlan\"", count(Transport::Vxlan, Some(false))),
+                ("transport=\"route\"", count(Transport::Route, Some(false))),
+            ],
+        );
+        metric(
+            "portless_netplane_peers_refused",
+            "gauge",
+            "Peers that cannot be reached in the configured mode.",
+            &[("", self.refused.len() as u64)],
+        );
+        metric(
+            "portless_netplane_reconciles_total",
+            "counter",
+            "Comparisons of the kernel with the plan.",
+            &[("", self.reconciles)],
+        );
+        metric(
+            "portless_netplane_netlink_ops_total",
+            "counter",
+            "Netlink changes applied.",
+            &[("", self.ops_applied)],
+        );
+        out
+    }
+}
+
 struct Shared {
     spec: Option<LocalSpec>,
     lease: Option<Lease>,
@@ -693,4 +767,46 @@ async fn reconcile(
     };
     drop(s);
     status_tx.send_replace(status);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_counts_peers_by_transport() {
+        let peer = |id: &str, t: Transport, in_place: bool| PeerStatus {
+            id: id.into(),
+            hostname: String::new(),
+            subnet: "10.244.2.0/24".parse().unwrap(),
+            underlay: Ipv4Addr::new(192, 0, 2, 2),
+            mode: Mode::Auto,
+            transport: t,
+            in_place,
+        };
+        let s = Status {
+            etcd_connected: true,
+            peers: vec![
+                peer("a", Transport::Vxlan, true),
+                peer("b", Transport::Vxlan, false),
+                peer("c", Transport::Route, true),
+            ],
+            reconciles: 7,
+            ops_applied: 12,
+            ..Status::default()
+        };
+        let text = s.prometheus();
+        for line in [
+            "portless_netplane_lease_held 0",
+            "portless_netplane_etcd_connected 1",
+            "portless_netplane_peers{transport=\"vxlan\"} 2",
+            "portless_netplane_peers{transport=\"route\"} 1",
+            "portless_netplane_peers_not_in_place{transport=\"vxlan\"} 1",
+            "portless_netplane_peers_refused 0",
+            "portless_netplane_reconciles_total 7",
+            "portless_netplane_netlink_ops_total 12",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+    }
 }

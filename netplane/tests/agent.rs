@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
-use netns::{Container, Etcd, Host, Segment};
+use netns::{Container, Etcd, Host, Segment, tcp_ok};
 use portless_netplane::agent::{Agent, AgentConfig, HostStatus};
 use portless_netplane::plan::VXLAN_DEVICE;
 use portless_netplane::{Mode, Observed, Transport};
@@ -87,30 +87,6 @@ async fn wait_for(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) -> Du
 fn peers_in_place(a: &Agent, n: usize) -> bool {
     let s = a.status();
     s.peers.len() == n && s.peers.iter().all(|p| p.in_place)
-}
-
-/// TCP across hosts with iperf3 for one second.
-fn tcp_ok(client: &Container, server: &Container) -> bool {
-    let mut srv = server
-        .ns
-        .command(&["iperf3", "-s", "-1", "-B", &server.addr.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let ok = client.ns.try_exec(&[
-        "iperf3",
-        "-c",
-        &server.addr.to_string(),
-        "-t",
-        "1",
-        "--connect-timeout",
-        "2000",
-    ]);
-    let _ = srv.kill();
-    let _ = srv.wait();
-    ok
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

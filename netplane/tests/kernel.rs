@@ -118,6 +118,7 @@ async fn two_hosts_one_segment(mode: Mode) {
     // A full-size packet crosses without fragmentation.
     let mtu = a.spec.container_mtu();
     assert!(c1.ns.ping_size(c2.addr, mtu), "{mtu}-byte packet lost");
+    assert!(netns::tcp_ok(&c1, &c2), "TCP across hosts");
     assert!(
         !c1.ns.ping_size(c2.addr, mtu + 1),
         "oversize packet with DF went through"

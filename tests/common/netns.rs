@@ -260,6 +260,34 @@ impl Router {
     }
 }
 
+/// A TCP transfer of one second from `client` to `server` with iperf3:
+/// whether it completed.
+pub fn tcp_ok(client: &Container, server: &Container) -> bool {
+    let addr = server.addr.to_string();
+    let Ok(mut srv) = server
+        .ns
+        .command(&["iperf3", "-s", "-1", "-B", &addr])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let ok = client.ns.try_exec(&[
+        "iperf3",
+        "-c",
+        &addr,
+        "-t",
+        "1",
+        "--connect-timeout",
+        "2000",
+    ]);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    ok
+}
+
 /// A "container": a namespace with `eth0` plugged into a bridge of a host.
 pub struct Container {
     pub ns: Netns,

@@ -168,8 +168,9 @@ impl Kernel {
     }
 
     /// Follow kernel changes in the executor's namespace: the receiver
-    /// gets a unit whenever a link, address, IPv4 route or neighbour is
-    /// deleted or changed by anyone (portless included). The reconcile loop
+    /// gets a unit whenever one of portless's links changes or goes, or an
+    /// address on one, a route with its protocol or a permanent neighbour
+    /// or FDB entry is deleted, by anyone (portless included). The reconcile loop
     /// uses it to repair drift at once instead of at the next period.
     pub async fn changes(&self) -> Result<mpsc::UnboundedReceiver<()>> {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -187,18 +188,11 @@ impl Kernel {
             tokio::spawn(async move {
                 use futures::StreamExt;
                 use rtnetlink::packet_core::NetlinkPayload;
-                use rtnetlink::packet_route::RouteNetlinkMessage as M;
                 while let Some((msg, _)) = messages.next().await {
-                    let relevant = matches!(
-                        msg.payload,
-                        NetlinkPayload::InnerMessage(
-                            M::DelLink(_)
-                                | M::NewLink(_)
-                                | M::DelAddress(_)
-                                | M::DelRoute(_)
-                                | M::DelNeighbour(_)
-                        )
-                    );
+                    let relevant = match &msg.payload {
+                        NetlinkPayload::InnerMessage(m) => touches_ours(m),
+                        _ => false,
+                    };
                     if relevant && tx.send(()).is_err() {
                         return;
                     }
@@ -215,6 +209,24 @@ impl Kernel {
         self.blocking(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
             .await??;
         Ok(())
+    }
+}
+
+/// Whether a kernel notification is about something portless owns, so
+/// that the churn of a busy host (containers' veths coming and going, ARP
+/// and bridge FDB entries ageing out) does not wake the reconcile loop.
+fn touches_ours(m: &rtnetlink::packet_route::RouteNetlinkMessage) -> bool {
+    use rtnetlink::packet_route::RouteNetlinkMessage as M;
+    match m {
+        M::NewLink(l) | M::DelLink(l) => link_name(l).is_some_and(|n| n.starts_with(LINK_PREFIX)),
+        M::DelAddress(a) => a
+            .attributes
+            .iter()
+            .any(|x| matches!(x, AddressAttribute::Label(n) if n.starts_with(LINK_PREFIX))),
+        M::DelRoute(r) => u8::from(r.header.protocol) == ROUTE_PROTOCOL,
+        // Only permanent entries are portless's; learned ones age out.
+        M::DelNeighbour(n) => n.header.state == NeighbourState::Permanent,
+        _ => false,
     }
 }
 

@@ -1,9 +1,6 @@
 //! Wiring of the router: bind its listeners, load certificates, and keep
 //! the route table in step with the catalog.
 
-// Until main.rs calls router_task::run (see the router report), parts are unused.
-#![allow(dead_code)]
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -55,11 +52,6 @@ impl Drop for RouterHandle {
 }
 
 impl RouterHandle {
-    /// Labelled containers that are not routed, and why.
-    pub fn problems(&self) -> Vec<RouteProblem> {
-        self.state.load().problems.clone()
-    }
-
     /// `/api/routes`: every route and its backends with address and state
     /// (healthy, starting, unhealthy, draining, ejected), the address choice
     /// per container, refused containers with reasons, and TLS names.

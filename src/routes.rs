@@ -8,9 +8,6 @@
 //! defaults of every named group. A container with any bad label gets no
 //! route at all (never half of its routes).
 
-// Until main.rs calls router_task::run (see the router report), parts are unused.
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 

@@ -98,7 +98,6 @@ fn label(k: &str, v: &str) -> String {
 }
 
 #[test]
-#[ignore = "until main.rs calls router_task::start (see the router report)"]
 fn labelled_containers_are_routed_by_exact_host_wildcard_and_path() {
     let cleanup = Cleanup::new();
     let (net, _) = network(&cleanup, &[]);
@@ -157,7 +156,6 @@ fn labelled_containers_are_routed_by_exact_host_wildcard_and_path() {
 }
 
 #[test]
-#[ignore = "until main.rs calls router_task::start (see the router report)"]
 fn bad_labels_refuse_the_whole_container_with_a_reason() {
     let cleanup = Cleanup::new();
     let (net, _) = network(&cleanup, &[]);
@@ -207,7 +205,6 @@ fn bad_labels_refuse_the_whole_container_with_a_reason() {
 }
 
 #[test]
-#[ignore = "until main.rs calls router_task::start (see the router report)"]
 fn a_container_on_two_networks_uses_the_label_or_the_documented_rule() {
     let cleanup = Cleanup::new();
     let (net_a, _) = network(&cleanup, &[]);
@@ -254,7 +251,6 @@ fn a_container_on_two_networks_uses_the_label_or_the_documented_rule() {
 }
 
 #[test]
-#[ignore = "until main.rs calls router_task::start (see the router report)"]
 fn replicas_share_load_and_unhealthy_ones_get_none() {
     let cleanup = Cleanup::new();
     let (net, _) = network(&cleanup, &[]);
@@ -304,7 +300,6 @@ fn replicas_share_load_and_unhealthy_ones_get_none() {
 }
 
 #[test]
-#[ignore = "until main.rs calls router_task::start (see the router report)"]
 fn rolling_replacement_of_three_replicas_under_load_fails_no_request() {
     let cleanup = Cleanup::new();
     let (net, _) = network(&cleanup, &[]);
@@ -366,7 +361,6 @@ fn rolling_replacement_of_three_replicas_under_load_fails_no_request() {
 }
 
 #[test]
-#[ignore = "until main.rs calls router_task::start (see the router report)"]
 fn closed_port_gives_502_unhealthy_only_replica_503_paused_backend_504() {
     let cleanup = Cleanup::new();
     let (net, _) = network(&cleanup, &[]);
@@ -436,7 +430,6 @@ fn closed_port_gives_502_unhealthy_only_replica_503_paused_backend_504() {
 }
 
 #[test]
-#[ignore = "until main.rs calls router_task::start (see the router report)"]
 fn ingress_zone_names_resolve_through_portless_to_the_router() {
     let cleanup = Cleanup::new();
     let (net, _) = network(&cleanup, &[]);
@@ -532,7 +525,6 @@ fn test_backend(cleanup: &Cleanup, name: &str, args: &[&str]) -> String {
 }
 
 #[test]
-#[ignore = "until main.rs calls router_task::start (see the router report)"]
 fn websocket_echoes_through_the_router_and_survives_route_changes() {
     use std::io::{Read, Write};
     let cleanup = Cleanup::new();
@@ -578,7 +570,6 @@ fn websocket_echoes_through_the_router_and_survives_route_changes() {
 }
 
 #[test]
-#[ignore = "until main.rs calls router_task::start (see the router report)"]
 fn h2c_backend_gets_grpc_style_requests_with_trailers_intact() {
     let cleanup = Cleanup::new();
     let (net, _) = network(&cleanup, &[]);
@@ -624,7 +615,6 @@ fn h2c_backend_gets_grpc_style_requests_with_trailers_intact() {
 }
 
 #[test]
-#[ignore = "until main.rs calls router_task::start (see the router report)"]
 fn https_with_a_cert_dir_sni_and_redirect() {
     let cleanup = Cleanup::new();
     let (net, _) = network(&cleanup, &[]);
@@ -688,7 +678,6 @@ fn https_with_a_cert_dir_sni_and_redirect() {
 }
 
 #[test]
-#[ignore = "until main.rs calls router_task::start (see the router report)"]
 fn forwarded_headers_proxy_protocol_and_hostile_requests_through_the_binary() {
     let cleanup = Cleanup::new();
     let (net, _) = network(&cleanup, &[]);

@@ -213,8 +213,11 @@ fn fingerprint(dir: &Path) -> Option<Vec<(PathBuf, u64, Option<SystemTime>)>> {
         .ok()?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
-            let md = e.metadata().ok()?;
-            Some((e.path(), md.len(), md.modified().ok()))
+            // Follow symlinks: mounted secrets (Kubernetes, Docker configs)
+            // swap a symlinked directory under files that keep their names.
+            let path = e.path();
+            let md = fs::metadata(&path).ok()?;
+            Some((path, md.len(), md.modified().ok()))
         })
         .collect();
     v.sort();

@@ -291,5 +291,8 @@ fn render_metrics(state: &AdminState) -> String {
     if let Some(router) = &state.router {
         router.render_metrics(&mut out);
     }
+    if let Some(cluster) = &state.cluster {
+        out.push_str(&cluster.snapshot().netplane.prometheus());
+    }
     out
 }

@@ -24,6 +24,7 @@ pub mod error;
 pub mod headers;
 pub mod host;
 pub mod metrics;
+mod pool;
 pub mod proxy_protocol;
 pub mod table;
 

@@ -17,12 +17,10 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme as UriScheme};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
-use http_body_util::{Either, Empty, Full, LengthLimitError, Limited};
+use http_body_util::{Either, Empty, Full, Limited};
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http2;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use ipnet::IpNet;
@@ -95,6 +93,7 @@ use crate::headers::{self, ClientInfo};
 use crate::host::normalize_authority;
 use crate::io::{Prefixed, read_proxy_header};
 use crate::metrics::{self, Metrics, RouteStats};
+use crate::pool::Http1Pool;
 use crate::proxy_protocol::ProxyHeader;
 use crate::table::{BackendState, RouteKey, RouteSpec, RouteTable, Scheme};
 
@@ -132,9 +131,10 @@ pub struct RouterOptions {
     /// When set, the plain listener answers requests for routed hosts with
     /// a 308 to https on this port.
     pub redirect_https_port: Option<u16>,
-    /// Idle pooled connections to backends are closed after this.
+    /// Pooled connections to backends idle for longer are closed (checked
+    /// when the pool is next used for that backend).
     pub pool_idle_timeout: Duration,
-    /// Most idle pooled connections kept per backend.
+    /// Most pooled connections kept per backend and thread.
     pub pool_max_idle_per_backend: usize,
 }
 
@@ -227,7 +227,7 @@ struct Shared {
 /// same single-threaded runtime, with no cross-thread wake-ups.
 struct Worker {
     shared: Arc<Shared>,
-    client: Client<HttpConnector, ReqBody>,
+    pool: Http1Pool,
 }
 
 impl std::ops::Deref for Worker {
@@ -240,20 +240,12 @@ impl std::ops::Deref for Worker {
 
 impl Worker {
     fn new(shared: Arc<Shared>) -> Self {
-        let opts = &shared.opts;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(opts.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(30)));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(opts.pool_idle_timeout)
-            .pool_max_idle_per_host(opts.pool_max_idle_per_backend)
-            // Host is always set by the router, from the client's request.
-            .set_host(false)
-            .build(connector);
-        Worker { shared, client }
+        let pool = Http1Pool::new(
+            shared.opts.pool_max_idle_per_backend,
+            shared.opts.connect_timeout,
+            shared.opts.pool_idle_timeout,
+        );
+        Worker { shared, pool }
     }
 }
 
@@ -781,8 +773,12 @@ impl Worker {
                 }
             };
             let mut uri_parts = http::uri::Parts::default();
-            uri_parts.scheme = Some(UriScheme::HTTP);
-            uri_parts.authority = Some(authority);
+            if backend.scheme == Scheme::H2c {
+                // HTTP/2 sends :scheme and :authority from the URI.
+                uri_parts.scheme = Some(UriScheme::HTTP);
+                uri_parts.authority = Some(authority);
+            }
+            // HTTP/1.1: origin-form, the host is in the Host header.
             uri_parts.path_and_query = Some(path_and_query.clone());
             *up.uri_mut() = match Uri::from_parts(uri_parts) {
                 Ok(u) => u,
@@ -797,7 +793,7 @@ impl Worker {
             brt.in_flight.fetch_add(1, Relaxed);
             let sent = tokio::time::timeout(self.opts.upstream_timeout, async {
                 match backend.scheme {
-                    Scheme::Http => self.client.request(up).await.map_err(classify_client_error),
+                    Scheme::Http => self.pool.send(backend.addr, up).await,
                     Scheme::H2c => self.send_h2(brt, backend.addr, up).await,
                 }
             })
@@ -917,25 +913,6 @@ impl Worker {
         brt.h2.store(Some(Arc::new(sender.clone())));
         Ok(sender)
     }
-}
-
-fn classify_client_error(e: hyper_util::client::legacy::Error) -> ProxyError {
-    if e.is_connect() {
-        return ProxyError::with_cause(ErrorKind::Connect, e);
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    while let Some(s) = source {
-        if s.is::<LengthLimitError>() {
-            return ProxyError::with_cause(ErrorKind::BodyTooLarge, e);
-        }
-        if let Some(h) = s.downcast_ref::<hyper::Error>()
-            && (h.is_incomplete_message() || h.is_canceled() || h.is_closed())
-        {
-            return ProxyError::with_cause(ErrorKind::UpstreamClosed, e);
-        }
-        source = s.source();
-    }
-    ProxyError::with_cause(ErrorKind::UpstreamProtocol, e)
 }
 
 fn error_response(e: &ProxyError) -> Response<RespBody> {

@@ -1,0 +1,144 @@
+//! Keep-alive HTTP/1.1 connections to backends, one pool per worker thread.
+//!
+//! Leaner than hyper-util's pooled client for a proxy: a connection goes
+//! back into the list as soon as its response headers arrive and is skipped
+//! until hyper reports it ready again (its response body done), so no task
+//! is spawned per request to wait for that; there is no lock contention (the
+//! pool is its thread's own) and no per-request boxing.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::error::{ErrorKind, ProxyError};
+use crate::proxy::ReqBody;
+
+type Conns = HashMap<SocketAddr, Vec<(http1::SendRequest<ReqBody>, Instant)>>;
+
+pub(crate) struct Http1Pool {
+    /// Each connection with the time it was last handed a request.
+    conns: Mutex<Conns>,
+    max_per_backend: usize,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Http1Pool {
+    pub(crate) fn new(
+        max_per_backend: usize,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        Http1Pool {
+            conns: Mutex::new(HashMap::new()),
+            max_per_backend,
+            connect_timeout,
+            idle_timeout,
+        }
+    }
+
+    /// Send `req` (origin-form URI, Host set) to `addr` on a pooled
+    /// connection, or a new one.
+    pub(crate) async fn send(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<ReqBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        while let Some(mut sender) = self.checkout(addr) {
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.checkin(addr, sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written (the backend closed the idle
+                    // connection): safe on another connection, any method.
+                    Some(back) => req = back,
+                    None => return Err(classify(e.into_error())),
+                },
+            }
+        }
+        let mut sender = self.connect(addr).await?;
+        let resp = sender.send_request(req).await.map_err(classify)?;
+        self.checkin(addr, sender);
+        Ok(resp)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Conns> {
+        // Only this worker's thread uses the pool; a poisoned lock means a
+        // panic mid-update of a Vec, which leaves it valid anyway.
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn checkout(&self, addr: SocketAddr) -> Option<http1::SendRequest<ReqBody>> {
+        let now = Instant::now();
+        let mut conns = self.lock();
+        let list = conns.get_mut(&addr)?;
+        // Dropping a sender closes its idle connection.
+        list.retain(|(s, used)| {
+            let idle_too_long = s.is_ready() && now.duration_since(*used) > self.idle_timeout;
+            !(s.is_closed() || idle_too_long)
+        });
+        let found = list
+            .iter()
+            .position(|(s, _)| s.is_ready())
+            .map(|i| list.swap_remove(i).0);
+        if list.is_empty() {
+            conns.remove(&addr);
+        }
+        found
+    }
+
+    fn checkin(&self, addr: SocketAddr, sender: http1::SendRequest<ReqBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut conns = self.lock();
+        let list = conns.entry(addr).or_default();
+        if list.len() < self.max_per_backend {
+            list.push((sender, Instant::now()));
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<http1::SendRequest<ReqBody>, ProxyError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ProxyError::with_cause(ErrorKind::Connect, "connect timed out"))?
+            .map_err(|e| ProxyError::with_cause(ErrorKind::Connect, e))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::with_cause(ErrorKind::Connect, e))?;
+        tokio::spawn(async move {
+            // with_upgrades: a 101 hands the connection to the tunnel.
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(%addr, error = %e, "backend connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Classify a failure after the request was (maybe) written.
+pub(crate) fn classify(e: hyper::Error) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return ProxyError::with_cause(ErrorKind::BodyTooLarge, e);
+        }
+        source = s.source();
+    }
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return ProxyError::with_cause(ErrorKind::UpstreamClosed, e);
+    }
+    ProxyError::with_cause(ErrorKind::UpstreamProtocol, e)
+}

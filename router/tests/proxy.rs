@@ -700,3 +700,26 @@ async fn a_streaming_response_finishes_after_its_route_is_removed() {
         String::from_utf8_lossy(&rest)
     );
 }
+
+#[tokio::test]
+async fn a_post_survives_the_backend_closing_its_idle_pooled_connection() {
+    // The backend drops keep-alive connections after 200 ms idle; the
+    // router's pooled connection is then closed under it. A POST (not
+    // idempotent, with a body) must still go through: the pool notices the
+    // closed connection, or hyper hands back the unsent request.
+    let be = support::backend_with_idle("be", Some(Duration::from_millis(200))).await;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(&["idle.test"], "/", vec![b("be", be.addr)])],
+    )
+    .await;
+    let u = url(&r, "idle.test", "/");
+    for _ in 0..5 {
+        let got = curl(&u, &["--data-binary", "payload"]).await;
+        assert_eq!(got.status, 200, "{got:?}");
+        assert!(got.body.contains("body-bytes=7"), "{}", got.body);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let st = r.router.status();
+    assert_eq!(st[0].backends[0].state, "healthy");
+}

@@ -150,6 +150,11 @@ async fn serve_backend(
 
 /// Start a backend speaking HTTP/1.1 and HTTP/2 (prior knowledge).
 pub async fn backend(name: &'static str) -> TestBackend {
+    backend_with_idle(name, None).await
+}
+
+/// A backend that closes HTTP/1.1 keep-alive connections idle for `idle`.
+pub async fn backend_with_idle(name: &'static str, idle: Option<Duration>) -> TestBackend {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicU64::new(0));
@@ -172,7 +177,13 @@ pub async fn backend(name: &'static str) -> TestBackend {
                     let h = h.clone();
                     async move { Ok::<_, Infallible>(serve_backend(name, h, req).await) }
                 });
-                let builder = auto::Builder::new(TokioExecutor::new());
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                if let Some(idle) = idle {
+                    builder
+                        .http1()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(idle);
+                }
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                 tokio::pin!(conn);
                 tokio::select! {

@@ -40,6 +40,6 @@ fi
 
 cd "$ROOT"
 cargo build --release -q -p portless-netplane --example netplane_bench
-echo "# netplane benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, kernel $(uname -r)"
+echo "netplane benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, kernel $(uname -r)"
 echo
 exec target/release/examples/netplane_bench "${@:-all}"

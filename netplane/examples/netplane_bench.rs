@@ -177,7 +177,7 @@ async fn pair(etcd: &Etcd, how: &str) -> Pair {
 }
 
 async fn throughput(secs: u64, rounds: u64) {
-    println!("## TCP throughput, container to container across two namespace hosts");
+    println!("== TCP throughput, container to container across two namespace hosts");
     println!(
         "iperf3 -t {secs} (1 s omitted, nice -10), {rounds} rounds in rotated order over three \
          topologies built once, median per path\n"
@@ -234,7 +234,7 @@ fn peers_with(status: &portless_netplane::agent::Status, subnet: Ipv4Net) -> boo
 }
 
 async fn join_latency(samples: u64) {
-    println!("## New host's lease -> every peer's kernel entries in place");
+    println!("== New host's lease -> every peer's kernel entries in place");
     println!(
         "3 running hosts (VXLAN); a 4th joins {samples} times (leaving with its lease released in between)\n"
     );
@@ -337,7 +337,7 @@ fn fake_peer(i: u32) -> HostRecord {
 
 async fn thousand_peers(n: u32) {
     println!(
-        "## Programming {n} peers into one host (VXLAN: {} netlink entries)\n",
+        "== Programming {n} peers into one host (VXLAN: {} netlink entries)\n",
         3 * n
     );
     let tag = netns::unique_tag();

@@ -200,6 +200,16 @@ fn two_hosts_run_portless_and_containers_reach_each_other() {
         h2.ns.try_exec(&["ip", "link", "show", "pl-vx0"]),
         "kept without --cleanup-on-exit"
     );
+    // Things that are not portless's, even when they look alike: a veth
+    // with the name prefix, a static route, an iptables chain and rule.
+    h2.ns.ip(&[
+        "link", "add", "pl-other", "type", "veth", "peer", "name", "other0",
+    ]);
+    h2.ns
+        .ip(&["route", "add", "10.99.0.0/16", "via", &h1.addr.to_string()]);
+    h2.ns.exec(&["iptables", "-N", "OTHER-FWD"]);
+    h2.ns
+        .exec(&["iptables", "-A", "FORWARD", "-j", "OTHER-FWD"]);
     let out = h2
         .ns
         .command(&[
@@ -222,6 +232,20 @@ fn two_hosts_run_portless_and_containers_reach_each_other() {
         String::from_utf8_lossy(&out.stderr)
     );
     nothing_left(&h2);
+    assert!(
+        h2.ns.try_exec(&["ip", "link", "show", "pl-other"]),
+        "foreign link removed"
+    );
+    let routes = String::from_utf8(h2.ns.ip(&["route", "show"]).stdout).unwrap();
+    assert!(
+        routes.contains("10.99.0.0/16"),
+        "foreign route removed: {routes}"
+    );
+    assert!(
+        h2.ns
+            .try_exec(&["iptables", "-C", "FORWARD", "-j", "OTHER-FWD"]),
+        "foreign rule removed"
+    );
 }
 
 /// Two segments joined by a router namespace: `auto` tunnels to the far

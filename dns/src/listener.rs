@@ -101,6 +101,7 @@ async fn bind_pair(
 ) -> std::io::Result<(tokio::net::UdpSocket, tokio::net::TcpListener)> {
     if addr.port() != 0 {
         let udp = tokio::net::UdpSocket::bind(addr).await?;
+        grow_buffers(&udp);
         let tcp = tokio::net::TcpListener::bind(addr).await?;
         return Ok((udp, tcp));
     }
@@ -108,6 +109,7 @@ async fn bind_pair(
     let mut last = None;
     for _ in 0..16 {
         let udp = tokio::net::UdpSocket::bind(addr).await?;
+        grow_buffers(&udp);
         let port_addr = udp.local_addr()?;
         match tokio::net::TcpListener::bind(port_addr).await {
             Ok(tcp) => return Ok((udp, tcp)),
@@ -115,4 +117,19 @@ async fn bind_pair(
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::other("no free port for UDP and TCP")))
+}
+
+/// Receive buffer of a DNS socket: room for a burst of a few thousand
+/// queries while the loop is descheduled (the kernel default of ~200 KiB
+/// holds about a thousand and drops the rest).
+const RECV_BUFFER: usize = 4 << 20;
+
+fn grow_buffers(socket: &tokio::net::UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    // As root, past net.core.rmem_max; otherwise as much as it allows.
+    if setsockopt(socket, sockopt::RcvBufForce, &RECV_BUFFER).is_err()
+        && let Err(e) = setsockopt(socket, sockopt::RcvBuf, &RECV_BUFFER)
+    {
+        tracing::debug!(error = %e, "cannot grow the DNS receive buffer");
+    }
 }

@@ -29,7 +29,14 @@ pub(crate) struct Http1Pool {
     max_per_backend: usize,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    /// Check-ins since the last sweep of every backend's list.
+    checkins: std::sync::atomic::AtomicU32,
 }
+
+/// Every this many check-ins, lists of backends no longer asked for are
+/// swept too (their connections closed or idle too long), so that backends
+/// that went away leave nothing behind.
+const SWEEP_EVERY: u32 = 4096;
 
 impl Http1Pool {
     pub(crate) fn new(
@@ -42,6 +49,7 @@ impl Http1Pool {
             max_per_backend,
             connect_timeout,
             idle_timeout,
+            checkins: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -83,10 +91,7 @@ impl Http1Pool {
         let mut conns = self.lock();
         let list = conns.get_mut(&addr)?;
         // Dropping a sender closes its idle connection.
-        list.retain(|(s, used)| {
-            let idle_too_long = s.is_ready() && now.duration_since(*used) > self.idle_timeout;
-            !(s.is_closed() || idle_too_long)
-        });
+        list.retain(|(s, used)| !self.expired(s, *used, now));
         let found = list
             .iter()
             .position(|(s, _)| s.is_ready())
@@ -97,14 +102,30 @@ impl Http1Pool {
         found
     }
 
+    /// Closed, or idle (ready) for longer than the idle timeout.
+    fn expired(&self, s: &http1::SendRequest<ReqBody>, used: Instant, now: Instant) -> bool {
+        s.is_closed() || (s.is_ready() && now.duration_since(used) > self.idle_timeout)
+    }
+
     fn checkin(&self, addr: SocketAddr, sender: http1::SendRequest<ReqBody>) {
         if sender.is_closed() {
             return;
         }
+        let now = Instant::now();
+        let sweep = self
+            .checkins
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(SWEEP_EVERY);
         let mut conns = self.lock();
+        if sweep {
+            conns.retain(|_, list| {
+                list.retain(|(s, used)| !self.expired(s, *used, now));
+                !list.is_empty()
+            });
+        }
         let list = conns.entry(addr).or_default();
         if list.len() < self.max_per_backend {
-            list.push((sender, Instant::now()));
+            list.push((sender, now));
         }
     }
 

@@ -556,6 +556,30 @@ async fn keep_alive(
     }
 }
 
+/// Put this host's own record back if it vanished from etcd (or changed)
+/// while its lease lives: etcd is reconciled like the kernel.
+async fn republish_if_gone(store: &Store, shared: &Mutex<Shared>) {
+    let lease = {
+        let s = lock(shared);
+        match &s.lease {
+            Some(l) if s.peers.get(&l.record.id) != Some(&l.record) => l.clone(),
+            _ => return,
+        }
+    };
+    match store.republish(&lease).await {
+        Ok(true) => {
+            info!(host = %lease.record.id, subnet = %lease.record.subnet, "own record restored in etcd")
+        }
+        Ok(false) => warn!(
+            host = %lease.record.id,
+            subnet = %lease.record.subnet,
+            "own subnet is now held by another host; not restoring the record"
+        ),
+        // An expired lease is taken care of by the keep-alive task.
+        Err(e) => debug!(error = %e, "restoring own record failed"),
+    }
+}
+
 /// Note that etcd is away (whoever saw it first). Nothing is torn down; the
 /// reconcile loop is woken only to publish the status.
 fn etcd_down(shared: &Mutex<Shared>, wake: &Notify, e: &Error) {
@@ -591,6 +615,7 @@ async fn watch_peers(store: Store, shared: Arc<Mutex<Shared>>, wake: Arc<Notify>
                 wake.notify_one();
             }
         }
+        republish_if_gone(&store, &shared).await;
         let mut stream = match store.watch_hosts(rev + 1).await {
             Ok(s) => s,
             Err(e) => {
@@ -609,36 +634,39 @@ async fn watch_peers(store: Store, shared: Arc<Mutex<Shared>>, wake: Arc<Notify>
                         );
                         break;
                     }
-                    let mut changed = false;
-                    let mut s = lock(&shared);
-                    for ev in resp.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        let Some(id) = kv.key_str().ok().and_then(|k| store.host_id_of_key(k))
-                        else {
-                            continue;
-                        };
-                        match ev.event_type() {
-                            EventType::Put => {
-                                if let Some(r) = store::decode_host(kv.value())
-                                    && s.peers.get(id) != Some(&r)
-                                {
-                                    info!(host = %id, subnet = %r.subnet, underlay = %r.underlay, "peer up");
-                                    s.peers.insert(id.to_owned(), r);
-                                    changed = true;
+                    let changed = {
+                        let mut changed = false;
+                        let mut s = lock(&shared);
+                        for ev in resp.events() {
+                            let Some(kv) = ev.kv() else { continue };
+                            let Some(id) = kv.key_str().ok().and_then(|k| store.host_id_of_key(k))
+                            else {
+                                continue;
+                            };
+                            match ev.event_type() {
+                                EventType::Put => {
+                                    if let Some(r) = store::decode_host(kv.value())
+                                        && s.peers.get(id) != Some(&r)
+                                    {
+                                        info!(host = %id, subnet = %r.subnet, underlay = %r.underlay, "peer up");
+                                        s.peers.insert(id.to_owned(), r);
+                                        changed = true;
+                                    }
                                 }
-                            }
-                            EventType::Delete => {
-                                if s.peers.remove(id).is_some() {
-                                    info!(host = %id, "peer gone");
-                                    changed = true;
+                                EventType::Delete => {
+                                    if s.peers.remove(id).is_some() {
+                                        info!(host = %id, "peer gone");
+                                        changed = true;
+                                    }
                                 }
                             }
                         }
-                    }
-                    drop(s);
+                        changed
+                    };
                     if changed {
                         wake.notify_one();
                     }
+                    republish_if_gone(&store, &shared).await;
                 }
                 Ok(None) => break,
                 Err(e) => {

@@ -235,6 +235,37 @@ impl Store {
         }
     }
 
+    /// Put this host's keys back under its live lease after someone deleted
+    /// or changed them (by hand, a restore). Refuses, returning false, when
+    /// the subnet now belongs to another host.
+    pub async fn republish(&self, lease: &Lease) -> Result<bool> {
+        let mut kv = self.client.kv_client();
+        let id = lease.record.id.clone();
+        let sk = self.key("subnets", &subnet_key(&lease.record.subnet));
+        let hk = self.key("hosts", &id);
+        let json = serde_json::to_string(&lease.record)
+            .map_err(|e| Error::Store(format!("encoding host record: {e}")))?;
+        let on_lease = Some(PutOptions::new().with_lease(lease.id));
+        let puts = vec![
+            TxnOp::put(sk.clone(), id.clone(), on_lease.clone()),
+            TxnOp::put(hk, json, on_lease),
+        ];
+        let ours = Txn::new()
+            .when(vec![Compare::value(
+                sk.clone(),
+                CompareOp::Equal,
+                id.clone(),
+            )])
+            .and_then(puts.clone());
+        if kv.txn(ours).await?.succeeded() {
+            return Ok(true);
+        }
+        let free = Txn::new()
+            .when(vec![Compare::create_revision(sk, CompareOp::Equal, 0)])
+            .and_then(puts);
+        Ok(kv.txn(free).await?.succeeded())
+    }
+
     /// Give a lease back: its subnet and record vanish at once.
     pub async fn release(&self, lease_id: i64) -> Result<()> {
         self.client.lease_client().revoke(lease_id).await?;

@@ -136,6 +136,26 @@ async fn hosts_lease_subnets_and_containers_reach_each_other() {
     );
     assert!(tcp_ok(&c1, &c3), "TCP across hosts");
 
+    // etcd is reconciled too: a host's record deleted by hand comes back
+    // while its lease lives.
+    let store = portless_netplane::store::Store::connect(&[etcd.endpoint()], "/portless/v1/")
+        .await
+        .unwrap();
+    store
+        .client()
+        .kv_client()
+        .delete(format!("/portless/v1/hosts/{}", s2.id), None)
+        .await
+        .unwrap();
+    wait_for("record restored", 3, async || {
+        store.hosts().await.unwrap().0.contains_key(&s2.id)
+    })
+    .await;
+    // Peers drop it on the delete and take it back on the put; let both
+    // pass before looking.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for("peer back in place", 3, async || peers_in_place(&a1, 2)).await;
+
     // iptables: portless's chains exist in the host namespace.
     let rules = String::from_utf8(h1.ns.exec(&["iptables", "-S", "PORTLESS-FWD"]).stdout).unwrap();
     assert!(

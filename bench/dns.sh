@@ -79,11 +79,23 @@ PID_portless="" # PID_* are set through eval in start()
 DOCKER_CLEANUP=0
 
 docker_cleanup() {
-    local ids=()
+    local ids=() i
     mapfile -t ids < <(docker ps -aq --filter label=portless-bench=1 2>/dev/null || true)
-    ((${#ids[@]} == 0)) || docker rm -f "${ids[@]}" >/dev/null 2>&1 || true
-    mapfile -t ids < <(docker network ls -q --filter label=portless-bench=1 2>/dev/null || true)
-    ((${#ids[@]} == 0)) || docker network rm "${ids[@]}" >/dev/null 2>&1 || true
+    # In batches: removing 100 running containers in one call has left
+    # endpoints behind in the Engine (20.10) on a loaded machine.
+    for ((i = 0; i < ${#ids[@]}; i += 20)); do
+        docker rm -f "${ids[@]:i:20}" >/dev/null 2>&1 || true
+    done
+    # The Engine may take a moment to release the endpoints of containers it
+    # just removed.
+    local n
+    for n in 1 2 3 4 5 6 7 8 9 10; do
+        mapfile -t ids < <(docker network ls -q --filter label=portless-bench=1 2>/dev/null || true)
+        ((${#ids[@]} == 0)) && return
+        docker network rm "${ids[@]}" >/dev/null 2>&1 && return
+        sleep 0.5
+    done
+    log "could not remove Docker network(s) ${ids[*]} (the Engine still reports endpoints on them)"
 }
 
 cleanup() {
@@ -362,7 +374,7 @@ events() {
         tar -C "$rootfs" -c . | docker import -c 'CMD ["/bin/sh"]' - "$image" >/dev/null
     fi
 
-    local net=portless-bench
+    local net=portless-bench-$$
     docker network create --label portless-bench=1 "$net" >/dev/null
 
     local port admin

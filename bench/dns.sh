@@ -76,6 +76,7 @@ done
 WORK=$(mktemp -d /tmp/portless-dns-bench.XXXXXX)
 PIDS=()
 PID_portless="" # PID_* are set through eval in start()
+PORTLESS_VERSION=""
 DOCKER_CLEANUP=0
 
 docker_cleanup() {
@@ -147,7 +148,8 @@ portless_ready() {
 }
 
 # Which portless was measured: the binary's build time and the tree it was
-# built in (HEAD, and whether the tree had uncommitted changes to sources).
+# started from (HEAD, and whether the tree had uncommitted changes to
+# sources); taken when portless starts, as others may commit meanwhile.
 portless_version() {
     local head dirty=""
     head=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')
@@ -233,6 +235,7 @@ EOF
     local portless_note="" PORT_portless="" ADMIN_portless=""
     if ((WITH_PORTLESS)); then
         if portless_ready; then
+            PORTLESS_VERSION=$(portless_version)
             PORT_portless=$(free_port)
             ADMIN_portless=$(free_port)
             start portless "$WORK/portless.log" "$PORTLESS_BIN" run --docker-host none \
@@ -341,7 +344,7 @@ EOF
     echo "names: $NAMES under bench.test; queries: 90% existing, 10% missing (NXDOMAIN), type A, $(wc -l <"$WORK/data/queries") lines shuffled"
     echo "dnsperf $(dnsperf -h 2>&1 | awk '/^Version/ {print $2}'): -l $LENGTH -c $CLIENTS -T 1 -q $OUTSTANDING -t $TIMEOUT, $ROUNDS round(s), server pinned to CPU $SERVER_CPU, dnsperf to CPU $CLIENT_CPU, both at nice $NICE"
     echo "load average (1/5/15 min) before the rounds: $load0; after: $load1 (other work on the machine)"
-    echo "versions: knot $(knotd --version | awk '{print $NF}'), dnsmasq $(dnsmasq --version | awk 'NR==1 {print $3}'), unbound $(unbound -V | awk '/^Version/ {print $2}')${PORT_portless:+, portless $(portless_version)}"
+    echo "versions: knot $(knotd --version | awk '{print $NF}'), dnsmasq $(dnsmasq --version | awk 'NR==1 {print $3}'), unbound $(unbound -V | awk '/^Version/ {print $2}')${PORT_portless:+, portless $PORTLESS_VERSION}"
     echo
     python3 "$HERE/dns/summarize.py" "$WORK/rounds.tsv" "$WORK/facts.tsv"
     if [[ -n $portless_note ]] && ((WITH_PORTLESS)); then
@@ -360,6 +363,7 @@ events() {
     command -v docker >/dev/null || die "docker CLI not found"
     docker info >/dev/null 2>&1 || die "Docker Engine not reachable"
     portless_ready || die "portless is needed for --event-latency"
+    PORTLESS_VERSION=$(portless_version)
 
     DOCKER_CLEANUP=1
     docker_cleanup # leftovers of an interrupted run
@@ -395,7 +399,7 @@ events() {
 
     echo
     echo "== portless DNS benchmark: container start event -> answer =="
-    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  host: $(nproc) CPUs; docker $(docker version -f '{{.Server.Version}}' 2>/dev/null); portless $(portless_version)"
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  host: $(nproc) CPUs; docker $(docker version -f '{{.Server.Version}}' 2>/dev/null); portless $PORTLESS_VERSION"
     python3 "$HERE/dns/events.py" --dns-port "$port" --admin "127.0.0.1:$admin" \
         --network "$net" --image "$image" --containers "$CONTAINERS" --samples "$SAMPLES" \
         --pid "$PID_portless"

@@ -509,6 +509,12 @@ fn test_backend_image() -> &'static str {
             bin = bin.display()
         );
         ok("sh", &["-c", &script]);
+        // Earlier builds' images are ours and stale: remove them (one still
+        // used by a concurrent test run stays, and goes next time).
+        let tags = docker(&["images", "portless-test-backend", "--format", "{{.Repository}}:{{.Tag}}"]);
+        for old in tags.lines().filter(|t| *t != image) {
+            let _ = run("docker", &["rmi", old]);
+        }
         image
     })
 }

@@ -35,6 +35,6 @@ mod proxy;
 pub mod tls;
 
 pub use proxy::{
-    BackendStatus, ReqBody, RespBody, RouteStatus, Router, RouterOptions, RouterThreads,
+    BackendStatus, LimitFlag, ReqBody, RespBody, RouteStatus, Router, RouterOptions, RouterThreads,
     bind_reuseport,
 };

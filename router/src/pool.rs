@@ -135,6 +135,9 @@ impl Http1Pool {
             .map_err(|_| ProxyError::with_cause(ErrorKind::Connect, "connect timed out"))?
             .map_err(|e| ProxyError::with_cause(ErrorKind::Connect, e))?;
         let _ = stream.set_nodelay(true);
+        // Finds a backend that vanished under an idle pooled connection.
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(30));
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await

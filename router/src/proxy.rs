@@ -99,7 +99,44 @@ use crate::table::{BackendState, RouteKey, RouteSpec, RouteTable, Scheme};
 
 /// Body sent to a backend: the client's (with the size limit), or empty for
 /// requests without one (so that they can be sent again on retry).
-pub type ReqBody = Either<Limited<Incoming>, Empty<Bytes>>;
+pub type ReqBody = Either<LimitFlag<Limited<Incoming>>, Empty<Bytes>>;
+
+/// A body that notes when it failed for being over the size limit: over
+/// HTTP/2 that cause does not survive in the send error, and the answer
+/// must still be 413, not 502.
+pub struct LimitFlag<B> {
+    inner: B,
+    hit: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<B> hyper::body::Body for LimitFlag<B>
+where
+    B: hyper::body::Body<Error = Box<dyn std::error::Error + Send + Sync>> + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(e))) = &polled
+            && e.is::<http_body_util::LengthLimitError>()
+        {
+            self.hit.store(true, Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 /// Body sent to a client: the backend's, or one the router made.
 pub type RespBody = Either<Incoming, Full<Bytes>>;
 
@@ -726,6 +763,8 @@ impl Worker {
             .max_body_bytes
             .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
         let mut body = Some(body);
+        // Only requests with a body can go over the limit.
+        let over_limit = (!body_empty).then(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
         let mut tried: Vec<usize> = Vec::new();
         let mut last_err: Option<ProxyError> = None;
 
@@ -748,7 +787,10 @@ impl Worker {
             let last_attempt = tried.len() + 1 >= max_attempts;
 
             let req_body: ReqBody = match body.take() {
-                Some(b) if !body_empty => Either::Left(Limited::new(b, limit)),
+                Some(b) if !body_empty => Either::Left(LimitFlag {
+                    inner: Limited::new(b, limit),
+                    hit: over_limit.clone().unwrap_or_default(),
+                }),
                 _ => Either::Right(Empty::new()),
             };
             let mut up = Request::new(req_body);
@@ -801,6 +843,9 @@ impl Worker {
             brt.in_flight.fetch_sub(1, Relaxed);
             match sent {
                 Ok(Ok(resp)) => break resp,
+                Ok(Err(_)) if over_limit.as_ref().is_some_and(|f| f.load(Relaxed)) => {
+                    return Err(ProxyError::new(ErrorKind::BodyTooLarge));
+                }
                 Ok(Err(e)) => {
                     if e.kind == ErrorKind::Connect {
                         self.metrics.upstream_connect_errors.fetch_add(1, Relaxed);
@@ -886,7 +931,7 @@ impl Worker {
         sender
             .send_request(req)
             .await
-            .map_err(|e| ProxyError::with_cause(ErrorKind::UpstreamProtocol, e))
+            .map_err(crate::pool::classify)
     }
 
     async fn connect_h2(

@@ -723,3 +723,25 @@ async fn a_post_survives_the_backend_closing_its_idle_pooled_connection() {
     let st = r.router.status();
     assert_eq!(st[0].backends[0].state, "healthy");
 }
+
+#[tokio::test]
+async fn body_limit_gives_413_towards_h2c_backends_too() {
+    let be = backend("grpc").await;
+    let mut h2 = b("grpc", be.addr);
+    h2.scheme = Scheme::H2c;
+    let opts = RouterOptions {
+        max_body_bytes: Some(1000),
+        ..Default::default()
+    };
+    let r = router(opts, vec![spec(&["g.test"], "/", vec![h2])]).await;
+    let body = "x".repeat(2000);
+    let u = url(&r, "g.test", "/");
+    assert_eq!(curl(&u, &["--data-binary", &body]).await.status, 413);
+    let chunked = curl(
+        &u,
+        &["--data-binary", &body, "-H", "Transfer-Encoding: chunked"],
+    )
+    .await;
+    assert_eq!(chunked.status, 413, "{chunked:?}");
+    assert_eq!(curl(&u, &["--data-binary", "small"]).await.status, 200);
+}

@@ -10,11 +10,13 @@
 //! - [`proxy_protocol`], [`headers`], [`error`]: wire parsing, header
 //!   rewriting and the error → status mapping.
 //! - [`Router`] (in `proxy`): the hyper shell that serves listeners handed
-//!   in by the caller, pools upstream connections, retries and ejects.
+//!   in by the caller ([`bind_reuseport`], [`Router::spawn_threads`]: one
+//!   single-threaded runtime per CPU, sharing the table), pools upstream
+//!   connections per thread (`pool`), retries and ejects.
 //! - [`tls`]: the rustls SNI certificate resolver over a directory.
+//! - [`metrics`]: lock-free counters, rendered as Prometheus text.
 //!
-//! It does not discover routes, bind sockets on its own, or render JSON: the
-//! binary does those.
+//! It does not discover routes or render JSON: the binary does those.
 
 // Tests may unwrap: a panic there is a failed test, with its message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]

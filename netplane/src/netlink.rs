@@ -182,20 +182,29 @@ impl Kernel {
                 rtnetlink::MulticastGroup::Neigh,
             ];
             let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&groups)?;
-            // Both run on the executor thread's runtime, which lives as
-            // long as the executor.
-            tokio::spawn(conn);
+            // One task on the executor thread's runtime runs the socket and
+            // forwards; when the receiver is gone (the agent stopped) both
+            // end together, so the socket never reports to nobody.
             tokio::spawn(async move {
                 use futures::StreamExt;
                 use rtnetlink::packet_core::NetlinkPayload;
-                while let Some((msg, _)) = messages.next().await {
-                    let relevant = match &msg.payload {
-                        NetlinkPayload::InnerMessage(m) => touches_ours(m),
-                        _ => false,
-                    };
-                    if relevant && tx.send(()).is_err() {
-                        return;
+                let forward = async move {
+                    while let Some((msg, _)) = messages.next().await {
+                        if tx.is_closed() {
+                            return;
+                        }
+                        let relevant = match &msg.payload {
+                            NetlinkPayload::InnerMessage(m) => touches_ours(m),
+                            _ => false,
+                        };
+                        if relevant && tx.send(()).is_err() {
+                            return;
+                        }
                     }
+                };
+                tokio::select! {
+                    _ = conn => {}
+                    _ = forward => {}
                 }
             });
             Ok::<_, Error>(())

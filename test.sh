@@ -24,6 +24,8 @@ have iptables || need+=(iptables)
 have curl || need+=(curl)
 have docker-compose || need+=(docker-compose)
 have openssl || need+=(openssl)
+have ping || need+=(iputils-ping)
+have iperf3 || need+=(iperf3)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

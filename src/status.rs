@@ -214,6 +214,28 @@ pub fn render_routes(v: &serde_json::Value) -> String {
         &["HOST", "PATH", "CONTAINER", "ADDRESS", "SCHEME", "STATE"],
         &rows,
     );
+    let choices: Vec<Vec<String>> = v["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            vec![
+                s(&c["container"]),
+                s(&c["group"]),
+                s(&c["network"]),
+                s(&c["addr"]),
+                s(&c["chosen_by"]),
+            ]
+        })
+        .collect();
+    if !choices.is_empty() {
+        let _ = writeln!(out, "\nADDRESS CHOICES");
+        table(
+            &mut out,
+            &["CONTAINER", "GROUP", "NETWORK", "ADDRESS", "CHOSEN BY"],
+            &choices,
+        );
+    }
     let problems: Vec<Vec<String>> = v["not_routed"]
         .as_array()
         .into_iter()
@@ -269,5 +291,72 @@ pub fn render_cluster(v: &serde_json::Value) -> String {
         &["HOST", "SUBNET", "UNDERLAY", "TRANSPORT", "IN KERNEL"],
         &rows,
     );
+    let refused: Vec<Vec<String>> = v["refused"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| vec![s(&r["id"]), s(&r["subnet"]), s(&r["reason"])])
+        .collect();
+    if !refused.is_empty() {
+        let _ = writeln!(out, "\nREFUSED PEERS");
+        table(&mut out, &["HOST", "SUBNET", "REASON"], &refused);
+    }
+    if let Some(err) = v["last_error"].as_str() {
+        let _ = writeln!(out, "\nlast netplane error: {err}");
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_section_lists_peers_and_refusals() {
+        let v = serde_json::json!({
+            "host": {"id": "10.0.0.1", "subnet": "10.244.0.0/24", "underlay": "10.0.0.1", "mode": "auto"},
+            "etcd_endpoints": ["http://10.0.0.10:2379"],
+            "etcd_connected": true,
+            "peers": [{"id": "10.0.0.2", "subnet": "10.244.1.0/24", "underlay": "10.0.0.2", "transport": "route", "in_place": true}],
+            "refused": [{"id": "10.9.0.3", "subnet": "10.244.2.0/24", "reason": "not on a directly connected segment"}],
+            "last_error": null,
+        });
+        let out = render_cluster(&v);
+        assert!(
+            out.contains("10.244.1.0/24") && out.contains("route") && out.contains("yes"),
+            "{out}"
+        );
+        assert!(
+            out.contains("REFUSED PEERS") && out.contains("not on a directly connected segment"),
+            "{out}"
+        );
+        assert!(!out.contains("last netplane error"), "{out}");
+    }
+
+    #[test]
+    fn routes_section_lists_backends_and_refused_containers() {
+        let v = serde_json::json!({
+            "http_listen": "[::]:80",
+            "https_listen": null,
+            "routes": [{"host": "shop.example.com", "path": "/", "backends": [
+                {"container": "shop-1", "addr": "172.18.0.2:8080", "scheme": "http", "state": "healthy"}]}],
+            "not_routed": [{"container": "broken", "reason": "unknown label portless.http.hots"}],
+            "addresses": [{"container": "shop-1", "group": "", "network": "front", "addr": "172.18.0.2:8080", "chosen_by": "rule"}],
+        });
+        let out = render_routes(&v);
+        assert!(
+            out.contains("shop.example.com")
+                && out.contains("172.18.0.2:8080")
+                && out.contains("healthy"),
+            "{out}"
+        );
+        assert!(
+            out.contains("NOT ROUTED") && out.contains("portless.http.hots"),
+            "{out}"
+        );
+        assert!(
+            out.contains("ADDRESS CHOICES") && out.contains("front") && out.contains("rule"),
+            "{out}"
+        );
+    }
 }

@@ -192,16 +192,16 @@ impl ZoneBuilder {
                 }
             }
         }
-        // A fixed wildcard listener on the same port already covers gateways.
-        let wildcard_ports: Vec<(bool, u16)> = self
-            .fixed
-            .iter()
-            .filter(|a| a.ip().is_unspecified())
-            .map(|a| (a.is_ipv4(), a.port()))
-            .collect();
-        wanted.retain(|a| {
-            self.fixed.contains(a) || !wildcard_ports.contains(&(a.is_ipv4(), a.port()))
-        });
+        // A fixed wildcard listener on the same port already covers gateways
+        // (`[::]` covers IPv4 too: Linux sockets are dual-stack by default).
+        let wildcards: Vec<SocketAddr> =
+            self.fixed.iter().filter(|a| a.ip().is_unspecified()).copied().collect();
+        let covered = |a: &SocketAddr| {
+            wildcards
+                .iter()
+                .any(|w| w.port() == a.port() && (w.is_ipv6() || a.is_ipv4()))
+        };
+        wanted.retain(|a| self.fixed.contains(a) || !covered(a));
         for (addr, e) in self.listeners.reconcile(&wanted).await {
             tracing::warn!(%addr, error = %e, "cannot listen for DNS on a gateway address (will retry on the next change)");
         }

@@ -130,6 +130,18 @@ fn names_and_aliases_resolve_only_inside_their_networks() {
         dig_from(&other, on_back, &db, "A").answers,
         vec![db_back.clone()]
     );
+    // db is on both networks: whichever of its addresses it asks from, it
+    // sees both (its queries leave from the address of the network they
+    // are routed to).
+    let other_ip = container_ip(&other, &back).to_string();
+    assert_eq!(
+        dig_from(&db, on_front, &other, "A").answers,
+        vec![other_ip.clone()]
+    );
+    assert_eq!(
+        dig_from(&db, on_back, "www", "A").answers,
+        vec![web_ip.clone()]
+    );
     // Isolation: names of a network the client is not on do not exist for it.
     for (client, server, name) in [
         (&web, on_front, "store"),

@@ -158,6 +158,10 @@ impl Zone {
         let lower = |s: &str| s.to_ascii_lowercase();
         let domain = lower(input.domain.trim_end_matches('.'));
         let mut ids: HashMap<&str, u32> = HashMap::default();
+        // A client is its container: whichever of its addresses a query
+        // comes from, it sees every network the container is on.
+        let mut container_nets: HashMap<&str, Vec<u32>> = HashMap::default();
+        let mut addrs_of: HashMap<&str, Vec<IpAddr>> = HashMap::default();
         let mut zone = Zone {
             domain_name: fqdn(&domain).unwrap_or_else(Name::root),
             domain,
@@ -180,11 +184,12 @@ impl Zone {
                     unhealthy: m.health == Health::Unhealthy,
                 };
                 let name = lower(&m.name);
+                let nets = container_nets.entry(m.id.as_str()).or_default();
+                if !nets.contains(&net_idx) {
+                    nets.push(net_idx);
+                }
+                addrs_of.entry(m.id.as_str()).or_default().extend(m.addrs.iter().copied());
                 for a in &m.addrs {
-                    let nets = zone.clients.entry(*a).or_default();
-                    if !nets.contains(&net_idx) {
-                        nets.push(net_idx);
-                    }
                     if let Some(ptr) = fqdn(&format!("{name}.{net_name}.{}", zone.domain)) {
                         let entry = zone.ptr.entry(*a).or_insert_with(|| (ptr, Vec::new()));
                         if !entry.1.contains(&net_idx) {
@@ -223,6 +228,12 @@ impl Zone {
                 }
             }
             zone.nets.push(names);
+        }
+        for (id, addrs) in addrs_of {
+            let nets = container_nets.get(id).cloned().unwrap_or_default();
+            for a in addrs {
+                zone.clients.insert(a, nets.clone());
+            }
         }
         for (name, addrs) in &input.static_hosts {
             let name = lower(name.trim_end_matches('.'));
@@ -274,6 +285,7 @@ impl Zone {
 
     /// Is this client a host-side client?
     pub fn is_host_client(&self, client: IpAddr) -> bool {
+        let client = client.to_canonical();
         client.is_loopback()
             || matches!(client, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
             || self.host_clients.iter().any(|n| n.contains(&client))
@@ -281,6 +293,8 @@ impl Zone {
 
     /// Answer `qtype` for `qname` as seen by `client`.
     pub fn answer(&self, client: IpAddr, qname: &LowerName, qtype: RecordType) -> Answer {
+        // An IPv4 client of a dual-stack socket arrives as ::ffff:a.b.c.d.
+        let client = client.to_canonical();
         let container_nets = self.clients.get(&client).map(Vec::as_slice);
         if container_nets.is_none() && !self.is_host_client(client) {
             return Answer::Refused;
@@ -566,6 +580,21 @@ mod tests {
             q(&z, "::1", "www.docker.internal.", RecordType::A),
             Answer::NxDomain
         );
+    }
+
+    #[test]
+    fn a_container_on_two_networks_sees_both_from_either_address() {
+        let z = two_networks();
+        // db is on front (10.1.0.3) and back (10.2.0.3); other is on back only.
+        assert_eq!(sorted(q(&z, "10.1.0.3", "other.", RecordType::A)), vec![ip("10.2.0.4")]);
+        assert_eq!(sorted(q(&z, "10.2.0.3", "web.", RecordType::A)), vec![ip("10.1.0.2")]);
+        assert!(matches!(q(&z, "10.1.0.3", "4.0.2.10.in-addr.arpa.", RecordType::PTR), Answer::Ptr(_)));
+        // ...and still only addresses on networks it shares with the target.
+        assert_eq!(sorted(q(&z, "10.2.0.4", "db.", RecordType::A)), vec![ip("10.2.0.3")]);
+        // IPv4-mapped sources (dual-stack sockets) are the same client.
+        assert_eq!(sorted(q(&z, "::ffff:10.2.0.4", "db.", RecordType::A)), vec![ip("10.2.0.3")]);
+        assert_eq!(q(&z, "::ffff:192.0.2.1", "example.com.", RecordType::A), Answer::Refused);
+        assert_eq!(q(&z, "::ffff:127.0.0.1", "example.com.", RecordType::A), Answer::Forward);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::Duration;
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, timeout_at};
 
 use crate::metrics::Metrics;
@@ -63,18 +63,28 @@ impl Forwarder {
 
     /// Ask the upstreams `query`. `Ok` carries the first usable answer, or
     /// when every upstream answered SERVFAIL/REFUSED, the last of those.
+    /// Take a place among the queries in flight, or None (counted as
+    /// overloaded) when the bound is reached. Taken before any task is
+    /// spawned for the query, so the bound holds for tasks too.
+    pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.inflight.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.metrics
+                .forward_overloaded
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        permit
+    }
+
+    /// Ask the upstreams `query`, holding `_place` (from [`Self::try_reserve`])
+    /// until done.
     pub async fn forward(
         &self,
+        _place: OwnedSemaphorePermit,
         query: &Query,
         recursion_desired: bool,
         dnssec_ok: bool,
     ) -> Result<Message, ForwardError> {
-        let Ok(_permit) = self.inflight.try_acquire() else {
-            self.metrics
-                .forward_overloaded
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(ForwardError::Overloaded);
-        };
         if self.upstreams.is_empty() {
             self.metrics.forward_failed.fetch_add(1, Ordering::Relaxed);
             return Err(ForwardError::NoUpstreams);
@@ -160,7 +170,15 @@ impl Forwarder {
         self.metrics
             .forward_tcp_retries
             .fetch_add(1, Ordering::Relaxed);
-        exchange_tcp(upstream, &bytes, id, query).await
+        match exchange_tcp(upstream, &bytes, id, query).await {
+            Ok(full) => Ok(full),
+            // The truncated answer is still an answer: relayed with TC set,
+            // the client can try TCP itself.
+            Err(e) => {
+                tracing::debug!(%upstream, error = %e, "TCP retry failed; relaying the truncated answer");
+                Ok(answer)
+            }
+        }
     }
 }
 

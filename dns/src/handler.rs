@@ -28,6 +28,10 @@ pub struct Handler {
     metrics: Arc<Metrics>,
 }
 
+/// Largest UDP reply, whatever a client advertises: larger ones would be
+/// IP fragments, which firewalls drop. More is there over TCP.
+const MAX_UDP_REPLY: u16 = 4096;
+
 /// A response ready to encode.
 #[derive(Debug)]
 pub struct Reply {
@@ -46,6 +50,8 @@ pub struct Pending {
     metadata: Metadata,
     edns: Option<Edns>,
     recursion_desired: bool,
+    /// Our place among the forwarded queries in flight.
+    place: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// What [`Handler::decide`] says.
@@ -93,7 +99,7 @@ impl Reply {
     }
 
     /// Encode into `out` (cleared first) for UDP: at most the client's
-    /// EDNS payload size, else 512 bytes; what does not fit is left out and
+    /// EDNS payload size (capped at 4096), else 512 bytes; what does not fit is left out and
     /// TC is set, by hickory's encoder.
     pub fn encode_udp(
         &self,
@@ -102,7 +108,11 @@ impl Reply {
     ) -> Result<(), hickory_proto::ProtoError> {
         out.clear();
         let mut encoder = BinEncoder::new(out);
-        encoder.set_max_size(self.edns.as_ref().map_or(512, |e| e.max_payload().max(512)));
+        encoder.set_max_size(
+            self.edns
+                .as_ref()
+                .map_or(512, |e| e.max_payload().clamp(512, MAX_UDP_REPLY)),
+        );
         self.response(queries).destructive_emit(&mut encoder)?;
         Ok(())
     }
@@ -230,12 +240,17 @@ impl Handler {
             }
             Answer::Refused => return fail(ResponseCode::Refused, Outcome::Refused, reply.edns),
             Answer::Forward => {
+                // Over the in-flight bound: SERVFAIL now, never a queue.
+                let Some(place) = self.forwarder.try_reserve() else {
+                    return fail(ResponseCode::ServFail, Outcome::ServFail, reply.edns);
+                };
                 return Decision::Forward(Pending {
                     query: query.original().clone(),
                     qtype,
                     metadata,
                     recursion_desired: request.metadata.recursion_desired,
                     edns: reply.edns,
+                    place,
                 });
             }
         }
@@ -250,11 +265,12 @@ impl Handler {
             mut metadata,
             edns,
             recursion_desired,
+            place,
         } = pending;
         let dnssec_ok = edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
         match self
             .forwarder
-            .forward(&query, recursion_desired, dnssec_ok)
+            .forward(place, &query, recursion_desired, dnssec_ok)
             .await
         {
             Ok(upstream) => {
@@ -263,6 +279,7 @@ impl Handler {
                 metadata.authoritative = upstream.metadata.authoritative;
                 metadata.recursion_available = upstream.metadata.recursion_available;
                 metadata.authentic_data = upstream.metadata.authentic_data;
+                metadata.truncation = upstream.metadata.truncation;
                 Reply {
                     metadata,
                     edns,

@@ -65,7 +65,7 @@ pub async fn serve(socket: UdpSocket, handler: Handler, shutdown: CancellationTo
         match handler.decide(&request, src.ip()) {
             Decision::Reply(reply) => {
                 if reply.encode_udp(&request.queries, &mut out).is_ok() {
-                    send(&socket, &out, src).await;
+                    send(&socket, &out, src);
                 }
             }
             Decision::Forward(pending) => {
@@ -75,7 +75,7 @@ pub async fn serve(socket: UdpSocket, handler: Handler, shutdown: CancellationTo
                     let reply = handler.forward(pending).await;
                     let mut out = Vec::with_capacity(512);
                     if reply.encode_udp(&request.queries, &mut out).is_ok() {
-                        send(&socket, &out, src).await;
+                        send(&socket, &out, src);
                     }
                 });
             }
@@ -83,17 +83,13 @@ pub async fn serve(socket: UdpSocket, handler: Handler, shutdown: CancellationTo
     }
 }
 
-async fn send(socket: &UdpSocket, bytes: &[u8], to: SocketAddr) {
-    // try first: the socket buffer is almost always free, and this skips a
-    // trip through the reactor.
-    match socket.try_send_to(bytes, to) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            if let Err(e) = socket.send_to(bytes, to).await {
-                tracing::debug!(error = %e, %to, "udp send failed");
-            }
-        }
-        Err(e) => tracing::debug!(error = %e, %to, "udp send failed"),
+/// Send without waiting. A full send buffer means the kernel cannot
+/// deliver (a burst, or replies to spoofed sources stuck on ARP); waiting
+/// for room would stall every client of this socket, so the reply is
+/// dropped and the client retries, as a UDP client does.
+fn send(socket: &UdpSocket, bytes: &[u8], to: SocketAddr) {
+    if let Err(e) = socket.try_send_to(bytes, to) {
+        tracing::debug!(error = %e, %to, "udp reply dropped");
     }
 }
 

@@ -188,7 +188,10 @@ impl Zone {
                 if !nets.contains(&net_idx) {
                     nets.push(net_idx);
                 }
-                addrs_of.entry(m.id.as_str()).or_default().extend(m.addrs.iter().copied());
+                addrs_of
+                    .entry(m.id.as_str())
+                    .or_default()
+                    .extend(m.addrs.iter().copied());
                 for a in &m.addrs {
                     if let Some(ptr) = fqdn(&format!("{name}.{net_name}.{}", zone.domain)) {
                         let entry = zone.ptr.entry(*a).or_insert_with(|| (ptr, Vec::new()));
@@ -586,15 +589,36 @@ mod tests {
     fn a_container_on_two_networks_sees_both_from_either_address() {
         let z = two_networks();
         // db is on front (10.1.0.3) and back (10.2.0.3); other is on back only.
-        assert_eq!(sorted(q(&z, "10.1.0.3", "other.", RecordType::A)), vec![ip("10.2.0.4")]);
-        assert_eq!(sorted(q(&z, "10.2.0.3", "web.", RecordType::A)), vec![ip("10.1.0.2")]);
-        assert!(matches!(q(&z, "10.1.0.3", "4.0.2.10.in-addr.arpa.", RecordType::PTR), Answer::Ptr(_)));
+        assert_eq!(
+            sorted(q(&z, "10.1.0.3", "other.", RecordType::A)),
+            vec![ip("10.2.0.4")]
+        );
+        assert_eq!(
+            sorted(q(&z, "10.2.0.3", "web.", RecordType::A)),
+            vec![ip("10.1.0.2")]
+        );
+        assert!(matches!(
+            q(&z, "10.1.0.3", "4.0.2.10.in-addr.arpa.", RecordType::PTR),
+            Answer::Ptr(_)
+        ));
         // ...and still only addresses on networks it shares with the target.
-        assert_eq!(sorted(q(&z, "10.2.0.4", "db.", RecordType::A)), vec![ip("10.2.0.3")]);
+        assert_eq!(
+            sorted(q(&z, "10.2.0.4", "db.", RecordType::A)),
+            vec![ip("10.2.0.3")]
+        );
         // IPv4-mapped sources (dual-stack sockets) are the same client.
-        assert_eq!(sorted(q(&z, "::ffff:10.2.0.4", "db.", RecordType::A)), vec![ip("10.2.0.3")]);
-        assert_eq!(q(&z, "::ffff:192.0.2.1", "example.com.", RecordType::A), Answer::Refused);
-        assert_eq!(q(&z, "::ffff:127.0.0.1", "example.com.", RecordType::A), Answer::Forward);
+        assert_eq!(
+            sorted(q(&z, "::ffff:10.2.0.4", "db.", RecordType::A)),
+            vec![ip("10.2.0.3")]
+        );
+        assert_eq!(
+            q(&z, "::ffff:192.0.2.1", "example.com.", RecordType::A),
+            Answer::Refused
+        );
+        assert_eq!(
+            q(&z, "::ffff:127.0.0.1", "example.com.", RecordType::A),
+            Answer::Forward
+        );
     }
 
     #[test]

@@ -73,6 +73,17 @@ pub async fn start(
         cfg.forward_max_inflight,
         metrics.clone(),
     ));
+    let hosts = match &cfg.hosts_file {
+        Some(path) => {
+            let initial = read_hosts(path)
+                .with_context(|| format!("reading --hosts-file {}", path.display()))?;
+            let (tx, rx) = watch::channel(Arc::new(initial));
+            tokio::spawn(follow_hosts_file(path.clone(), tx));
+            rx
+        }
+        None => watch::channel(StaticHosts::default()).1,
+    };
+
     let zone: ZoneHandle = Arc::new(ArcSwap::from_pointee(Zone::default()));
     let mut listeners = Listeners::new(Handler::new(zone.clone(), forwarder, metrics.clone()));
     let mut fixed = Vec::new();
@@ -84,17 +95,6 @@ pub async fn start(
         fixed.push(bound);
     }
     let (listeners_tx, listeners_rx) = watch::channel(listeners.addrs());
-
-    let hosts = match &cfg.hosts_file {
-        Some(path) => {
-            let initial = read_hosts(path)
-                .with_context(|| format!("reading --hosts-file {}", path.display()))?;
-            let (tx, rx) = watch::channel(Arc::new(initial));
-            tokio::spawn(follow_hosts_file(path.clone(), tx));
-            rx
-        }
-        None => watch::channel(StaticHosts::default()).1,
-    };
 
     let event_to_answer = Arc::new(Histogram::default());
     let state = DnsState {
@@ -194,8 +194,12 @@ impl ZoneBuilder {
         }
         // A fixed wildcard listener on the same port already covers gateways
         // (`[::]` covers IPv4 too: Linux sockets are dual-stack by default).
-        let wildcards: Vec<SocketAddr> =
-            self.fixed.iter().filter(|a| a.ip().is_unspecified()).copied().collect();
+        let wildcards: Vec<SocketAddr> = self
+            .fixed
+            .iter()
+            .filter(|a| a.ip().is_unspecified())
+            .copied()
+            .collect();
         let covered = |a: &SocketAddr| {
             wildcards
                 .iter()

@@ -94,10 +94,9 @@ fn resolve(args: config::RunArgs) -> Result<Config, ExitCode> {
 }
 
 fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("portless: bad --log filter `{filter}` ({e}); using info");
-        tracing_subscriber::EnvFilter::new("info")
-    });
+    // `resolve` has checked the filter already.
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

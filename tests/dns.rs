@@ -724,6 +724,26 @@ fn bad_configuration_exits_64_with_a_clear_message() {
             ],
             "cannot read",
         ),
+        (
+            vec![
+                "run".into(),
+                "--hosts-file".into(),
+                dir.join("no-hosts").display().to_string(),
+            ],
+            "--hosts-file",
+        ),
+        (
+            vec!["run".into(), "--log".into(), "info,[[".into()],
+            "--log",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--forward-max-inflight".into(),
+                "100000000".into(),
+            ],
+            "--forward-max-inflight",
+        ),
     ];
     for (args, needle) in cases {
         let out = std::process::Command::new(bin)

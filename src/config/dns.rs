@@ -133,13 +133,20 @@ impl DnsOpts {
             ));
         }
         let forward_max_inflight = self.forward_max_inflight.unwrap_or(1024);
-        if forward_max_inflight == 0 {
-            return Err(ConfigError::new("--forward-max-inflight: at least 1"));
+        if !(1..=65_536).contains(&forward_max_inflight) {
+            return Err(ConfigError::new(
+                "--forward-max-inflight: between 1 and 65536",
+            ));
         }
-        if let Some(path) = &self.hosts_file
-            && path.as_os_str().is_empty()
-        {
-            return Err(ConfigError::new("--hosts-file: empty path"));
+        if let Some(path) = &self.hosts_file {
+            // Read once here, so that a missing or unreadable file is a
+            // configuration error before anything is bound.
+            if let Err(e) = std::fs::read_to_string(path) {
+                return Err(ConfigError::new(format!(
+                    "--hosts-file {}: {e}",
+                    path.display()
+                )));
+            }
         }
         Ok(DnsConfig {
             port: self.dns_port.unwrap_or(53),

@@ -252,7 +252,12 @@ impl RunArgs {
             admin_listen: general
                 .admin_listen
                 .unwrap_or(([127, 0, 0, 1], 9053).into()),
-            log: general.log.unwrap_or_else(|| "info".to_owned()),
+            log: {
+                let log = general.log.unwrap_or_else(|| "info".to_owned());
+                tracing_subscriber::EnvFilter::try_new(&log)
+                    .map_err(|e| ConfigError::new(format!("--log {log}: {e}")))?;
+                log
+            },
             dns: self.dns.merge(file.dns).resolve()?,
             router: self.router.merge(file.router).resolve()?,
             cluster,

@@ -245,10 +245,10 @@ fn zone_input(
         }
     }
     let mut host_clients: Vec<IpNet> = cfg.allow.clone();
-    let gateways = catalog
-        .networks
-        .values()
-        .flat_map(|n| n.gateways.iter().copied());
+    // Bridge gateways are this host's own addresses. Other drivers'
+    // gateways (macvlan, ipvlan) are routers on the LAN: not host-side.
+    let bridges = || catalog.networks.values().filter(|n| n.driver == "bridge");
+    let gateways = bridges().flat_map(|n| n.gateways.iter().copied());
     host_clients.extend(gateways.chain(host_addrs).map(IpNet::from));
     ZoneInput {
         domain: cfg.domain.clone(),
@@ -261,11 +261,7 @@ fn zone_input(
             .map(|z| (z.zone.clone(), z.addrs.clone()))
             .collect(),
         host_clients,
-        private_ranges: catalog
-            .networks
-            .values()
-            .flat_map(|n| n.subnets.iter().copied())
-            .collect(),
+        private_ranges: bridges().flat_map(|n| n.subnets.iter().copied()).collect(),
         serial,
     }
 }

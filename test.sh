@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 if [ "$(id -u)" != 0 ]; then
-  exec sudo -E "$0" "$@"
+  exec sudo -E env "PATH=$PATH" "$0" "$@"
 fi
 
 need=()

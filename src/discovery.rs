@@ -94,21 +94,36 @@ async fn session(
         .negotiate_version()
         .await
         .context("negotiating the Docker API version")?;
-    // Events are replayed from a second before the listing starts, so a
-    // change made while we list is applied after it (applying is
-    // idempotent: every event re-reads the object).
+    // The event stream is opened (by a task that starts reading it at once)
+    // before the listing, and replays from a second before it, so a change
+    // made while we list is applied after it (applying is idempotent: every
+    // event re-reads the object). bollard's stream sends its request only
+    // when first polled, hence the task.
     let since = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
         .saturating_sub(1);
-    let filters: HashMap<&str, Vec<&str>> = HashMap::from([("type", vec!["container", "network"])]);
-    let mut events = docker.events(Some(
-        EventsOptionsBuilder::new()
+    // Unbounded: the Engine's event rate is bounded by what happens on the
+    // host, and this loop drains it continuously.
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let reader = docker.clone();
+    let pump = AbortOnDrop(tokio::spawn(async move {
+        let filters: HashMap<&str, Vec<&str>> =
+            HashMap::from([("type", vec!["container", "network"])]);
+        let options = EventsOptionsBuilder::new()
             .since(&since.to_string())
             .filters(&filters)
-            .build(),
-    ));
+            .build();
+        let mut stream = std::pin::pin!(reader.events(Some(options)));
+        while let Some(event) = stream.next().await {
+            let failed = event.is_err();
+            if events_tx.send(event).is_err() || failed {
+                return;
+            }
+        }
+    }));
+    tokio::task::yield_now().await;
 
     let listed_at_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -126,8 +141,30 @@ async fn session(
         "Docker catalog listed"
     );
 
-    while let Some(event) = events.next().await {
-        let event = event.context("reading the Docker event stream")?;
+    // A safety net under the event stream: list everything again now and
+    // then, and publish if anything differs.
+    let mut relist = tokio::time::interval(RELIST_EVERY);
+    relist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    relist.tick().await;
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => event.context("reading the Docker event stream")?,
+                None => break,
+            },
+            _ = relist.tick() => {
+                let mut fresh = list_all(&docker).await?;
+                for (id, c) in &mut fresh.containers {
+                    c.stopping = catalog.containers.get(id).is_some_and(|old| old.stopping);
+                }
+                if fresh != catalog {
+                    tracing::warn!("a periodic listing differed from the event-built catalog; replaced");
+                    catalog = fresh;
+                    tx.send_replace(Snapshot { catalog: Arc::new(catalog.clone()), event_time_ns: None });
+                }
+                continue;
+            }
+        };
         metrics.events.fetch_add(1, Ordering::Relaxed);
         if apply(&docker, &mut catalog, &event).await? {
             // Events replayed from before the listing are already in it:
@@ -138,7 +175,20 @@ async fn session(
             });
         }
     }
+    drop(pump);
     Ok(())
+}
+
+/// How often the whole catalog is listed again while events flow.
+const RELIST_EVERY: Duration = Duration::from_secs(300);
+
+/// Aborts the task when the session ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Apply one event; true when the catalog changed.
@@ -257,6 +307,13 @@ async fn list_all(docker: &Docker) -> anyhow::Result<Catalog> {
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => {}
+            // The daemon answered with an error for this one container: it
+            // must not keep every other one from being known. Skip it; its
+            // next event or the next listing brings it in.
+            Err(e @ bollard::errors::Error::DockerResponseServerError { .. }) => {
+                tracing::warn!(container = %id, error = %e, "cannot inspect a container; skipped")
+            }
+            // The daemon is gone: a partial listing would drop names.
             Err(e) => return Err(e).context(format!("inspecting container {id}")),
         }
     }

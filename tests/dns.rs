@@ -39,8 +39,12 @@ fn portless_on(gateways: &[IpAddr], extra: &[&str]) -> (Portless, Vec<SocketAddr
 /// portless without Docker, with one DNS listener on a free loopback port;
 /// returns it and that listener's address as text.
 fn static_portless(extra: &[&str]) -> (Portless, String) {
-    let port = free_port([127, 0, 0, 1].into());
-    let listen = format!("127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{}", free_port([127, 0, 0, 1].into()));
+    (static_portless_on(&listen, extra), listen)
+}
+
+/// portless without Docker, with one DNS listener on `listen`.
+fn static_portless_on(listen: &str, extra: &[&str]) -> Portless {
     let mut args = vec![
         "--no-router=true",
         "--docker-host",
@@ -48,10 +52,10 @@ fn static_portless(extra: &[&str]) -> (Portless, String) {
         "--dns-port",
         "0",
         "--dns-listen",
-        &listen,
+        listen,
     ];
     args.extend_from_slice(extra);
-    (Portless::start(&args), listen)
+    Portless::start(&args)
 }
 
 fn arpa(ip: IpAddr) -> String {
@@ -557,19 +561,7 @@ fn strangers_are_refused_and_allowed_ranges_are_not() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     {
-        let _p = Portless::start(&[
-            "--no-router=true",
-            "--docker-host",
-            "none",
-            "--dns-port",
-            "0",
-            "--dns-listen",
-            &listen,
-            "--hosts-file",
-            h,
-            "--upstream",
-            "127.0.0.1:9",
-        ]);
+        let _p = static_portless_on(&listen, &["--hosts-file", h, "--upstream", "127.0.0.1:9"]);
         let out = dig_ns("static.example");
         assert!(out.contains("status: REFUSED"), "{out}");
         let out = dig_ns("example.org");
@@ -579,21 +571,17 @@ fn strangers_are_refused_and_allowed_ranges_are_not() {
         );
     }
     let allow = format!("{ns_ip}/32");
-    let _p = Portless::start(&[
-        "--no-router=true",
-        "--docker-host",
-        "none",
-        "--dns-port",
-        "0",
-        "--dns-listen",
+    let _p = static_portless_on(
         &listen,
-        "--hosts-file",
-        h,
-        "--dns-allow",
-        &allow,
-        "--upstream",
-        "127.0.0.1:9",
-    ]);
+        &[
+            "--hosts-file",
+            h,
+            "--dns-allow",
+            &allow,
+            "--upstream",
+            "127.0.0.1:9",
+        ],
+    );
     let out = dig_ns("static.example");
     assert!(
         out.contains("status: NOERROR") && out.contains("192.0.2.44"),

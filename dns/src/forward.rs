@@ -57,12 +57,6 @@ impl Forwarder {
         }
     }
 
-    pub fn upstreams(&self) -> &[SocketAddr] {
-        &self.upstreams
-    }
-
-    /// Ask the upstreams `query`. `Ok` carries the first usable answer, or
-    /// when every upstream answered SERVFAIL/REFUSED, the last of those.
     /// Take a place among the queries in flight, or None (counted as
     /// overloaded) when the bound is reached. Taken before any task is
     /// spawned for the query, so the bound holds for tasks too.
@@ -76,7 +70,9 @@ impl Forwarder {
         permit
     }
 
-    /// Ask the upstreams `query`, holding `_place` (from [`Self::try_reserve`])
+    /// Ask the upstreams `query`. `Ok` carries the first usable answer, or
+    /// when every upstream answered SERVFAIL/REFUSED, the last of those.
+    /// Holds `_place` (from [`Self::try_reserve`])
     /// until done.
     pub async fn forward(
         &self,

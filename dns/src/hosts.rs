@@ -34,14 +34,14 @@ pub fn parse(text: &str) -> (BTreeMap<String, Vec<IpAddr>>, Vec<HostsError>) {
         let mut any = false;
         for name in fields {
             any = true;
-            match normalize(name) {
-                Some(name) => {
+            match normalize_name(name) {
+                Ok(name) => {
                     let addrs = names.entry(name).or_default();
                     if !addrs.contains(&ip) {
                         addrs.push(ip);
                     }
                 }
-                None => errors.push(HostsError {
+                Err(_) => errors.push(HostsError {
                     line: line_no,
                     reason: format!("`{name}` is not a valid host name"),
                 }),
@@ -57,17 +57,30 @@ pub fn parse(text: &str) -> (BTreeMap<String, Vec<IpAddr>>, Vec<HostsError>) {
     (names, errors)
 }
 
-fn normalize(name: &str) -> Option<String> {
+/// Lower-case a DNS name, drop one trailing dot, and check its labels:
+/// 1 to 63 letters, digits, `-` or `_`, at most 253 characters in all.
+pub fn normalize_name(name: &str) -> Result<String, String> {
     let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    ok.then_some(name)
+    if name.is_empty() {
+        return Err("empty name".into());
+    }
+    if name.len() > 253 {
+        return Err(format!("{name}: longer than 253 characters"));
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("{name}: every label needs 1 to 63 characters"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "{name}: only letters, digits, '-' and '_' are allowed"
+            ));
+        }
+    }
+    Ok(name)
 }
 
 #[cfg(test)]

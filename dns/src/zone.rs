@@ -328,41 +328,16 @@ impl Zone {
         let found = match container_nets {
             Some(nets) => {
                 let key = relative.unwrap_or(name);
-                let mut targets: Vec<&Target> = Vec::new();
-                let mut addrs_on_shared: Vec<IpAddr> = Vec::new();
-                for &n in nets {
-                    if let Some(ts) = self.nets.get(n as usize).and_then(|names| names.get(key)) {
-                        targets.extend(ts.iter());
-                    }
-                }
-                if targets.is_empty() {
-                    None
-                } else {
-                    let any_healthy = targets.iter().any(|t| !t.unhealthy);
-                    for t in targets.iter().filter(|t| !any_healthy || !t.unhealthy) {
-                        for a in &t.addrs {
-                            if !addrs_on_shared.contains(a) {
-                                addrs_on_shared.push(*a);
-                            }
-                        }
-                    }
-                    Some(addrs_on_shared)
-                }
+                let targets: Vec<&Target> = nets
+                    .iter()
+                    .filter_map(|&n| self.nets.get(n as usize).and_then(|names| names.get(key)))
+                    .flatten()
+                    .collect();
+                (!targets.is_empty()).then(|| live_addrs(&targets))
             }
             None => relative
                 .and_then(|rel| self.host_names.get(rel))
-                .map(|targets| {
-                    let any_healthy = targets.iter().any(|t| !t.unhealthy);
-                    let mut addrs = Vec::new();
-                    for t in targets.iter().filter(|t| !any_healthy || !t.unhealthy) {
-                        for a in &t.addrs {
-                            if !addrs.contains(a) {
-                                addrs.push(*a);
-                            }
-                        }
-                    }
-                    addrs
-                }),
+                .map(|targets| live_addrs(&targets.iter().collect::<Vec<_>>())),
         };
         if let Some(addrs) = found {
             return addresses(addrs.into_iter(), qtype);
@@ -406,6 +381,21 @@ impl Zone {
         }
         Answer::Forward
     }
+}
+
+/// The addresses of `targets`, leaving out unhealthy ones while a healthy
+/// one remains (all of them when none is healthy), without duplicates.
+fn live_addrs(targets: &[&Target]) -> Vec<IpAddr> {
+    let any_healthy = targets.iter().any(|t| !t.unhealthy);
+    let mut addrs = Vec::new();
+    for t in targets.iter().filter(|t| !any_healthy || !t.unhealthy) {
+        for a in &t.addrs {
+            if !addrs.contains(a) {
+                addrs.push(*a);
+            }
+        }
+    }
+    addrs
 }
 
 /// The query name as a zone key: labels joined by dots, no trailing dot.

@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::ConfigError;
+use portless_dns::hosts::normalize_name;
 
 #[derive(Debug, Default, Clone, Args, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -161,31 +162,6 @@ impl DnsOpts {
             forward_max_inflight,
         })
     }
-}
-
-/// Lower-case a DNS name, drop one trailing dot, and check its labels.
-pub fn normalize_name(name: &str) -> Result<String, String> {
-    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
-    if name.is_empty() {
-        return Err("empty name".into());
-    }
-    if name.len() > 253 {
-        return Err(format!("{name}: longer than 253 characters"));
-    }
-    for label in name.split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err(format!("{name}: every label needs 1 to 63 characters"));
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(format!(
-                "{name}: only letters, digits, '-' and '_' are allowed"
-            ));
-        }
-    }
-    Ok(name)
 }
 
 /// `ADDR` or `ADDR:PORT` or `[V6]:PORT`; the port defaults to 53.

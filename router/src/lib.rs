@@ -13,6 +13,9 @@
 //!   in by the caller ([`bind_reuseport`], [`Router::spawn_threads`]: one
 //!   single-threaded runtime per CPU, sharing the table), pools upstream
 //!   connections per thread (`pool`), retries and ejects.
+//! - `h1_guard`: follows HTTP/1 request framing on the wire, so that a
+//!   request with both `Content-Length` and `Transfer-Encoding` (which
+//!   hyper accepts, dropping the former) gets 400.
 //! - [`tls`]: the rustls SNI certificate resolver over a directory.
 //! - [`metrics`]: lock-free counters, rendered as Prometheus text.
 //!
@@ -23,6 +26,7 @@
 
 pub mod balance;
 pub mod error;
+mod h1_guard;
 pub mod headers;
 pub mod host;
 pub mod metrics;

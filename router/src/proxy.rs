@@ -89,6 +89,7 @@ pub fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
 
 use crate::balance::{self, Candidate};
 use crate::error::{ErrorKind, ProxyError, RetryType};
+use crate::h1_guard::{FramingHandle, H1Guard, Verdict};
 use crate::headers::{self, ClientInfo};
 use crate::host::normalize_authority;
 use crate::io::{Prefixed, read_proxy_header};
@@ -332,7 +333,7 @@ impl Router {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(opts.header_read_timeout)
-            .max_buf_size(opts.max_header_bytes.max(8192))
+            .max_buf_size(max_head(&opts))
             .max_headers(opts.max_headers);
         server
             .http2()
@@ -614,11 +615,12 @@ impl Worker {
             },
         };
         match tls {
-            None => self.serve_conn(TokioIo::new(io), conn).await,
+            None => self.serve_conn(io, conn, true).await,
             Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(io)).await {
                 Ok(Ok(tls_stream)) => {
                     conn.client.tls = true;
-                    self.serve_conn(TokioIo::new(tls_stream), conn).await
+                    let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    self.serve_conn(tls_stream, conn, !h2).await
                 }
                 Ok(Err(e)) => {
                     m.tls_handshake_failures.fetch_add(1, Relaxed);
@@ -632,31 +634,60 @@ impl Worker {
         }
     }
 
-    async fn serve_conn<I>(self: &Arc<Self>, io: I, conn: ConnInfo)
+    /// `h1`: the connection may speak HTTP/1 (not h2 by ALPN), so its
+    /// request framing is checked (see `h1_guard`).
+    async fn serve_conn<I>(self: &Arc<Self>, io: I, conn: ConnInfo, h1: bool)
     where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let framing = h1.then(|| FramingHandle::new(max_head(&self.opts), self.opts.max_headers));
+        let io = TokioIo::new(H1Guard::new(io, framing.clone()));
         let worker = self.clone();
-        let svc = service_fn(move |req| {
+        let svc = service_fn(move |req: Request<Incoming>| {
             let worker = worker.clone();
-            async move { Ok::<_, Infallible>(worker.handle(req, conn).await) }
+            // Now, in the order hyper hands requests over.
+            let seen = framing.as_ref().map(|f| f.admit(req.headers()));
+            async move { Ok::<_, Infallible>(worker.handle(req, conn, seen).await) }
         });
         if let Err(e) = self.server.serve_connection_with_upgrades(io, svc).await {
             debug!(client = %conn.client.addr, error = %e, "client connection ended with an error");
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<RespBody> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        seen: Option<Verdict>,
+    ) -> Response<RespBody> {
         let start = Instant::now();
         let live = self.live.load_full();
-        let (result, stats) = self.route_and_forward(req, conn, &live).await;
-        let resp = match result {
+        // Both Content-Length and Transfer-Encoding: hyper kept only the
+        // latter, so only the wire (h1_guard) can tell.
+        let conflicting = seen.as_ref().is_some_and(|v| v.conflicting);
+        let (result, stats) = if conflicting {
+            let e = ProxyError::with_cause(
+                ErrorKind::BadRequest,
+                "both Content-Length and Transfer-Encoding",
+            );
+            (Err(e), None)
+        } else {
+            self.route_and_forward(req, conn, &live).await
+        };
+        let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {
                 debug!(error = %e, status = e.status().as_u16(), "request failed");
                 error_response(&e)
             }
         };
+        if conflicting {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(v) = seen {
+            v.answered(resp.status());
+        }
         let stats = match stats {
             Some(i) => &*live.routes[i].stats,
             None => &self.metrics.unrouted,
@@ -958,6 +989,11 @@ impl Worker {
         brt.h2.store(Some(Arc::new(sender.clone())));
         Ok(sender)
     }
+}
+
+/// hyper's read buffer limit: the largest HTTP/1 request head it reads.
+fn max_head(opts: &RouterOptions) -> usize {
+    opts.max_header_bytes.max(8192)
 }
 
 fn error_response(e: &ProxyError) -> Response<RespBody> {

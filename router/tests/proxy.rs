@@ -418,18 +418,12 @@ async fn hostile_requests_get_431_413_400_and_slow_headers_time_out() {
             .status,
         200
     );
-    // Conflicting Content-Length and Transfer-Encoding: Transfer-Encoding
-    // wins, Content-Length never reaches the backend (no desync possible),
-    // and the connection is closed after the response.
+    // Conflicting Content-Length and Transfer-Encoding: 400, and nothing
+    // behind it is served.
     let smuggle = b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /second HTTP/1.1\r\nHost: a.test\r\n\r\n";
     let out = raw(r.addr, smuggle, Duration::from_secs(3)).await;
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    assert!(out.contains("body-bytes=5"), "{out}");
-    assert!(!out.contains("content-length: 4"), "{out}");
-    assert!(
-        !out.contains("/second"),
-        "a smuggled request was served: {out}"
-    );
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1").count(), 1, "{out}");
     // Bad Transfer-Encoding: 400.
     let out = raw(
         r.addr,
@@ -446,7 +440,190 @@ async fn hostile_requests_get_431_413_400_and_slow_headers_time_out() {
     let res = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
     assert!(res.is_ok(), "slow client was not cut off");
     assert!(start.elapsed() < Duration::from_secs(3));
-    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+/// Send raw bytes on a new connection; the reply, and whether the router
+/// closed the connection (rather than the wait running out).
+async fn raw_closed(addr: std::net::SocketAddr, bytes: &[u8]) -> (String, bool) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out))
+        .await
+        .is_ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_gets_400_and_a_closed_connection() {
+    let be = backend("be").await;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(&["a.test"], "/", vec![b("be", be.addr)])],
+    )
+    .await;
+    for req in [
+        &b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\ncontent-length: 4\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        // The same, with the request after it a backend would see if the
+        // two framings were read differently.
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\nGET /second HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    ] {
+        let (out, closed) = raw_closed(r.addr, req).await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        assert!(out.to_lowercase().contains("connection: close"), "{out}");
+        assert_eq!(out.matches("HTTP/1.1").count(), 1, "{out}");
+        assert!(closed, "connection left open: {out}");
+    }
+    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let mut m = String::new();
+    r.router.render_metrics(&mut m);
+    assert!(
+        m.contains("portless_router_requests_total{route=\"\",class=\"4xx\"} 3"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_keep_alive_connection_serves_then_refuses_the_conflicting_request() {
+    let be = backend("be").await;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(&["a.test"], "/", vec![b("be", be.addr)])],
+    )
+    .await;
+    let mut s = TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"POST /first HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    s.write_all(b"POST /second HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
+        .await
+        .is_ok();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 400"), "{rest}");
+    assert!(closed, "connection left open");
+    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    // Pipelined: a GET, a chunked POST with extensions and trailers, a
+    // POST whose body reads like a conflicting request, then one that is.
+    let decoy = "GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let pipelined = format!(
+        "GET /1 HTTP/1.1\r\nHost: a.test\r\n\r\n\
+         POST /2 HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+         {:x};ext=1\r\n{decoy}\r\n0\r\nX-Trailer: t\r\n\r\n\
+         POST /3 HTTP/1.1\r\nHost: a.test\r\nContent-Length: {}\r\n\r\n{decoy}\
+         POST /4 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+         GET /5 HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        decoy.len(),
+        decoy.len()
+    );
+    let (out, closed) = raw_closed(r.addr, pipelined.as_bytes()).await;
+    let statuses: Vec<&str> = out
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &out[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "200", "200", "400"], "{out}");
+    assert!(
+        out.contains(&format!("body-bytes={}", decoy.len())),
+        "{out}"
+    );
+    assert!(closed);
+    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 4);
+}
+
+#[tokio::test]
+async fn chunked_and_sized_posts_still_pass() {
+    let be = backend("be").await;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(&["a.test"], "/", vec![b("be", be.addr)])],
+    )
+    .await;
+    let u = url(&r, "a.test", "/");
+    let got = curl(&u, &["--data-binary", "hello"]).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert!(got.body.contains("body-bytes=5"), "{}", got.body);
+    let got = curl(
+        &u,
+        &["--data-binary", "hello", "-H", "Transfer-Encoding: chunked"],
+    )
+    .await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert!(got.body.contains("body-bytes=5"), "{}", got.body);
+    assert!(
+        got.body.contains("transfer-encoding: chunked"),
+        "{}",
+        got.body
+    );
+    // Both on one connection, twice.
+    let got = curl(
+        &u,
+        &[
+            "--data-binary",
+            "abc",
+            &u,
+            "--next",
+            "--data-binary",
+            "defg",
+            "-H",
+            "Transfer-Encoding: chunked",
+            &u,
+        ],
+    )
+    .await;
+    assert!(got.body.contains("body-bytes=4"), "{}", got.body);
+}
+
+#[tokio::test]
+async fn a_refused_upgrade_does_not_hide_the_conflicting_request_behind_it() {
+    let be = backend("be").await;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(&["a.test"], "/", vec![b("be", be.addr)])],
+    )
+    .await;
+    // The backend answers this upgrade with a plain 200 (only /ws
+    // switches), so the bytes after it are requests again.
+    let stream = b"GET /no-ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\
+        CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n\
+        POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+        GET /after HTTP/1.1\r\nHost: a.test\r\n\r\n";
+    let (out, closed) = raw_closed(r.addr, stream).await;
+    let statuses: Vec<&str> = out
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &out[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "405", "400"], "{out}");
+    assert!(closed);
+    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // An accepted upgrade is a tunnel: what follows is not read as HTTP.
+    let mut s = TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 101"));
+    let tunnelled = b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+    s.write_all(tunnelled).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < tunnelled.len() + 3 {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "tunnel closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(&got[3..], tunnelled);
 }
 
 #[tokio::test]

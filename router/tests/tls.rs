@@ -193,3 +193,44 @@ async fn an_open_tls_connection_survives_a_certificate_change() {
     );
     watcher.abort();
 }
+
+#[tokio::test]
+async fn https_http1_requests_with_both_lengths_get_400_and_h2_is_untouched() {
+    let ca = TestCa::new();
+    let certs = TempDir::new("certs-cl-te");
+    ca.issue(&certs.0, "a", &["a.test"]);
+    let (store, _) = load_cert_dir(&certs.0).unwrap();
+    let resolver = Arc::new(CertResolver::new(store));
+    let be = backend("be").await;
+    let mut r = router(
+        RouterOptions::default(),
+        vec![spec(&["a.test"], "/", vec![b("be", be.addr)])],
+    )
+    .await;
+    let https = r.add_https(server_config(resolver).unwrap()).await;
+    let ca_path = ca.ca_path();
+    let cacert = ca_path.to_str().unwrap();
+    let u = format!("https://a.test:{}/", https.port());
+    // curl sends both headers as given, the body chunked.
+    let got = curl(
+        &u,
+        &[
+            "--cacert",
+            cacert,
+            "--http1.1",
+            "--data-binary",
+            "hello",
+            "-H",
+            "Content-Length: 5",
+            "-H",
+            "Transfer-Encoding: chunked",
+        ],
+    )
+    .await;
+    assert!(got.head.starts_with("HTTP/1.1 400"), "{got:?}");
+    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // h2 (by ALPN) has no such framing; its requests pass as before.
+    let got = curl(&u, &["--cacert", cacert, "--data-binary", "hello"]).await;
+    assert!(got.head.starts_with("HTTP/2 200"), "{got:?}");
+    assert!(got.body.contains("body-bytes=5"), "{}", got.body);
+}

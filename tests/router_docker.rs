@@ -727,6 +727,17 @@ fn forwarded_headers_proxy_protocol_and_hostile_requests_through_the_binary() {
     assert_eq!(curl(router, &["-H", &big]).0, 431);
     let payload = "x".repeat(2000);
     assert_eq!(curl(router, &["--data-binary", &payload]).0, 413);
+    // Both Content-Length and Transfer-Encoding (curl sends both as
+    // given): 400, not forwarded.
+    let both = [
+        "--data-binary",
+        "hello",
+        "-H",
+        "Content-Length: 5",
+        "-H",
+        "Transfer-Encoding: chunked",
+    ];
+    assert_eq!(curl(router, &both).0, 400);
 
     // Behind a PROXY-protocol balancer: every connection needs the header,
     // and the balancer's forwarding headers are kept.

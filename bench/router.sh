@@ -1,13 +1,45 @@
 #!/usr/bin/env bash
-# Router benchmark: the backend hit directly, nginx, haproxy, caddy and the
-# portless router, each routing by Host to the same local backend, loaded by
-# wrk with keep-alive connections, in one run, rounds interleaved. Also the
-# route lookup cost and resident memory with 10,000 routes.
+# Router benchmark: the backend hit directly, nginx, haproxy, caddy and
+# portless, each routing by Host to the same backend container, loaded by wrk
+# with keep-alive connections, in one run, rounds interleaved, medians
+# reported. Also the route lookup cost and resident memory.
 #
 # Usage: sudo bench/router.sh [--duration S] [--rounds N] [--connections N]
 #                             [--threads N] [--no-build] [--keep]
-# Traffic goes to 127.0.0.1 only. Everything started here runs from a
-# mktemp -d directory and is stopped on exit.
+#
+# The backend is a real container: a local image (portless-bench-nginx:local,
+# made with `docker import` from the host's own /usr/sbin/nginx, the libraries
+# ldd lists and a config written here) on a bridge network created here, with
+# the labels portless.http.host=bench.test and portless.http.port=80. Targets:
+#   direct        wrk -> the container's IP:80
+#   nginx         host nginx (2 workers), upstream keep-alive -> container
+#   haproxy       host haproxy (2 threads) -> container
+#   caddy         host caddy reverse_proxy -> container
+#   portless      the product: target/release/portless run, which learns the
+#                 route from the container's Docker labels (DNS off: no
+#                 --dns-listen and --dns-port 0; admin API on a free port)
+#   portless-lib  the router library alone (router/examples/router_bench.rs
+#                 serve, a fixed 1-route table to the container): kept to tell
+#                 the product's own overhead from the library's
+#   portless-10k  the same with 10,000 more routes in the table
+# The ratio lines compare `portless` (the product) with the better of nginx
+# and haproxy on each measure (req/s, p99, CPU per request).
+#
+# CPU time per request (utime+stime from /proc over a wrk run, divided by the
+# requests wrk counted) is the cost of the processes doing that target's own
+# work: for `direct` the backend container's nginx processes (what serving the
+# request costs); for every proxy its own processes only (nginx: its workers;
+# haproxy, caddy, router_bench, portless run: the one process, all threads).
+# The backend container serves every target and its CPU (about the `direct`
+# figure per request) is left out of the proxies' figures, as is wrk's. So a
+# proxy's figure is its overhead per request, comparable across proxies.
+#
+# Traffic goes to 127.0.0.1 and the bench's own container only. Every host
+# process runs from a mktemp -d directory and is stopped on exit; the
+# container, network and image (labels portless-bench=1 and
+# portless-bench.router=1) are removed on exit, failure and Ctrl-C included,
+# and leftovers of an earlier killed run at start. One run at a time (flock).
+# --keep keeps the mktemp directory (configs, logs, raw results).
 set -euo pipefail
 
 DURATION=10
@@ -24,7 +56,7 @@ while (($#)); do
         --threads) THREADS=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 64 ;;
     esac
 done
@@ -32,8 +64,20 @@ done
 log() { printf '[router-bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
+((EUID == 0)) || die "run as root (sudo $0)"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HOST=bench.test
+BODY="hello from the backend"
+IMAGE=portless-bench-nginx:local
+NET=portless-bench-router
+CTR=portless-bench-router-backend
+LABELS=(--label portless-bench=1 --label portless-bench.router=1)
+MINE=label=portless-bench.router=1
+# The caller's PORTLESS_* settings must not change what is measured.
+while read -r v; do unset "$v"; done < <(compgen -e | grep '^PORTLESS_' || true)
+
+exec 9>/run/lock/portless-router-bench.lock
+flock -n 9 || die "another bench/router.sh is running"
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -85,54 +129,109 @@ cpu_ticks() {
 }
 TICK=$(getconf CLK_TCK)
 
+# Everything this script made in Docker (by label): the container, then the
+# network, then the image.
+docker_cleanup() {
+    local ids
+    mapfile -t ids < <(docker ps -aq --filter "$MINE" 2>/dev/null || true)
+    ((${#ids[@]} == 0)) || docker rm -f "${ids[@]}" >/dev/null 2>&1 || true
+    mapfile -t ids < <(docker network ls -q --filter "$MINE" 2>/dev/null || true)
+    ((${#ids[@]} == 0)) || docker network rm "${ids[@]}" >/dev/null 2>&1 || true
+    mapfile -t ids < <(docker images -q --filter "$MINE" 2>/dev/null || true)
+    ((${#ids[@]} == 0)) || docker rmi -f "${ids[@]}" >/dev/null 2>&1 || true
+}
+
 ensure_packages nginx haproxy caddy wrk curl python3
 stop_packaged_services
+command -v docker >/dev/null || die "docker CLI not found"
+docker info >/dev/null 2>&1 || die "Docker Engine not reachable"
 
+PORTLESS=$ROOT/target/release/portless
 BIN=$ROOT/target/release/examples/router_bench
 if ((BUILD)); then
-    log "building the router (release)"
-    (cd "$ROOT" && cargo build --release -q -p portless-router --example router_bench) || die "build failed"
+    log "building portless and router_bench (release)"
+    (cd "$ROOT" && cargo build --release -q -p portless --bin portless -p portless-router --example router_bench) \
+        || die "build failed"
 fi
+[[ -x $PORTLESS ]] || die "$PORTLESS missing (run without --no-build)"
 [[ -x $BIN ]] || die "$BIN missing (run without --no-build)"
 
+# Host processes of an earlier killed run: the servers this script starts, in
+# its mktemp -d directory (started with fd 9 closed: they hold no lock).
+for d in /proc/[0-9]*; do
+    [[ $(readlink "$d/cwd" 2>/dev/null) == /tmp/portless-router-bench.* ]] || continue
+    [[ $(cat "$d/comm" 2>/dev/null) =~ ^(nginx|haproxy|caddy|portless|router_bench)$ ]] || continue
+    log "stopping ${d#/proc/} left by an earlier run: $(tr '\0' ' ' <"$d/cmdline" 2>/dev/null)"
+    kill "${d#/proc/}" 2>/dev/null || true
+done
 WORK=$(mktemp -d /tmp/portless-router-bench.XXXXXX)
+cd "$WORK"
 PIDS=()
 cleanup() {
     local p
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    docker_cleanup
     if ((KEEP)); then log "kept $WORK"; else rm -rf "$WORK"; fi
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
-wait_http() { # port, pid
+wait_http() { # addr:port, pid that must stay alive
     local i
     for i in $(seq 1 100); do
         kill -0 "$2" 2>/dev/null || return 1
-        if curl -s -o /dev/null -H "Host: $HOST" "http://127.0.0.1:$1/"; then return 0; fi
+        if curl -s -o /dev/null -H "Host: $HOST" "http://$1/"; then return 0; fi
         sleep 0.1
     done
     return 1
 }
 
-# --- backend: a small nginx answering 200 with a fixed body ---------------
-BP=$(free_port)
-mkdir -p "$WORK/backend"
-cat >"$WORK/backend/nginx.conf" <<EOF
+# --- the backend: host nginx in a container ----------------------------------
+docker_cleanup # an earlier killed run's leftovers
+log "building image $IMAGE (docker import of the host's nginx)"
+R=$WORK/rootfs
+mkdir -p "$R/usr/sbin" "$R/etc/nginx" "$R/tmp" "$R/var/log/nginx"
+chmod 1777 "$R/tmp"
+cp -L /usr/sbin/nginx "$R/usr/sbin/nginx"
+for lib in $(ldd /usr/sbin/nginx | grep -o '/[^ ]*'); do
+    mkdir -p "$R$(dirname "$lib")"
+    cp -L "$lib" "$R$lib"
+done
+printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$R/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' >"$R/etc/group"
+printf 'passwd: files\ngroup: files\n' >"$R/etc/nsswitch.conf"
+cat >"$R/etc/nginx/nginx.conf" <<EOF
+daemon off;
+master_process on;
 worker_processes 1;
-pid $WORK/backend/nginx.pid;
-error_log $WORK/backend/error.log warn;
+user nobody nogroup;
+pid /tmp/nginx.pid;
+error_log stderr warn;
 events { worker_connections 4096; }
 http {
     access_log off;
     keepalive_requests 1000000;
-    client_body_temp_path $WORK/backend; proxy_temp_path $WORK/backend;
-    fastcgi_temp_path $WORK/backend; uwsgi_temp_path $WORK/backend; scgi_temp_path $WORK/backend;
-    server { listen 127.0.0.1:$BP; location / { return 200 "hello from the backend\n"; } }
+    client_body_temp_path /tmp; proxy_temp_path /tmp;
+    fastcgi_temp_path /tmp; uwsgi_temp_path /tmp; scgi_temp_path /tmp;
+    server { listen 80; location / { return 200 "$BODY\n"; } }
 }
 EOF
-nginx -c "$WORK/backend/nginx.conf" -g 'daemon off;' &
-PIDS+=($!); BACKEND_PID=$!
+tar -C "$R" --numeric-owner --owner=0 --group=0 -c . |
+    docker import -c 'ENTRYPOINT ["/usr/sbin/nginx", "-c", "/etc/nginx/nginx.conf"]' -c 'EXPOSE 80' \
+        -c 'LABEL portless-bench=1 portless-bench.router=1' - "$IMAGE" >/dev/null
+docker network create "${LABELS[@]}" "$NET" >/dev/null # Docker picks a free subnet
+docker run -d --name "$CTR" "${LABELS[@]}" --network "$NET" \
+    --label "portless.http.host=$HOST" --label portless.http.port=80 "$IMAGE" >/dev/null
+BACKEND_PID=$(docker inspect -f '{{.State.Pid}}' "$CTR")
+BIP=$(docker inspect -f "{{(index .NetworkSettings.Networks \"$NET\").IPAddress}}" "$CTR")
+[[ -n $BIP ]] || die "backend container has no address on $NET"
+BACKEND=$BIP:80
+wait_http "$BACKEND" "$BACKEND_PID" || die "backend did not start: $(docker logs "$CTR" 2>&1)"
+# Its nginx master and worker, as host pids.
+BACKEND_PROCS=$(docker top "$CTR" -eo pid | tail -n +2 | tr '\n' ' ')
+log "backend container $CTR at $BACKEND (network $NET $(docker network inspect -f '{{range .IPAM.Config}}{{.Subnet}}{{end}}' "$NET"))"
 
 # --- nginx as the proxy ----------------------------------------------------
 NP=$(free_port)
@@ -147,7 +246,7 @@ http {
     keepalive_requests 1000000;
     client_body_temp_path $WORK/nginx; proxy_temp_path $WORK/nginx;
     fastcgi_temp_path $WORK/nginx; uwsgi_temp_path $WORK/nginx; scgi_temp_path $WORK/nginx;
-    upstream backend { server 127.0.0.1:$BP; keepalive 128; }
+    upstream backend { server $BACKEND; keepalive 128; }
     server {
         listen 127.0.0.1:$NP;
         server_name $HOST;
@@ -162,7 +261,7 @@ http {
     server { listen 127.0.0.1:$NP default_server; return 404; }
 }
 EOF
-nginx -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
+nginx -c "$WORK/nginx/nginx.conf" -g 'daemon off;' 9>&- &
 PIDS+=($!); NGINX_PID=$!
 
 # --- haproxy ---------------------------------------------------------------
@@ -184,9 +283,9 @@ frontend fe
     acl is_bench hdr(host) -i $HOST
     use_backend be if is_bench
 backend be
-    server s1 127.0.0.1:$BP
+    server s1 $BACKEND
 EOF
-haproxy -f "$WORK/haproxy.cfg" -db &
+haproxy -f "$WORK/haproxy.cfg" -db 9>&- &
 PIDS+=($!); HAPROXY_PID=$!
 
 # --- caddy -----------------------------------------------------------------
@@ -198,72 +297,91 @@ cat >"$WORK/Caddyfile" <<EOF
 }
 http://$HOST:$CP {
     bind 127.0.0.1
-    reverse_proxy 127.0.0.1:$BP
+    reverse_proxy $BACKEND
 }
 EOF
-XDG_DATA_HOME=$WORK XDG_CONFIG_HOME=$WORK HOME=$WORK caddy run --config "$WORK/Caddyfile" --adapter caddyfile >"$WORK/caddy.log" 2>&1 &
+XDG_DATA_HOME=$WORK XDG_CONFIG_HOME=$WORK HOME=$WORK caddy run --config "$WORK/Caddyfile" --adapter caddyfile >"$WORK/caddy.log" 2>&1 9>&- &
 PIDS+=($!); CADDY_PID=$!
 
-# --- portless router (1 route, and 10,000 routes) ---------------------------
+# --- portless: the product, routes from Docker labels -------------------------
 PP=$(free_port)
-"$BIN" serve "127.0.0.1:$PP" "$HOST" "127.0.0.1:$BP" 0 >"$WORK/portless.out" 2>&1 &
+AP=$(free_port)
+# DNS off: no listener on the gateways (--dns-port 0), none fixed; the
+# upstream is never asked. HTTPS stays off without --cert-dir.
+"$PORTLESS" run --http-listen "127.0.0.1:$PP" --admin-listen "127.0.0.1:$AP" \
+    --dns-port 0 --upstream 127.0.0.1:9 >"$WORK/portless.log" 2>&1 9>&- &
 PIDS+=($!); PORTLESS_PID=$!
-PP10K=$(free_port)
-"$BIN" serve "127.0.0.1:$PP10K" "$HOST" "127.0.0.1:$BP" 10000 >"$WORK/portless10k.out" 2>&1 &
-PIDS+=($!); PORTLESS10K_PID=$!
 
-wait_http "$BP" "$BACKEND_PID" || die "backend did not start: $(cat "$WORK/backend/error.log")"
-wait_http "$NP" "$NGINX_PID" || die "nginx did not start: $(cat "$WORK/nginx/error.log")"
-wait_http "$HP" "$HAPROXY_PID" || die "haproxy did not start"
-wait_http "$CP" "$CADDY_PID" || die "caddy did not start: $(cat "$WORK/caddy.log")"
-wait_http "$PP" "$PORTLESS_PID" || die "portless did not start: $(cat "$WORK/portless.out")"
-wait_http "$PP10K" "$PORTLESS10K_PID" || die "portless (10k routes) did not start"
+# --- the router library (1 route, and 10,000 more) ---------------------------
+PL=$(free_port)
+"$BIN" serve "127.0.0.1:$PL" "$HOST" "$BACKEND" 0 >"$WORK/portless-lib.out" 2>&1 9>&- &
+PIDS+=($!); LIB_PID=$!
+PL10K=$(free_port)
+"$BIN" serve "127.0.0.1:$PL10K" "$HOST" "$BACKEND" 10000 >"$WORK/portless-10k.out" 2>&1 9>&- &
+PIDS+=($!); LIB10K_PID=$!
 
-# Every proxy must answer with the backend's body.
-for p in "$NP" "$HP" "$CP" "$PP" "$PP10K"; do
-    body=$(curl -s -H "Host: $HOST" "http://127.0.0.1:$p/")
-    [[ $body == "hello from the backend" ]] || die "port $p answered: $body"
+wait_http "127.0.0.1:$NP" "$NGINX_PID" || die "nginx did not start: $(cat "$WORK/nginx/error.log")"
+wait_http "127.0.0.1:$HP" "$HAPROXY_PID" || die "haproxy did not start"
+wait_http "127.0.0.1:$CP" "$CADDY_PID" || die "caddy did not start: $(cat "$WORK/caddy.log")"
+wait_http "127.0.0.1:$PL" "$LIB_PID" || die "portless-lib did not start: $(cat "$WORK/portless-lib.out")"
+wait_http "127.0.0.1:$PL10K" "$LIB10K_PID" || die "portless-10k did not start: $(cat "$WORK/portless-10k.out")"
+# portless run answers 404 until it has learned the route from Docker.
+for i in $(seq 1 300); do
+    kill -0 "$PORTLESS_PID" 2>/dev/null || die "portless run exited: $(cat "$WORK/portless.log")"
+    [[ $(curl -s -H "Host: $HOST" "http://127.0.0.1:$PP/" || true) == "$BODY" ]] && break
+    ((i < 300)) || die "portless run did not route $HOST to the container in 30 s: $(tail -20 "$WORK/portless.log")"
+    sleep 0.1
 done
-for p in "$NP" "$HP" "$PP"; do
-    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: other.test" "http://127.0.0.1:$p/")
-    [[ $code == 404 || $code == 503 ]] || die "port $p routed an unknown host ($code)"
+
+# Every target must answer with the backend's body, and the proxies that
+# route by Host must refuse another host.
+for a in "$BACKEND" "127.0.0.1:"{"$NP","$HP","$CP","$PP","$PL","$PL10K"}; do
+    body=$(curl -s -H "Host: $HOST" "http://$a/")
+    [[ $body == "$BODY" ]] || die "$a answered: $body"
+done
+for a in "127.0.0.1:"{"$NP","$HP","$PP","$PL","$PL10K"}; do
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: other.test" "http://$a/")
+    [[ $code == 404 || $code == 503 ]] || die "$a routed an unknown host ($code)"
 done
 
 log "machine: $(nproc) cores, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB; wrk -t$THREADS -c$CONNS -d${DURATION}s, $ROUNDS rounds"
-declare -A TARGET=([direct]=$BP [nginx]=$NP [haproxy]=$HP [caddy]=$CP [portless]=$PP [portless-10k]=$PP10K)
-# The processes doing each target's work (nginx: its workers), for CPU time
-# per request: a measure of efficiency that the noise of a shared machine
+declare -A TARGET=([direct]=$BACKEND [nginx]=127.0.0.1:$NP [haproxy]=127.0.0.1:$HP [caddy]=127.0.0.1:$CP
+    [portless]=127.0.0.1:$PP [portless-lib]=127.0.0.1:$PL [portless-10k]=127.0.0.1:$PL10K)
+# The processes doing each target's work (see the header), for CPU time per
+# request: a measure of efficiency that the noise of a shared machine
 # disturbs far less than requests per second.
 NGINX_WORKERS=$(pgrep -P "$NGINX_PID" | tr '\n' ' ')
-BACKEND_WORKERS=$(pgrep -P "$BACKEND_PID" | tr '\n' ' ')
-declare -A PROCS=([direct]="$BACKEND_WORKERS" [nginx]="$NGINX_WORKERS" [haproxy]=$HAPROXY_PID [caddy]=$CADDY_PID [portless]=$PORTLESS_PID [portless-10k]=$PORTLESS10K_PID)
-ORDER=(direct nginx haproxy caddy portless portless-10k)
+declare -A PROCS=([direct]="$BACKEND_PROCS" [nginx]="$NGINX_WORKERS" [haproxy]=$HAPROXY_PID [caddy]=$CADDY_PID
+    [portless]=$PORTLESS_PID [portless-lib]=$LIB_PID [portless-10k]=$LIB10K_PID)
+ORDER=(direct nginx haproxy caddy portless portless-lib portless-10k)
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
     for name in "${ORDER[@]}"; do
-        port=${TARGET[$name]}
+        addr=${TARGET[$name]}
         # shellcheck disable=SC2086 # word splitting of the pid list is wanted
         t0=$(cpu_ticks ${PROCS[$name]})
-        out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "Host: $HOST" "http://127.0.0.1:$port/" 2>&1)
+        out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "Host: $HOST" "http://$addr/" 2>&1)
         # shellcheck disable=SC2086
         t1=$(cpu_ticks ${PROCS[$name]})
         total=$(awk '/requests in/ {print $1}' <<<"$out")
-        cpu_us=$(python3 -c "print(round(($t1 - $t0) * 1e6 / $TICK / max(1, $total), 2))")
+        cpu_us=$(python3 -c "print(round(($t1 - $t0) * 1e6 / $TICK / max(1, ${total:-0}), 2))")
         rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
         p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
         errs=$(awk '/Non-2xx|Socket errors/ {printf "%s ", $0}' <<<"$out")
+        [[ -n $rps && -n $p99 ]] || die "wrk against $name failed: $out"
         printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p99" "${errs:-none}" "$cpu_us" >>"$RESULTS"
         log "round $round $name: $rps req/s, p99 $p99, $cpu_us us CPU/request ${errs}"
     done
 done
 
-RSS1=$(rss_kib "$PORTLESS_PID")
-RSS10K=$(rss_kib "$PORTLESS10K_PID")
+RSS_RUN=$(rss_kib "$PORTLESS_PID")
+RSS_LIB=$(rss_kib "$LIB_PID")
+RSS_10K=$(rss_kib "$LIB10K_PID")
 LOOKUP=$("$BIN" lookup 10000 5000000)
 LOOKUP1=$("$BIN" lookup 1 5000000)
 
-python3 - "$RESULTS" "$RSS1" "$RSS10K" "$LOOKUP" "$LOOKUP1" <<'EOF'
+python3 - "$RESULTS" "$RSS_RUN" "$RSS_LIB" "$RSS_10K" "$LOOKUP" "$LOOKUP1" <<'EOF'
 import sys, statistics
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 def ms(v):
@@ -283,18 +401,24 @@ for n in names:
     errs = sorted({r[4] for r in rows if r[1] == n})
     cpu = statistics.median(float(r[5]) for r in rows if r[1] == n)
     med[n] = (statistics.median(rs), statistics.median(ps), errs, cpu)
-best = max(("nginx", "haproxy"), key=lambda n: med[n][0])
+peers = ("nginx", "haproxy")
+best_rps = max(peers, key=lambda n: med[n][0])
+best_p99 = min(peers, key=lambda n: med[n][1])
+best_cpu = min(peers, key=lambda n: med[n][3])
 print(f"{'target':<14}{'req/s (median)':>16}{'p99 ms (median)':>17}{'CPU us/req':>12}  errors")
 for n in names:
     print(f"{n:<14}{med[n][0]:>16.0f}{med[n][1]:>17.2f}{med[n][3]:>12.2f}  {' '.join(med[n][2])}")
-for n in ("portless", "portless-10k"):
-    print(f"{n} / best of nginx+haproxy ({best}): req/s x{med[n][0] / med[best][0]:.2f}, "
-          f"p99 {med[n][1]:.2f} ms vs {med[best][1]:.2f} ms")
+for n in ("portless", "portless-lib", "portless-10k"):
+    print(f"{n} / best of nginx+haproxy: req/s x{med[n][0] / med[best_rps][0]:.2f} ({best_rps}), "
+          f"p99 {med[n][1]:.2f} ms vs {med[best_p99][1]:.2f} ms ({best_p99}), "
+          f"CPU/request x{med[n][3] / med[best_cpu][3]:.2f} ({best_cpu})")
 print(f"portless / direct: req/s x{med['portless'][0] / med['direct'][0]:.2f}")
-for n in ("nginx", "haproxy"):
-    print(f"CPU per request, portless / {n}: x{med['portless'][3] / med[n][3]:.2f}")
 print(f"portless / caddy: req/s x{med['portless'][0] / med['caddy'][0]:.2f}")
-print(f"resident memory: 1 route {int(sys.argv[2]) / 1024:.1f} MiB, 10,000 routes {int(sys.argv[3]) / 1024:.1f} MiB (after the load)")
-print(f"lookup (normalise host + find), 10,000 routes: {sys.argv[4]}")
-print(f"lookup (normalise host + find), 1 route:       {sys.argv[5]}")
+print(f"portless / portless-lib: req/s x{med['portless'][0] / med['portless-lib'][0]:.2f}, "
+      f"CPU/request x{med['portless'][3] / med['portless-lib'][3]:.2f}")
+kib = lambda s: int(s) / 1024
+print(f"resident memory after the load: portless run {kib(sys.argv[2]):.1f} MiB; "
+      f"library: 1 route {kib(sys.argv[3]):.1f} MiB, 10,000 routes {kib(sys.argv[4]):.1f} MiB")
+print(f"lookup (normalise host + find), 10,000 routes: {sys.argv[5]}")
+print(f"lookup (normalise host + find), 1 route:       {sys.argv[6]}")
 EOF

@@ -22,6 +22,11 @@ use tokio::sync::watch;
 
 use crate::config::{Cli, Command, Config, DockerHost, EXIT_CONFIG};
 
+// mimalloc: the router allocates per request (hyper's heads and bodies);
+// glibc malloc was 6% of its CPU under load (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -14,6 +14,10 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use portless_router::host::{HostPattern, normalize_authority};
+
+// The binary's allocator, so that the library runs as `portless run` runs it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use portless_router::{
     Backend, BackendState, RouteSpec, RouteTable, Router, RouterOptions, Scheme, bind_reuseport,
 };

@@ -56,23 +56,44 @@ fn connection_tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
 /// Remove hop-by-hop headers, including those the `Connection` header
 /// names. With `keep_upgrade`, `Connection: upgrade` and `Upgrade` survive
 /// (for a WebSocket handshake and its 101 answer).
+///
+/// This runs twice per proxied request, so it first finds which of the
+/// fixed names are present in one pass over the keys (comparisons, no
+/// hashing) and removes only those.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let fixed = fixed_hop_by_hop();
+    let mut present = [false; 9];
+    let mut any = false;
+    for k in headers.keys() {
+        if let Some(i) = fixed.iter().position(|f| *f == k) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
     let upgrade = if keep_upgrade {
         headers.get(header::UPGRADE).cloned()
     } else {
         None
     };
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(connection_tokens)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // fixed[0] is Connection: the names it lists go too, except those
+    // removed below anyway.
+    if present[0] {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(connection_tokens)
+            .filter(|t| !fixed.iter().any(|f| f.as_str().eq_ignore_ascii_case(t)))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in fixed_hop_by_hop() {
-        headers.remove(name);
+    for (name, _) in fixed.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(*name);
     }
     if let Some(up) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -97,36 +118,119 @@ pub struct ClientInfo {
 /// Set `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and
 /// `Forwarded` for a request to a backend. `host` is the request's host as
 /// received (port included).
+///
+/// Once per proxied request: no `format!`, and for an untrusted client
+/// (the common case) one `insert` per header, which also drops whatever
+/// the client sent under that name.
 pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, host: &str) {
-    let proto = if client.tls { "https" } else { "http" };
-    let ip = client.addr.to_string();
-    if !client.trusted {
-        headers.remove(&X_FORWARDED_FOR);
-        headers.remove(&X_FORWARDED_PROTO);
-        headers.remove(&X_FORWARDED_HOST);
-        headers.remove(header::FORWARDED);
-    }
-    let xff = match joined(headers, &X_FORWARDED_FOR) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.clone(),
+    let proto: &'static str = if client.tls { "https" } else { "http" };
+    let mut ip_buf = IpText::default();
+    let ip = ip_buf.format(client.addr);
+
+    let prev_xff = client
+        .trusted
+        .then(|| joined(headers, &X_FORWARDED_FOR))
+        .flatten();
+    let xff = match prev_xff {
+        Some(prev) => [prev.as_bytes(), b", ", ip].concat(),
+        None => ip.to_vec(),
     };
-    set(headers, &X_FORWARDED_FOR, &xff);
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
+    set(headers, &X_FORWARDED_FOR, xff);
+
+    if !(client.trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    if !headers.contains_key(&X_FORWARDED_HOST) {
-        set(headers, &X_FORWARDED_HOST, host);
+    if !(client.trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        set(headers, &X_FORWARDED_HOST, host.as_bytes().to_vec());
     }
-    let for_ = match client.addr {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(_) => format!("\"[{ip}]\""),
-    };
-    let element = format!("for={for_};proto={proto};host=\"{host}\"");
-    let fwd = match joined(headers, &header::FORWARDED) {
-        Some(prev) => format!("{prev}, {element}"),
-        None => element,
-    };
-    set(headers, &header::FORWARDED, &fwd);
+
+    let prev_fwd = client
+        .trusted
+        .then(|| joined(headers, &header::FORWARDED))
+        .flatten();
+    let mut fwd = Vec::with_capacity(
+        prev_fwd.as_ref().map_or(0, |p| p.len() + 2) + ip.len() + host.len() + 32,
+    );
+    if let Some(prev) = &prev_fwd {
+        fwd.extend_from_slice(prev.as_bytes());
+        fwd.extend_from_slice(b", ");
+    }
+    fwd.extend_from_slice(b"for=");
+    match client.addr {
+        IpAddr::V4(_) => fwd.extend_from_slice(ip),
+        IpAddr::V6(_) => {
+            fwd.extend_from_slice(b"\"[");
+            fwd.extend_from_slice(ip);
+            fwd.extend_from_slice(b"]\"");
+        }
+    }
+    fwd.extend_from_slice(b";proto=");
+    fwd.extend_from_slice(proto.as_bytes());
+    fwd.extend_from_slice(b";host=\"");
+    fwd.extend_from_slice(host.as_bytes());
+    fwd.push(b'"');
+    set(headers, &header::FORWARDED, fwd);
+}
+
+/// An address as text, formatted on the stack (IPv4 by hand: `Display`
+/// for `Ipv4Addr` pads and was a visible share of the request path).
+struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl Default for IpText {
+    fn default() -> Self {
+        IpText {
+            buf: [0; 48],
+            len: 0,
+        }
+    }
+}
+
+impl IpText {
+    fn format(&mut self, addr: IpAddr) -> &[u8] {
+        self.len = 0;
+        match addr {
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.push(b'.');
+                    }
+                    if octet >= 100 {
+                        self.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        self.push(b'0' + octet / 10 % 10);
+                    }
+                    self.push(b'0' + octet % 10);
+                }
+            }
+            IpAddr::V6(v6) => {
+                use std::fmt::Write;
+                // An IPv6 address is at most 45 characters: it fits.
+                let _ = write!(self, "{v6}");
+            }
+        }
+        &self.buf[..self.len]
+    }
+
+    fn push(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
+    }
+}
+
+impl std::fmt::Write for IpText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let slot = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        slot.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
 }
 
 /// All values of a header joined by ", " (a header may arrive on several
@@ -146,13 +250,16 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     out
 }
 
-fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: Vec<u8>) {
     // Only characters valid in a header reach here (addresses, and a host
     // that came from a header); should one not, dropping beats failing.
-    if let Ok(v) = HeaderValue::from_str(value) {
-        headers.insert(name, v);
-    } else {
-        headers.remove(name);
+    match HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+        Ok(v) => {
+            headers.insert(name, v);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
     }
 }
 
@@ -232,5 +339,69 @@ mod tests {
             h["forwarded"],
             "for=\"[2001:db8::1]\";proto=http;host=\"a.test\""
         );
+    }
+
+    #[test]
+    fn addresses_format_as_display_does() {
+        let mut t = IpText::default();
+        for a in [0u8, 1, 9, 10, 42, 99, 100, 199, 200, 255] {
+            for b in [0u8, 7, 10, 100, 255] {
+                let v4 = IpAddr::from([a, b, a, b]);
+                assert_eq!(t.format(v4), v4.to_string().as_bytes());
+            }
+        }
+        for v6 in [
+            "::1",
+            "2001:db8::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+        ] {
+            let v6: IpAddr = v6.parse().unwrap();
+            assert_eq!(t.format(v6), v6.to_string().as_bytes());
+        }
+    }
+
+    proptest::proptest! {
+        /// The one-pass removal removes exactly what removing every
+        /// hop-by-hop name (and every name `Connection` lists) one by one
+        /// does.
+        #[test]
+        fn hop_by_hop_removal_matches_the_plain_rule(
+            picks in proptest::collection::vec((0usize..14, 0usize..4), 0..10),
+            keep_upgrade: bool,
+        ) {
+            let names = [
+                "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+                "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
+                "x-app", "x-secret", "host", "content-length", "cookie",
+            ];
+            let values = ["keep-alive", "x-secret, Upgrade", "close", "websocket"];
+            let mut h = HeaderMap::new();
+            for (n, v) in picks {
+                h.append(
+                    HeaderName::from_static(names[n]),
+                    HeaderValue::from_static(values[v]),
+                );
+            }
+            let mut expected = h.clone();
+            let upgrade = keep_upgrade.then(|| expected.get(header::UPGRADE).cloned()).flatten();
+            let listed: Vec<HeaderName> = expected
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(connection_tokens)
+                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+                .collect();
+            for n in listed {
+                expected.remove(n);
+            }
+            for n in fixed_hop_by_hop() {
+                expected.remove(n);
+            }
+            if let Some(up) = upgrade {
+                expected.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                expected.insert(header::UPGRADE, up);
+            }
+            remove_hop_by_hop(&mut h, keep_upgrade);
+            proptest::prop_assert_eq!(h, expected);
+        }
     }
 }

@@ -74,7 +74,9 @@ impl Http1Pool {
                 },
             }
         }
-        let mut sender = self.connect(addr).await?;
+        // Boxed: connecting is the rare path, and its future (connect,
+        // handshake) would otherwise be part of every request's.
+        let mut sender = Box::pin(self.connect(addr)).await?;
         let resp = sender.send_request(req).await.map_err(classify)?;
         self.checkin(addr, sender);
         Ok(resp)

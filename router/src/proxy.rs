@@ -769,7 +769,6 @@ impl Worker {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let host_authority = Authority::try_from(raw_host).ok();
 
         let body_empty = body.is_end_stream();
         let idempotent = matches!(
@@ -840,9 +839,7 @@ impl Worker {
                         up.headers_mut()
                             .insert(header::TE, HeaderValue::from_static("trailers"));
                     }
-                    host_authority
-                        .clone()
-                        .unwrap_or_else(|| brt.authority.clone())
+                    Authority::try_from(raw_host).unwrap_or_else(|_| brt.authority.clone())
                 }
             };
             let mut uri_parts = http::uri::Parts::default();
@@ -867,7 +864,10 @@ impl Worker {
             let sent = tokio::time::timeout(self.opts.upstream_timeout, async {
                 match backend.scheme {
                     Scheme::Http => self.pool.send(backend.addr, up).await,
-                    Scheme::H2c => self.send_h2(brt, backend.addr, up).await,
+                    // Boxed: the h2c path is rare, and its large future
+                    // would otherwise be part of (and moved with) every
+                    // HTTP/1 request's.
+                    Scheme::H2c => Box::pin(self.send_h2(brt, backend.addr, up)).await,
                 }
             })
             .await;

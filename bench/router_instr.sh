@@ -47,15 +47,15 @@ done
 if ((${#missing[@]})); then
     log "installing: ${missing[*]}"
     # Refuse service starts during the install: we run our own nginx.
-    policy=/usr/sbin/policy-rc.d
-    [[ -e $policy ]] && die "$policy exists; install ${missing[*]} by hand"
+    policy=/usr/sbin/policy-rc.d saved=""
+    if [[ -e $policy ]]; then saved=$(mktemp); cp -p "$policy" "$saved"; fi
     printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 755 "$policy"
     rc=0
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null || {
         DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null || true
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null || rc=$?
     }
-    rm -f "$policy"
+    if [[ -n $saved ]]; then mv "$saved" "$policy"; else rm -f "$policy"; fi
     ((rc == 0)) || die "apt-get install ${missing[*]} failed"
 fi
 

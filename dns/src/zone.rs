@@ -362,19 +362,29 @@ impl Zone {
         };
         let full = net.prefix_len() == net.max_prefix_len();
         let ip = net.addr();
-        if full && let Some((target, nets)) = self.ptr.get(&ip) {
-            let visible = match container_nets {
-                None => true,
-                Some(client_nets) => {
-                    nets.is_empty() || nets.iter().any(|n| client_nets.contains(n))
-                }
-            };
-            if visible {
+        let visible = |nets: &[u32]| match container_nets {
+            None => true,
+            Some(client_nets) => nets.is_empty() || nets.iter().any(|n| client_nets.contains(n)),
+        };
+        if full {
+            if let Some((target, nets)) = self.ptr.get(&ip)
+                && visible(nets)
+            {
                 return match qtype {
                     RecordType::PTR | RecordType::ANY => Answer::Ptr(target.clone()),
                     _ => Answer::NoData,
                 };
             }
+        } else if self
+            .ptr
+            .iter()
+            .any(|(a, (_, nets))| net.contains(a) && visible(nets))
+        {
+            // A partial name (`0.2.10.in-addr.arpa`) above an address the
+            // client can see exists as an empty non-terminal: NODATA. An
+            // NXDOMAIN would tell a resolver that nothing below it exists
+            // (RFC 8020), hiding the address's own PTR.
+            return Answer::NoData;
         }
         if self.private_ranges.iter().any(|r| r.contains(&ip)) {
             return Answer::NxDomain;
@@ -697,6 +707,34 @@ mod tests {
             q(&z, "127.0.0.1", v6, RecordType::PTR),
             Answer::Ptr(_)
         ));
+    }
+
+    #[test]
+    fn partial_reverse_names_above_a_visible_address_are_empty_non_terminals() {
+        let z = two_networks();
+        // 10.2.0.3 (db, on `back`) lies under each of these.
+        for partial in ["0.2.10.in-addr.arpa.", "2.10.in-addr.arpa."] {
+            assert_eq!(
+                q(&z, "127.0.0.1", partial, RecordType::PTR),
+                Answer::NoData,
+                "{partial} from the host"
+            );
+            assert_eq!(
+                q(&z, "10.2.0.4", partial, RecordType::PTR),
+                Answer::NoData,
+                "{partial} from a container on back"
+            );
+        }
+        // web (front only) sees nothing under 0.2.10: as for the full name.
+        assert_eq!(
+            q(&z, "10.1.0.2", "0.2.10.in-addr.arpa.", RecordType::PTR),
+            Answer::NxDomain
+        );
+        // Nothing under 9.9.10 in a Docker range.
+        assert_eq!(
+            q(&z, "127.0.0.1", "9.9.10.in-addr.arpa.", RecordType::PTR),
+            Answer::NxDomain
+        );
     }
 
     #[test]

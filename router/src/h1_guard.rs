@@ -78,6 +78,9 @@ pub(crate) struct Framing {
     /// stops: hyper closes that connection after answering it).
     conflict: Option<u64>,
     upgrade: Option<PendingUpgrade>,
+    /// Bytes handed to the head parser so far (a work bound is tested).
+    #[cfg(any(test, feature = "fuzzing"))]
+    parsed: u64,
 }
 
 /// What the service learns about the request it was just handed.
@@ -110,6 +113,8 @@ impl Framing {
             admitted: 0,
             conflict: None,
             upgrade: None,
+            #[cfg(any(test, feature = "fuzzing"))]
+            parsed: 0,
         }
     }
 
@@ -233,7 +238,16 @@ impl Framing {
         };
         // The same parser, with the same (default) settings, as hyper's.
         let mut req = httparse::Request::new(&mut []);
-        let len = match req.parse_with_uninit_headers(bytes, slots) {
+        let parsed = req.parse_with_uninit_headers(bytes, slots);
+        #[cfg(any(test, feature = "fuzzing"))]
+        {
+            let n = match parsed {
+                Ok(httparse::Status::Complete(len)) => len,
+                _ => bytes.len(),
+            };
+            self.parsed += n as u64;
+        }
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return HeadStep::Partial,
             // hyper refuses it too (400 or 431) and closes.
@@ -581,6 +595,103 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H1Guard<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// [`Framing`] as the `h1_framing` fuzz target (router/fuzz) drives it from
+/// outside the crate, with the internals it checks; not an API.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use http::StatusCode;
+
+    /// A partial-head buffer larger than this is freed once the head is read.
+    pub const KEEP_CAPACITY: usize = super::KEEP_CAPACITY;
+
+    /// The framing of one client connection.
+    #[derive(Debug)]
+    pub struct Framing(super::Framing);
+
+    /// Where the request stream is.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Phase {
+        Head,
+        Body,
+        Chunked,
+        Paused,
+        Off,
+    }
+
+    /// The framing's state, internals included.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Snapshot {
+        pub phase: Phase,
+        pub held_len: usize,
+        pub held_capacity: usize,
+        pub heads: u64,
+        pub admitted: u64,
+        pub conflict: Option<u64>,
+        /// The pending upgrade request: its index, and whether a CONNECT.
+        pub upgrade: Option<(u64, bool)>,
+        /// Bytes handed to the head parser so far.
+        pub parsed: u64,
+    }
+
+    /// What the service learns about the request it was just handed.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Admission {
+        pub index: u64,
+        pub conflicting: bool,
+        pub awaits_answer: bool,
+    }
+
+    impl Framing {
+        pub fn new(max_head: usize, max_headers: usize) -> Self {
+            Framing(super::Framing::new(max_head, max_headers))
+        }
+
+        pub fn feed(&mut self, data: &[u8]) {
+            self.0.feed(data);
+        }
+
+        pub fn is_off(&self) -> bool {
+            self.0.is_off()
+        }
+
+        pub fn admit(&mut self, has_te: bool) -> Admission {
+            let a = self.0.admit(has_te);
+            Admission {
+                index: a.index,
+                conflicting: a.conflicting,
+                awaits_answer: a.awaits_answer,
+            }
+        }
+
+        /// `status`: a valid code (100 to 999), else ignored.
+        pub fn answered(&mut self, index: u64, status: u16) {
+            if let Ok(s) = StatusCode::from_u16(status) {
+                self.0.answered(index, s);
+            }
+        }
+
+        pub fn snapshot(&self) -> Snapshot {
+            let f = &self.0;
+            Snapshot {
+                phase: match f.state {
+                    super::State::Head => Phase::Head,
+                    super::State::Body(_) => Phase::Body,
+                    super::State::Chunked(_) => Phase::Chunked,
+                    super::State::Paused => Phase::Paused,
+                    super::State::Off => Phase::Off,
+                },
+                held_len: f.held.len(),
+                held_capacity: f.held.capacity(),
+                heads: f.heads,
+                admitted: f.admitted,
+                conflict: f.conflict,
+                upgrade: f.upgrade.map(|u| (u.index, u.connect)),
+                parsed: f.parsed,
+            }
+        }
     }
 }
 

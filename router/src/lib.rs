@@ -27,6 +27,10 @@
 pub mod balance;
 pub mod error;
 mod h1_guard;
+/// For the `h1_framing` fuzz target only (the `fuzzing` feature).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use h1_guard::fuzzing as h1_guard_fuzzing;
 pub mod headers;
 pub mod host;
 pub mod metrics;

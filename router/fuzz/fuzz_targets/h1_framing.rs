@@ -56,9 +56,10 @@ enum Event {
 /// Invariants that hold after every call, given the previous state.
 fn check(prev: &Snapshot, now: &Snapshot, max_head: usize) {
     assert!(
-        now.held_len <= max_head,
-        "kept {} > {max_head}",
-        now.held_len
+        now.skipped + now.held_len <= max_head,
+        "kept {} (and {} empty lines) > {max_head}",
+        now.held_len,
+        now.skipped
     );
     assert!(
         now.held_capacity <= (2 * max_head).max(8),
@@ -76,6 +77,9 @@ fn check(prev: &Snapshot, now: &Snapshot, max_head: usize) {
         }
         Phase::Paused => assert!(now.upgrade.is_some(), "paused for nothing"),
         Phase::Head => {}
+    }
+    if now.phase != Phase::Head {
+        assert_eq!(now.skipped, 0, "empty lines counted outside a head");
     }
     if let Some((i, _)) = now.upgrade {
         // Nothing is read behind a pending upgrade request.

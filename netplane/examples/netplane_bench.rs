@@ -40,6 +40,7 @@ fn arg(name: &str, default: u64) -> u64 {
 fn config(etcd: &Etcd, host: &Host, mode: Mode, bridge: bool) -> AgentConfig {
     AgentConfig {
         etcd: vec![etcd.endpoint()],
+        etcd_access: Default::default(),
         prefix: "/portless/v1/".into(),
         cluster: "10.80.0.0/16".parse().unwrap(),
         subnet_len: 24,

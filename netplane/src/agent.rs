@@ -24,6 +24,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::access::EtcdAccess;
 use crate::error::{Error, Result};
 use crate::iptables::{self, Rules};
 use crate::model::{HostRecord, Mac, Mode, Transport};
@@ -35,6 +36,8 @@ use crate::store::{self, Claim, Lease, Store};
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub etcd: Vec<String>,
+    /// TLS and credentials for etcd.
+    pub etcd_access: EtcdAccess,
     /// Key prefix, normally [`store::PREFIX`].
     pub prefix: String,
     pub cluster: Ipv4Net,
@@ -254,7 +257,7 @@ impl Agent {
             )));
         }
         kernel.enable_forwarding().await?;
-        let store = Store::connect(&cfg.etcd, &cfg.prefix).await?;
+        let store = Store::connect_with(&cfg.etcd, &cfg.prefix, &cfg.etcd_access).await?;
         let shared = Arc::new(Mutex::new(Shared {
             spec: None,
             lease: None,
@@ -632,6 +635,13 @@ async fn watch_peers(store: Store, shared: Arc<Mutex<Shared>>, wake: Arc<Notify>
                             reason = resp.cancel_reason(),
                             "watch canceled; listing again"
                         );
+                        // etcd checks a watch's token when it creates the
+                        // watch and refuses by canceling it, not by failing
+                        // the request, so etcd-client's own refresh (on
+                        // failed requests) misses a stale token here.
+                        if let Err(e) = store.refresh_token().await {
+                            debug!(error = %e, "getting a new etcd token failed");
+                        }
                         break;
                     }
                     let changed = {

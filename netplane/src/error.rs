@@ -24,6 +24,9 @@ pub enum Error {
     Underlay(String),
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+    /// etcd answered and refused the credentials (or has auth off).
+    #[error("etcd refused to authenticate user {user}: {reason}")]
+    Auth { user: String, reason: String },
     #[error("cluster state: {0}")]
     Store(String),
     #[error("iptables: {0}")]

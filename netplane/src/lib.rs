@@ -16,6 +16,8 @@
 //!   change events.
 //! - [`store`]: the state in etcd under a versioned prefix: subnet leases
 //!   granted by compare-and-swap, reservations, host records, watch.
+//! - [`access`]: TLS (a CA, a client certificate) and user/password for
+//!   etcd ([`access::EtcdAccess`]), checked when the configuration is read.
 //! - [`iptables`]: the `PORTLESS-FWD`/`PORTLESS-NAT` chains.
 //! - [`agent`]: one host's running netplane ([`agent::Agent`]): lease and
 //!   keep-alive, peer watch, reconcile loop, status snapshot, cleanup.
@@ -23,10 +25,12 @@
 //! What portless creates is its own: links named `pl-*`, routes with
 //! protocol [`plan::ROUTE_PROTOCOL`], the two iptables chains. It does not
 //! know Docker: the binary creates the Docker network on the leased subnet.
-//! IPv4 only; etcd over plain http.
+//! IPv4 only. etcd over http, or over TLS (mutual if given a client
+//! certificate), with or without etcd's user/password auth.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod access;
 pub mod agent;
 pub mod error;
 pub mod iptables;

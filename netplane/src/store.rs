@@ -15,6 +15,7 @@
 //! and other hosts prefer subnets nobody reserved.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
@@ -22,8 +23,10 @@ use etcd_client::{
     WatchStream,
 };
 use ipnet::Ipv4Net;
+use tokio::sync::OnceCell;
 use tracing::{debug, info};
 
+use crate::access::{Credentials, EtcdAccess};
 use crate::error::{Error, Result};
 use crate::model::HostRecord;
 use crate::plan::pick_subnet;
@@ -54,6 +57,13 @@ pub struct Claim {
 pub struct Store {
     client: Client,
     prefix: String,
+    /// With credentials: signed in once, on first use (see [`Store::sign_in`]).
+    auth: Option<Arc<SignIn>>,
+}
+
+struct SignIn {
+    credentials: Credentials,
+    done: OnceCell<()>,
 }
 
 fn subnet_key(net: &Ipv4Net) -> String {
@@ -66,20 +76,83 @@ fn parse_subnet_key(s: &str) -> Option<Ipv4Net> {
 }
 
 impl Store {
-    /// Connect lazily: this succeeds while etcd is down, and requests fail
-    /// fast (seconds, not minutes) until it is back.
+    /// Connect lazily, over plain http without auth: see
+    /// [`Store::connect_with`].
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Store> {
+        Self::connect_with(endpoints, prefix, &EtcdAccess::default()).await
+    }
+
+    /// Connect lazily: this succeeds while etcd is down, and requests fail
+    /// fast (seconds, not minutes) until it is back. With TLS, endpoints are
+    /// `https://host:port` or `host:port`.
+    ///
+    /// With credentials, the first request signs in (etcd-client would do
+    /// it inside `connect`, which then fails while etcd is down); after
+    /// that etcd-client gets a new token by itself whenever etcd refuses
+    /// the current one (it expired, or etcd restarted and forgot it).
+    pub async fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        access: &EtcdAccess,
+    ) -> Result<Store> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(3))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
-        let client = Client::connect(endpoints, Some(opts)).await?;
+            .with_keep_alive_while_idle(true)
+            .with_auto_token_refresh(true);
+        let client = Client::connect(endpoints, Some(access.apply(opts))).await?;
         let mut prefix = prefix.to_owned();
         if !prefix.ends_with('/') {
             prefix.push('/');
         }
-        Ok(Store { client, prefix })
+        let auth = access.credentials.clone().map(|credentials| {
+            Arc::new(SignIn {
+                credentials,
+                done: OnceCell::new(),
+            })
+        });
+        Ok(Store {
+            client,
+            prefix,
+            auth,
+        })
+    }
+
+    /// Authenticate with the credentials, once; a no-op without them or
+    /// once done. Every method of the store calls it first; callers of
+    /// [`Store::client`] call it themselves.
+    pub async fn sign_in(&self) -> Result<()> {
+        let Some(auth) = &self.auth else {
+            return Ok(());
+        };
+        auth.done
+            .get_or_try_init(|| async {
+                let mut client = self.client.clone();
+                // Sets the credentials in the state every clone of the
+                // client shares, so that later refreshes use them too.
+                client
+                    .update_user(Some(auth.credentials.pair()))
+                    .await
+                    .map_err(|e| auth_error(&auth.credentials.user, e))
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Get a new token now (after etcd canceled a watch, which the
+    /// automatic refresh does not see).
+    pub async fn refresh_token(&self) -> Result<()> {
+        let Some(auth) = &self.auth else {
+            return Ok(());
+        };
+        if auth.done.get().is_none() {
+            return self.sign_in().await;
+        }
+        self.client
+            .refresh_token()
+            .await
+            .map_err(|e| auth_error(&auth.credentials.user, e))
     }
 
     pub fn prefix(&self) -> &str {
@@ -93,6 +166,7 @@ impl Store {
     /// Grant a lease and take a subnet under it: this host's own subnet if
     /// it still holds it or it is free, else a free one.
     pub async fn claim(&self, claim: &Claim) -> Result<Lease> {
+        self.sign_in().await?;
         let mut kv = self.client.kv_client();
         let mut leases = self.client.lease_client();
         let id = claim.record.id.clone();
@@ -216,6 +290,7 @@ impl Store {
 
     /// Refresh a lease once; the remaining TTL, 0 or less once it expired.
     pub async fn keep_alive(&self, lease_id: i64) -> Result<i64> {
+        self.sign_in().await?;
         let mut leases = self.client.lease_client();
         let once = async {
             let (mut keeper, mut stream) = leases.keep_alive(lease_id).await?;
@@ -239,6 +314,7 @@ impl Store {
     /// or changed them (by hand, a restore). Refuses, returning false, when
     /// the subnet now belongs to another host.
     pub async fn republish(&self, lease: &Lease) -> Result<bool> {
+        self.sign_in().await?;
         let mut kv = self.client.kv_client();
         let id = lease.record.id.clone();
         let sk = self.key("subnets", &subnet_key(&lease.record.subnet));
@@ -268,12 +344,14 @@ impl Store {
 
     /// Give a lease back: its subnet and record vanish at once.
     pub async fn release(&self, lease_id: i64) -> Result<()> {
+        self.sign_in().await?;
         self.client.lease_client().revoke(lease_id).await?;
         Ok(())
     }
 
     /// Every live host record, and the revision they were read at.
     pub async fn hosts(&self) -> Result<(BTreeMap<String, HostRecord>, i64)> {
+        self.sign_in().await?;
         let mut kv = self.client.kv_client();
         let prefix = self.key("hosts", "");
         let resp = kv
@@ -291,6 +369,7 @@ impl Store {
 
     /// Watch host records from `revision` on.
     pub async fn watch_hosts(&self, revision: i64) -> Result<WatchStream> {
+        self.sign_in().await?;
         let mut w = self.client.watch_client();
         Ok(w.watch(
             self.key("hosts", ""),
@@ -310,9 +389,24 @@ impl Store {
         key.strip_prefix(&self.key("hosts", ""))
     }
 
-    /// The raw client, for tests and tools.
+    /// The raw client, for tests and tools; with credentials, call
+    /// [`Store::sign_in`] first.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+}
+
+/// A refusal by etcd to sign in is [`Error::Auth`]; anything else (etcd
+/// unreachable) stays what it was.
+fn auth_error(user: &str, e: etcd_client::Error) -> Error {
+    match e {
+        etcd_client::Error::GRpcStatus(s) if s.message().starts_with("etcdserver:") => {
+            Error::Auth {
+                user: user.to_owned(),
+                reason: s.message().to_owned(),
+            }
+        }
+        e => e.into(),
     }
 }
 

@@ -43,6 +43,7 @@ const TTL: Duration = Duration::from_secs(2);
 fn config(etcd: &Etcd, host: &Host, cluster: &str, mode: Mode) -> AgentConfig {
     AgentConfig {
         etcd: vec![etcd.endpoint()],
+        etcd_access: Default::default(),
         prefix: "/portless/v1/".into(),
         cluster: cluster.parse().unwrap(),
         subnet_len: 24,
@@ -340,6 +341,7 @@ async fn cluster_range_overlapping_the_underlay_is_refused() {
 fn config_without_etcd(host: &Host) -> AgentConfig {
     AgentConfig {
         etcd: vec![],
+        etcd_access: Default::default(),
         prefix: "/portless/v1/".into(),
         cluster: "10.72.0.0/16".parse().unwrap(),
         subnet_len: 24,

@@ -333,7 +333,18 @@ pub struct Etcd {
     peer_port: u16,
     netns: Option<String>,
     dir: PathBuf,
+    tls: Option<EtcdServerTls>,
+    extra: Vec<String>,
     child: Option<std::process::Child>,
+}
+
+/// PEM files of a TLS etcd: its certificate and key, and the CA its
+/// clients' certificates must chain to (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct EtcdServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 /// Two distinct free loopback ports (both held while picking, so that the
@@ -352,6 +363,24 @@ impl Etcd {
         Self::start(None, Ipv4Addr::LOCALHOST, client, peer)
     }
 
+    /// On 127.0.0.1 with free ports, serving clients over mutual TLS, with
+    /// more etcd flags.
+    pub fn on_loopback_tls(tls: EtcdServerTls, extra: &[&str]) -> Etcd {
+        let (client_port, peer_port) = two_free_ports();
+        let mut e = Etcd {
+            ip: Ipv4Addr::LOCALHOST,
+            client_port,
+            peer_port,
+            netns: None,
+            dir: std::env::temp_dir().join(format!("portless-etcd-{}", unique_tag())),
+            tls: Some(tls),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        e.restart();
+        e
+    }
+
     /// Inside a test namespace, on one of its addresses.
     pub fn in_netns(ns: &Netns, ip: Ipv4Addr) -> Etcd {
         Self::start(Some(ns.name.clone()), ip, 2379, 2380)
@@ -365,6 +394,8 @@ impl Etcd {
             peer_port,
             netns,
             dir,
+            tls: None,
+            extra: Vec::new(),
             child: None,
         };
         e.restart();
@@ -372,7 +403,8 @@ impl Etcd {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}:{}", self.ip, self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.ip, self.client_port)
     }
 
     /// Start (again, on the same data) and wait until it serves.
@@ -405,9 +437,19 @@ impl Etcd {
             &format!("t={peer}"),
             "--log-level",
             "error",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        ]);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.client_ca)
+                .arg("--client-cert-auth");
+        }
+        cmd.args(&self.extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         self.child = Some(cmd.spawn().expect("etcd (apt-get install etcd-server)"));
         let probe = format!("echo > /dev/tcp/{}/{}", self.ip, self.client_port);
         for _ in 0..100 {

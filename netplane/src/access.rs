@@ -1,0 +1,201 @@
+//! How portless proves itself to etcd and etcd to portless: TLS (a CA to
+//! verify the server, a client certificate for mutual TLS) and RBAC
+//! credentials.
+//!
+//! [`EtcdAccess`] is plain data, checked when the configuration is read
+//! ([`EtcdTls::new`] parses the PEM and matches the client key with its
+//! certificate), so that a bad file is a configuration error and not a
+//! failure once portless runs. [`crate::store::Store`] turns it into
+//! etcd-client's `ConnectOptions`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::PrivateKeyDer;
+use rustls::sign::CertifiedKey;
+
+/// TLS and credentials for etcd; the default is plain http without auth.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdAccess {
+    pub tls: Option<EtcdTls>,
+    pub credentials: Option<Credentials>,
+}
+
+/// TLS to etcd, from PEM files already read.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// CA bundle that etcd's certificate must chain to; None: the system's
+    /// roots.
+    ca: Option<Vec<u8>>,
+    /// Client certificate (chain) and its key, for mutual TLS.
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Which of the PEM inputs of [`EtcdTls::new`] is wrong, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsFileError {
+    #[error("{0}")]
+    Ca(String),
+    #[error("{0}")]
+    Cert(String),
+    #[error("{0}")]
+    Key(String),
+}
+
+impl EtcdTls {
+    /// Check the PEM inputs: the CA bundle and the client certificate hold
+    /// at least one certificate each, the key file one private key, and the
+    /// key belongs to the certificate.
+    pub fn new(
+        ca: Option<Vec<u8>>,
+        identity: Option<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<Self, TlsFileError> {
+        if let Some(ca) = &ca {
+            certificates(ca).map_err(TlsFileError::Ca)?;
+        }
+        if let Some((cert, key)) = &identity {
+            let chain = certificates(cert).map_err(TlsFileError::Cert)?;
+            let key = private_key(key).map_err(TlsFileError::Key)?;
+            let provider = rustls::crypto::ring::default_provider();
+            CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+                TlsFileError::Key(format!("does not belong to the client certificate ({e})"))
+            })?;
+        }
+        Ok(EtcdTls { ca, identity })
+    }
+
+    /// Whether the server is verified against the system's roots.
+    pub fn system_roots(&self) -> bool {
+        self.ca.is_none()
+    }
+
+    /// Whether a client certificate is presented.
+    pub fn mutual(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    fn options(&self) -> TlsOptions {
+        let mut tls = TlsOptions::new();
+        tls = match &self.ca {
+            // Only the given CA: a certificate from some public CA for the
+            // same name must not pass.
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
+            None => tls.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        tls
+    }
+}
+
+impl fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field(
+                "ca",
+                &if self.ca.is_some() {
+                    "given"
+                } else {
+                    "system roots"
+                },
+            )
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
+}
+
+/// An etcd user and its password. The password never shows in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    password: Arc<str>,
+}
+
+impl Credentials {
+    pub fn new(user: impl Into<String>, password: impl Into<Arc<str>>) -> Self {
+        Credentials {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    pub(crate) fn pair(&self) -> (String, String) {
+        (self.user.clone(), self.password.to_string())
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl EtcdAccess {
+    /// Add TLS to etcd-client's options. Credentials are not added here:
+    /// etcd-client would authenticate inside `Client::connect`, which must
+    /// succeed while etcd is down ([`crate::store::Store`] signs in on first
+    /// use instead).
+    pub(crate) fn apply(&self, opts: ConnectOptions) -> ConnectOptions {
+        match &self.tls {
+            Some(tls) => opts.with_tls(tls.options()),
+            None => opts,
+        }
+    }
+}
+
+fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate file: {e}"))?;
+    if certs.is_empty() {
+        return Err("no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into());
+    }
+    Ok(certs)
+}
+
+fn private_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
+    rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|e| format!("not a PEM key file: {e}"))?
+        .ok_or_else(|| "no PEM private key (-----BEGIN ... PRIVATE KEY-----) in it".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_and_empty_files_are_refused_by_role() {
+        assert!(matches!(
+            EtcdTls::new(Some(b"hello".to_vec()), None),
+            Err(TlsFileError::Ca(_))
+        ));
+        assert!(matches!(
+            EtcdTls::new(None, Some((Vec::new(), Vec::new()))),
+            Err(TlsFileError::Cert(_))
+        ));
+        assert_eq!(
+            EtcdTls::new(None, None),
+            Ok(EtcdTls {
+                ca: None,
+                identity: None
+            })
+        );
+    }
+
+    #[test]
+    fn the_password_never_shows() {
+        let c = Credentials::new("portless", "s3cret");
+        let access = EtcdAccess {
+            tls: None,
+            credentials: Some(c),
+        };
+        let dbg = format!("{access:?}");
+        assert!(dbg.contains("portless") && !dbg.contains("s3cret"), "{dbg}");
+    }
+}

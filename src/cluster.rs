@@ -88,6 +88,7 @@ fn agent_config(cfg: &ClusterConfig, docker: &DockerHost) -> AgentConfig {
     let no_docker = *docker == DockerHost::None;
     AgentConfig {
         etcd: cfg.etcd.clone(),
+        etcd_access: cfg.etcd_access.clone(),
         prefix: cfg.etcd_prefix.clone(),
         cluster: cfg.cidr,
         subnet_len: cfg.host_subnet_len,
@@ -424,10 +425,14 @@ async fn release_lease(kernel: &Kernel, cfg: &ClusterConfig) -> anyhow::Result<b
         Some(id) => id.clone(),
         None => kernel.underlay(cfg.advertise_addr).await?.addr.to_string(),
     };
-    let store = Store::connect(&cfg.etcd, &cfg.etcd_prefix).await?;
+    let store = Store::connect_with(&cfg.etcd, &cfg.etcd_prefix, &cfg.etcd_access).await?;
     let key = format!("{}hosts/{id}", store.prefix());
-    let mut kv = store.client().kv_client();
-    let resp = tokio::time::timeout(std::time::Duration::from_secs(5), kv.get(key, None))
+    let get = async {
+        store.sign_in().await?;
+        let mut kv = store.client().kv_client();
+        Ok::<_, portless_netplane::Error>(kv.get(key, None).await?)
+    };
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(5), get)
         .await
         .context("etcd did not answer")??;
     let Some(lease) = resp.kvs().first().map(|k| k.lease()).filter(|l| *l != 0) else {

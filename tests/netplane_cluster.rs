@@ -354,3 +354,59 @@ fn modes_across_a_router_and_dead_host_removal() {
     );
     assert!(c1.ns.ping(c3.addr), "the other peers are untouched");
 }
+
+/// The etcd security options are checked with the rest of the
+/// configuration: a bad combination or file exits with 64 and names the
+/// option, before anything is bound or etcd is asked.
+#[test]
+fn etcd_tls_and_auth_mistakes_exit_64_naming_the_option() {
+    struct TempDir(std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("portless-etcd-opts-{}", netns::unique_tag()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = TempDir(dir.clone());
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let garbage = garbage.to_str().unwrap();
+    let missing = dir.join("missing");
+    let missing = missing.to_str().unwrap();
+    let cases: [(&[&str], &[(&str, &str)], &str); 5] = [
+        (
+            &["--etcd-ca", garbage, "--etcd-cert", garbage],
+            &[],
+            "--etcd-cert needs --etcd-key",
+        ),
+        (&["--etcd-ca", garbage], &[], "--etcd-ca"),
+        (
+            &["--etcd-user", "portless"],
+            &[],
+            "--etcd-user needs --etcd-password-file",
+        ),
+        (
+            &["--etcd-user", "portless"],
+            &[("PORTLESS_ETCD_PASSWORD_FILE", missing)],
+            "--etcd-password-file",
+        ),
+        (
+            &[],
+            &[("PORTLESS_ETCD_KEY", garbage)],
+            "--etcd-key needs --etcd-cert",
+        ),
+    ];
+    for (args, env, needle) in cases {
+        let out = Command::new(BIN)
+            .args(["run", "--docker-host", "none", "--cluster-etcd"])
+            .arg("https://127.0.0.1:1")
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}: {err}");
+        assert!(err.contains(needle), "{args:?} {env:?}: {err}");
+    }
+}

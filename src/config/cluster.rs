@@ -1,12 +1,15 @@
 //! Cluster (netplane) options: on when `--cluster-etcd` is given. See
 //! `super` for the pattern.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
 use ipnet::Ipv4Net;
 use portless_netplane::Mode;
+use portless_netplane::access::{Credentials, EtcdAccess, EtcdTls, TlsFileError};
 use serde::Deserialize;
 
 use super::ConfigError;
@@ -14,7 +17,8 @@ use super::ConfigError;
 #[derive(Debug, Default, Clone, Args, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ClusterOpts {
-    /// etcd endpoints (http://host:port); turns cluster mode on.
+    /// etcd endpoints: http://host:port, or https://host:port (or host:port
+    /// with --etcd-ca); turns cluster mode on.
     #[arg(
         long,
         env = "PORTLESS_CLUSTER_ETCD",
@@ -72,6 +76,24 @@ pub struct ClusterOpts {
     /// iptables rule and Docker network portless created.
     #[arg(long, env = "PORTLESS_CLEANUP_ON_EXIT", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub cleanup_on_exit: Option<bool>,
+    /// PEM CA bundle that etcd's certificate must chain to (and nothing
+    /// else); turns TLS to etcd on. [default: https:// endpoints are
+    /// checked against the system's roots]
+    #[arg(long, env = "PORTLESS_ETCD_CA", value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS with etcd; needs --etcd-key.
+    #[arg(long, env = "PORTLESS_ETCD_CERT", value_name = "FILE")]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, env = "PORTLESS_ETCD_KEY", value_name = "FILE")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user (etcd's RBAC auth); needs --etcd-password-file.
+    #[arg(long, env = "PORTLESS_ETCD_USER", value_name = "NAME")]
+    pub etcd_user: Option<String>,
+    /// File holding the password of --etcd-user (a trailing newline is
+    /// ignored). The password itself is never a flag: `ps` would show it.
+    #[arg(long, env = "PORTLESS_ETCD_PASSWORD_FILE", value_name = "FILE")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 crate::merge_fields!(ClusterOpts {
     cluster_etcd,
@@ -88,6 +110,11 @@ crate::merge_fields!(ClusterOpts {
     etcd_prefix,
     netplane_resync,
     cleanup_on_exit,
+    etcd_ca,
+    etcd_cert,
+    etcd_key,
+    etcd_user,
+    etcd_password_file,
 });
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +133,8 @@ pub struct ClusterConfig {
     pub etcd_prefix: String,
     pub resync: Duration,
     pub cleanup_on_exit: bool,
+    /// TLS and credentials, with the files already read and checked.
+    pub etcd_access: EtcdAccess,
 }
 
 const MAX_IFNAME: usize = 15;
@@ -115,24 +144,11 @@ impl ClusterOpts {
         if self.cluster_etcd.is_empty() {
             return Ok(None);
         }
-        let mut etcd = Vec::new();
-        for url in &self.cluster_etcd {
-            let url = url.trim();
-            if url.starts_with("https://") {
-                return Err(ConfigError::new(format!(
-                    "--cluster-etcd {url}: TLS to etcd is not supported yet; use http://"
-                )));
-            }
-            let rest = url.strip_prefix("http://").ok_or_else(|| {
-                ConfigError::new(format!("--cluster-etcd {url}: expected http://host:port"))
-            })?;
-            if rest.is_empty() || !rest.contains(':') {
-                return Err(ConfigError::new(format!(
-                    "--cluster-etcd {url}: expected http://host:port"
-                )));
-            }
-            etcd.push(url.to_owned());
-        }
+        let (etcd, tls) = endpoints(&self.cluster_etcd, self.etcd_ca.is_some())?;
+        let etcd_access = EtcdAccess {
+            tls: etcd_tls(tls, &self)?,
+            credentials: etcd_credentials(&self)?,
+        };
         let cidr = self
             .cluster_cidr
             .unwrap_or_else(|| Ipv4Net::new(Ipv4Addr::new(10, 244, 0, 0), 16).unwrap_or_default())
@@ -207,8 +223,143 @@ impl ClusterOpts {
             etcd_prefix,
             resync: Duration::from_secs(resync),
             cleanup_on_exit: self.cleanup_on_exit.unwrap_or(false),
+            etcd_access,
         }))
     }
+}
+
+/// The endpoints as etcd-client takes them, and whether they use TLS. With
+/// `--etcd-ca` every endpoint is https (given as `https://host:port` or
+/// `host:port`); without it, all are `http://` or all `https://` (checked
+/// against the system's roots).
+fn endpoints(urls: &[String], ca: bool) -> Result<(Vec<String>, bool), ConfigError> {
+    let mut out = Vec::new();
+    let mut schemes = BTreeSet::new();
+    for url in urls {
+        let url = url.trim();
+        let (scheme, rest) = match url.split_once("://") {
+            Some((s @ ("http" | "https"), rest)) => (s, rest),
+            Some(_) => {
+                return Err(ConfigError::new(format!(
+                    "--cluster-etcd {url}: expected http://host:port or https://host:port"
+                )));
+            }
+            None if ca => ("https", url),
+            None => {
+                return Err(ConfigError::new(format!(
+                    "--cluster-etcd {url}: expected http://host:port or https://host:port \
+                     (host:port alone only with --etcd-ca)"
+                )));
+            }
+        };
+        if rest.is_empty() || !rest.contains(':') || rest.contains('/') {
+            return Err(ConfigError::new(format!(
+                "--cluster-etcd {url}: expected {scheme}://host:port"
+            )));
+        }
+        if scheme == "http" && ca {
+            return Err(ConfigError::new(format!(
+                "--cluster-etcd {url}: plain http, but --etcd-ca turns TLS on; \
+                 use https://{rest} or {rest}"
+            )));
+        }
+        schemes.insert(scheme);
+        out.push(format!("{scheme}://{rest}"));
+    }
+    if schemes.len() > 1 {
+        return Err(ConfigError::new(
+            "--cluster-etcd: all endpoints http:// or all https://, not both",
+        ));
+    }
+    Ok((out, schemes.contains("https")))
+}
+
+fn read_file(option: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path)
+        .map_err(|e| ConfigError::new(format!("{option} {}: cannot read: {e}", path.display())))
+}
+
+fn etcd_tls(tls: bool, o: &ClusterOpts) -> Result<Option<EtcdTls>, ConfigError> {
+    let identity = match (&o.etcd_cert, &o.etcd_key) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                "--etcd-cert needs --etcd-key (the certificate's private key)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                "--etcd-key needs --etcd-cert (the certificate it belongs to)",
+            ));
+        }
+        (Some(c), Some(k)) => Some((c, k)),
+    };
+    if !tls {
+        if identity.is_some() {
+            return Err(ConfigError::new(
+                "--etcd-cert: a client certificate needs TLS to etcd: \
+                 give --etcd-ca or https:// endpoints",
+            ));
+        }
+        return Ok(None);
+    }
+    let ca = o
+        .etcd_ca
+        .as_deref()
+        .map(|p| read_file("--etcd-ca", p))
+        .transpose()?;
+    let identity = match identity {
+        Some((c, k)) => Some((read_file("--etcd-cert", c)?, read_file("--etcd-key", k)?)),
+        None => None,
+    };
+    EtcdTls::new(ca, identity).map(Some).map_err(|e| {
+        let (option, path) = match &e {
+            TlsFileError::Ca(_) => ("--etcd-ca", &o.etcd_ca),
+            TlsFileError::Cert(_) => ("--etcd-cert", &o.etcd_cert),
+            TlsFileError::Key(_) => ("--etcd-key", &o.etcd_key),
+        };
+        let path = path.as_deref().unwrap_or(Path::new("")).display();
+        ConfigError::new(format!("{option} {path}: {e}"))
+    })
+}
+
+fn etcd_credentials(o: &ClusterOpts) -> Result<Option<Credentials>, ConfigError> {
+    let (user, file) = match (&o.etcd_user, &o.etcd_password_file) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                "--etcd-user needs --etcd-password-file (the password is read from a file, \
+                 never given on the command line)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new("--etcd-password-file needs --etcd-user"));
+        }
+        (Some(u), Some(f)) => (u, f),
+    };
+    if user.is_empty() {
+        return Err(ConfigError::new("--etcd-user: must not be empty"));
+    }
+    let bytes = read_file("--etcd-password-file", file)?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        ConfigError::new(format!(
+            "--etcd-password-file {}: not UTF-8 text",
+            file.display()
+        ))
+    })?;
+    // Files written by `echo` or an editor end in a newline that is not
+    // part of the password.
+    let password = text
+        .strip_suffix('\n')
+        .map(|p| p.strip_suffix('\r').unwrap_or(p))
+        .unwrap_or(&text);
+    if password.is_empty() {
+        return Err(ConfigError::new(format!(
+            "--etcd-password-file {}: empty",
+            file.display()
+        )));
+    }
+    Ok(Some(Credentials::new(user.clone(), password)))
 }
 
 #[cfg(test)]
@@ -250,7 +401,11 @@ mod tests {
                 ..opts()
             },
             ClusterOpts {
-                cluster_etcd: vec!["https://10.0.0.1:2379".into()],
+                cluster_etcd: vec!["ftp://10.0.0.1:2379".into()],
+                ..opts()
+            },
+            ClusterOpts {
+                cluster_etcd: vec!["http://10.0.0.1".into()],
                 ..opts()
             },
             ClusterOpts {
@@ -315,6 +470,213 @@ mod tests {
         assert_eq!(c.mode, Mode::Auto);
         assert!(c.cleanup_on_exit);
         assert!(toml::from_str::<ClusterOpts>("cluster-etc = []").is_err());
+        // The etcd security keys; files are read by resolve.
+        let o: ClusterOpts = toml::from_str(
+            r#"
+            etcd-ca = "/etc/portless/etcd-ca.pem"
+            etcd-cert = "/etc/portless/etcd-client.pem"
+            etcd-key = "/etc/portless/etcd-client-key.pem"
+            etcd-user = "portless"
+            etcd-password-file = "/etc/portless/etcd-password"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(o.etcd_user.as_deref(), Some("portless"));
+        assert_eq!(
+            o.etcd_password_file.as_deref(),
+            Some(Path::new("/etc/portless/etcd-password"))
+        );
+        assert!(o.etcd_ca.is_some() && o.etcd_cert.is_some() && o.etcd_key.is_some());
+    }
+
+    /// A temporary directory, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!(
+                "portless-cluster-cfg-{name}-{}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn file(&self, name: &str, text: &str) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        }
+
+        /// A self-signed CA certificate made by openssl.
+        fn ca(&self) -> PathBuf {
+            let path = self.0.join("ca.pem");
+            let key = self.0.join("ca-key.pem");
+            let out = std::process::Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+                .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+                .args(["-subj", "/CN=portless-test-ca", "-keyout"])
+                .arg(&key)
+                .arg("-out")
+                .arg(&path)
+                .output()
+                .expect("openssl is needed (./test.sh installs it)");
+            assert!(out.status.success(), "{out:?}");
+            path
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tls_opts(endpoint: &str) -> ClusterOpts {
+        ClusterOpts {
+            cluster_etcd: vec![endpoint.into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn etcd_tls_and_auth_mistakes_are_refused_naming_the_option() {
+        let dir = TempDir::new("bad");
+        let garbage = dir.file("garbage.pem", "not a certificate");
+        let password = dir.file("password", "s3cret\n");
+        let empty = dir.file("empty", "\n");
+        let missing = dir.0.join("missing");
+        let cases = [
+            (
+                ClusterOpts {
+                    etcd_ca: Some(garbage.clone()),
+                    etcd_cert: Some(garbage.clone()),
+                    ..tls_opts("https://10.0.0.1:2379")
+                },
+                "--etcd-cert needs --etcd-key",
+            ),
+            (
+                ClusterOpts {
+                    etcd_key: Some(garbage.clone()),
+                    ..tls_opts("https://10.0.0.1:2379")
+                },
+                "--etcd-key needs --etcd-cert",
+            ),
+            (
+                ClusterOpts {
+                    etcd_cert: Some(garbage.clone()),
+                    etcd_key: Some(garbage.clone()),
+                    ..tls_opts("http://10.0.0.1:2379")
+                },
+                "--etcd-cert: a client certificate needs TLS",
+            ),
+            (
+                ClusterOpts {
+                    etcd_ca: Some(garbage.clone()),
+                    ..tls_opts("10.0.0.1:2379")
+                },
+                "--etcd-ca",
+            ),
+            (
+                ClusterOpts {
+                    etcd_ca: Some(missing.clone()),
+                    ..tls_opts("10.0.0.1:2379")
+                },
+                "--etcd-ca",
+            ),
+            (
+                ClusterOpts {
+                    etcd_ca: Some(garbage.clone()),
+                    ..tls_opts("http://10.0.0.1:2379")
+                },
+                "--etcd-ca turns TLS on",
+            ),
+            (tls_opts("10.0.0.1:2379"), "only with --etcd-ca"),
+            (
+                ClusterOpts {
+                    cluster_etcd: vec![
+                        "http://10.0.0.1:2379".into(),
+                        "https://10.0.0.2:2379".into(),
+                    ],
+                    ..Default::default()
+                },
+                "not both",
+            ),
+            (
+                ClusterOpts {
+                    etcd_user: Some("portless".into()),
+                    ..opts()
+                },
+                "--etcd-user needs --etcd-password-file",
+            ),
+            (
+                ClusterOpts {
+                    etcd_password_file: Some(password.clone()),
+                    ..opts()
+                },
+                "--etcd-password-file needs --etcd-user",
+            ),
+            (
+                ClusterOpts {
+                    etcd_user: Some("portless".into()),
+                    etcd_password_file: Some(missing.clone()),
+                    ..opts()
+                },
+                "--etcd-password-file",
+            ),
+            (
+                ClusterOpts {
+                    etcd_user: Some("portless".into()),
+                    etcd_password_file: Some(empty.clone()),
+                    ..opts()
+                },
+                "--etcd-password-file",
+            ),
+        ];
+        for (o, needle) in cases {
+            let dbg = format!("{o:?}");
+            let err = o.resolve().expect_err(&dbg).to_string();
+            assert!(err.contains(needle), "{dbg}: {err}");
+        }
+    }
+
+    #[test]
+    fn etcd_tls_endpoints_and_password_resolve() {
+        let dir = TempDir::new("good");
+        let ca = dir.ca();
+        let password = dir.file("password", "s3cret\n");
+        // host:port and https:// with --etcd-ca: https to each, only that CA.
+        let c = ClusterOpts {
+            cluster_etcd: vec!["10.0.0.1:2379".into(), "https://10.0.0.2:2379".into()],
+            etcd_ca: Some(ca),
+            etcd_user: Some("portless".into()),
+            etcd_password_file: Some(password),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.etcd, ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]);
+        let tls = c.etcd_access.tls.as_ref().expect("TLS on");
+        assert!(!tls.system_roots() && !tls.mutual());
+        assert_eq!(
+            c.etcd_access.credentials,
+            Some(Credentials::new("portless", "s3cret"))
+        );
+        // The password never shows, whoever prints the configuration.
+        assert!(!format!("{c:?}").contains("s3cret"));
+
+        // https:// alone: the system's roots.
+        let c = tls_opts("https://etcd.example.com:2379")
+            .resolve()
+            .unwrap()
+            .unwrap();
+        assert!(c.etcd_access.tls.unwrap().system_roots());
+        // Plain http: no TLS, no auth, as before.
+        assert_eq!(
+            opts().resolve().unwrap().unwrap().etcd_access,
+            EtcdAccess::default()
+        );
     }
 }
 

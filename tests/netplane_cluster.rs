@@ -374,7 +374,9 @@ fn etcd_tls_and_auth_mistakes_exit_64_naming_the_option() {
     let garbage = garbage.to_str().unwrap();
     let missing = dir.join("missing");
     let missing = missing.to_str().unwrap();
-    let cases: [(&[&str], &[(&str, &str)], &str); 5] = [
+    // Flags, environment, and what the message must say.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 5] = [
         (
             &["--etcd-ca", garbage, "--etcd-cert", garbage],
             &[],

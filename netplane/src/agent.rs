@@ -422,6 +422,10 @@ async fn run(
             Err(e) => {
                 warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot lease a subnet yet");
                 lock(&shared).last_error = Some(e.to_string());
+                // The reconcile loop, which publishes the status, starts
+                // with the lease: say why there is none (a certificate or
+                // password etcd refuses) now.
+                status_tx.send_modify(|s| s.last_error = Some(e.to_string()));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

@@ -457,6 +457,22 @@ async fn agents_over_mutual_tls_with_a_password_ride_out_an_etcd_outage() {
         .await
         .expect("h1 leased a subnet over TLS");
 
+    // A refused password is retried, and shows in the status meanwhile.
+    let refused = Agent::start(AgentConfig {
+        etcd_access: e.access("ca.pem", "wrong"),
+        ..agent_config(&e, &h2)
+    })
+    .await
+    .unwrap();
+    wait_for("the refusal in the status", 5, || {
+        refused
+            .status()
+            .last_error
+            .is_some_and(|m| m.contains("refused to authenticate user portless"))
+    })
+    .await;
+    refused.stop(false).await.unwrap();
+
     e.etcd.stop();
     let a2 = Agent::start(agent_config(&e, &h2))
         .await

@@ -864,9 +864,9 @@ impl Worker {
             let sent = tokio::time::timeout(self.opts.upstream_timeout, async {
                 match backend.scheme {
                     Scheme::Http => self.pool.send(backend.addr, up).await,
-                    // Boxed: the h2c path is rare, and its large future
-                    // would otherwise be part of (and moved with) every
-                    // HTTP/1 request's.
+                    // Boxed: only h2c backends take this path, and its
+                    // large future would otherwise be part of (and moved
+                    // with) every HTTP/1 request's.
                     Scheme::H2c => Box::pin(self.send_h2(brt, backend.addr, up)).await,
                 }
             })

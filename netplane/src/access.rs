@@ -10,11 +10,16 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::sign::CertifiedKey;
+
+/// How long the TLS handshake with etcd may take; past it, the request
+/// fails with "TLS handshake timeout".
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// TLS and credentials for etcd; the default is plain http without auth.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -77,7 +82,10 @@ impl EtcdTls {
     }
 
     fn options(&self) -> TlsOptions {
-        let mut tls = TlsOptions::new();
+        // tonic waits for a handshake forever by default, and requests wait
+        // for the channel, so the request timeout would never start: a peer
+        // that takes the TCP connection but never answers would hang.
+        let mut tls = TlsOptions::new().timeout(HANDSHAKE_TIMEOUT);
         tls = match &self.ca {
             // Only the given CA: a certificate from some public CA for the
             // same name must not pass.

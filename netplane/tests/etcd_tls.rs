@@ -361,6 +361,44 @@ async fn a_wrong_ca_fails_at_once_saying_why() {
     );
 }
 
+/// A peer that takes the TCP connection but never answers the TLS
+/// handshake: requests fail within seconds, saying so, instead of hanging.
+#[tokio::test]
+async fn a_stalled_tls_handshake_fails_saying_why() {
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("https://{}", listener.local_addr().unwrap());
+    let mute = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let store = Store::connect_with(
+        &[endpoint],
+        PREFIX,
+        &EtcdAccess {
+            tls: Some(pki.client_tls("ca.pem")),
+            credentials: None,
+        },
+    )
+    .await
+    .unwrap();
+    let start = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(30), store.claim(&claim(1, 10)))
+        .await
+        .expect("no error within 30 s: the handshake hangs")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("TLS handshake timeout"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
+    mute.abort();
+}
+
 #[tokio::test]
 async fn a_wrong_password_fails_at_once_saying_why() {
     let e = SecureEtcd::start();

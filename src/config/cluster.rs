@@ -147,7 +147,7 @@ impl ClusterOpts {
         let (etcd, tls) = endpoints(&self.cluster_etcd, self.etcd_ca.is_some())?;
         let etcd_access = EtcdAccess {
             tls: etcd_tls(tls, &self)?,
-            credentials: etcd_credentials(&self)?,
+            credentials: etcd_credentials(tls, &self)?,
         };
         let cidr = self
             .cluster_cidr
@@ -237,6 +237,15 @@ fn endpoints(urls: &[String], ca: bool) -> Result<(Vec<String>, bool), ConfigErr
     let mut schemes = BTreeSet::new();
     for url in urls {
         let url = url.trim();
+        // Checked first, so that no message below repeats the password.
+        if let Some((_, host)) = url.rsplit_once('@') {
+            let scheme = url.split_once("://").map_or("", |(s, _)| s);
+            return Err(ConfigError::new(format!(
+                "--cluster-etcd {scheme}://…@{host}: no user or password in the endpoint \
+                 (it would show in /api/cluster and is never used to sign in); \
+                 use --etcd-user and --etcd-password-file"
+            )));
+        }
         let (scheme, rest) = match url.split_once("://") {
             Some((s @ ("http" | "https"), rest)) => (s, rest),
             Some(_) => {
@@ -323,7 +332,7 @@ fn etcd_tls(tls: bool, o: &ClusterOpts) -> Result<Option<EtcdTls>, ConfigError> 
     })
 }
 
-fn etcd_credentials(o: &ClusterOpts) -> Result<Option<Credentials>, ConfigError> {
+fn etcd_credentials(tls: bool, o: &ClusterOpts) -> Result<Option<Credentials>, ConfigError> {
     let (user, file) = match (&o.etcd_user, &o.etcd_password_file) {
         (None, None) => return Ok(None),
         (Some(_), None) => {
@@ -339,6 +348,12 @@ fn etcd_credentials(o: &ClusterOpts) -> Result<Option<Credentials>, ConfigError>
     };
     if user.is_empty() {
         return Err(ConfigError::new("--etcd-user: must not be empty"));
+    }
+    if !tls {
+        return Err(ConfigError::new(
+            "--etcd-user: needs TLS (--etcd-ca or https:// endpoints): \
+             the password would cross the network in clear",
+        ));
     }
     let bytes = read_file("--etcd-password-file", file)?;
     let text = String::from_utf8(bytes).map_err(|_| {
@@ -620,7 +635,7 @@ mod tests {
                 ClusterOpts {
                     etcd_user: Some("portless".into()),
                     etcd_password_file: Some(missing.clone()),
-                    ..opts()
+                    ..tls_opts("https://10.0.0.1:2379")
                 },
                 "--etcd-password-file",
             ),
@@ -628,15 +643,32 @@ mod tests {
                 ClusterOpts {
                     etcd_user: Some("portless".into()),
                     etcd_password_file: Some(empty.clone()),
-                    ..opts()
+                    ..tls_opts("https://10.0.0.1:2379")
                 },
                 "--etcd-password-file",
+            ),
+            (
+                ClusterOpts {
+                    etcd_user: Some("portless".into()),
+                    etcd_password_file: Some(password.clone()),
+                    ..opts()
+                },
+                "--etcd-user: needs TLS (--etcd-ca or https:// endpoints)",
+            ),
+            (
+                tls_opts("https://portless:s3cret@10.0.0.1:2379"),
+                "use --etcd-user and --etcd-password-file",
+            ),
+            (
+                tls_opts("http://portless@10.0.0.1:2379"),
+                "no user or password in the endpoint",
             ),
         ];
         for (o, needle) in cases {
             let dbg = format!("{o:?}");
             let err = o.resolve().expect_err(&dbg).to_string();
             assert!(err.contains(needle), "{dbg}: {err}");
+            assert!(!err.contains("s3cret"), "the password shows: {err}");
         }
     }
 

@@ -397,17 +397,28 @@ impl Store {
 }
 
 /// A refusal by etcd to sign in is [`Error::Auth`]; anything else (etcd
-/// unreachable) stays what it was.
+/// unreachable, or busy: "leader changed", "too many requests") stays what
+/// it was. By gRPC code, not by message: every etcd message starts with
+/// "etcdserver:". etcd answers a wrong user or password with
+/// InvalidArgument, sign-in with auth off with FailedPrecondition, and a
+/// bad token with Unauthenticated.
 fn auth_error(user: &str, e: etcd_client::Error) -> Error {
     match e {
-        etcd_client::Error::GRpcStatus(s) if s.message().starts_with("etcdserver:") => {
-            Error::Auth {
-                user: user.to_owned(),
-                reason: s.message().to_owned(),
-            }
-        }
+        etcd_client::Error::GRpcStatus(s) if refuses_sign_in(s.code()) => Error::Auth {
+            user: user.to_owned(),
+            reason: s.message().to_owned(),
+        },
         e => e.into(),
     }
+}
+
+fn refuses_sign_in(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::InvalidArgument
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::Unauthenticated
+    )
 }
 
 /// A host record from its JSON; None (and ignored) when malformed, so that
@@ -433,5 +444,45 @@ mod tests {
         assert_eq!(parse_subnet_key("10.244.3.0-24"), Some(n));
         assert_eq!(parse_subnet_key("10.244.3.0/24"), None);
         assert_eq!(parse_subnet_key("garbage"), None);
+    }
+
+    #[test]
+    fn only_a_refusal_to_sign_in_is_an_auth_error() {
+        let status = |code, msg| etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg));
+        for (code, msg) in [
+            (
+                tonic::Code::InvalidArgument,
+                "etcdserver: authentication failed, invalid user ID or password",
+            ),
+            (
+                tonic::Code::FailedPrecondition,
+                "etcdserver: authentication is not enabled",
+            ),
+            (
+                tonic::Code::Unauthenticated,
+                "etcdserver: invalid auth token",
+            ),
+        ] {
+            let e = auth_error("portless", status(code, msg));
+            assert!(
+                matches!(&e, Error::Auth { user, .. } if user == "portless"),
+                "{e}"
+            );
+        }
+        for (code, msg) in [
+            (tonic::Code::Unavailable, "etcdserver: leader changed"),
+            (
+                tonic::Code::ResourceExhausted,
+                "etcdserver: too many requests",
+            ),
+            (
+                tonic::Code::DeadlineExceeded,
+                "etcdserver: request timed out",
+            ),
+        ] {
+            let e = auth_error("portless", status(code, msg));
+            assert!(!matches!(e, Error::Auth { .. }), "{e}");
+            assert!(e.to_string().contains(msg), "{e}");
+        }
     }
 }

@@ -374,41 +374,82 @@ fn etcd_tls_and_auth_mistakes_exit_64_naming_the_option() {
     let garbage = garbage.to_str().unwrap();
     let missing = dir.join("missing");
     let missing = missing.to_str().unwrap();
-    // Flags, environment, and what the message must say.
-    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 5] = [
+    let password = dir.join("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let password = password.to_str().unwrap();
+    const TLS: &str = "https://127.0.0.1:1";
+    // The endpoint, flags, environment, and what the message must say.
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 8] = [
         (
+            TLS,
             &["--etcd-ca", garbage, "--etcd-cert", garbage],
             &[],
             "--etcd-cert needs --etcd-key",
         ),
-        (&["--etcd-ca", garbage], &[], "--etcd-ca"),
+        (TLS, &["--etcd-ca", garbage], &[], "--etcd-ca"),
         (
+            TLS,
             &["--etcd-user", "portless"],
             &[],
             "--etcd-user needs --etcd-password-file",
         ),
         (
+            TLS,
             &["--etcd-user", "portless"],
             &[("PORTLESS_ETCD_PASSWORD_FILE", missing)],
             "--etcd-password-file",
         ),
         (
+            TLS,
             &[],
             &[("PORTLESS_ETCD_KEY", garbage)],
             "--etcd-key needs --etcd-cert",
         ),
+        // A password over plain http would cross the network in clear.
+        (
+            "http://127.0.0.1:1",
+            &["--etcd-user", "portless", "--etcd-password-file", password],
+            &[],
+            "--etcd-user: needs TLS (--etcd-ca or https:// endpoints)",
+        ),
+        (
+            "http://127.0.0.1:1",
+            &["--etcd-user", "portless"],
+            &[("PORTLESS_ETCD_PASSWORD_FILE", password)],
+            "--etcd-user: needs TLS",
+        ),
+        // A password in the endpoint would show in /api/cluster, unused.
+        (
+            "https://portless:s3cret@127.0.0.1:1",
+            &[],
+            &[],
+            "use --etcd-user and --etcd-password-file",
+        ),
     ];
-    for (args, env, needle) in cases {
-        let out = Command::new(BIN)
-            .args(["run", "--docker-host", "none", "--cluster-etcd"])
-            .arg("https://127.0.0.1:1")
+    for (endpoint, args, env, needle) in cases {
+        let child = Command::new(BIN)
+            .args(["run", "--docker-host", "none", "--cluster-etcd", endpoint])
             .args(args)
             .envs(env.iter().copied())
-            .output()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}: {err}");
+        // Killed on drop: a regression that starts instead of exiting
+        // fails here rather than hanging the test (as root).
+        let mut p = Portless { child: Some(child) };
+        let status = common::wait_until(
+            &format!("portless to exit on {args:?} {env:?}"),
+            Duration::from_secs(20),
+            || p.child.as_mut().and_then(|c| c.try_wait().unwrap()),
+        );
+        let mut err = String::new();
+        if let Some(mut stderr) = p.child.as_mut().and_then(|c| c.stderr.take()) {
+            std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+        }
+        assert_eq!(status.code(), Some(64), "{args:?} {env:?}: {err}");
         assert!(err.contains(needle), "{args:?} {env:?}: {err}");
+        assert!(!err.contains("s3cret"), "the password shows: {err}");
     }
 }

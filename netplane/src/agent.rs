@@ -601,6 +601,13 @@ fn etcd_down(shared: &Mutex<Shared>, wake: &Notify, e: &Error) {
     }
 }
 
+/// Whether etcd canceled a watch for its token (expired, or forgotten by a
+/// restarted etcd): it then says "permission denied" or "invalid auth
+/// token", not "required revision has been compacted".
+fn cancel_needs_new_token(reason: &str) -> bool {
+    reason.contains("permission denied") || reason.contains("invalid auth token")
+}
+
 async fn watch_peers(store: Store, shared: Arc<Mutex<Shared>>, wake: Arc<Notify>) {
     loop {
         let (hosts, rev) = match store.hosts().await {
@@ -642,8 +649,11 @@ async fn watch_peers(store: Store, shared: Arc<Mutex<Shared>>, wake: Arc<Notify>
                         // etcd checks a watch's token when it creates the
                         // watch and refuses by canceling it, not by failing
                         // the request, so etcd-client's own refresh (on
-                        // failed requests) misses a stale token here.
-                        if let Err(e) = store.refresh_token().await {
+                        // failed requests) misses a stale token here. Other
+                        // cancels (compaction) need no new token.
+                        if cancel_needs_new_token(resp.cancel_reason())
+                            && let Err(e) = store.refresh_token().await
+                        {
                             debug!(error = %e, "getting a new etcd token failed");
                         }
                         break;
@@ -813,6 +823,17 @@ async fn reconcile(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_a_token_refusal_cancels_for_a_new_token() {
+        use super::cancel_needs_new_token;
+        assert!(cancel_needs_new_token("etcdserver: permission denied"));
+        assert!(cancel_needs_new_token("etcdserver: invalid auth token"));
+        assert!(!cancel_needs_new_token(
+            "etcdserver: mvcc: required revision has been compacted"
+        ));
+        assert!(!cancel_needs_new_token(""));
+    }
+
     use super::*;
 
     #[test]

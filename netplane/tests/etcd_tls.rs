@@ -8,11 +8,10 @@
 mod netns;
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use netns::{Etcd, EtcdServerTls, Host, Segment, unique_tag};
+use netns::{Etcd, EtcdServerTls, Host, Segment, require, sh_in, unique_tag};
 use portless_netplane::access::{Credentials, EtcdAccess, EtcdTls};
 use portless_netplane::agent::{Agent, AgentConfig};
 use portless_netplane::plan::VXLAN_DEVICE;
@@ -21,32 +20,6 @@ use portless_netplane::{Error, HostRecord, Mac, Mode};
 
 const PREFIX: &str = "/portless-tls/";
 const PASSWORD: &str = "correct horse battery";
-
-fn require(tool: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "`{tool}` is not installed: run ./test.sh, which installs it (etcd-server, etcd-client, openssl)"
-    );
-}
-
-fn run(dir: &Path, args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A throwaway PKI in a temporary directory, removed on drop: two CAs, a
 /// server certificate for 127.0.0.1 and a client certificate, each signed
@@ -84,7 +57,7 @@ impl Pki {
         let key = format!("{name}-key.pem");
         let cert = format!("{name}.pem");
         let subject = format!("/CN=portless-test-{name}");
-        run(
+        sh_in(
             &self.dir,
             &[
                 "openssl",
@@ -122,7 +95,7 @@ impl Pki {
             format!("{ext}basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"),
         )
         .unwrap();
-        run(
+        sh_in(
             &self.dir,
             &[
                 "openssl",
@@ -140,7 +113,7 @@ impl Pki {
                 &csr,
             ],
         );
-        run(
+        sh_in(
             &self.dir,
             &[
                 "openssl",
@@ -240,7 +213,7 @@ impl SecureEtcd {
         ];
         all.extend_from_slice(args);
         // Before `auth enable`, --user is ignored.
-        run(&self.pki.dir, &all);
+        sh_in(&self.pki.dir, &all);
     }
 
     fn access(&self, ca: &str, password: &str) -> EtcdAccess {

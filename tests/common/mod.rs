@@ -20,20 +20,7 @@ use std::time::{Duration, Instant};
 pub const IMAGE: &str = "portless-test-busybox:latest";
 pub const LABEL: &str = "portless-test=1";
 
-/// Fail with a reason when a tool the tests need is missing: a test that
-/// cannot run must not pass silently.
-pub fn require(tool: &str) {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "`{tool}` is not installed: run the test command from the README (./test.sh), which installs it"
-    );
-}
+pub use netns::require;
 
 pub fn run(cmd: &str, args: &[&str]) -> Output {
     Command::new(cmd)

@@ -10,7 +10,7 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -46,10 +46,31 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Fail with a reason when a tool the tests need is missing: a test that
+/// cannot run must not pass silently.
+pub fn require(tool: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is not installed: run the test command from the README (./test.sh), which installs it"
+    );
+}
+
 /// Run a command, panicking with its output on failure.
 pub fn sh(args: &[&str]) -> Output {
+    sh_in(Path::new("."), args)
+}
+
+/// [`sh`] with `dir` as the working directory.
+pub fn sh_in(dir: &Path, args: &[&str]) -> Output {
     let out = Command::new(args[0])
         .args(&args[1..])
+        .current_dir(dir)
         .output()
         .unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(

@@ -13,6 +13,10 @@ need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 pkg() { dpkg -s "$1" >/dev/null 2>&1; }
 have protoc || need+=(protobuf-compiler)
+# etcd-client's build imports google/protobuf/*.proto, which come with
+# libprotobuf-dev (only recommended by protobuf-compiler, and recommends are
+# not installed below).
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 have etcd || need+=(etcd-server)
 have etcdctl || need+=(etcd-client)
 pkg busybox-static || need+=(busybox-static)

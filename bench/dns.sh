@@ -133,6 +133,8 @@ portless_ready() {
         if [[ ! -x $PORTLESS_BIN ]] ||
             [[ -n $(cd "$ROOT" && find src dns router netplane Cargo.toml Cargo.lock \
                 -newer "$PORTLESS_BIN" -type f -print -quit 2>/dev/null) ]]; then
+            # etcd-client's build needs protoc and the protobuf includes.
+            ensure_packages protobuf-compiler libprotobuf-dev
             log "building portless (cargo build --release)"
             if ! (cd "$ROOT" && cargo build --release) >"$WORK/cargo-build.log" 2>&1; then
                 tail -20 "$WORK/cargo-build.log" >&2

@@ -31,6 +31,7 @@ have ping || need+=(iputils-ping)
 have ethtool || need+=(ethtool)
 have ip || need+=(iproute2)
 have protoc || need+=(protobuf-compiler)
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "bench/netplane.sh: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

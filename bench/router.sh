@@ -141,7 +141,7 @@ docker_cleanup() {
     ((${#ids[@]} == 0)) || docker rmi -f "${ids[@]}" >/dev/null 2>&1 || true
 }
 
-ensure_packages nginx haproxy caddy wrk curl python3
+ensure_packages nginx haproxy caddy wrk curl python3 protobuf-compiler libprotobuf-dev
 stop_packaged_services
 command -v docker >/dev/null || die "docker CLI not found"
 docker info >/dev/null 2>&1 || die "Docker Engine not reachable"

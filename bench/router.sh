@@ -6,6 +6,7 @@
 #
 # Usage: sudo bench/router.sh [--duration S] [--rounds N] [--connections N]
 #                             [--threads N] [--no-build] [--keep]
+#                             [--targets LIST]
 #
 # The backend is a real container: a local image (portless-bench-nginx:local,
 # made with `docker import` from the host's own /usr/sbin/nginx, the libraries
@@ -39,7 +40,10 @@
 # container, network and image (labels portless-bench=1 and
 # portless-bench.router=1) are removed on exit, failure and Ctrl-C included,
 # and leftovers of an earlier killed run at start. One run at a time (flock).
-# --keep keeps the mktemp directory (configs, logs, raw results).
+# --keep keeps the mktemp directory (configs, logs, raw results, each wrk
+# output). --targets runs only some targets (comma-separated names from the
+# list above, e.g. haproxy,portless); the ratio lines need nginx or haproxy
+# and the portless target they compare.
 set -euo pipefail
 
 DURATION=10
@@ -48,6 +52,7 @@ CONNS=64
 THREADS=2
 BUILD=1
 KEEP=0
+TARGETS=""
 while (($#)); do
     case $1 in
         --duration) DURATION=$2; shift 2 ;;
@@ -56,6 +61,7 @@ while (($#)); do
         --threads) THREADS=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --keep) KEEP=1; shift ;;
+        --targets) TARGETS=$2; shift 2 ;;
         -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 64 ;;
     esac
@@ -354,6 +360,12 @@ NGINX_WORKERS=$(pgrep -P "$NGINX_PID" | tr '\n' ' ')
 declare -A PROCS=([direct]="$BACKEND_PROCS" [nginx]="$NGINX_WORKERS" [haproxy]=$HAPROXY_PID [caddy]=$CADDY_PID
     [portless]=$PORTLESS_PID [portless-lib]=$LIB_PID [portless-10k]=$LIB10K_PID)
 ORDER=(direct nginx haproxy caddy portless portless-lib portless-10k)
+if [[ -n $TARGETS ]]; then
+    IFS=, read -r -a ORDER <<<"$TARGETS"
+    for name in "${ORDER[@]}"; do
+        [[ -n ${TARGET[$name]:-} ]] || die "unknown target: $name"
+    done
+fi
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
@@ -362,6 +374,7 @@ for round in $(seq 1 "$ROUNDS"); do
         # shellcheck disable=SC2086 # word splitting of the pid list is wanted
         t0=$(cpu_ticks ${PROCS[$name]})
         out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "Host: $HOST" "http://$addr/" 2>&1)
+        printf '%s\n' "$out" >"$WORK/wrk-$name-$round.txt"
         # shellcheck disable=SC2086
         t1=$(cpu_ticks ${PROCS[$name]})
         total=$(awk '/requests in/ {print $1}' <<<"$out")
@@ -401,21 +414,28 @@ for n in names:
     errs = sorted({r[4] for r in rows if r[1] == n})
     cpu = statistics.median(float(r[5]) for r in rows if r[1] == n)
     med[n] = (statistics.median(rs), statistics.median(ps), errs, cpu)
-peers = ("nginx", "haproxy")
-best_rps = max(peers, key=lambda n: med[n][0])
-best_p99 = min(peers, key=lambda n: med[n][1])
-best_cpu = min(peers, key=lambda n: med[n][3])
+peers = [n for n in ("nginx", "haproxy") if n in med]
 print(f"{'target':<14}{'req/s (median)':>16}{'p99 ms (median)':>17}{'CPU us/req':>12}  errors")
 for n in names:
     print(f"{n:<14}{med[n][0]:>16.0f}{med[n][1]:>17.2f}{med[n][3]:>12.2f}  {' '.join(med[n][2])}")
-for n in ("portless", "portless-lib", "portless-10k"):
-    print(f"{n} / best of nginx+haproxy: req/s x{med[n][0] / med[best_rps][0]:.2f} ({best_rps}), "
-          f"p99 {med[n][1]:.2f} ms vs {med[best_p99][1]:.2f} ms ({best_p99}), "
-          f"CPU/request x{med[n][3] / med[best_cpu][3]:.2f} ({best_cpu})")
-print(f"portless / direct: req/s x{med['portless'][0] / med['direct'][0]:.2f}")
-print(f"portless / caddy: req/s x{med['portless'][0] / med['caddy'][0]:.2f}")
-print(f"portless / portless-lib: req/s x{med['portless'][0] / med['portless-lib'][0]:.2f}, "
-      f"CPU/request x{med['portless'][3] / med['portless-lib'][3]:.2f}")
+if peers:
+    best_rps = max(peers, key=lambda n: med[n][0])
+    best_p99 = min(peers, key=lambda n: med[n][1])
+    best_cpu = min(peers, key=lambda n: med[n][3])
+    for n in ("portless", "portless-lib", "portless-10k"):
+        if n not in med:
+            continue
+        print(f"{n} / best of {'+'.join(peers)}: req/s x{med[n][0] / med[best_rps][0]:.2f} ({best_rps}), "
+              f"p99 {med[n][1]:.2f} ms vs {med[best_p99][1]:.2f} ms ({best_p99}), "
+              f"CPU/request x{med[n][3] / med[best_cpu][3]:.2f} ({best_cpu})")
+def ratio(a, b, what="req/s", i=0):
+    if a in med and b in med:
+        print(f"{a} / {b}: {what} x{med[a][i] / med[b][i]:.2f}")
+ratio("portless", "direct")
+ratio("portless", "caddy")
+if "portless" in med and "portless-lib" in med:
+    print(f"portless / portless-lib: req/s x{med['portless'][0] / med['portless-lib'][0]:.2f}, "
+          f"CPU/request x{med['portless'][3] / med['portless-lib'][3]:.2f}")
 kib = lambda s: int(s) / 1024
 print(f"resident memory after the load: portless run {kib(sys.argv[2]):.1f} MiB; "
       f"library: 1 route {kib(sys.argv[3]):.1f} MiB, 10,000 routes {kib(sys.argv[4]):.1f} MiB")

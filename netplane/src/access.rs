@@ -99,6 +99,85 @@ impl EtcdTls {
     }
 }
 
+impl EtcdTls {
+    /// After a request failed on a closed connection: did etcd at
+    /// `endpoint` refuse this client certificate? With TLS 1.3 a server
+    /// checks the client's certificate after the handshake has finished
+    /// for the client, and says so with an alert that tonic and hyper
+    /// report only as "connection closed". This redoes the handshake
+    /// alone and reads until the alert comes (or `wait` passes), and
+    /// returns it when there is one. None: no client certificate, no CA
+    /// of our own (the system's roots are not loaded here), or no alert.
+    pub async fn refusal(&self, endpoint: &str, wait: Duration) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+
+        let (cert, key) = self.identity.as_ref()?;
+        let ca = self.ca.as_ref()?;
+        let authority = endpoint
+            .strip_prefix("https://")
+            .unwrap_or(endpoint)
+            .trim_end_matches('/');
+        let host = match authority.rsplit_once(':') {
+            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+            None => authority,
+        };
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned()).ok()?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(certificates(ca).ok()?);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .ok()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certificates(cert).ok()?, private_key(key).ok()?)
+            .ok()?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let probe = async {
+            let tcp = tokio::net::TcpStream::connect(authority).await?;
+            let mut tls = connector.connect(name, tcp).await?;
+            let mut buf = [0u8; 64];
+            loop {
+                // etcd sends nothing before the client's HTTP/2 preface,
+                // except the alert when it refuses the certificate.
+                if tls.read(&mut buf).await? == 0 {
+                    return Ok::<_, std::io::Error>(());
+                }
+            }
+        };
+        let err = match tokio::time::timeout(wait, probe).await {
+            Ok(Err(e)) => e,
+            _ => return None,
+        };
+        let alert = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+            .and_then(|e| match e {
+                rustls::Error::AlertReceived(a) => Some(*a),
+                _ => None,
+            })?;
+        use rustls::AlertDescription as A;
+        matches!(
+            alert,
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::CertificateRequired
+        )
+        .then(|| {
+            format!(
+                "etcd at {endpoint} refused this host's client certificate (TLS alert {alert:?}): \
+                 it must be signed by a CA that etcd trusts (its --trusted-ca-file) and be \
+                 valid for client authentication"
+            )
+        })
+    }
+}
+
 impl fmt::Debug for EtcdTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EtcdTls")

@@ -27,6 +27,9 @@ pub enum Error {
     /// etcd answered and refused the credentials (or has auth off).
     #[error("etcd refused to authenticate user {user}: {reason}")]
     Auth { user: String, reason: String },
+    /// etcd refused this host's client certificate (from a TLS alert).
+    #[error("{0}")]
+    CertificateRefused(String),
     #[error("cluster state: {0}")]
     Store(String),
     #[error("iptables: {0}")]

@@ -26,7 +26,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::OnceCell;
 use tracing::{debug, info};
 
-use crate::access::{Credentials, EtcdAccess};
+use crate::access::{Credentials, EtcdAccess, EtcdTls};
 use crate::error::{Error, Result};
 use crate::model::HostRecord;
 use crate::plan::pick_subnet;
@@ -59,6 +59,9 @@ pub struct Store {
     prefix: String,
     /// With credentials: signed in once, on first use (see [`Store::sign_in`]).
     auth: Option<Arc<SignIn>>,
+    /// With a client certificate: the endpoints and TLS, to ask why a
+    /// connection closed (see [`EtcdTls::refusal`]).
+    mutual_tls: Option<Arc<(Vec<String>, EtcdTls)>>,
 }
 
 struct SignIn {
@@ -112,11 +115,43 @@ impl Store {
                 done: OnceCell::new(),
             })
         });
+        let mutual_tls = access
+            .tls
+            .clone()
+            .filter(EtcdTls::mutual)
+            .map(|tls| Arc::new((endpoints.to_vec(), tls)));
         Ok(Store {
             client,
             prefix,
             auth,
+            mutual_tls,
         })
+    }
+
+    /// A request failed: when the connection closed under it and a client
+    /// certificate is in use, ask etcd whether it refused the certificate,
+    /// and say so instead of "connection closed".
+    async fn explain(&self, e: Error) -> Error {
+        let Some(mutual) = &self.mutual_tls else {
+            return e;
+        };
+        let closed = match &e {
+            Error::Etcd(etcd_client::Error::GRpcStatus(s)) => {
+                matches!(s.code(), tonic::Code::Cancelled | tonic::Code::Unavailable)
+            }
+            Error::Etcd(etcd_client::Error::TransportError(_)) => true,
+            _ => false,
+        };
+        if !closed {
+            return e;
+        }
+        let (endpoints, tls) = &**mutual;
+        for endpoint in endpoints {
+            if let Some(why) = tls.refusal(endpoint, Duration::from_secs(2)).await {
+                return Error::CertificateRefused(why);
+            }
+        }
+        e
     }
 
     /// Authenticate with the credentials, once; a no-op without them or
@@ -166,6 +201,15 @@ impl Store {
     /// Grant a lease and take a subnet under it: this host's own subnet if
     /// it still holds it or it is free, else a free one.
     pub async fn claim(&self, claim: &Claim) -> Result<Lease> {
+        // The first request of an agent: where a refused client
+        // certificate shows.
+        match self.claim_once(claim).await {
+            Err(e) => Err(self.explain(e).await),
+            ok => ok,
+        }
+    }
+
+    async fn claim_once(&self, claim: &Claim) -> Result<Lease> {
         self.sign_in().await?;
         let mut kv = self.client.kv_client();
         let mut leases = self.client.lease_client();

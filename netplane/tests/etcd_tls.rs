@@ -23,7 +23,7 @@ const PASSWORD: &str = "correct horse battery";
 
 /// A throwaway PKI in a temporary directory, removed on drop: two CAs, a
 /// server certificate for 127.0.0.1 and a client certificate, each signed
-/// by the first CA.
+/// by the first CA, and a client certificate signed by the other one.
 struct Pki {
     dir: PathBuf,
 }
@@ -44,12 +44,19 @@ impl Pki {
         pki.ca("other-ca");
         pki.leaf(
             "server",
+            "ca",
             "etcd",
             "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
         );
         // Not an etcd user: etcd would take the CN as the user when a
         // request carries no token, and hide token trouble.
-        pki.leaf("client", "host-a", "extendedKeyUsage=clientAuth\n");
+        pki.leaf("client", "ca", "host-a", "extendedKeyUsage=clientAuth\n");
+        pki.leaf(
+            "stranger",
+            "other-ca",
+            "host-a",
+            "extendedKeyUsage=clientAuth\n",
+        );
         pki
     }
 
@@ -84,7 +91,10 @@ impl Pki {
         );
     }
 
-    fn leaf(&self, name: &str, cn: &str, ext: &str) {
+    /// A certificate `name` signed by the CA `signer`.
+    fn leaf(&self, name: &str, signer: &str, cn: &str, ext: &str) {
+        let signer_cert = format!("{signer}.pem");
+        let signer_key = format!("{signer}-key.pem");
         let key = format!("{name}-key.pem");
         let csr = format!("{name}.csr");
         let cert = format!("{name}.pem");
@@ -122,9 +132,9 @@ impl Pki {
                 "-in",
                 &csr,
                 "-CA",
-                "ca.pem",
+                &signer_cert,
                 "-CAkey",
-                "ca-key.pem",
+                &signer_key,
                 "-CAcreateserial",
                 "-days",
                 "1",
@@ -147,9 +157,17 @@ impl Pki {
     /// TLS as portless would use it: `ca` verifies the server, the client
     /// certificate is presented.
     fn client_tls(&self, ca: &str) -> EtcdTls {
+        self.client_tls_as(ca, "client")
+    }
+
+    /// The same, presenting the client certificate `client`.
+    fn client_tls_as(&self, ca: &str, client: &str) -> EtcdTls {
         EtcdTls::new(
             Some(self.read(ca)),
-            Some((self.read("client.pem"), self.read("client-key.pem"))),
+            Some((
+                self.read(&format!("{client}.pem")),
+                self.read(&format!("{client}-key.pem")),
+            )),
         )
         .unwrap()
     }
@@ -401,6 +419,39 @@ async fn a_wrong_password_fails_at_once_saying_why() {
     .unwrap();
     let err = root.claim(&claim(1, 10)).await.unwrap_err().to_string();
     assert!(err.contains("permission denied"), "{err}");
+}
+
+/// etcd refuses a client certificate its CA did not sign: the request
+/// fails within seconds, saying that the certificate was refused, and no
+/// lease is taken.
+#[tokio::test]
+async fn a_client_certificate_etcd_refuses_fails_at_once_saying_why() {
+    let e = SecureEtcd::start();
+    let access = EtcdAccess {
+        tls: Some(e.pki.client_tls_as("ca.pem", "stranger")),
+        credentials: Some(Credentials::new("portless", PASSWORD)),
+    };
+    let store = Store::connect_with(&[e.etcd.endpoint()], PREFIX, &access)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(30), store.claim(&claim(1, 10)))
+        .await
+        .expect("no answer within 30 s")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(
+        err.contains("refused this host's client certificate (TLS alert"),
+        "{err}"
+    );
+    // Nothing was written: the right certificate sees no lease.
+    let good = e.store("ca.pem", PASSWORD).await;
+    assert!(good.hosts().await.unwrap().0.is_empty());
 }
 
 #[tokio::test]

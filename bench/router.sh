@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Router benchmark: the backend hit directly, nginx, haproxy, caddy and
 # portless, each routing by Host to the same backend container, loaded by wrk
-# with keep-alive connections, in one run, rounds interleaved, medians
+# with keep-alive connections, in one run, rounds interleaved (each round starting one target further on), medians
 # reported. Also the route lookup cost and resident memory.
 #
 # Usage: sudo bench/router.sh [--duration S] [--rounds N] [--connections N]
@@ -369,7 +369,11 @@ fi
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
-    for name in "${ORDER[@]}"; do
+    # Each round starts one target further on, so that no target always
+    # follows the same one (a run leaves the backend and the CPUs in a state
+    # the next run starts from).
+    shift_by=$(((round - 1) % ${#ORDER[@]}))
+    for name in "${ORDER[@]:shift_by}" "${ORDER[@]:0:shift_by}"; do
         addr=${TARGET[$name]}
         # shellcheck disable=SC2086 # word splitting of the pid list is wanted
         t0=$(cpu_ticks ${PROCS[$name]})

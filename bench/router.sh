@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Router benchmark: the backend hit directly, nginx, haproxy, caddy and
 # portless, each routing by Host to the same backend container, loaded by wrk
-# with keep-alive connections, in one run, rounds interleaved (each round starting one target further on), medians
-# reported. Also the route lookup cost and resident memory.
+# with keep-alive connections, in one run, rounds interleaved (each round in
+# its own shuffled order), medians reported. Also the route lookup cost and
+# resident memory.
 #
 # Usage: sudo bench/router.sh [--duration S] [--rounds N] [--connections N]
 #                             [--threads N] [--no-build] [--keep]
@@ -368,12 +369,25 @@ if [[ -n $TARGETS ]]; then
 fi
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
+# The targets of round N in an order shuffled with N as the seed: no target
+# always runs right after the same one (a run leaves the backend and the
+# CPUs in a state the next starts from: one target following caddy in every
+# round measured up to 1.25x the same code elsewhere in the order), and a
+# run's orders can be repeated.
+round_order() {
+    local -a o=("${ORDER[@]}")
+    local i j t
+    RANDOM=$1
+    for ((i = ${#o[@]} - 1; i > 0; i--)); do
+        j=$((RANDOM % (i + 1)))
+        t=${o[i]}; o[i]=${o[j]}; o[j]=$t
+    done
+    printf '%s\n' "${o[@]}"
+}
 for round in $(seq 1 "$ROUNDS"); do
-    # Each round starts one target further on, so that no target always
-    # follows the same one (a run leaves the backend and the CPUs in a state
-    # the next run starts from).
-    shift_by=$(((round - 1) % ${#ORDER[@]}))
-    for name in "${ORDER[@]:shift_by}" "${ORDER[@]:0:shift_by}"; do
+    mapfile -t this_round < <(round_order "$round")
+    log "round $round order: ${this_round[*]}"
+    for name in "${this_round[@]}"; do
         addr=${TARGET[$name]}
         # shellcheck disable=SC2086 # word splitting of the pid list is wanted
         t0=$(cpu_ticks ${PROCS[$name]})

@@ -149,33 +149,53 @@ impl EtcdTls {
             Ok(Err(e)) => e,
             _ => return None,
         };
-        let alert = err
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>())
-            .and_then(|e| match e {
-                rustls::Error::AlertReceived(a) => Some(*a),
-                _ => None,
-            })?;
-        use rustls::AlertDescription as A;
-        matches!(
-            alert,
-            A::BadCertificate
-                | A::UnsupportedCertificate
-                | A::CertificateRevoked
-                | A::CertificateExpired
-                | A::CertificateUnknown
-                | A::UnknownCA
-                | A::AccessDenied
-                | A::CertificateRequired
-        )
-        .then(|| {
-            format!(
-                "etcd at {endpoint} refused this host's client certificate (TLS alert {alert:?}): \
-                 it must be signed by a CA that etcd trusts (its --trusted-ca-file) and be \
-                 valid for client authentication"
-            )
-        })
+        let alert = alert_in(&err).filter(|a| refuses_certificate(*a))?;
+        Some(certificate_refused(endpoint, alert))
     }
+}
+
+/// The alerts with which a TLS server refuses a client certificate.
+pub(crate) fn refuses_certificate(alert: rustls::AlertDescription) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        alert,
+        A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+            | A::CertificateRequired
+    )
+}
+
+pub(crate) fn certificate_refused(endpoint: &str, alert: rustls::AlertDescription) -> String {
+    format!(
+        "etcd at {endpoint} refused this host's client certificate (TLS alert {alert:?}): \
+         it must be signed by a CA that etcd trusts (its --trusted-ca-file) and be valid \
+         for client authentication"
+    )
+}
+
+/// A TLS alert received from the peer, anywhere in an error's chain of
+/// sources (rustls's error, or an I/O error wrapping it).
+pub(crate) fn alert_in(
+    err: &(dyn std::error::Error + 'static),
+) -> Option<rustls::AlertDescription> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::AlertReceived(a)) = tls {
+            return Some(*a);
+        }
+        next = e.source();
+    }
+    None
 }
 
 impl fmt::Debug for EtcdTls {
@@ -255,6 +275,41 @@ fn private_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error whose source is another, as tonic and hyper wrap them.
+    #[derive(Debug)]
+    struct Wrapped(Box<dyn std::error::Error + Send + Sync>);
+
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("transport error")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    #[test]
+    fn a_tls_alert_is_found_under_wrapping_errors() {
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate);
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, alert);
+        let e = Wrapped(Box::new(Wrapped(Box::new(io))));
+        assert_eq!(alert_in(&e), Some(rustls::AlertDescription::BadCertificate));
+        assert!(refuses_certificate(
+            rustls::AlertDescription::BadCertificate
+        ));
+        assert!(!refuses_certificate(
+            rustls::AlertDescription::HandshakeFailure
+        ));
+
+        let plain = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert_eq!(alert_in(&Wrapped(Box::new(plain))), None);
+        let other = rustls::Error::General("no".into());
+        assert_eq!(alert_in(&Wrapped(Box::new(other))), None);
+    }
 
     #[test]
     fn garbage_and_empty_files_are_refused_by_role() {

@@ -26,7 +26,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::OnceCell;
 use tracing::{debug, info};
 
-use crate::access::{Credentials, EtcdAccess, EtcdTls};
+use crate::access::{self, Credentials, EtcdAccess, EtcdTls};
 use crate::error::{Error, Result};
 use crate::model::HostRecord;
 use crate::plan::pick_subnet;
@@ -128,24 +128,36 @@ impl Store {
         })
     }
 
-    /// A request failed: when the connection closed under it and a client
-    /// certificate is in use, ask etcd whether it refused the certificate,
-    /// and say so instead of "connection closed".
+    /// A request failed: when a client certificate is in use and etcd
+    /// refused it, say so instead of "transport error" or "connection
+    /// closed". The alert is in the error when the request read it; when
+    /// the connection closed under the request instead, etcd is asked
+    /// again (see [`EtcdTls::refusal`]).
     async fn explain(&self, e: Error) -> Error {
         let Some(mutual) = &self.mutual_tls else {
             return e;
         };
-        let closed = match &e {
-            Error::Etcd(etcd_client::Error::GRpcStatus(s)) => {
-                matches!(s.code(), tonic::Code::Cancelled | tonic::Code::Unavailable)
-            }
-            Error::Etcd(etcd_client::Error::TransportError(_)) => true,
+        let (endpoints, tls) = &**mutual;
+        let Error::Etcd(inner) = &e else {
+            return e;
+        };
+        if let Some(alert) = access::alert_in(inner).filter(|a| access::refuses_certificate(*a)) {
+            return Error::CertificateRefused(access::certificate_refused(
+                &endpoints.join(", "),
+                alert,
+            ));
+        }
+        let closed = match inner {
+            etcd_client::Error::GRpcStatus(s) => matches!(
+                s.code(),
+                tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+            ),
+            etcd_client::Error::TransportError(_) => true,
             _ => false,
         };
         if !closed {
             return e;
         }
-        let (endpoints, tls) = &**mutual;
         for endpoint in endpoints {
             if let Some(why) = tls.refusal(endpoint, Duration::from_secs(2)).await {
                 return Error::CertificateRefused(why);

@@ -452,6 +452,28 @@ async fn a_client_certificate_etcd_refuses_fails_at_once_saying_why() {
     // Nothing was written: the right certificate sees no lease.
     let good = e.store("ca.pem", PASSWORD).await;
     assert!(good.hosts().await.unwrap().0.is_empty());
+
+    // The question asked when the connection closed before the alert was
+    // read: etcd answers it with the alert, and says nothing to the
+    // certificate it trusts.
+    let endpoint = e.etcd.endpoint();
+    let wait = Duration::from_secs(5);
+    let why = e
+        .pki
+        .client_tls_as("ca.pem", "stranger")
+        .refusal(&endpoint, wait)
+        .await;
+    assert!(
+        why.as_deref()
+            .is_some_and(|w| w.contains("refused this host's client certificate (TLS alert")),
+        "{why:?}"
+    );
+    let trusted = e
+        .pki
+        .client_tls("ca.pem")
+        .refusal(&endpoint, Duration::from_secs(2))
+        .await;
+    assert_eq!(trusted, None);
 }
 
 #[tokio::test]

@@ -333,6 +333,11 @@ impl Router {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(opts.header_read_timeout)
+            // A client that shuts down its sending side after its request
+            // (`nc -N`, scripts) still gets the answer, as from haproxy;
+            // hyper would otherwise drop the request in flight at that EOF.
+            // The upstream timeout bounds a request whose client is gone.
+            .half_close(true)
             .max_buf_size(max_head(&opts))
             .max_headers(opts.max_headers);
         server

@@ -922,3 +922,34 @@ async fn body_limit_gives_413_towards_h2c_backends_too() {
     assert_eq!(chunked.status, 413, "{chunked:?}");
     assert_eq!(curl(&u, &["--data-binary", "small"]).await.status, 200);
 }
+
+/// A client that shuts down its sending side right after its requests
+/// (`nc -N`, scripts) still gets every answer.
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_requests_gets_the_answers() {
+    let be = backend("be").await;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(&["a.test"], "/", vec![b("be", be.addr)])],
+    )
+    .await;
+    let mut s = TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(
+        b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\nGET /two HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the router closes after answering")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
+    assert!(
+        out.contains("uri=/one") && out.contains("uri=/two"),
+        "{out}"
+    );
+    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 2);
+}

@@ -103,24 +103,19 @@ impl EtcdTls {
     /// After a request failed on a closed connection: did etcd at
     /// `endpoint` refuse this client certificate? With TLS 1.3 a server
     /// checks the client's certificate after the handshake has finished
-    /// for the client, and says so with an alert that tonic and hyper
-    /// report only as "connection closed". This redoes the handshake
-    /// alone and reads until the alert comes (or `wait` passes), and
-    /// returns it when there is one. None: no client certificate, no CA
-    /// of our own (the system's roots are not loaded here), or no alert.
+    /// for the client, and says so with an alert that tonic and hyper may
+    /// report only as "connection closed". This redoes the handshake alone,
+    /// sends the HTTP/2 client preface and reads: the alert (refused), or
+    /// the server's HTTP/2 settings (accepted), within `wait`. None: not
+    /// refused, or no answer, or nothing to ask with (no client
+    /// certificate, or no `--etcd-ca`: the system's roots are not loaded
+    /// here).
     pub async fn refusal(&self, endpoint: &str, wait: Duration) -> Option<String> {
-        use tokio::io::AsyncReadExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
         let (cert, key) = self.identity.as_ref()?;
         let ca = self.ca.as_ref()?;
-        let authority = endpoint
-            .strip_prefix("https://")
-            .unwrap_or(endpoint)
-            .trim_end_matches('/');
-        let host = match authority.rsplit_once(':') {
-            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
-            None => authority,
-        };
+        let (host, port) = host_port(endpoint)?;
         let name = rustls::pki_types::ServerName::try_from(host.to_owned()).ok()?;
         let mut roots = rustls::RootCertStore::empty();
         roots.add_parsable_certificates(certificates(ca).ok()?);
@@ -134,24 +129,46 @@ impl EtcdTls {
         config.alpn_protocols = vec![b"h2".to_vec()];
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let probe = async {
-            let tcp = tokio::net::TcpStream::connect(authority).await?;
+            let tcp = tokio::net::TcpStream::connect((host, port)).await?;
             let mut tls = connector.connect(name, tcp).await?;
+            // The HTTP/2 preface and an empty SETTINGS frame: a server
+            // that took the certificate answers with its own settings.
+            tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+                .await?;
             let mut buf = [0u8; 64];
-            loop {
-                // etcd sends nothing before the client's HTTP/2 preface,
-                // except the alert when it refuses the certificate.
-                if tls.read(&mut buf).await? == 0 {
-                    return Ok::<_, std::io::Error>(());
-                }
-            }
+            tls.read(&mut buf).await
         };
         let err = match tokio::time::timeout(wait, probe).await {
             Ok(Err(e)) => e,
+            // Data (accepted), a close without an alert, or no answer.
             _ => return None,
         };
         let alert = alert_in(&err).filter(|a| refuses_certificate(*a))?;
         Some(certificate_refused(endpoint, alert))
     }
+}
+
+/// Host and port of an etcd endpoint (`https://host:port`, `host:port`,
+/// `[v6]:port`; 2379 when no port is given).
+fn host_port(endpoint: &str) -> Option<(&str, u16)> {
+    let authority = endpoint
+        .strip_prefix("https://")
+        .unwrap_or(endpoint)
+        .trim_end_matches('/');
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, Some(p)),
+            _ => (authority, None),
+        }
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => 2379,
+    };
+    (!host.is_empty()).then_some((host, port))
 }
 
 /// The alerts with which a TLS server refuses a client certificate.
@@ -171,10 +188,18 @@ pub(crate) fn refuses_certificate(alert: rustls::AlertDescription) -> bool {
 }
 
 pub(crate) fn certificate_refused(endpoint: &str, alert: rustls::AlertDescription) -> String {
+    use rustls::AlertDescription as A;
+    let hint = match alert {
+        A::CertificateExpired => "it has expired or is not valid yet",
+        A::CertificateRevoked => "it was revoked",
+        _ => {
+            "it must be signed by a CA that etcd trusts (its --trusted-ca-file), be valid for \
+             client authentication, and match etcd's --client-cert-allowed-cn or \
+             --client-cert-allowed-hostname when those are set"
+        }
+    };
     format!(
-        "etcd at {endpoint} refused this host's client certificate (TLS alert {alert:?}): \
-         it must be signed by a CA that etcd trusts (its --trusted-ca-file) and be valid \
-         for client authentication"
+        "etcd at {endpoint} refused this host's client certificate (TLS alert {alert:?}): {hint}"
     )
 }
 
@@ -290,6 +315,25 @@ mod tests {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             Some(&*self.0)
         }
+    }
+
+    #[test]
+    fn endpoints_give_host_and_port() {
+        assert_eq!(host_port("https://10.0.0.1:2379"), Some(("10.0.0.1", 2379)));
+        assert_eq!(host_port("10.0.0.1:2380"), Some(("10.0.0.1", 2380)));
+        assert_eq!(host_port("https://[::1]:2379"), Some(("::1", 2379)));
+        assert_eq!(host_port("https://[::1]"), Some(("::1", 2379)));
+        assert_eq!(
+            host_port("https://etcd.example:2379/"),
+            Some(("etcd.example", 2379))
+        );
+        assert_eq!(
+            host_port("https://etcd.example"),
+            Some(("etcd.example", 2379))
+        );
+        assert_eq!(host_port("::1"), Some(("::1", 2379)));
+        assert_eq!(host_port("https://etcd.example:port"), None);
+        assert_eq!(host_port("https://"), None);
     }
 
     #[test]

@@ -131,8 +131,9 @@ impl Store {
     /// A request failed: when a client certificate is in use and etcd
     /// refused it, say so instead of "transport error" or "connection
     /// closed". The alert is in the error when the request read it; when
-    /// the connection closed under the request instead, etcd is asked
-    /// again (see [`EtcdTls::refusal`]).
+    /// the connection closed under the request instead, every endpoint is
+    /// asked again at once (see [`EtcdTls::refusal`]; about one round trip
+    /// each). Not when etcd itself answered: its TLS session was fine.
     async fn explain(&self, e: Error) -> Error {
         let Some(mutual) = &self.mutual_tls else {
             return e;
@@ -141,25 +142,23 @@ impl Store {
         let Error::Etcd(inner) = &e else {
             return e;
         };
-        if let Some(alert) = access::alert_in(inner).filter(|a| access::refuses_certificate(*a)) {
-            return Error::CertificateRefused(access::certificate_refused(
-                &endpoints.join(", "),
-                alert,
-            ));
+        match refused_alert(inner) {
+            Refusal::Alert(alert) => {
+                return Error::CertificateRefused(access::certificate_refused(
+                    &endpoints.join(", "),
+                    alert,
+                ));
+            }
+            Refusal::NotTls => return e,
+            Refusal::Closed => {}
         }
-        let closed = match inner {
-            etcd_client::Error::GRpcStatus(s) => matches!(
-                s.code(),
-                tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
-            ),
-            etcd_client::Error::TransportError(_) => true,
-            _ => false,
-        };
-        if !closed {
-            return e;
-        }
+        let mut probes = tokio::task::JoinSet::new();
         for endpoint in endpoints {
-            if let Some(why) = tls.refusal(endpoint, Duration::from_secs(2)).await {
+            let (tls, endpoint) = (tls.clone(), endpoint.clone());
+            probes.spawn(async move { tls.refusal(&endpoint, Duration::from_secs(2)).await });
+        }
+        while let Some(done) = probes.join_next().await {
+            if let Ok(Some(why)) = done {
                 return Error::CertificateRefused(why);
             }
         }
@@ -346,6 +345,14 @@ impl Store {
 
     /// Refresh a lease once; the remaining TTL, 0 or less once it expired.
     pub async fn keep_alive(&self, lease_id: i64) -> Result<i64> {
+        // Where a certificate that expired while running shows.
+        match self.keep_alive_once(lease_id).await {
+            Err(e) => Err(self.explain(e).await),
+            ok => ok,
+        }
+    }
+
+    async fn keep_alive_once(&self, lease_id: i64) -> Result<i64> {
         self.sign_in().await?;
         let mut leases = self.client.lease_client();
         let once = async {
@@ -452,6 +459,42 @@ impl Store {
     }
 }
 
+/// What an etcd-client error says about a refused client certificate.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// The server's alert refusing it is in the error.
+    Alert(rustls::AlertDescription),
+    /// The connection closed or failed under the request: maybe.
+    Closed,
+    /// etcd answered, or the error is not about the connection.
+    NotTls,
+}
+
+fn refused_alert(e: &etcd_client::Error) -> Refusal {
+    let alert = match e {
+        etcd_client::Error::GRpcStatus(s) => access::alert_in(s),
+        etcd_client::Error::TransportError(t) => access::alert_in(t),
+        etcd_client::Error::IoError(io) => access::alert_in(io),
+        _ => None,
+    };
+    if let Some(a) = alert.filter(|a| access::refuses_certificate(*a)) {
+        return Refusal::Alert(a);
+    }
+    match e {
+        etcd_client::Error::GRpcStatus(s) if s.message().starts_with("etcdserver:") => {
+            Refusal::NotTls
+        }
+        etcd_client::Error::GRpcStatus(s) => match s.code() {
+            tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown => {
+                Refusal::Closed
+            }
+            _ => Refusal::NotTls,
+        },
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => Refusal::Closed,
+        _ => Refusal::NotTls,
+    }
+}
+
 /// A refusal by etcd to sign in is [`Error::Auth`]; anything else (etcd
 /// unreachable, or busy: "leader changed", "too many requests") stays what
 /// it was. By gRPC code, not by message: every etcd message starts with
@@ -492,6 +535,53 @@ pub fn decode_host(bytes: &[u8]) -> Option<HostRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// etcd-client's errors as a refused certificate reaches them: the
+    /// alert inside an I/O error inside tonic's status.
+    #[test]
+    fn a_refused_certificate_is_read_from_etcd_client_errors() {
+        let alert = || {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate),
+            )
+        };
+        let status = tonic::Status::from_error(Box::new(alert()));
+        assert_eq!(
+            refused_alert(&etcd_client::Error::GRpcStatus(status)),
+            Refusal::Alert(rustls::AlertDescription::BadCertificate)
+        );
+        assert_eq!(
+            refused_alert(&etcd_client::Error::IoError(alert())),
+            Refusal::Alert(rustls::AlertDescription::BadCertificate)
+        );
+        // A connection closed under the request: worth asking.
+        let closed = tonic::Status::cancelled("operation was canceled");
+        assert_eq!(
+            refused_alert(&etcd_client::Error::GRpcStatus(closed)),
+            Refusal::Closed
+        );
+        // etcd itself answered: its TLS session was fine.
+        let busy = tonic::Status::unavailable("etcdserver: leader changed");
+        assert_eq!(
+            refused_alert(&etcd_client::Error::GRpcStatus(busy)),
+            Refusal::NotTls
+        );
+        let denied = tonic::Status::permission_denied("etcdserver: permission denied");
+        assert_eq!(
+            refused_alert(&etcd_client::Error::GRpcStatus(denied)),
+            Refusal::NotTls
+        );
+        // Another alert (our own handshake failure, say) is not a refusal.
+        let other = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure),
+        );
+        assert_eq!(
+            refused_alert(&etcd_client::Error::IoError(other)),
+            Refusal::Closed
+        );
+    }
 
     #[test]
     fn subnet_keys_round_trip() {

@@ -333,11 +333,12 @@ impl Router {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(opts.header_read_timeout)
-            // A client that shuts down its sending side after its request
-            // (`nc -N`, scripts) still gets the answer, as from haproxy;
-            // hyper would otherwise drop the request in flight at that EOF.
-            // The upstream timeout bounds a request whose client is gone.
-            .half_close(true)
+            // No half-close (hyper's default, and nginx's behaviour): a
+            // client's EOF aborts its request in flight, so that a client
+            // that leaves cannot keep a backend request (a stream, a long
+            // poll) open after it; with half-close, hyper stops watching
+            // the client's side until the answer is written.
+            .half_close(false)
             .max_buf_size(max_head(&opts))
             .max_headers(opts.max_headers);
         server
@@ -884,14 +885,20 @@ impl Worker {
 
             brt.requests.fetch_add(1, Relaxed);
             brt.in_flight.fetch_add(1, Relaxed);
-            let limit = self.opts.upstream_timeout;
+            let upstream_timeout = self.opts.upstream_timeout;
             let sent = match backend.scheme {
-                Scheme::Http => tokio::time::timeout(limit, self.pool.send(backend.addr, up)).await,
+                Scheme::Http => {
+                    tokio::time::timeout(upstream_timeout, self.pool.send(backend.addr, up)).await
+                }
                 // Boxed: only h2c backends take this path, and its large
                 // future would otherwise be part of (and moved with) every
                 // HTTP/1 request's.
                 Scheme::H2c => {
-                    tokio::time::timeout(limit, Box::pin(self.send_h2(brt, backend.addr, up))).await
+                    tokio::time::timeout(
+                        upstream_timeout,
+                        Box::pin(self.send_h2(brt, backend.addr, up)),
+                    )
+                    .await
                 }
             };
             brt.in_flight.fetch_sub(1, Relaxed);

@@ -36,6 +36,12 @@
 # figure per request) is left out of the proxies' figures, as is wrk's. So a
 # proxy's figure is its overhead per request, comparable across proxies.
 #
+# A second table splits that figure into user and system time and adds, per
+# request, wrk's own CPU (bash's `times` around wrk) and the backend
+# container's. Since all of them share the machine's CPUs, it ends with a
+# ceiling: the req/s a proxy would reach with the best peer's system time
+# and no user-space work at all (an estimate, see the comment at the table).
+#
 # Traffic goes to 127.0.0.1 and the bench's own container only. Every host
 # process runs from a mktemp -d directory and is stopped on exit; the
 # container, network and image (labels portless-bench=1 and
@@ -124,17 +130,28 @@ stop_packaged_services() {
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
-# utime+stime of processes (clock ticks), summed. Field 2 (comm) may hold
-# spaces, so count from the end of ") ".
+# utime and stime of processes (clock ticks), each summed: "USER SYS".
+# Field 2 (comm) may hold spaces, so count from the end of ") ".
 cpu_ticks() {
-    local p sum=0 t
+    local p u=0 s=0 t
     for p in "$@"; do
-        t=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
-        sum=$((sum + ${t:-0}))
+        read -r -a t < <(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12, $13}') || t=(0 0)
+        u=$((u + ${t[0]:-0})); s=$((s + ${t[1]:-0}))
     done
-    echo "$sum"
+    echo "$u $s"
 }
 TICK=$(getconf CLK_TCK)
+# User+system seconds of this shell's reaped descendants (the second line of
+# bash's `times`), to time wrk itself: it runs, and is reaped, between two
+# calls. `times` must run in this shell, not in a $(...) subshell, whose
+# count of descendants starts at zero.
+children_cpu() {
+    times >"$WORK/times"
+    python3 -c '
+import re, sys
+t = open(sys.argv[1]).read().splitlines()[-1]
+print(sum(float(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", t)))' "$WORK/times"
+}
 
 # Everything this script made in Docker (by label): the container, then the
 # network, then the image.
@@ -391,18 +408,36 @@ for round in $(seq 1 "$ROUNDS"); do
         addr=${TARGET[$name]}
         # shellcheck disable=SC2086 # word splitting of the pid list is wanted
         t0=$(cpu_ticks ${PROCS[$name]})
+        # shellcheck disable=SC2086
+        b0=$(cpu_ticks $BACKEND_PROCS)
+        children_cpu >"$WORK/w0"
         out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "Host: $HOST" "http://$addr/" 2>&1)
-        printf '%s\n' "$out" >"$WORK/wrk-$name-$round.txt"
+        children_cpu >"$WORK/w1"
+        w0=$(<"$WORK/w0"); w1=$(<"$WORK/w1")
+        # shellcheck disable=SC2086
+        b1=$(cpu_ticks $BACKEND_PROCS)
         # shellcheck disable=SC2086
         t1=$(cpu_ticks ${PROCS[$name]})
+        printf '%s\n' "$out" >"$WORK/wrk-$name-$round.txt"
         total=$(awk '/requests in/ {print $1}' <<<"$out")
-        cpu_us=$(python3 -c "print(round(($t1 - $t0) * 1e6 / $TICK / max(1, ${total:-0}), 2))")
+        # Per request, in microseconds: the target's processes (user+sys,
+        # user, sys), wrk, and the backend container.
+        read -r cpu_us user_us sys_us wrk_us backend_us < <(python3 - "$t0" "$t1" "$b0" "$b1" "$w0" "$w1" "$TICK" "${total:-0}" <<'PY'
+import sys
+t0, t1, b0, b1 = ([int(x) for x in a.split()] for a in sys.argv[1:5])
+w0, w1, tick, n = float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7]), max(1, int(sys.argv[8]))
+us = lambda ticks: round(ticks * 1e6 / tick / n, 2)
+u, s = t1[0] - t0[0], t1[1] - t0[1]
+print(us(u + s), us(u), us(s), round((w1 - w0) * 1e6 / n, 2), us(sum(b1) - sum(b0)))
+PY
+)
         rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
         p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
         errs=$(awk '/Non-2xx|Socket errors/ {printf "%s ", $0}' <<<"$out")
         [[ -n $rps && -n $p99 ]] || die "wrk against $name failed: $out"
-        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p99" "${errs:-none}" "$cpu_us" >>"$RESULTS"
-        log "round $round $name: $rps req/s, p99 $p99, $cpu_us us CPU/request ${errs}"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p99" "${errs:-none}" \
+            "$cpu_us" "$user_us" "$sys_us" "$wrk_us" "$backend_us" >>"$RESULTS"
+        log "round $round $name: $rps req/s, p99 $p99, $cpu_us us CPU/request (user $user_us, sys $sys_us; wrk $wrk_us, backend $backend_us) ${errs}"
     done
 done
 
@@ -426,12 +461,15 @@ for r in rows:
     if r[1] not in names:
         names.append(r[1])
 med = {}
+split = {}
 for n in names:
     rs = [float(r[2]) for r in rows if r[1] == n]
     ps = [ms(r[3]) for r in rows if r[1] == n]
     errs = sorted({r[4] for r in rows if r[1] == n})
     cpu = statistics.median(float(r[5]) for r in rows if r[1] == n)
     med[n] = (statistics.median(rs), statistics.median(ps), errs, cpu)
+    # user, sys, wrk, backend: microseconds of CPU per request
+    split[n] = tuple(statistics.median(float(r[i]) for r in rows if r[1] == n) for i in range(6, 10))
 peers = [n for n in ("nginx", "haproxy") if n in med]
 print(f"{'target':<14}{'req/s (median)':>16}{'p99 ms (median)':>17}{'CPU us/req':>12}  errors")
 for n in names:
@@ -446,6 +484,32 @@ if peers:
         print(f"{n} / best of {'+'.join(peers)}: req/s x{med[n][0] / med[best_rps][0]:.2f} ({best_rps}), "
               f"p99 {med[n][1]:.2f} ms vs {med[best_p99][1]:.2f} ms ({best_p99}), "
               f"CPU/request x{med[n][3] / med[best_cpu][3]:.2f} ({best_cpu})")
+# Where the CPU of a request goes (medians, microseconds per request), and
+# what that allows. wrk, the backend and the proxy share the machine's CPUs,
+# so a proxy's requests per second are about
+#     CPUs x utilisation / (wrk + backend + proxy)      [us per request]
+# A proxy that made the same system calls as the best peer but spent no time
+# in user space at all would cost the peer's `sys` alone: its ceiling is the
+# peer's req/s times (wrk + backend + proxy) / (wrk + backend + sys). This is
+# an estimate (wrk's and the backend's cost per request, and utilisation,
+# are taken as the peer's), not a measurement of such a proxy.
+cpus = __import__("os").cpu_count()
+print()
+print(f"{'CPU us/request':<14}{'proxy user':>11}{'proxy sys':>10}{'wrk':>8}{'backend':>9}{'sum':>8}{'utilisation':>12}")
+for n in names:
+    u, sy, w, b = split[n]
+    total = (0 if n == "direct" else u + sy) + w + b
+    util = med[n][0] * total / (cpus * 1e6)
+    print(f"{n:<14}{u:>11.2f}{sy:>10.2f}{w:>8.2f}{b:>9.2f}{total:>8.2f}{util:>12.2f}")
+if peers:
+    u, sy, w, b = split[best_rps]
+    full = w + b + u + sy
+    ceiling = full / (w + b + sy)
+    budget = full / 1.1 - (w + b)
+    print(f"ceiling: a proxy with {best_rps}'s system time and no user-space work at all: "
+          f"x{ceiling:.2f} {best_rps}'s req/s; x1.10 needs a proxy cost of {budget:.2f} us/request "
+          f"({best_rps}: {u:.2f} user + {sy:.2f} sys)")
+print()
 def ratio(a, b, what="req/s", i=0):
     if a in med and b in med:
         print(f"{a} / {b}: {what} x{med[a][i] / med[b][i]:.2f}")

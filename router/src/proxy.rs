@@ -373,6 +373,15 @@ impl Router {
             .unwrap_or_else(|e| e.into_inner());
         let mut next = Registry::default();
         let mut routes = Vec::with_capacity(table.len());
+        // Round-robin positions carry over, so that rebuilds (any container
+        // event rebuilds the table) do not send the next request of every
+        // route to its first backend.
+        let old = self.shared.live.load();
+        let old_rr: HashMap<&RouteKey, usize> = old
+            .routes
+            .iter()
+            .map(|r| (&r.key, r.rr.load(Relaxed)))
+            .collect();
         for route in table.routes() {
             let key = route.key();
             let stats = reg.routes.get(&key).cloned().unwrap_or_default();
@@ -391,11 +400,12 @@ impl Router {
                     rt
                 })
                 .collect();
+            let rr = AtomicUsize::new(old_rr.get(&key).copied().unwrap_or(0));
             routes.push(RouteRuntime {
                 key,
                 stats,
                 backends,
-                rr: AtomicUsize::new(0),
+                rr,
             });
         }
         *reg = next;
@@ -564,7 +574,89 @@ impl Drop for GaugeGuard<'_> {
     }
 }
 
+/// What is going on on one client connection, for its idle watch.
+#[derive(Default)]
+struct Activity {
+    /// Requests started plus requests ended.
+    events: AtomicU64,
+    /// Requests started and not ended (their response body not done).
+    active: AtomicUsize,
+}
+
+/// One request in progress on a connection, from the moment hyper hands it
+/// over until its response body is done or dropped.
+struct Active(Arc<Activity>);
+
+impl Active {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.events.fetch_add(1, Relaxed);
+        activity.active.fetch_add(1, Relaxed);
+        Active(activity)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+        self.0.events.fetch_add(1, Relaxed);
+    }
+}
+
+/// A response body with its request's [`Active`] mark.
+struct Tracked {
+    body: RespBody,
+    _active: Active,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = <RespBody as Body>::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Counts an open client connection (a tunnel, once hyper let go of it)
+/// for as long as it lives.
+struct OpenConn {
+    shared: Arc<Shared>,
+    tls: bool,
+}
+
+impl OpenConn {
+    fn new(shared: Arc<Shared>, tls: bool) -> Self {
+        shared.open_gauge(tls).fetch_add(1, Relaxed);
+        OpenConn { shared, tls }
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.shared.open_gauge(self.tls).fetch_sub(1, Relaxed);
+    }
+}
+
 impl Shared {
+    fn open_gauge(&self, tls: bool) -> &AtomicI64 {
+        if tls {
+            &self.metrics.open_https
+        } else {
+            &self.metrics.open_http
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         // Starts at 1 so that 0 can mean "never ejected".
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
@@ -580,11 +672,7 @@ impl Worker {
     ) {
         let m = &self.metrics;
         m.connections_total.fetch_add(1, Relaxed);
-        let gauge = if tls.is_some() {
-            &m.open_https
-        } else {
-            &m.open_http
-        };
+        let gauge = self.open_gauge(tls.is_some());
         gauge.fetch_add(1, Relaxed);
         let _guard = GaugeGuard(gauge);
         let _ = stream.set_nodelay(true);
@@ -657,15 +745,56 @@ impl Worker {
         let framing = h1.then(|| FramingHandle::new(max_head(&self.opts), self.opts.max_headers));
         let io = TokioIo::new(H1Guard::new(io, framing.clone()));
         let worker = self.clone();
+        // Requests on this connection, for the idle watch below.
+        let activity = Arc::new(Activity::default());
+        let tracked = activity.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
+            let active = Active::new(tracked.clone());
             let worker = worker.clone();
             // Now, in the order hyper hands requests over.
             let seen = framing.as_ref().map(|f| f.admit(req.headers()));
             // The future itself, not one wrapping it: hyper moves it, and
             // each wrapping level would double its size (see `handle`).
-            worker.handle(req, conn, seen)
+            worker.handle(req, conn, seen, active)
         });
-        if let Err(e) = self.server.serve_connection_with_upgrades(io, svc).await {
+        let serving = self.server.serve_connection_with_upgrades(io, svc);
+        tokio::pin!(serving);
+        // hyper times out a slow HTTP/1 request head once its first byte
+        // is in, but nothing else: not a client that sends nothing (or
+        // part of the HTTP/2 preface), nor an HTTP/2 connection kept open
+        // with no request, or sending its first HEADERS slowly. So a
+        // connection idle (no request in progress, none started or ended)
+        // for a whole header timeout is shut down gracefully: before the
+        // protocol is known it is dropped, idle HTTP/1 is closed, HTTP/2
+        // gets GOAWAY. If it is still open and idle a header timeout later
+        // (an HTTP/2 peer that never acknowledges the GOAWAY's PING), it
+        // is dropped. Idle connections thus close after one to two header
+        // timeouts; a request in progress (a stream, a slow answer, a slow
+        // upload) keeps its connection open however long it takes.
+        let idle = self.opts.header_read_timeout;
+        let mut seen = activity.events.load(Relaxed);
+        let mut shut = false;
+        let result = loop {
+            tokio::select! {
+                biased;
+                r = serving.as_mut() => break r,
+                () = tokio::time::sleep(idle) => {
+                    let now = activity.events.load(Relaxed);
+                    if now != seen || activity.active.load(Relaxed) > 0 {
+                        seen = now;
+                        continue;
+                    }
+                    if shut {
+                        debug!(client = %conn.client.addr, "idle connection ignored the shutdown: dropped");
+                        return;
+                    }
+                    debug!(client = %conn.client.addr, "connection idle for a header timeout: shutting it down");
+                    serving.as_mut().graceful_shutdown();
+                    shut = true;
+                }
+            }
+        };
+        if let Err(e) = result {
             debug!(client = %conn.client.addr, error = %e, "client connection ended with an error");
         }
     }
@@ -683,7 +812,8 @@ impl Worker {
         req: Request<Incoming>,
         conn: ConnInfo,
         seen: Option<Verdict>,
-    ) -> Result<Response<RespBody>, Infallible> {
+        active: Active,
+    ) -> Result<Response<Tracked>, Infallible> {
         let start = Instant::now();
         let live = self.live.load_full();
         // Both Content-Length and Transfer-Encoding: hyper kept only the
@@ -723,7 +853,11 @@ impl Worker {
             None => &self.metrics.unrouted,
         };
         stats.record(resp.status().as_u16(), start.elapsed());
-        Ok(resp)
+        // In progress until hyper is done with the body.
+        Ok(resp.map(|body| Tracked {
+            body,
+            _active: active,
+        }))
     }
 
     /// Where a request goes: answered here (an error, a redirect) or
@@ -947,7 +1081,11 @@ impl Worker {
             };
             let up = hyper::upgrade::on(&mut resp);
             self.metrics.websocket_upgrades.fetch_add(1, Relaxed);
+            // The client connection's own count ends when hyper hands the
+            // connection over; the tunnel is counted while it lasts.
+            let open = OpenConn::new(self.shared.clone(), conn.client.tls);
             tokio::spawn(async move {
+                let _open = open;
                 match tokio::try_join!(up, down) {
                     Ok((up, down)) => {
                         let mut up = TokioIo::new(up);

@@ -964,3 +964,125 @@ async fn a_client_gone_mid_request_aborts_the_backend_request() {
         assert!(matches!(gone, Ok(0) | Err(_)), "{gone:?}");
     }
 }
+
+/// Whether the router closes `s` (EOF or reset) within `max`.
+async fn closed_within(s: &mut TcpStream, max: Duration) -> bool {
+    let mut sink = Vec::new();
+    matches!(
+        tokio::time::timeout(max, s.read_to_end(&mut sink)).await,
+        Ok(_)
+    )
+}
+
+#[tokio::test]
+async fn connections_with_no_request_are_closed_whatever_their_protocol() {
+    let be = backend("be").await;
+    let opts = RouterOptions {
+        header_read_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let r = router(opts, vec![spec(&["a.test"], "/", vec![b("be", be.addr)])]).await;
+    // Nothing at all, and part of the HTTP/2 preface: hyper's own header
+    // timeout starts only once it knows the protocol.
+    for sent in [
+        &b""[..],
+        b"PRI * HTTP/2.0\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(r.addr).await.unwrap();
+        s.write_all(sent).await.unwrap();
+        let start = std::time::Instant::now();
+        assert!(
+            closed_within(&mut s, Duration::from_secs(5)).await,
+            "a connection that sent {sent:?} was kept open"
+        );
+        assert!(start.elapsed() >= Duration::from_millis(250), "{sent:?}");
+    }
+    // An HTTP/2 connection that served a request and then sends nothing
+    // more: GOAWAY, then closed.
+    let stream = TcpStream::connect(r.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(format!("http://a.test:{}/", r.addr.port()))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection was kept open");
+    assert!(send.is_closed());
+    // An answer in progress when the connection falls idle is still
+    // written whole (the backend takes 3 s; ten header timeouts).
+    let got = curl(&url(&r, "a.test", "/slow"), &["--http2-prior-knowledge"]).await;
+    assert_eq!((got.status, got.body.as_str()), (200, "slow"), "{got:?}");
+    let got = curl(&url(&r, "a.test", "/slow"), &[]).await;
+    assert_eq!((got.status, got.body.as_str()), (200, "slow"), "{got:?}");
+    // A keep-alive connection that keeps sending requests stays open past
+    // several header timeouts.
+    let mut s = TcpStream::connect(r.addr).await.unwrap();
+    for _ in 0..8 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_open_websocket_counts_as_an_open_connection() {
+    let be = backend("be").await;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(&["ws.test"], "/", vec![b("be", be.addr)])],
+    )
+    .await;
+    let open = |r: &TestRouter| {
+        let mut out = String::new();
+        r.router.render_metrics(&mut out);
+        out.lines()
+            .find_map(|l| l.strip_prefix("portless_router_open_connections{listener=\"http\"} "))
+            .map(|v| v.parse::<i64>().unwrap())
+            .unwrap()
+    };
+    let mut s = TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 101"));
+    s.write_all(b"ping").await.unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"be:ping");
+    // hyper has let go of the connection by now; the tunnel is open.
+    assert_eq!(open(&r), 1);
+    drop(s);
+    assert!(eventually(Duration::from_secs(5), async || open(&r) == 0).await);
+}
+
+#[tokio::test]
+async fn round_robin_carries_over_table_rebuilds() {
+    let (x, y) = (backend("x").await, backend("y").await);
+    let specs = || {
+        vec![
+            spec(&["a.test"], "/", vec![b("x", x.addr), b("y", y.addr)]),
+            spec(&["other.test"], "/", vec![b("x", x.addr)]),
+        ]
+    };
+    let r = router(RouterOptions::default(), specs()).await;
+    // A rebuild (as any container event makes) between every request: the
+    // requests still alternate instead of all going to the first backend.
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        r.router.update(specs());
+        let got = curl(&url(&r, "a.test", "/"), &[]).await;
+        seen.push(got.header("x-backend").unwrap());
+    }
+    let xs = seen.iter().filter(|n| *n == "x").count();
+    assert_eq!(xs, 3, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] != w[1]), "{seen:?}");
+}

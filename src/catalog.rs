@@ -54,6 +54,10 @@ pub struct Container {
     /// Docker has announced that the container is being stopped or killed:
     /// it gets no new requests, but its in-flight ones may finish.
     pub stopping: bool,
+    /// The signal `docker stop` sends it (`STOPSIGNAL`, `--stop-signal`),
+    /// as Docker reports it (`SIGTERM`, `QUIT`, `37`...); None: SIGTERM.
+    #[serde(default)]
+    pub stop_signal: Option<String>,
     /// TCP ports the image or run command exposes.
     pub exposed_tcp_ports: Vec<u16>,
     /// `com.docker.compose.project`, when started by compose.

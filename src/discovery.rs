@@ -179,6 +179,57 @@ async fn session(
     Ok(())
 }
 
+/// Whether `sent` (a `kill` event's signal, a number in current Engines)
+/// ends a container whose stop signal is `stop_signal`: SIGKILL, SIGTERM
+/// and its stop signal do.
+fn ends_container(sent: &str, stop_signal: Option<&str>) -> bool {
+    let Some(sent) = signal_number(sent) else {
+        return false;
+    };
+    let stop = stop_signal.and_then(signal_number).unwrap_or(15);
+    sent == 9 || sent == 15 || sent == stop
+}
+
+/// A signal as Docker writes it (`15`, `SIGTERM`, `TERM`, `SIGRTMIN+3`) as
+/// its Linux number.
+fn signal_number(s: &str) -> Option<u32> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<u32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    // Docker's own table for Linux: SIGRTMIN is 34, SIGRTMAX 64.
+    if let Some(rest) = name.strip_prefix("RTMIN") {
+        let n = if rest.is_empty() {
+            0
+        } else {
+            rest.strip_prefix('+')?.parse::<u32>().ok()?
+        };
+        return (n <= 30).then_some(34 + n);
+    }
+    if let Some(rest) = name.strip_prefix("RTMAX") {
+        let n = if rest.is_empty() {
+            0
+        } else {
+            rest.strip_prefix('-')?.parse::<u32>().ok()?
+        };
+        return (n <= 30).then_some(64 - n);
+    }
+    const NAMES: [&str; 31] = [
+        "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
+        "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG",
+        "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
+    ];
+    let i = NAMES.iter().position(|n| *n == name).or(match name {
+        "IOT" => Some(5),
+        "POLL" => Some(28),
+        "CLD" => Some(16),
+        _ => None,
+    })?;
+    u32::try_from(i + 1).ok()
+}
+
 /// How often the whole catalog is listed again while events flow.
 const RELIST_EVERY: Duration = Duration::from_secs(300);
 
@@ -217,12 +268,13 @@ async fn apply(
                     catalog.containers.remove(&id);
                 }
                 "kill" => {
-                    // Only the stop signals mean "going away"; `docker kill -s HUP` does not.
+                    // Only a signal that ends the container means "going
+                    // away": SIGKILL, SIGTERM, or the container's own stop
+                    // signal (what `docker stop` sends); `docker kill -s
+                    // HUP` (a reload) does not.
                     let signal = attr("signal").unwrap_or_default();
-                    if matches!(
-                        signal.as_str(),
-                        "9" | "15" | "2" | "3" | "SIGKILL" | "SIGTERM" | "SIGINT" | "SIGQUIT"
-                    ) && let Some(c) = catalog.containers.get_mut(&id)
+                    if let Some(c) = catalog.containers.get_mut(&id)
+                        && ends_container(&signal, c.stop_signal.as_deref())
                     {
                         c.stopping = true;
                     }
@@ -471,7 +523,54 @@ pub fn container_from(resp: ContainerInspectResponse) -> Option<Container> {
         labels,
         health,
         stopping: false,
+        stop_signal: config.stop_signal.filter(|s| !s.is_empty()),
         exposed_tcp_ports,
         endpoints,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_are_read_in_every_form_docker_writes() {
+        for (s, n) in [
+            ("15", Some(15)),
+            ("SIGTERM", Some(15)),
+            ("term", Some(15)),
+            ("SIGKILL", Some(9)),
+            ("SIGQUIT", Some(3)),
+            ("USR1", Some(10)),
+            ("SIGWINCH", Some(28)),
+            ("SIGRTMIN", Some(34)),
+            ("SIGRTMIN+3", Some(37)),
+            ("RTMAX-1", Some(63)),
+            ("SIGRTMAX", Some(64)),
+            ("37", Some(37)),
+            ("0", None),
+            ("65", None),
+            ("SIGNOPE", None),
+            ("RTMIN+x", None),
+            ("", None),
+        ] {
+            assert_eq!(signal_number(s), n, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn draining_follows_the_containers_own_stop_signal() {
+        // No STOPSIGNAL: SIGTERM (docker stop) and SIGKILL end it.
+        assert!(ends_container("15", None));
+        assert!(ends_container("9", None));
+        assert!(!ends_container("1", None), "a reload is not a stop");
+        assert!(!ends_container("3", None));
+        // An image that stops on SIGWINCH (httpd) or SIGRTMIN+3 (systemd).
+        assert!(ends_container("28", Some("SIGWINCH")));
+        assert!(ends_container("37", Some("SIGRTMIN+3")));
+        assert!(ends_container("15", Some("SIGWINCH")));
+        assert!(!ends_container("10", Some("SIGWINCH")));
+        // A signal Docker did not name: not a stop.
+        assert!(!ends_container("", Some("SIGQUIT")));
+    }
 }

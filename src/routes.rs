@@ -291,6 +291,7 @@ mod tests {
                 .collect(),
             health: Health::None,
             stopping: false,
+            stop_signal: None,
             exposed_tcp_ports: ports.to_vec(),
             compose_project: None,
             compose_service: None,

@@ -360,6 +360,107 @@ fn rolling_replacement_of_three_replicas_under_load_fails_no_request() {
     assert_eq!(get(router, "roll.test", "/"), (200, "v2".into()));
 }
 
+/// Each backend of `route` in `/api/routes`: container name -> state.
+fn backend_states(p: &Portless, route: &str) -> std::collections::BTreeMap<String, String> {
+    let body = http_get(p.admin, "/api/routes").unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["route"] == route)
+        .flat_map(|r| r["backends"].as_array().cloned().unwrap_or_default())
+        .map(|b| {
+            (
+                b["container"].as_str().unwrap_or("").to_owned(),
+                b["state"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The value of the metrics line that starts with `prefix`.
+fn metric(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn a_container_stopped_with_its_own_stop_signal_drains_as_the_api_and_metrics_show() {
+    let cleanup = Cleanup::new();
+    let (net, _) = network(&cleanup, &[]);
+    let (p, router) = portless_router(&[]);
+    let h = label("portless.http.host", "drain.test");
+    let (a, b) = (unique("da"), unique("db"));
+    // `docker stop` sends `a` SIGUSR1, which busybox httpd as PID 1
+    // ignores: `a` keeps running, and answering, until the stop times out.
+    web(
+        &cleanup,
+        &a,
+        "a",
+        &[],
+        &["--network", &net, "--label", &h, "--stop-signal", "SIGUSR1"],
+    );
+    web(&cleanup, &b, "b", &[], &["--network", &net, "--label", &h]);
+    wait_until("a and b to both serve", WAIT, || {
+        let seen: std::collections::BTreeSet<_> =
+            (0..10).map(|_| get(router, "drain.test", "/").1).collect();
+        (seen.len() == 2).then_some(())
+    });
+    let states = backend_states(&p, "drain.test/");
+    assert_eq!(
+        states,
+        [(a.clone(), "healthy".into()), (b.clone(), "healthy".into())].into(),
+    );
+    let a2 = a.clone();
+    let stopper = std::thread::spawn(move || run("docker", &["stop", "-t", "60", &a2]));
+    wait_until("a to show as draining", WAIT, || {
+        (backend_states(&p, "drain.test/")
+            .get(&a)
+            .map(String::as_str)
+            == Some("draining"))
+        .then_some(())
+    });
+    assert_eq!(docker(&["inspect", "-f", "{{.State.Running}}", &a]), "true");
+    assert_eq!(
+        get(
+            SocketAddr::new(container_ip(&a, &net), 8080),
+            "drain.test",
+            "/"
+        )
+        .1,
+        "a"
+    );
+    // Still running and still answering, but given no new request.
+    for _ in 0..20 {
+        assert_eq!(get(router, "drain.test", "/"), (200, "b".into()));
+    }
+    // The router's metrics, through the admin API of the binary.
+    let m = p.metrics();
+    let ok = metric(
+        &m,
+        "portless_router_requests_total{route=\"drain.test/\",class=\"2xx\"} ",
+    );
+    assert!(ok.is_some_and(|n| n >= 30.0), "{m}");
+    let timed = metric(
+        &m,
+        "portless_router_request_duration_seconds_count{route=\"drain.test/\"} ",
+    );
+    assert_eq!(timed, ok, "{m}");
+    assert!(
+        metric(&m, "portless_router_open_connections{listener=\"http\"} ").is_some(),
+        "{m}"
+    );
+    // SIGKILL ends the stop; `a` leaves the table.
+    docker(&["kill", &a]);
+    stopper.join().unwrap();
+    wait_until("a to leave the route", WAIT, || {
+        (backend_states(&p, "drain.test/").keys().collect::<Vec<_>>() == [&b]).then_some(())
+    });
+}
+
 #[test]
 fn closed_port_gives_502_unhealthy_only_replica_503_paused_backend_504() {
     let cleanup = Cleanup::new();

@@ -145,8 +145,9 @@ pub type RespBody = Either<Incoming, Full<Bytes>>;
 #[derive(Debug, Clone)]
 pub struct RouterOptions {
     /// A client must send its request headers (and a PROXY header, and
-    /// finish the TLS handshake) within this. Also bounds how long an idle
-    /// keep-alive connection is kept.
+    /// finish the TLS handshake) within this. A connection with no request
+    /// in progress for one to two of these is closed (HTTP/1, HTTP/2, or
+    /// not yet known).
     pub header_read_timeout: Duration,
     /// Largest request head (HTTP/1) or header list (HTTP/2); larger gets
     /// 431. At least 8192.

@@ -335,6 +335,17 @@ mod tests {
         assert_eq!(cfg.dns.domain, "docker.internal");
         assert_eq!(cfg.dns.listen, vec!["127.0.0.1:5353".parse().unwrap()]);
         assert_eq!(cfg.dns.upstreams, vec!["127.0.0.53:53".parse().unwrap()]);
+        assert_eq!(cfg.router.threads, 2);
+        assert_eq!(
+            cfg.router.trusted_proxies,
+            vec!["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
+        );
+        let cluster = cfg
+            .cluster
+            .as_ref()
+            .expect("the example turns cluster mode on");
+        assert_eq!(cluster.etcd, vec!["http://10.0.0.10:2379".to_owned()]);
+        assert_eq!(cluster.host_id.as_deref(), Some("host-a"));
         let cfg = run_args(&[
             "--config",
             example,

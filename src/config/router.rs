@@ -48,7 +48,8 @@ pub struct RouterOpts {
     #[arg(long, env = "PORTLESS_PROXY_PROTOCOL", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub proxy_protocol: Option<bool>,
     /// Time a client has to send request headers (and TLS handshake, and
-    /// PROXY header); also the idle keep-alive limit. [default: 10000]
+    /// PROXY header); a connection with no request in progress for one to
+    /// two of these is closed, whatever its protocol. [default: 10000]
     #[arg(long, env = "PORTLESS_HEADER_TIMEOUT_MS", value_name = "MS")]
     pub header_timeout_ms: Option<u64>,
     /// Largest request header block; larger gets 431. [default: 65536]

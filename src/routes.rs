@@ -188,16 +188,8 @@ fn container_routes(
         let (endpoint, ip, chosen_by) = match get("network") {
             Some(net) => {
                 let net = net.trim();
-                let ep = c
-                    .endpoints
-                    .iter()
-                    .find(|e| e.network_name == net || e.network_id == net)
-                    .ok_or_else(|| {
-                        format!(
-                            "{}: the container is not attached to network `{net}`",
-                            label("network")
-                        )
-                    })?;
+                let ep = network_endpoint(&c.endpoints, net)
+                    .map_err(|why| format!("{}: {why} network `{net}`", label("network")))?;
                 let ip = ep.addrs().next().ok_or_else(|| {
                     format!(
                         "{}: the container has no address on network `{net}`",
@@ -271,6 +263,30 @@ fn backend_state(c: &Container) -> BackendState {
         Health::None | Health::Healthy => BackendState::Healthy,
         Health::Starting => BackendState::Starting,
         Health::Unhealthy => BackendState::Unhealthy,
+    }
+}
+
+/// The endpoint on the network `net` names, as Docker's CLI reads it: a
+/// name, a full id, or an id prefix at least as long as the short ids
+/// `docker network ls` shows (12), when only one network has it.
+fn network_endpoint<'a>(
+    endpoints: &'a [Endpoint],
+    net: &str,
+) -> Result<&'a Endpoint, &'static str> {
+    if let Some(ep) = endpoints
+        .iter()
+        .find(|e| e.network_name == net || e.network_id == net)
+    {
+        return Ok(ep);
+    }
+    if net.len() < 12 {
+        return Err("the container is not attached to");
+    }
+    let mut found = endpoints.iter().filter(|e| e.network_id.starts_with(net));
+    match (found.next(), found.next()) {
+        (Some(ep), None) => Ok(ep),
+        (Some(_), Some(_)) => Err("more than one of the container's networks has the id prefix of"),
+        (None, _) => Err("the container is not attached to"),
     }
 }
 
@@ -366,6 +382,87 @@ mod tests {
             "172.20.0.5:80".parse().unwrap()
         );
         assert_eq!(p.choices[0].chosen_by, "label");
+    }
+
+    #[test]
+    fn the_address_rule_is_non_internal_then_bridge_then_lowest_name_then_ipv4() {
+        let net = |id: &str, driver: &str, internal: bool| Network {
+            id: id.into(),
+            name: id.into(),
+            driver: driver.into(),
+            subnets: vec![],
+            gateways: vec![],
+            internal,
+        };
+        let ep = |name: &str, v4: Option<&str>, v6: Option<&str>| Endpoint {
+            network_id: name.into(),
+            network_name: name.into(),
+            ipv4: v4.map(|a| a.parse().unwrap()),
+            ipv6: v6.map(|a| a.parse().unwrap()),
+            aliases: vec![],
+        };
+        let mut cat = Catalog::default();
+        for n in [
+            net("a-internal", "bridge", true),
+            net("b-overlay", "overlay", false),
+            net("c-bridge", "bridge", false),
+            net("d-bridge", "bridge", false),
+        ] {
+            cat.networks.insert(n.id.clone(), n);
+        }
+        let pick = |eps: &[Endpoint]| {
+            choose_endpoint(&cat, eps).map(|(e, ip)| (e.network_name.clone(), ip.to_string()))
+        };
+        let all = [
+            ep("a-internal", Some("10.0.0.1"), None),
+            ep("b-overlay", Some("10.0.1.1"), None),
+            ep("d-bridge", None, Some("fd00::4")),
+            ep("c-bridge", Some("10.0.2.1"), Some("fd00::3")),
+        ];
+        // Non-internal bridge networks first, the lowest name, its IPv4.
+        assert_eq!(pick(&all), Some(("c-bridge".into(), "10.0.2.1".into())));
+        // An IPv6-only endpoint gives its IPv6.
+        assert_eq!(pick(&all[..3]), Some(("d-bridge".into(), "fd00::4".into())));
+        // No bridge left: another driver before an internal network.
+        assert_eq!(pick(&all[..2]), Some(("b-overlay".into(), "10.0.1.1".into())));
+        assert_eq!(pick(&all[..1]), Some(("a-internal".into(), "10.0.0.1".into())));
+        // The order Docker lists them in changes nothing.
+        let mut rev = all.clone();
+        rev.reverse();
+        assert_eq!(pick(&rev), pick(&all));
+        // No address at all: nothing to route to.
+        assert_eq!(pick(&[ep("c-bridge", None, None)]), None);
+    }
+
+    #[test]
+    fn network_label_takes_a_name_an_id_or_a_short_id() {
+        let mut c = container(&[], &[]);
+        c.endpoints[0].network_id =
+            "3f1c0a9b7d2e5f60a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8091a2b3c4d5e".into();
+        c.endpoints[1].network_id =
+            "3f1c0a9b7d2e9999a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8091a2b3c4d5e".into();
+        let eps = &c.endpoints;
+        for (net, want) in [
+            ("back", Some("back")),
+            ("front", Some("front")),
+            (eps[0].network_id.as_str(), Some("back")),
+            ("3f1c0a9b7d2e5f", Some("back")),
+            ("3f1c0a9b7d2e99", Some("front")),
+            // Too short to be a short id, or shared by both networks.
+            ("3f1c", None),
+            ("3f1c0a9b7d2e", None),
+            ("nope", None),
+        ] {
+            let got = network_endpoint(eps, net)
+                .ok()
+                .map(|e| e.network_name.as_str());
+            assert_eq!(got, want, "{net}");
+        }
+        assert!(
+            network_endpoint(eps, "3f1c0a9b7d2e")
+                .unwrap_err()
+                .contains("more than one")
+        );
     }
 
     #[test]

@@ -122,7 +122,7 @@ async fn run(
     cfg: RouterConfig,
     mut snapshots: watch::Receiver<Snapshot>,
 ) -> anyhow::Result<RouterHandle> {
-    let opts = RouterOptions {
+    let mut opts = RouterOptions {
         header_read_timeout: cfg.header_timeout,
         max_header_bytes: cfg.max_header_bytes,
         max_body_bytes: cfg.max_body_bytes,
@@ -131,13 +131,8 @@ async fn run(
         eject_for: cfg.eject_for,
         trusted_proxies: cfg.trusted_proxies.clone(),
         proxy_protocol: cfg.proxy_protocol,
-        redirect_https_port: match (cfg.redirect_https, cfg.https_listen) {
-            (true, Some(a)) => Some(a.port()),
-            _ => None,
-        },
         ..RouterOptions::default()
     };
-    let router = Router::new(opts);
     let mut tasks = Vec::new();
 
     // Certificates before any socket: a bad directory stops start-up.
@@ -179,6 +174,11 @@ async fn run(
         certs = Some(resolver);
         tls_config = Some(config);
     }
+    // The port the HTTPS listener got (`--https-listen ADDR:0` picks one).
+    if cfg.redirect_https {
+        opts.redirect_https_port = https_addr.map(|a| a.port());
+    }
+    let router = Router::new(opts);
     let threads = router
         .spawn_threads(http, https, tls_config)
         .context("starting the router's threads")?;

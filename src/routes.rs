@@ -424,8 +424,14 @@ mod tests {
         // An IPv6-only endpoint gives its IPv6.
         assert_eq!(pick(&all[..3]), Some(("d-bridge".into(), "fd00::4".into())));
         // No bridge left: another driver before an internal network.
-        assert_eq!(pick(&all[..2]), Some(("b-overlay".into(), "10.0.1.1".into())));
-        assert_eq!(pick(&all[..1]), Some(("a-internal".into(), "10.0.0.1".into())));
+        assert_eq!(
+            pick(&all[..2]),
+            Some(("b-overlay".into(), "10.0.1.1".into()))
+        );
+        assert_eq!(
+            pick(&all[..1]),
+            Some(("a-internal".into(), "10.0.0.1".into()))
+        );
         // The order Docker lists them in changes nothing.
         let mut rev = all.clone();
         rev.reverse();

@@ -202,6 +202,11 @@ impl Portless {
     /// until it serves its admin API (and, unless `--docker-host none`, has
     /// listed Docker).
     pub fn start(args: &[&str]) -> Portless {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Portless::start`] with more environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Portless {
         let admin = SocketAddr::new([127, 0, 0, 1].into(), free_port([127, 0, 0, 1].into()));
         let log = std::env::temp_dir().join(format!("{}.log", unique("portless-")));
         let file = std::fs::File::create(&log).unwrap();
@@ -216,6 +221,7 @@ impl Portless {
         all.extend_from_slice(args);
         let child = Command::new(env!("CARGO_BIN_EXE_portless"))
             .args(&all)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

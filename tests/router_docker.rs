@@ -465,6 +465,28 @@ fn a_container_stopped_with_its_own_stop_signal_drains_as_the_api_and_metrics_sh
     for _ in 0..20 {
         assert_eq!(get(router, "drain.test", "/"), (200, "b".into()));
     }
+    // `portless status` shows it too: one row per backend, with its state.
+    let out = ok(
+        env!("CARGO_BIN_EXE_portless"),
+        &["status", "--admin", &p.admin.to_string()],
+    );
+    let row = |name: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().nth(2) == Some(name))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+    };
+    let (ra, rb) = (row(&a).expect(&out), row(&b).expect(&out));
+    assert_eq!(
+        (ra[0], ra[1], ra[5]),
+        ("drain.test", "/", "draining"),
+        "{out}"
+    );
+    assert_eq!(
+        (rb[0], rb[1], rb[5]),
+        ("drain.test", "/", "healthy"),
+        "{out}"
+    );
+    assert!(ra[3].ends_with(":8080"), "{out}");
     // The router's metrics, through the admin API of the binary.
     let m = p.metrics();
     let ok = metric(
@@ -695,6 +717,17 @@ fn websocket_echoes_through_the_router_and_survives_route_changes() {
             .then_some(())
     });
     assert_eq!(echo(b"two"), format!("{first}:two"));
+    // A streamed answer (40 chunks over 4 s) under way while the table
+    // changes again: it arrives whole.
+    let stream = std::thread::spawn(move || {
+        let out = Command::new("curl")
+            .args(["-sN", "--max-time", "20", "--resolve"])
+            .arg(format!("ws.test:{}:{}", router.port(), router.ip()))
+            .arg(format!("http://ws.test:{}/stream?chunks=40", router.port()))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
     let other = label("portless.http.host", "elsewhere.test");
     let third = unique("wsc");
     test_backend(&cleanup, &third, &["--network", &net, "--label", &other]);
@@ -702,6 +735,14 @@ fn websocket_echoes_through_the_router_and_survives_route_changes() {
         (get(router, "elsewhere.test", "/").0 == 200).then_some(())
     });
     assert_eq!(echo(b"three"), format!("{first}:three"));
+    assert!(
+        !stream.is_finished(),
+        "the table changed only after the stream"
+    );
+    let streamed = stream.join().unwrap();
+    let want: String = (0..40).map(|i| format!("chunk {i}\n")).collect();
+    assert_eq!(streamed, want);
+    assert_eq!(echo(b"four"), format!("{first}:four"));
 }
 
 #[test]

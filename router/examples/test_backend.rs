@@ -76,8 +76,15 @@ async fn serve(name: &'static str, mut req: Request<Incoming>) -> Response<Body>
             resp
         }
         "/stream" => {
-            let s = futures::stream::unfold(0u32, |i| async move {
-                if i == 10 {
+            // `?chunks=N`: how many chunks, 100 ms apart (default 10).
+            let chunks: u32 = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("chunks="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(10);
+            let s = futures::stream::unfold(0u32, move |i| async move {
+                if i == chunks {
                     return None;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

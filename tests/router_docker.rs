@@ -961,6 +961,29 @@ fn forwarded_headers_proxy_protocol_and_hostile_requests_through_the_binary() {
         0,
         "a connection without a PROXY header was served"
     );
+    // PROXY v2 (binary, as haproxy and cloud balancers send it): the client
+    // address is the header's source.
+    {
+        use std::io::{Read, Write};
+        let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+        v2.extend_from_slice(&[203, 0, 113, 7, 127, 0, 0, 1]);
+        v2.extend_from_slice(&40000u16.to_be_bytes());
+        v2.extend_from_slice(&router2.port().to_be_bytes());
+        v2.extend_from_slice(
+            format!(
+                "GET / HTTP/1.1\r\nHost: fwd.test:{}\r\nConnection: close\r\n\r\n",
+                router2.port()
+            )
+            .as_bytes(),
+        );
+        let mut s = std::net::TcpStream::connect(router2).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&v2).unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.contains("x-forwarded-for: 203.0.113.7\n"), "{reply}");
+    }
 
     // A trusted proxy by address.
     let (_p3, router3) = portless_router(&["--trusted-proxy", "127.0.0.0/8"]);

@@ -996,3 +996,95 @@ fn forwarded_headers_proxy_protocol_and_hostile_requests_through_the_binary() {
         "{body}"
     );
 }
+
+#[test]
+fn the_readme_compose_example_two_apps_on_two_domains_through_the_router() {
+    require("docker-compose");
+    let cleanup = Cleanup::new();
+    let image = busybox_image();
+    let project = unique("two");
+    let dir = std::env::temp_dir().join(&project);
+    std::fs::create_dir_all(&dir).unwrap();
+    cleanup.push(&["rm", "-rf", dir.to_str().unwrap()]);
+    // As in the README: shop (3 replicas, its port by label) and blog (its
+    // one exposed port), on two domains, no port published.
+    let httpd = |body: &str| {
+        format!(
+            "[\"sh\", \"-c\", \"mkdir -p /www && echo {body} > /www/index.html && exec httpd -f -p 8080 -h /www\"]"
+        )
+    };
+    let compose = format!(
+        "version: '2.4'\nservices:\n  shop:\n    image: {image}\n    command: {shop}\n    scale: 3\n    labels:\n      portless-test: '1'\n      portless.http.host: shop.example.com,www.shop.example.com\n      portless.http.port: '8080'\n  blog:\n    image: {image}\n    command: {blog}\n    expose: ['8080']\n    labels:\n      portless-test: '1'\n      portless.http.host: blog.example.org\nnetworks:\n  default:\n    labels: ['portless-test=1']\n",
+        shop = httpd("shop"),
+        blog = httpd("blog"),
+    );
+    let file = dir.join("docker-compose.yml");
+    std::fs::write(&file, compose).unwrap();
+    let f = file.to_str().unwrap();
+    cleanup.push(&[
+        "docker-compose",
+        "-f",
+        f,
+        "-p",
+        &project,
+        "down",
+        "-v",
+        "-t",
+        "0",
+    ]);
+    let dns = SocketAddr::new([127, 0, 0, 1].into(), free_port([127, 0, 0, 1].into()));
+    let http = SocketAddr::new([127, 0, 0, 1].into(), free_port([127, 0, 0, 1].into()));
+    let (dns_s, http_s) = (dns.to_string(), http.to_string());
+    let p = Portless::start(&[
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &dns_s,
+        "--upstream",
+        "127.0.0.1:9",
+        "--ingress-zone",
+        "example.com=127.0.0.1",
+        "--ingress-zone",
+        "example.org=127.0.0.1",
+        "--http-listen",
+        &http_s,
+    ]);
+    ok("docker-compose", &["-f", f, "-p", &project, "up", "-d"]);
+    // Both names resolve through portless to the router, which reaches the
+    // apps; shop's requests spread over its three replicas.
+    for (name, body) in [
+        ("shop.example.com", "shop"),
+        ("www.shop.example.com", "shop"),
+        ("blog.example.org", "blog"),
+    ] {
+        let answer = dig(dns, name, "A", &[]);
+        assert_eq!(
+            answer.answers,
+            vec!["127.0.0.1".to_owned()],
+            "{}",
+            answer.raw
+        );
+        wait_body(http, name, "/", body);
+    }
+    wait_until("three shop backends", WAIT, || {
+        let states = backend_states(&p, "shop.example.com/");
+        (states.len() == 3 && states.values().all(|s| s == "healthy")).then_some(())
+    });
+    let mut replicas = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let (code, _) = get(http, "shop.example.com", "/");
+        assert_eq!(code, 200);
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&http_get(p.admin, "/api/routes").unwrap()).unwrap();
+    for r in v["routes"].as_array().unwrap() {
+        if r["route"] == "shop.example.com/" {
+            for b in r["backends"].as_array().unwrap() {
+                if b["requests"].as_u64().unwrap_or(0) > 0 {
+                    replicas.insert(b["container"].as_str().unwrap().to_owned());
+                }
+            }
+        }
+    }
+    assert_eq!(replicas.len(), 3, "{v:#}");
+}

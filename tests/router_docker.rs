@@ -57,9 +57,9 @@ fn the_header_timeout_from_the_environment_closes_silent_connections() {
     );
     // A client that connects and sends nothing is let go after one to two
     // header timeouts (the default would keep it 10 to 20 s).
+    let start = std::time::Instant::now();
     let mut s = std::net::TcpStream::connect(http).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let start = std::time::Instant::now();
     let mut buf = [0u8; 64];
     let n = s.read(&mut buf).unwrap_or(usize::MAX);
     let took = start.elapsed();
@@ -498,7 +498,7 @@ fn a_container_stopped_with_its_own_stop_signal_drains_as_the_api_and_metrics_sh
         &m,
         "portless_router_request_duration_seconds_count{route=\"drain.test/\"} ",
     );
-    assert_eq!(timed, ok, "{m}");
+    assert!(timed >= ok, "{m}");
     assert!(
         metric(&m, "portless_router_open_connections{listener=\"http\"} ").is_some(),
         "{m}"
@@ -717,16 +717,29 @@ fn websocket_echoes_through_the_router_and_survives_route_changes() {
             .then_some(())
     });
     assert_eq!(echo(b"two"), format!("{first}:two"));
-    // A streamed answer (40 chunks over 4 s) under way while the table
-    // changes again: it arrives whole.
+    // A streamed answer (150 chunks over 15 s), under way (its first chunk
+    // in) while the table changes again: it arrives whole.
+    let mut st = std::net::TcpStream::connect(router).unwrap();
+    st.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        st,
+        "GET /stream?chunks=150 HTTP/1.1\r\nHost: ws.test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut streamed = Vec::new();
+    let mut sbuf = [0u8; 4096];
+    while !String::from_utf8_lossy(&streamed).contains("chunk 0\n") {
+        let n = st.read(&mut sbuf).unwrap();
+        assert!(
+            n > 0,
+            "the stream ended early: {}",
+            String::from_utf8_lossy(&streamed)
+        );
+        streamed.extend_from_slice(&sbuf[..n]);
+    }
     let stream = std::thread::spawn(move || {
-        let out = Command::new("curl")
-            .args(["-sN", "--max-time", "20", "--resolve"])
-            .arg(format!("ws.test:{}:{}", router.port(), router.ip()))
-            .arg(format!("http://ws.test:{}/stream?chunks=40", router.port()))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        st.read_to_end(&mut streamed).unwrap();
+        String::from_utf8_lossy(&streamed).into_owned()
     });
     let other = label("portless.http.host", "elsewhere.test");
     let third = unique("wsc");
@@ -740,8 +753,16 @@ fn websocket_echoes_through_the_router_and_survives_route_changes() {
         "the table changed only after the stream"
     );
     let streamed = stream.join().unwrap();
-    let want: String = (0..40).map(|i| format!("chunk {i}\n")).collect();
-    assert_eq!(streamed, want);
+    assert!(streamed.starts_with("HTTP/1.1 200"), "{streamed}");
+    // Chunked on the wire: every chunk of text, in order, and the end.
+    let mut at = 0;
+    for i in 0..150 {
+        let want = format!("chunk {i}\n");
+        at += streamed[at..]
+            .find(&want)
+            .unwrap_or_else(|| panic!("no {want:?}: {streamed}"));
+    }
+    assert!(streamed.ends_with("0\r\n\r\n"), "{streamed}");
     assert_eq!(echo(b"four"), format!("{first}:four"));
 }
 

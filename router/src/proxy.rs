@@ -146,8 +146,8 @@ pub type RespBody = Either<Incoming, Full<Bytes>>;
 pub struct RouterOptions {
     /// A client must send its request headers (and a PROXY header, and
     /// finish the TLS handshake) within this. A connection with no request
-    /// in progress for one to two of these is closed (HTTP/1, HTTP/2, or
-    /// not yet known).
+    /// in progress for one to two of these is shut down (HTTP/1 closed,
+    /// HTTP/2 sent GOAWAY, a connection of unknown protocol dropped).
     pub header_read_timeout: Duration,
     /// Largest request head (HTTP/1) or header list (HTTP/2); larger gets
     /// 431. At least 8192.
@@ -767,31 +767,30 @@ impl Worker {
         // connection idle (no request in progress, none started or ended)
         // for a whole header timeout is shut down gracefully: before the
         // protocol is known it is dropped, idle HTTP/1 is closed, HTTP/2
-        // gets GOAWAY. If it is still open and idle a header timeout later
-        // (an HTTP/2 peer that never acknowledges the GOAWAY's PING), it
-        // is dropped. Idle connections thus close after one to two header
-        // timeouts; a request in progress (a stream, a slow answer, a slow
-        // upload) keeps its connection open however long it takes.
-        let idle = self.opts.header_read_timeout;
+        // gets GOAWAY and closes once the peer has acknowledged it and
+        // taken the rest of its answers. An HTTP/2 peer that never
+        // acknowledges, or stops reading, is closed by hyper's keep-alive
+        // (a PING after 30 s without a frame, 20 s to answer it), as one
+        // would be before. Idle connections thus close after one to two
+        // header timeouts; a request in progress (a stream, a slow answer,
+        // a slow upload) keeps its connection open however long it takes,
+        // and so does the end of an answer a slow client is still taking.
+        let idle = self.opts.header_read_timeout.max(Duration::from_millis(10));
         let mut seen = activity.events.load(Relaxed);
         let mut shut = false;
         let result = loop {
             tokio::select! {
                 biased;
                 r = serving.as_mut() => break r,
-                () = tokio::time::sleep(idle) => {
+                () = tokio::time::sleep(idle), if !shut => {
                     let now = activity.events.load(Relaxed);
-                    if now != seen || activity.active.load(Relaxed) > 0 {
-                        seen = now;
-                        continue;
+                    let busy = now != seen || activity.active.load(Relaxed) > 0;
+                    seen = now;
+                    if !busy {
+                        debug!(client = %conn.client.addr, "connection idle for a header timeout: shutting it down");
+                        serving.as_mut().graceful_shutdown();
+                        shut = true;
                     }
-                    if shut {
-                        debug!(client = %conn.client.addr, "idle connection ignored the shutdown: dropped");
-                        return;
-                    }
-                    debug!(client = %conn.client.addr, "connection idle for a header timeout: shutting it down");
-                    serving.as_mut().graceful_shutdown();
-                    shut = true;
                 }
             }
         };

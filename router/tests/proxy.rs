@@ -983,20 +983,38 @@ async fn connections_with_no_request_are_closed_whatever_their_protocol() {
     let r = router(opts, vec![spec(&["a.test"], "/", vec![b("be", be.addr)])]).await;
     // Nothing at all, and part of the HTTP/2 preface: hyper's own header
     // timeout starts only once it knows the protocol.
-    for sent in [
-        &b""[..],
-        b"PRI * HTTP/2.0\r\n",
-        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-    ] {
+    for sent in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let start = std::time::Instant::now();
         let mut s = TcpStream::connect(r.addr).await.unwrap();
         s.write_all(sent).await.unwrap();
-        let start = std::time::Instant::now();
         assert!(
             closed_within(&mut s, Duration::from_secs(5)).await,
             "a connection that sent {sent:?} was kept open"
         );
         assert!(start.elapsed() >= Duration::from_millis(250), "{sent:?}");
     }
+    // The whole preface and nothing more: HTTP/2, no request, so GOAWAY
+    // (frame type 7) once a header timeout has passed.
+    let start = std::time::Instant::now();
+    let mut s = TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let goaway = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).await?;
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).await?;
+            if head[3] == 7 {
+                return Ok::<_, std::io::Error>(());
+            }
+        }
+    })
+    .await;
+    assert!(matches!(goaway, Ok(Ok(()))), "no GOAWAY: {goaway:?}");
+    assert!(start.elapsed() >= Duration::from_millis(250));
     // An HTTP/2 connection that served a request and then sends nothing
     // more: GOAWAY, then closed.
     let stream = TcpStream::connect(r.addr).await.unwrap();
@@ -1022,15 +1040,105 @@ async fn connections_with_no_request_are_closed_whatever_their_protocol() {
     // A keep-alive connection that keeps sending requests stays open past
     // several header timeouts.
     let mut s = TcpStream::connect(r.addr).await.unwrap();
-    for _ in 0..8 {
+    for _ in 0..24 {
         s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
             .await
             .unwrap();
         let mut buf = vec![0u8; 4096];
         let n = s.read(&mut buf).await.unwrap();
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A client socket read at most 64 KiB every 20 ms: a slow link.
+struct SlowReader {
+    inner: TcpStream,
+    delay: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl tokio::io::AsyncRead for SlowReader {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        let this = self.get_mut();
+        std::task::ready!(this.delay.as_mut().poll(cx));
+        let mut chunk = vec![0u8; 64 * 1024];
+        let n = buf.remaining().min(chunk.len());
+        let mut small = tokio::io::ReadBuf::new(&mut chunk[..n]);
+        std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut small))?;
+        buf.put_slice(small.filled());
+        let next = tokio::time::Instant::now() + Duration::from_millis(20);
+        this.delay.as_mut().reset(next);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for SlowReader {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn an_http2_client_on_a_slow_link_gets_all_of_its_answer() {
+    let be = backend("be").await;
+    let opts = RouterOptions {
+        header_read_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let r = router(opts, vec![spec(&["a.test"], "/", vec![b("be", be.addr)])]).await;
+    // Wide HTTP/2 windows but a slow socket (3.2 MB/s): 8 MiB, more than
+    // the kernel's socket buffers take, need about 2.6 s, and the router
+    // hands the last of the body to HTTP/2 well before it is all written:
+    // the connection has no request in progress for several header
+    // timeouts while it is still sending.
+    let stream = SlowReader {
+        inner: TcpStream::connect(r.addr).await.unwrap(),
+        delay: Box::pin(tokio::time::sleep(Duration::ZERO)),
+    };
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(8 << 20)
+        .adaptive_window(false)
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(format!("http://a.test:{}/big", r.addr.port()))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap_or_else(|e| panic!("the answer was cut after {got} bytes: {e}"));
+        got += frame.data_ref().map_or(0, |d| d.len());
+    }
+    assert_eq!(got, 8 << 20);
 }
 
 #[tokio::test]

@@ -49,7 +49,7 @@ pub struct RouterOpts {
     pub proxy_protocol: Option<bool>,
     /// Time a client has to send request headers (and TLS handshake, and
     /// PROXY header); a connection with no request in progress for one to
-    /// two of these is closed, whatever its protocol. [default: 10000]
+    /// two of these is shut down, whatever its protocol. [default: 10000]
     #[arg(long, env = "PORTLESS_HEADER_TIMEOUT_MS", value_name = "MS")]
     pub header_timeout_ms: Option<u64>,
     /// Largest request header block; larger gets 431. [default: 65536]

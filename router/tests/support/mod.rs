@@ -108,6 +108,11 @@ async fn serve_backend(
             });
             Response::new(StreamBody::new(s).boxed())
         }
+        "/big" => {
+            // 8 MiB at once, to be taken slowly: more than the kernel's
+            // socket buffers hold.
+            Response::new(full(vec![b'x'; 8 << 20]))
+        }
         "/trailers" => {
             // gRPC-style: a body, then trailers.
             let mut trailers = HeaderMap::new();

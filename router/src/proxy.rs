@@ -770,8 +770,8 @@ impl Worker {
         // gets GOAWAY and closes once the peer has acknowledged it and
         // taken the rest of its answers. An HTTP/2 peer that never
         // acknowledges, or stops reading, is closed by hyper's keep-alive
-        // (a PING after 30 s without a frame, 20 s to answer it), as one
-        // would be before. Idle connections thus close after one to two
+        // (a PING after 30 s without a frame, 20 s to answer it), like any
+        // silent HTTP/2 peer. Idle connections thus close after one to two
         // header timeouts; a request in progress (a stream, a slow answer,
         // a slow upload) keeps its connection open however long it takes,
         // and so does the end of an answer a slow client is still taking.

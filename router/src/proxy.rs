@@ -566,15 +566,6 @@ enum Routing {
     Forward { idx: usize, raw_host: String },
 }
 
-/// Decrements a gauge when a connection ends, however it ends.
-struct GaugeGuard<'a>(&'a AtomicI64);
-
-impl Drop for GaugeGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
-    }
-}
-
 /// What is going on on one client connection, for its idle watch.
 #[derive(Default)]
 struct Activity {
@@ -629,8 +620,9 @@ impl Body for Tracked {
     }
 }
 
-/// Counts an open client connection (a tunnel, once hyper let go of it)
-/// for as long as it lives.
+/// Counts an open client connection (or its tunnel, once hyper let go of
+/// it) in the open-connections gauge for as long as it lives, however it
+/// ends.
 struct OpenConn {
     shared: Arc<Shared>,
     tls: bool,
@@ -673,9 +665,7 @@ impl Worker {
     ) {
         let m = &self.metrics;
         m.connections_total.fetch_add(1, Relaxed);
-        let gauge = self.open_gauge(tls.is_some());
-        gauge.fetch_add(1, Relaxed);
-        let _guard = GaugeGuard(gauge);
+        let _open = OpenConn::new(self.shared.clone(), tls.is_some());
         let _ = stream.set_nodelay(true);
         let timeout = self.opts.header_read_timeout;
         let mut client_addr = peer.ip();

@@ -388,13 +388,8 @@ fn default_bridge_containers_have_names_too() {
 
 #[test]
 fn compose_services_resolve_by_service_and_project() {
-    require("docker-compose");
     let c = Cleanup::new();
     busybox_image();
-    let project = unique("proj");
-    let dir = std::env::temp_dir().join(&project);
-    std::fs::create_dir_all(&dir).unwrap();
-    c.push(&["rm", "-rf", dir.to_str().unwrap()]);
     // Pick a free subnet by creating (and removing) a throwaway network.
     let (probe, gw) = {
         let probe_cleanup = Cleanup::new();
@@ -407,21 +402,7 @@ fn compose_services_resolve_by_service_and_project() {
     let compose = format!(
         "version: '2.4'\nservices:\n  web:\n    image: {IMAGE}\n    command: sleep 3600\n    scale: 2\n    labels: ['portless-test=1']\n  client:\n    image: {IMAGE}\n    command: sleep 3600\n    labels: ['portless-test=1']\nnetworks:\n  default:\n    labels: ['portless-test=1']\n    ipam:\n      config:\n        - subnet: {subnet}\n          gateway: {gw_s}\n"
     );
-    let file = dir.join("docker-compose.yml");
-    std::fs::write(&file, compose).unwrap();
-    let f = file.to_str().unwrap();
-    c.push(&[
-        "docker-compose",
-        "-f",
-        f,
-        "-p",
-        &project,
-        "down",
-        "-v",
-        "-t",
-        "0",
-    ]);
-    ok("docker-compose", &["-f", f, "-p", &project, "up", "-d"]);
+    let project = compose_up(&c, "proj", &compose);
     let (_p, addrs) = portless_on(&[gw], &[]);
     let ids = docker(&[
         "ps",

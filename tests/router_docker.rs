@@ -20,6 +20,12 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// portless with its router on a free loopback port, DNS on loopback only.
 fn portless_router(extra: &[&str]) -> (Portless, SocketAddr) {
+    let (p, http, _) = portless_router_dns(extra);
+    (p, http)
+}
+
+/// [`portless_router`], and the address of its DNS listener.
+fn portless_router_dns(extra: &[&str]) -> (Portless, SocketAddr, SocketAddr) {
     let http = SocketAddr::new([127, 0, 0, 1].into(), free_port([127, 0, 0, 1].into()));
     let dns = SocketAddr::new([127, 0, 0, 1].into(), free_port([127, 0, 0, 1].into()));
     let (http_s, dns_s) = (http.to_string(), dns.to_string());
@@ -36,7 +42,7 @@ fn portless_router(extra: &[&str]) -> (Portless, SocketAddr) {
         "2",
     ];
     args.extend_from_slice(extra);
-    (Portless::start(&args), http)
+    (Portless::start(&args), http, dns)
 }
 
 #[test]
@@ -584,24 +590,7 @@ fn closed_port_gives_502_unhealthy_only_replica_503_paused_backend_504() {
 fn ingress_zone_names_resolve_through_portless_to_the_router() {
     let cleanup = Cleanup::new();
     let (net, _) = network(&cleanup, &[]);
-    let dns_port = free_port([127, 0, 0, 1].into());
-    let dns = SocketAddr::new([127, 0, 0, 1].into(), dns_port);
-    let http = SocketAddr::new([127, 0, 0, 1].into(), free_port([127, 0, 0, 1].into()));
-    let (dns_s, http_s) = (dns.to_string(), http.to_string());
-    let _p = Portless::start(&[
-        "--dns-port",
-        "0",
-        "--dns-listen",
-        &dns_s,
-        "--upstream",
-        "127.0.0.1:9",
-        "--ingress-zone",
-        "apps.test=127.0.0.1",
-        "--http-listen",
-        &http_s,
-        "--router-threads",
-        "1",
-    ]);
+    let (_p, http, dns) = portless_router_dns(&["--ingress-zone", "apps.test=127.0.0.1"]);
     let c = unique("zone");
     let h = label("portless.http.host", "shop.apps.test");
     web(
@@ -1020,13 +1009,8 @@ fn forwarded_headers_proxy_protocol_and_hostile_requests_through_the_binary() {
 
 #[test]
 fn the_readme_compose_example_two_apps_on_two_domains_through_the_router() {
-    require("docker-compose");
     let cleanup = Cleanup::new();
     let image = busybox_image();
-    let project = unique("two");
-    let dir = std::env::temp_dir().join(&project);
-    std::fs::create_dir_all(&dir).unwrap();
-    cleanup.push(&["rm", "-rf", dir.to_str().unwrap()]);
     // As in the README: shop (3 replicas, its port by label) and blog (its
     // one exposed port), on two domains, no port published.
     let httpd = |body: &str| {
@@ -1039,38 +1023,13 @@ fn the_readme_compose_example_two_apps_on_two_domains_through_the_router() {
         shop = httpd("shop"),
         blog = httpd("blog"),
     );
-    let file = dir.join("docker-compose.yml");
-    std::fs::write(&file, compose).unwrap();
-    let f = file.to_str().unwrap();
-    cleanup.push(&[
-        "docker-compose",
-        "-f",
-        f,
-        "-p",
-        &project,
-        "down",
-        "-v",
-        "-t",
-        "0",
-    ]);
-    let dns = SocketAddr::new([127, 0, 0, 1].into(), free_port([127, 0, 0, 1].into()));
-    let http = SocketAddr::new([127, 0, 0, 1].into(), free_port([127, 0, 0, 1].into()));
-    let (dns_s, http_s) = (dns.to_string(), http.to_string());
-    let p = Portless::start(&[
-        "--dns-port",
-        "0",
-        "--dns-listen",
-        &dns_s,
-        "--upstream",
-        "127.0.0.1:9",
+    let (p, http, dns) = portless_router_dns(&[
         "--ingress-zone",
         "example.com=127.0.0.1",
         "--ingress-zone",
         "example.org=127.0.0.1",
-        "--http-listen",
-        &http_s,
     ]);
-    ok("docker-compose", &["-f", f, "-p", &project, "up", "-d"]);
+    compose_up(&cleanup, "two", &compose);
     // Both names resolve through portless to the router, which reaches the
     // apps; shop's requests spread over its three replicas.
     for (name, body) in [

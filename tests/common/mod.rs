@@ -108,6 +108,33 @@ impl Drop for Cleanup {
     }
 }
 
+/// Start a docker-compose project from `yaml` (written to a directory of
+/// its own) under a fresh name starting with `prefix`; `docker-compose
+/// down` and the directory go with `cleanup`. Returns the project name.
+pub fn compose_up(cleanup: &Cleanup, prefix: &str, yaml: &str) -> String {
+    require("docker-compose");
+    let project = unique(prefix);
+    let dir = std::env::temp_dir().join(&project);
+    std::fs::create_dir_all(&dir).unwrap();
+    cleanup.push(&["rm", "-rf", dir.to_str().unwrap()]);
+    let file = dir.join("docker-compose.yml");
+    std::fs::write(&file, yaml).unwrap();
+    let f = file.to_str().unwrap();
+    cleanup.push(&[
+        "docker-compose",
+        "-f",
+        f,
+        "-p",
+        &project,
+        "down",
+        "-v",
+        "-t",
+        "0",
+    ]);
+    ok("docker-compose", &["-f", f, "-p", &project, "up", "-d"]);
+    project
+}
+
 /// Create a bridge network with a free /24 subnet picked by the test, and
 /// register its removal. Returns (name, gateway).
 pub fn network(cleanup: &Cleanup, extra: &[&str]) -> (String, IpAddr) {

@@ -199,22 +199,22 @@ fn signal_number(s: &str) -> Option<u32> {
     }
     let upper = s.to_ascii_uppercase();
     let name = upper.strip_prefix("SIG").unwrap_or(&upper);
-    // Docker's own table for Linux: SIGRTMIN is 34, SIGRTMAX 64.
+    // Docker's own table for Linux: SIGRTMIN is 34, SIGRTMAX 64, and
+    // RTMIN+n / RTMAX-n for n up to 30.
+    let offset = |rest: &str, sign: char| -> Option<u32> {
+        if rest.is_empty() {
+            return Some(0);
+        }
+        rest.strip_prefix(sign)?
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= 30)
+    };
     if let Some(rest) = name.strip_prefix("RTMIN") {
-        let n = if rest.is_empty() {
-            0
-        } else {
-            rest.strip_prefix('+')?.parse::<u32>().ok()?
-        };
-        return (n <= 30).then_some(34 + n);
+        return offset(rest, '+').map(|n| 34 + n);
     }
     if let Some(rest) = name.strip_prefix("RTMAX") {
-        let n = if rest.is_empty() {
-            0
-        } else {
-            rest.strip_prefix('-')?.parse::<u32>().ok()?
-        };
-        return (n <= 30).then_some(64 - n);
+        return offset(rest, '-').map(|n| 64 - n);
     }
     const NAMES: [&str; 31] = [
         "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",

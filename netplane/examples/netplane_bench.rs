@@ -57,6 +57,7 @@ fn config(etcd: &Etcd, host: &Host, mode: Mode, bridge: bool) -> AgentConfig {
         netns: Some(host.ns.path()),
         iptables: false,
         masquerade_outside: false,
+        state_dir: None,
     }
 }
 

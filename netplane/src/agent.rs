@@ -1,36 +1,43 @@
-//! The running netplane of one host: lease, peer watch and reconcile loop.
+//! The running netplane of one host: a thin loop around the
+//! [`Membership`] state machine.
 //!
-//! - On start it finds the underlay, then leases a subnet (retrying while
-//!   etcd is unreachable: whatever the kernel holds from an earlier run is
-//!   left alone until then).
-//! - A keep-alive task refreshes the lease every third of its TTL and takes
-//!   the subnet again if the lease expired (after a long etcd outage).
-//! - A watch task lists every host record, then follows changes; after any
-//!   error it lists again. It never forgets peers because etcd is away: the
-//!   last known plan stays in force.
-//! - A reconcile task compares the kernel with the plan on start, on every
-//!   peer change and every `resync`, and applies the difference.
+//! - On start it finds the underlay; then the machine leases a subnet
+//!   (adopting this host's lease if it still lives; retrying while etcd is
+//!   unreachable: whatever the kernel holds from an earlier run is left
+//!   alone until then), keeps the lease alive, lists every host and
+//!   container record and follows them with one watch, publishes this
+//!   host's container records, and asks for kernel reconciles.
+//! - This loop carries out the machine's actions as tasks whose results
+//!   come back as inputs, feeds it kernel change events and this host's
+//!   desired records ([`Agent::publish`]), and publishes two snapshots: the
+//!   [`Status`] and the other hosts' checked records ([`Agent::remote`]).
+//! - The last known own record and peers are kept in a state file, so that
+//!   a host restarted while etcd is down still shows what its kernel keeps.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use etcd_client::EventType;
 use ipnet::Ipv4Net;
-use serde::Serialize;
-use tokio::sync::{Notify, watch};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::access::EtcdAccess;
 use crate::error::{Error, Result};
 use crate::iptables::{self, Rules};
+use crate::membership::{
+    self, Action, Input, Membership, PublishError, Reconciled, RemoteView, Summary,
+};
 use crate::model::{HostRecord, Mac, Mode, Transport};
 use crate::netlink::Kernel;
 use crate::plan::{self, LocalSpec, Refusal, Underlay};
-use crate::store::{self, Claim, Lease, Store};
+use crate::records::ContainerRecord;
+use crate::store::{Claim, ClusterEvent, Store};
 
 /// Everything the agent needs, already validated.
 #[derive(Debug, Clone)]
@@ -62,6 +69,9 @@ pub struct AgentConfig {
     /// Masquerade traffic from the subnet to outside the cluster (Docker
     /// does this itself for its networks).
     pub masquerade_outside: bool,
+    /// Where the last known own record and peers are kept between runs
+    /// (`netplane-{host id}.json`); None: nowhere.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// This host's lease as shown to people.
@@ -94,11 +104,46 @@ pub struct PeerStatus {
     pub in_place: bool,
 }
 
+/// Container records: this host's published ones and the others' merged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct RecordsStatus {
+    /// Own records etcd holds.
+    pub published: usize,
+    /// Own records not yet written (etcd away, or a write under way).
+    pub pending: usize,
+    /// Record writes done (puts and deletes).
+    pub writes: u64,
+    /// Other hosts' records answered and routed.
+    pub merged: usize,
+    /// Records refused now (forged, malformed), and since start by kind.
+    pub refused: usize,
+    pub refused_total: BTreeMap<String, u64>,
+    /// Time from a change on its host to its record arriving here
+    /// (publisher's clock against ours), as a histogram.
+    pub watch_lag: LagHistogram,
+}
+
+/// Bucket upper bounds of [`LagHistogram`], in seconds.
+pub const LAG_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+/// Counts per bucket (cumulative as in Prometheus), sum and count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct LagHistogram {
+    pub buckets: Vec<u64>,
+    pub count: u64,
+    pub sum_us: u64,
+}
+
 /// The status snapshot, served as JSON at `/api/cluster`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct Status {
-    /// None until the first lease is granted.
+    /// None until the first lease is granted (or, after a restart with
+    /// etcd away, the last known one: see `last_known`).
     pub host: Option<HostStatus>,
+    /// `host` and `peers` are what the previous run knew: etcd has not
+    /// answered since this start.
+    #[serde(default)]
+    pub last_known: bool,
     pub etcd_endpoints: Vec<String>,
     pub etcd_prefix: String,
     pub etcd_connected: bool,
@@ -108,6 +153,7 @@ pub struct Status {
     pub last_error: Option<String>,
     pub reconciles: u64,
     pub ops_applied: u64,
+    pub records: RecordsStatus,
 }
 
 impl Status {
@@ -180,24 +226,158 @@ impl Status {
             "Netlink changes applied.",
             &[("", self.ops_applied)],
         );
+        let r = &self.records;
+        metric(
+            "portless_cluster_records_published",
+            "gauge",
+            "This host's container records held in etcd.",
+            &[("", r.published as u64)],
+        );
+        metric(
+            "portless_cluster_records_pending",
+            "gauge",
+            "This host's container records not yet written.",
+            &[("", r.pending as u64)],
+        );
+        metric(
+            "portless_cluster_record_writes_total",
+            "counter",
+            "Container record writes (puts and deletes) by this host.",
+            &[("", r.writes)],
+        );
+        metric(
+            "portless_cluster_records_merged",
+            "gauge",
+            "Other hosts' container records answered and routed here.",
+            &[("", r.merged as u64)],
+        );
+        metric(
+            "portless_cluster_records_refused",
+            "gauge",
+            "Container records in etcd refused now (forged or malformed).",
+            &[("", r.refused as u64)],
+        );
+        let kinds: Vec<(String, u64)> = [
+            "malformed",
+            "key-mismatch",
+            "not-the-hosts",
+            "address-outside-subnet",
+            "bad-field",
+        ]
+        .iter()
+        .map(|k| {
+            (
+                format!("reason=\"{k}\""),
+                r.refused_total.get(*k).copied().unwrap_or(0),
+            )
+        })
+        .collect();
+        let kinds: Vec<(&str, u64)> = kinds.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            "portless_cluster_records_refused_total",
+            "counter",
+            "Container records refused, by reason.",
+            &kinds,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP portless_cluster_watch_lag_seconds Time from a change on its host to its record arriving here.\n# TYPE portless_cluster_watch_lag_seconds histogram"
+        );
+        for (i, le) in LAG_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "portless_cluster_watch_lag_seconds_bucket{{le=\"{le}\"}} {}",
+                r.watch_lag.buckets.get(i).copied().unwrap_or(0)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "portless_cluster_watch_lag_seconds_bucket{{le=\"+Inf\"}} {}\nportless_cluster_watch_lag_seconds_sum {}\nportless_cluster_watch_lag_seconds_count {}",
+            r.watch_lag.count,
+            r.watch_lag.sum_us as f64 / 1e6,
+            r.watch_lag.count
+        );
         out
     }
 }
 
-struct Shared {
-    spec: Option<LocalSpec>,
-    lease: Option<Lease>,
-    peers: BTreeMap<String, HostRecord>,
-    etcd_ok: bool,
-    last_error: Option<String>,
-    reconciles: u64,
-    ops_applied: u64,
-    /// Refusals already logged, so that each is said once, at warn.
-    refused: Vec<Refusal>,
-    /// The peers have been listed from etcd at least once. Until then the
-    /// kernel is not touched: an empty peer set would tear down what a
-    /// previous run left in place.
-    listed: bool,
+/// Lag observations, shared with the watch task.
+#[derive(Default)]
+struct Lag {
+    buckets: [AtomicU64; LAG_BUCKETS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Lag {
+    fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, le) in LAG_BUCKETS.iter().enumerate() {
+            if s <= *le {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> LagHistogram {
+        LagHistogram {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            count: self.count.load(Ordering::Relaxed),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What a host keeps between runs (for status only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Saved {
+    own: HostRecord,
+    peers: Vec<HostRecord>,
+}
+
+fn state_file(cfg: &AgentConfig, id: &str) -> Option<PathBuf> {
+    let safe: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    cfg.state_dir
+        .as_ref()
+        .map(|d| d.join(format!("netplane-{safe}.json")))
+}
+
+fn load_saved(path: &std::path::Path) -> Option<Saved> {
+    let text = std::fs::read(path).ok()?;
+    match serde_json::from_slice(&text) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(file = %path.display(), error = %e, "ignoring an unreadable netplane state file");
+            None
+        }
+    }
+}
+
+/// Write atomically: a temporary file, then rename.
+fn store_saved(path: &std::path::Path, saved: &Saved) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let json = serde_json::to_vec_pretty(saved).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// A running netplane. Dropping it stops its tasks and leaves the kernel
@@ -206,8 +386,11 @@ pub struct Agent {
     cfg: AgentConfig,
     kernel: Kernel,
     store: Store,
-    shared: Arc<Mutex<Shared>>,
     status: watch::Receiver<Status>,
+    remote: watch::Receiver<Arc<RemoteView>>,
+    local: watch::Sender<BTreeMap<String, ContainerRecord>>,
+    /// The lease in force, for `stop`.
+    lease: watch::Receiver<Option<i64>>,
     wake: Arc<Notify>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -220,15 +403,17 @@ impl Drop for Agent {
     }
 }
 
-fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
-    // A panic while holding the lock leaves plain data behind; keep going.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
         .unwrap_or(0)
 }
 
@@ -258,29 +443,12 @@ impl Agent {
         }
         kernel.enable_forwarding().await?;
         let store = Store::connect_with(&cfg.etcd, &cfg.prefix, &cfg.etcd_access).await?;
-        let shared = Arc::new(Mutex::new(Shared {
-            spec: None,
-            lease: None,
-            peers: BTreeMap::new(),
-            etcd_ok: false,
-            last_error: None,
-            reconciles: 0,
-            ops_applied: 0,
-            refused: Vec::new(),
-            listed: false,
-        }));
-        let (status_tx, status) = watch::channel(Status {
-            etcd_endpoints: cfg.etcd.clone(),
-            etcd_prefix: store.prefix().to_owned(),
-            ..Status::default()
-        });
-        let status_tx = Arc::new(status_tx);
-        let wake = Arc::new(Notify::new());
+        let id = cfg
+            .host_id
+            .clone()
+            .unwrap_or_else(|| underlay.addr.to_string());
         let record = HostRecord {
-            id: cfg
-                .host_id
-                .clone()
-                .unwrap_or_else(|| underlay.addr.to_string()),
+            id: id.clone(),
             subnet: cfg.cluster,
             underlay: underlay.addr,
             vtep_mac: Mac::for_vtep(underlay.addr),
@@ -294,23 +462,73 @@ impl Agent {
             ttl: cfg.lease_ttl,
             record,
         };
-
-        let main = tokio::spawn(run(
-            cfg.clone(),
-            kernel.clone(),
-            store.clone(),
+        let state = state_file(&cfg, &id);
+        let saved = state
+            .as_deref()
+            .and_then(load_saved)
+            .filter(|s| s.own.id == id && cfg.cluster.contains(&s.own.subnet));
+        let mut status0 = Status {
+            etcd_endpoints: cfg.etcd.clone(),
+            etcd_prefix: store.prefix().to_owned(),
+            ..Status::default()
+        };
+        if let Some(s) = &saved {
+            // What the kernel keeps from the previous run, shown until etcd
+            // answers.
+            let spec = spec_for(&cfg, &underlay, &s.own);
+            let observed = kernel.observe().await.unwrap_or_default();
+            let p = plan::plan(&spec, &s.peers);
+            status0.host = Some(host_status(&spec, 0, 0));
+            status0.peers = peer_statuses(&p, &s.peers, &observed);
+            status0.last_known = true;
+        }
+        let machine = Membership::new(
+            membership::Config {
+                host_id: id.clone(),
+                lease_ttl: cfg.lease_ttl,
+                resync: cfg.resync,
+            },
+            Instant::now(),
+            saved.map(|s| (s.own, s.peers)),
+        );
+        let (status_tx, status) = watch::channel(status0);
+        let (remote_tx, remote) = watch::channel(Arc::new(RemoteView::new()));
+        let (local, local_rx) = watch::channel(BTreeMap::new());
+        let (lease_tx, lease) = watch::channel(None);
+        let wake = Arc::new(Notify::new());
+        let changes = match kernel.changes().await {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                warn!(error = %e, "cannot follow kernel changes; drift is repaired every resync period only");
+                None
+            }
+        };
+        let driver = Driver {
+            cfg: cfg.clone(),
+            kernel: kernel.clone(),
+            store: store.clone(),
             underlay,
             claim,
-            shared.clone(),
+            host_id: id,
+            state,
             status_tx,
-            wake.clone(),
-        ));
+            remote_tx,
+            lease_tx,
+            lag: Arc::new(Lag::default()),
+            refused_total: BTreeMap::new(),
+            saved: None,
+            last_reconcile_ms: None,
+            refused_peers: Vec::new(),
+        };
+        let main = tokio::spawn(driver.run(machine, local_rx, wake.clone(), changes));
         Ok(Agent {
             cfg,
             kernel,
             store,
-            shared,
             status,
+            remote,
+            local,
+            lease,
             wake,
             tasks: vec![main],
         })
@@ -326,6 +544,18 @@ impl Agent {
         self.status.clone()
     }
 
+    /// Other hosts' checked container records, following every change.
+    pub fn remote(&self) -> watch::Receiver<Arc<RemoteView>> {
+        self.remote.clone()
+    }
+
+    /// Where this host's desired container records go (by container id;
+    /// the `host` field is filled in). Only what differs from etcd is
+    /// written.
+    pub fn publisher(&self) -> watch::Sender<BTreeMap<String, ContainerRecord>> {
+        self.local.clone()
+    }
+
     /// Wait until this host holds a lease and has reconciled once; returns
     /// its status.
     pub async fn ready(&self) -> HostStatus {
@@ -333,7 +563,8 @@ impl Agent {
         loop {
             {
                 let s = rx.borrow_and_update();
-                if let (Some(h), Some(_)) = (&s.host, s.last_reconcile_unix_ms) {
+                if let (Some(h), Some(_), false) = (&s.host, s.last_reconcile_unix_ms, s.last_known)
+                {
                     return h.clone();
                 }
             }
@@ -363,19 +594,25 @@ impl Agent {
     }
 
     /// Stop the tasks. With `cleanup`, give the lease back (peers drop this
-    /// host at once) and remove every kernel object and rule portless made.
+    /// host and its records at once) and remove every kernel object and
+    /// rule portless made.
     pub async fn stop(mut self, cleanup: bool) -> Result<()> {
         for t in self.tasks.drain(..) {
             t.abort();
         }
         if cleanup {
-            let lease = lock(&self.shared).lease.clone();
+            let lease = *self.lease.borrow();
             if let Some(l) = lease
-                && let Err(e) = self.store.release(l.id).await
+                && let Err(e) = self.store.release(l).await
             {
                 warn!(error = %e, "could not give the lease back; it expires on its own");
             }
             cleanup_kernel(&self.kernel, self.cfg.iptables).await?;
+            // Nothing of this host is left to remember.
+            let id = self.status.borrow().host.as_ref().map(|h| h.id.clone());
+            if let Some(path) = id.and_then(|id| state_file(&self.cfg, &id)) {
+                let _ = std::fs::remove_file(path);
+            }
         }
         Ok(())
     }
@@ -403,105 +640,6 @@ pub async fn cleanup_kernel(kernel: &Kernel, with_iptables: bool) -> Result<usiz
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    cfg: AgentConfig,
-    kernel: Kernel,
-    store: Store,
-    underlay: Underlay,
-    claim: Claim,
-    shared: Arc<Mutex<Shared>>,
-    status_tx: Arc<watch::Sender<Status>>,
-    wake: Arc<Notify>,
-) {
-    // 1. A lease, however long etcd takes to answer.
-    let mut backoff = Duration::from_millis(200);
-    let lease = loop {
-        match store.claim(&claim).await {
-            Ok(l) => break l,
-            Err(e) => {
-                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot lease a subnet yet");
-                lock(&shared).last_error = Some(e.to_string());
-                // The reconcile loop, which publishes the status, starts
-                // with the lease: say why there is none (a certificate or
-                // password etcd refuses) now.
-                status_tx.send_modify(|s| s.last_error = Some(e.to_string()));
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    };
-    {
-        let mut s = lock(&shared);
-        s.spec = Some(spec_for(&cfg, &underlay, &lease.record));
-        s.lease = Some(lease);
-        s.etcd_ok = true;
-        s.last_error = None;
-    }
-
-    let keepalive = tokio::spawn(keep_alive(
-        store.clone(),
-        claim,
-        cfg.clone(),
-        underlay,
-        shared.clone(),
-        wake.clone(),
-    ));
-    let watcher = tokio::spawn(watch_peers(store, shared.clone(), wake.clone()));
-    // Aborting `run` drops these handles without stopping the tasks, so
-    // they are tied to a guard that aborts them.
-    let _guard = AbortOnDrop(vec![keepalive, watcher]);
-
-    // Kernel changes by anyone wake the loop too, so that drift is
-    // repaired at once; the period stays as the safety net.
-    let mut changes = match kernel.changes().await {
-        Ok(rx) => Some(rx),
-        Err(e) => {
-            warn!(error = %e, "cannot follow kernel changes; drift is repaired every resync period only");
-            None
-        }
-    };
-    loop {
-        reconcile(&cfg, &kernel, &shared, &status_tx).await;
-        let changed = async {
-            match changes.as_mut() {
-                Some(rx) => {
-                    if rx.recv().await.is_none() {
-                        std::future::pending::<()>().await;
-                    }
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = wake.notified() => {}
-            _ = changed => {
-                // A burst (our own apply, a container starting) is one
-                // reconcile: wait a moment, then drop what piled up. A peer
-                // change does not wait.
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                    _ = wake.notified() => {}
-                }
-                if let Some(rx) = changes.as_mut() {
-                    while rx.try_recv().is_ok() {}
-                }
-            }
-            _ = tokio::time::sleep(cfg.resync) => {}
-        }
-    }
-}
-
-struct AbortOnDrop(Vec<JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
-
 fn spec_for(cfg: &AgentConfig, underlay: &Underlay, record: &HostRecord) -> LocalSpec {
     LocalSpec {
         record: record.clone(),
@@ -512,216 +650,414 @@ fn spec_for(cfg: &AgentConfig, underlay: &Underlay, record: &HostRecord) -> Loca
     }
 }
 
-async fn keep_alive(
-    store: Store,
-    claim: Claim,
+fn host_status(spec: &LocalSpec, lease_id: i64, lease_ttl: i64) -> HostStatus {
+    HostStatus {
+        id: spec.record.id.clone(),
+        hostname: spec.record.hostname.clone(),
+        subnet: spec.record.subnet,
+        gateway: spec.gateway().addr(),
+        underlay: spec.underlay.addr,
+        interface: spec.underlay.ifname.clone(),
+        mode: spec.record.mode,
+        vtep_mac: spec.record.vtep_mac,
+        mtu: spec.container_mtu(),
+        lease_id,
+        lease_ttl,
+    }
+}
+
+fn peer_statuses(
+    p: &plan::Plan,
+    peers: &[HostRecord],
+    observed: &plan::Observed,
+) -> Vec<PeerStatus> {
+    let by_id: BTreeMap<&str, &HostRecord> = peers.iter().map(|r| (r.id.as_str(), r)).collect();
+    p.peers
+        .iter()
+        .map(|pp| {
+            let rec = by_id.get(pp.id.as_str());
+            PeerStatus {
+                id: pp.id.clone(),
+                hostname: rec.map(|r| r.hostname.clone()).unwrap_or_default(),
+                subnet: pp.subnet,
+                underlay: pp.underlay,
+                mode: rec.map(|r| r.mode).unwrap_or(Mode::Vxlan),
+                transport: pp.transport,
+                in_place: plan::peer_in_place(pp, observed),
+            }
+        })
+        .collect()
+}
+
+struct AbortOnDrop(Option<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
+    }
+}
+
+/// The I/O shell around [`Membership`].
+struct Driver {
     cfg: AgentConfig,
+    kernel: Kernel,
+    store: Store,
     underlay: Underlay,
-    shared: Arc<Mutex<Shared>>,
-    wake: Arc<Notify>,
-) {
-    let period = (cfg.lease_ttl / 3).max(Duration::from_millis(300));
-    loop {
-        tokio::time::sleep(period).await;
-        let Some(lease_id) = lock(&shared).lease.as_ref().map(|l| l.id) else {
-            continue;
-        };
-        match store.keep_alive(lease_id).await {
-            Ok(ttl) if ttl > 0 => {
-                let mut s = lock(&shared);
-                if !s.etcd_ok {
-                    info!(lease = lease_id, "etcd reachable again; lease kept");
-                    s.etcd_ok = true;
-                    s.last_error = None;
-                    drop(s);
-                    wake.notify_one();
-                }
-            }
-            Ok(_) => {
-                warn!(lease = lease_id, "lease expired; leasing again");
-                match store.claim(&claim).await {
-                    Ok(l) => {
-                        let mut s = lock(&shared);
-                        if s.lease.as_ref().map(|o| o.record.subnet) != Some(l.record.subnet) {
-                            warn!(subnet = %l.record.subnet, "subnet changed after the lease expired");
-                        }
-                        s.spec = Some(spec_for(&cfg, &underlay, &l.record));
-                        s.lease = Some(l);
-                        s.etcd_ok = true;
-                        s.last_error = None;
-                        drop(s);
-                        wake.notify_one();
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "leasing again failed");
-                        lock(&shared).last_error = Some(e.to_string());
-                    }
-                }
-            }
-            Err(e) => etcd_down(&shared, &wake, &e),
-        }
-    }
+    claim: Claim,
+    host_id: String,
+    state: Option<PathBuf>,
+    status_tx: watch::Sender<Status>,
+    remote_tx: watch::Sender<Arc<RemoteView>>,
+    lease_tx: watch::Sender<Option<i64>>,
+    lag: Arc<Lag>,
+    refused_total: BTreeMap<String, u64>,
+    /// What was last written to the state file.
+    saved: Option<(HostRecord, Vec<HostRecord>)>,
+    last_reconcile_ms: Option<u64>,
+    /// Refused peers already logged, so that each is said once, at warn.
+    refused_peers: Vec<Refusal>,
 }
 
-/// Put this host's own record back if it vanished from etcd (or changed)
-/// while its lease lives: etcd is reconciled like the kernel.
-async fn republish_if_gone(store: &Store, shared: &Mutex<Shared>) {
-    let lease = {
-        let s = lock(shared);
-        match &s.lease {
-            Some(l) if s.peers.get(&l.record.id) != Some(&l.record) => l.clone(),
-            _ => return,
-        }
-    };
-    match store.republish(&lease).await {
-        Ok(true) => {
-            info!(host = %lease.record.id, subnet = %lease.record.subnet, "own record restored in etcd")
-        }
-        Ok(false) => warn!(
-            host = %lease.record.id,
-            subnet = %lease.record.subnet,
-            "own subnet is now held by another host; not restoring the record"
-        ),
-        // An expired lease is taken care of by the keep-alive task.
-        Err(e) => debug!(error = %e, "restoring own record failed"),
-    }
-}
-
-/// Note that etcd is away (whoever saw it first). Nothing is torn down; the
-/// reconcile loop is woken only to publish the status.
-fn etcd_down(shared: &Mutex<Shared>, wake: &Notify, e: &Error) {
-    let mut s = lock(shared);
-    let was_ok = s.etcd_ok;
-    s.etcd_ok = false;
-    s.last_error = Some(e.to_string());
-    drop(s);
-    if was_ok {
-        warn!(error = %e, "etcd unreachable; keeping the last known plan");
-        wake.notify_one();
-    }
-}
-
-/// Whether etcd canceled a watch for its token (expired, or forgotten by a
-/// restarted etcd): it then says "permission denied" or "invalid auth
-/// token", not "required revision has been compacted".
-fn cancel_needs_new_token(reason: &str) -> bool {
-    reason.contains("permission denied") || reason.contains("invalid auth token")
-}
-
-async fn watch_peers(store: Store, shared: Arc<Mutex<Shared>>, wake: Arc<Notify>) {
-    loop {
-        let (hosts, rev) = match store.hosts().await {
-            Ok(v) => v,
-            Err(e) => {
-                debug!(error = %e, "listing hosts failed; retrying");
-                etcd_down(&shared, &wake, &e);
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        {
-            let mut s = lock(&shared);
-            if s.peers != hosts || !s.listed {
-                debug!(hosts = hosts.len(), "host list replaced");
-                s.peers = hosts;
-                s.listed = true;
-                drop(s);
-                wake.notify_one();
-            }
-        }
-        republish_if_gone(&store, &shared).await;
-        let mut stream = match store.watch_hosts(rev + 1).await {
-            Ok(s) => s,
-            Err(e) => {
-                debug!(error = %e, "watch failed; listing again");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
+impl Driver {
+    async fn run(
+        mut self,
+        mut m: Membership,
+        mut local: watch::Receiver<BTreeMap<String, ContainerRecord>>,
+        wake: Arc<Notify>,
+        mut changes: Option<mpsc::UnboundedReceiver<()>>,
+    ) {
+        let (tx, mut inbox) = mpsc::unbounded_channel::<Input>();
+        let mut watch_task = AbortOnDrop(None);
+        let mut remote_version = u64::MAX;
+        let mut local_open = true;
         loop {
-            match stream.message().await {
-                Ok(Some(resp)) => {
-                    if resp.canceled() {
-                        debug!(
-                            reason = resp.cancel_reason(),
-                            "watch canceled; listing again"
-                        );
-                        // etcd checks a watch's token when it creates the
-                        // watch and refuses by canceling it, not by failing
-                        // the request, so etcd-client's own refresh (on
-                        // failed requests) misses a stale token here. Other
-                        // cancels (compaction) need no new token.
-                        if cancel_needs_new_token(resp.cancel_reason())
-                            && let Err(e) = store.refresh_token().await
-                        {
-                            debug!(error = %e, "getting a new etcd token failed");
+            while let Some(action) = m.poll_action() {
+                self.execute(action, &tx, &mut watch_task);
+            }
+            for r in m.take_refusals() {
+                warn!(host = %r.host, container = %r.id, reason = %r.refusal, "container record refused");
+                *self
+                    .refused_total
+                    .entry(r.refusal.kind().to_owned())
+                    .or_default() += 1;
+            }
+            let (view, version) = m.remote();
+            if version != remote_version {
+                remote_version = version;
+                self.remote_tx.send_replace(Arc::new(view.clone()));
+            }
+            let summary = m.summary();
+            self.publish_status(&summary);
+            self.save_state(&summary);
+
+            let sleep = async {
+                match m.poll_timeout() {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let kernel_changed = async {
+                match changes.as_mut() {
+                    Some(rx) => {
+                        if rx.recv().await.is_none() {
+                            std::future::pending::<()>().await;
                         }
-                        break;
                     }
-                    let changed = {
-                        let mut changed = false;
-                        let mut s = lock(&shared);
-                        for ev in resp.events() {
-                            let Some(kv) = ev.kv() else { continue };
-                            let Some(id) = kv.key_str().ok().and_then(|k| store.host_id_of_key(k))
-                            else {
-                                continue;
-                            };
-                            match ev.event_type() {
-                                EventType::Put => {
-                                    if let Some(r) = store::decode_host(kv.value())
-                                        && s.peers.get(id) != Some(&r)
-                                    {
-                                        info!(host = %id, subnet = %r.subnet, underlay = %r.underlay, "peer up");
-                                        s.peers.insert(id.to_owned(), r);
-                                        changed = true;
-                                    }
-                                }
-                                EventType::Delete => {
-                                    if s.peers.remove(id).is_some() {
-                                        info!(host = %id, "peer gone");
-                                        changed = true;
-                                    }
-                                }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                Some(input) = inbox.recv() => {
+                    if let Input::Reconciled(r) = &input {
+                        self.last_reconcile_ms = Some(now_ms());
+                        for p in &r.refused {
+                            if !self.refused_peers.contains(p) {
+                                warn!(peer = %p.id, subnet = %p.subnet, reason = %p.reason, "peer refused");
                             }
                         }
-                        changed
-                    };
-                    if changed {
-                        wake.notify_one();
+                        self.refused_peers = r.refused.clone();
                     }
-                    republish_if_gone(&store, &shared).await;
+                    m.handle(input, Instant::now());
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    debug!(error = %e, "watch broke; listing again");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    break;
+                _ = sleep => m.handle_timeout(Instant::now()),
+                r = local.changed(), if local_open => match r {
+                    Ok(()) => {
+                        let records = local.borrow_and_update().clone();
+                        m.handle(Input::Local(records), Instant::now());
+                    }
+                    Err(_) => local_open = false,
+                },
+                _ = wake.notified() => m.handle(Input::Wake, Instant::now()),
+                _ = kernel_changed => {
+                    if let Some(rx) = changes.as_mut() {
+                        while rx.try_recv().is_ok() {}
+                    }
+                    m.handle(Input::KernelChanged, Instant::now());
                 }
+            }
+        }
+    }
+
+    fn execute(
+        &self,
+        action: Action,
+        tx: &mpsc::UnboundedSender<Input>,
+        watch_task: &mut AbortOnDrop,
+    ) {
+        let store = self.store.clone();
+        let tx = tx.clone();
+        match action {
+            Action::Claim => {
+                let claim = self.claim.clone();
+                tokio::spawn(async move {
+                    let input = match store.claim(&claim).await {
+                        Ok(l) => Input::Claimed(l),
+                        Err(e) => {
+                            warn!(error = %e, "cannot lease a subnet yet");
+                            Input::ClaimFailed(e.to_string())
+                        }
+                    };
+                    let _ = tx.send(input);
+                });
+            }
+            Action::KeepAlive(lease) => {
+                tokio::spawn(async move {
+                    let input = match store.keep_alive(lease).await {
+                        Ok(ttl) => {
+                            if ttl <= 0 {
+                                warn!(lease, "lease expired; leasing again");
+                            }
+                            Input::KeptAlive { lease, ttl }
+                        }
+                        Err(e) => Input::KeepAliveFailed {
+                            lease,
+                            error: e.to_string(),
+                        },
+                    };
+                    let _ = tx.send(input);
+                });
+            }
+            Action::List => {
+                *watch_task = AbortOnDrop(None);
+                tokio::spawn(async move {
+                    let input = match store.list_cluster().await {
+                        Ok(l) => {
+                            debug!(
+                                hosts = l.hosts.len(),
+                                records = l.records.len(),
+                                revision = l.revision,
+                                "cluster listed"
+                            );
+                            Input::Listed(l)
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "listing the cluster failed; retrying");
+                            Input::ListFailed(e.to_string())
+                        }
+                    };
+                    let _ = tx.send(input);
+                });
+            }
+            Action::Watch { watch, from } => {
+                let lag = self.lag.clone();
+                let me = self.host_id.clone();
+                *watch_task = AbortOnDrop(Some(tokio::spawn(async move {
+                    let error = match store.watch_cluster(from).await {
+                        Err(e) => e.to_string(),
+                        Ok(mut w) => loop {
+                            match w.next().await {
+                                Ok(Some(events)) => {
+                                    let now = now_ns();
+                                    for ev in &events {
+                                        if let ClusterEvent::RecordPut(r) = ev
+                                            && r.host != me
+                                            && let Ok(rec) = &r.record
+                                            && let Some(t) = rec.changed_ns
+                                        {
+                                            lag.observe(Duration::from_nanos(
+                                                now.saturating_sub(t).max(0) as u64,
+                                            ));
+                                        }
+                                    }
+                                    if tx.send(Input::Watched { watch, events }).is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(None) => break "watch stream ended".to_owned(),
+                                Err(e) => break e.to_string(),
+                            }
+                        },
+                    };
+                    debug!(error, "cluster watch ended; listing again");
+                    let _ = tx.send(Input::WatchEnded { watch, error });
+                })));
+            }
+            Action::Publish { lease, ops } => {
+                let host = self.host_id.clone();
+                tokio::spawn(async move {
+                    let result = match store.publish(&host, lease, &ops).await {
+                        Ok(()) => {
+                            debug!(writes = ops.len(), "container records written");
+                            Ok(())
+                        }
+                        Err(Error::LeaseGone(_)) => Err(PublishError::LeaseGone),
+                        Err(e) => {
+                            debug!(error = %e, "writing container records failed; retrying");
+                            Err(PublishError::Other(e.to_string()))
+                        }
+                    };
+                    let _ = tx.send(Input::Published { lease, ops, result });
+                });
+            }
+            Action::RestoreHost(lease) => {
+                tokio::spawn(async move {
+                    let result = match store.republish(&lease).await {
+                        Ok(true) => {
+                            info!(host = %lease.record.id, subnet = %lease.record.subnet, "own record restored in etcd");
+                            Ok(true)
+                        }
+                        Ok(false) => {
+                            warn!(host = %lease.record.id, subnet = %lease.record.subnet, "own subnet is now held by another host; not restoring the record");
+                            Ok(false)
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let _ = tx.send(Input::HostRestored(result));
+                });
+            }
+            Action::Reconcile { own, peers } => {
+                let spec = spec_for(&self.cfg, &self.underlay, &own);
+                let kernel = self.kernel.clone();
+                let rules = self.cfg.iptables.then_some(Rules {
+                    cluster: self.cfg.cluster,
+                    subnet: own.subnet,
+                    masquerade_outside: self.cfg.masquerade_outside,
+                });
+                tokio::spawn(async move {
+                    let r = reconcile(&kernel, &spec, &peers, rules.as_ref()).await;
+                    let _ = tx.send(Input::Reconciled(r));
+                });
+            }
+        }
+    }
+
+    fn publish_status(&self, s: &Summary) {
+        let lease_id = s.lease.as_ref().filter(|_| !s.lease_lost).map(|l| l.id);
+        self.lease_tx.send_if_modified(|v| {
+            let changed = *v != lease_id;
+            *v = lease_id;
+            changed
+        });
+        let (host, peers, last_known) = match (&s.lease, &s.last_known) {
+            (Some(l), None) => {
+                let spec = spec_for(&self.cfg, &self.underlay, &l.record);
+                let p = plan::plan(&spec, &s.hosts);
+                let in_place = s.last_reconcile.as_ref().map(|r| &r.peers_in_place);
+                let peers = p
+                    .peers
+                    .iter()
+                    .map(|pp| {
+                        let rec = s.hosts.iter().find(|h| h.id == pp.id);
+                        PeerStatus {
+                            id: pp.id.clone(),
+                            hostname: rec.map(|r| r.hostname.clone()).unwrap_or_default(),
+                            subnet: pp.subnet,
+                            underlay: pp.underlay,
+                            mode: rec.map(|r| r.mode).unwrap_or(Mode::Vxlan),
+                            transport: pp.transport,
+                            in_place: in_place
+                                .and_then(|m| m.get(&pp.id))
+                                .copied()
+                                .unwrap_or(false),
+                        }
+                    })
+                    .collect();
+                (Some(host_status(&spec, l.id, l.ttl)), peers, false)
+            }
+            (_, Some(_)) => {
+                // Keep the start-up view of the kept kernel entries.
+                let cur = self.status_tx.borrow();
+                (cur.host.clone(), cur.peers.clone(), cur.last_known)
+            }
+            (None, None) => (None, Vec::new(), false),
+        };
+        let status = Status {
+            host,
+            last_known,
+            etcd_endpoints: self.cfg.etcd.clone(),
+            etcd_prefix: self.store.prefix().to_owned(),
+            etcd_connected: s.etcd_ok,
+            peers,
+            refused: s
+                .last_reconcile
+                .as_ref()
+                .map(|r| r.refused.clone())
+                .unwrap_or_default(),
+            last_reconcile_unix_ms: self.last_reconcile_ms,
+            last_error: s.last_error.clone(),
+            reconciles: s.reconciles,
+            ops_applied: s.ops_applied,
+            records: RecordsStatus {
+                published: s.published,
+                pending: s.pending,
+                writes: s.writes,
+                merged: s.merged,
+                refused: s.refused,
+                refused_total: self.refused_total.clone(),
+                watch_lag: self.lag.snapshot(),
+            },
+        };
+        self.status_tx.send_if_modified(|cur| {
+            let changed = *cur != status;
+            if changed {
+                *cur = status;
+            }
+            changed
+        });
+    }
+
+    /// Keep the own record and peers on disk whenever they change.
+    fn save_state(&mut self, s: &Summary) {
+        let Some(path) = &self.state else { return };
+        let (Some(l), true) = (&s.lease, s.listed) else {
+            return;
+        };
+        let peers: Vec<HostRecord> = s
+            .hosts
+            .iter()
+            .filter(|h| h.id != self.host_id)
+            .cloned()
+            .collect();
+        let now = (l.record.clone(), peers);
+        if self.saved.as_ref() == Some(&now) {
+            return;
+        }
+        let saved = Saved {
+            own: now.0.clone(),
+            peers: now.1.clone(),
+        };
+        match store_saved(path, &saved) {
+            Ok(()) => self.saved = Some(now),
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "cannot write the netplane state file");
+                // Do not try again on every loop turn.
+                self.saved = Some(now);
             }
         }
     }
 }
 
+/// Compare the kernel with the plan, apply the difference, and keep the
+/// iptables rules in place.
 async fn reconcile(
-    cfg: &AgentConfig,
     kernel: &Kernel,
-    shared: &Mutex<Shared>,
-    status_tx: &watch::Sender<Status>,
-) {
-    let (spec, lease, peers) = {
-        let s = lock(shared);
-        if !s.listed {
-            return;
-        }
-        let Some(spec) = s.spec.clone() else { return };
-        (
-            spec,
-            s.lease.clone(),
-            s.peers.values().cloned().collect::<Vec<_>>(),
-        )
-    };
-    let p = plan::plan(&spec, &peers);
+    spec: &LocalSpec,
+    peers: &[HostRecord],
+    rules: Option<&Rules>,
+) -> Reconciled {
+    let p = plan::plan(spec, peers);
     let mut error: Option<Error> = None;
     let mut applied = 0u64;
     let observed = match kernel.observe().await {
@@ -750,82 +1086,31 @@ async fn reconcile(
             Default::default()
         }
     };
-    if cfg.iptables {
-        let rules = Rules {
-            cluster: cfg.cluster,
-            subnet: spec.record.subnet,
-            masquerade_outside: cfg.masquerade_outside,
-        };
-        if let Err(e) = iptables::ensure(kernel, &rules).await {
-            error.get_or_insert(e);
-        }
+    if let Some(rules) = rules
+        && let Err(e) = iptables::ensure(kernel, rules).await
+    {
+        error.get_or_insert(e);
     }
-    let by_id: BTreeMap<&str, &HostRecord> = peers.iter().map(|r| (r.id.as_str(), r)).collect();
-    let peer_status = p
-        .peers
-        .iter()
-        .map(|pp| {
-            let rec = by_id.get(pp.id.as_str());
-            PeerStatus {
-                id: pp.id.clone(),
-                hostname: rec.map(|r| r.hostname.clone()).unwrap_or_default(),
-                subnet: pp.subnet,
-                underlay: pp.underlay,
-                mode: rec.map(|r| r.mode).unwrap_or(Mode::Vxlan),
-                transport: pp.transport,
-                in_place: plan::peer_in_place(pp, &observed),
-            }
-        })
-        .collect();
-    let mut s = lock(shared);
-    for r in &p.refused {
-        if !s.refused.contains(r) {
-            warn!(peer = %r.id, subnet = %r.subnet, reason = %r.reason, "peer refused");
-        }
-    }
-    s.refused = p.refused.clone();
-    s.reconciles += 1;
-    s.ops_applied += applied;
     if let Some(e) = &error {
         warn!(error = %e, "reconcile incomplete; retrying at the next pass");
-        s.last_error = Some(e.to_string());
-    } else if s.etcd_ok {
-        s.last_error = None;
     }
-    let host = lease.as_ref().map(|l| HostStatus {
-        id: spec.record.id.clone(),
-        hostname: spec.record.hostname.clone(),
-        subnet: spec.record.subnet,
-        gateway: spec.gateway().addr(),
-        underlay: spec.underlay.addr,
-        interface: spec.underlay.ifname.clone(),
-        mode: spec.record.mode,
-        vtep_mac: spec.record.vtep_mac,
-        mtu: spec.container_mtu(),
-        lease_id: l.id,
-        lease_ttl: l.ttl,
-    });
-    let status = Status {
-        host,
-        etcd_endpoints: cfg.etcd.clone(),
-        etcd_prefix: cfg.prefix.clone(),
-        etcd_connected: s.etcd_ok,
-        peers: peer_status,
-        refused: p.refused.clone(),
-        last_reconcile_unix_ms: Some(now_ms()),
-        last_error: s.last_error.clone(),
-        reconciles: s.reconciles,
-        ops_applied: s.ops_applied,
-    };
-    drop(s);
-    status_tx.send_replace(status);
+    Reconciled {
+        peers_in_place: p
+            .peers
+            .iter()
+            .map(|pp| (pp.id.clone(), plan::peer_in_place(pp, &observed)))
+            .collect(),
+        refused: p.refused,
+        applied,
+        error: error.map(|e| e.to_string()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn only_a_token_refusal_cancels_for_a_new_token() {
-        use super::cancel_needs_new_token;
+        use crate::store::cancel_needs_new_token;
         assert!(cancel_needs_new_token("etcdserver: permission denied"));
         assert!(cancel_needs_new_token("etcdserver: invalid auth token"));
         assert!(!cancel_needs_new_token(

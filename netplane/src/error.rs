@@ -30,6 +30,9 @@ pub enum Error {
     /// etcd refused this host's client certificate (from a TLS alert).
     #[error("{0}")]
     CertificateRefused(String),
+    /// etcd no longer knows this lease (it expired): lease again.
+    #[error("etcd lease {0:x} is gone")]
+    LeaseGone(i64),
     #[error("cluster state: {0}")]
     Store(String),
     #[error("iptables: {0}")]

@@ -19,8 +19,14 @@
 //! - [`access`]: TLS (a CA, a client certificate) and user/password for
 //!   etcd ([`access::EtcdAccess`]), checked when the configuration is read.
 //! - [`iptables`]: the `PORTLESS-FWD`/`PORTLESS-NAT` chains.
-//! - [`agent`]: one host's running netplane ([`agent::Agent`]): lease and
-//!   keep-alive, peer watch, reconcile loop, status snapshot, cleanup.
+//! - [`records`]: container records, what each host publishes about its
+//!   containers on the cluster network so that names and routes cross
+//!   hosts; the checks every record from etcd must pass; the publish diff.
+//! - [`membership`]: the pure state machine of one host's membership:
+//!   lease and keep-alive, listing and watching hosts and records,
+//!   publishing own records, when to reconcile the kernel.
+//! - [`agent`]: the thin I/O loop around it ([`agent::Agent`]): carries out
+//!   its actions against etcd and the kernel, status snapshot, cleanup.
 //!
 //! What portless creates is its own: links named `pl-*`, routes with
 //! protocol [`plan::ROUTE_PROTOCOL`], the two iptables chains. It does not
@@ -34,9 +40,11 @@ pub mod access;
 pub mod agent;
 pub mod error;
 pub mod iptables;
+pub mod membership;
 pub mod model;
 pub mod netlink;
 pub mod plan;
+pub mod records;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -7,20 +7,31 @@
 //! | `{prefix}subnets/10.244.3.0-24`   | host id            | yes            |
 //! | `{prefix}hosts/{id}`              | [`HostRecord`] JSON | yes           |
 //! | `{prefix}reservations/10.244.3.0-24` | host id (last holder) | no       |
+//! | `{prefix}containers/{id}/{container}` | [`ContainerRecord`] JSON | yes |
 //!
 //! A subnet is granted by one transaction that succeeds only if its
 //! `subnets/` key does not exist (or still names this host, after a quick
 //! restart), so two hosts never get the same subnet. The reservation
 //! outlives the lease, so that a host coming back gets its own subnet again
 //! and other hosts prefer subnets nobody reserved.
+//!
+//! A host's container records are bound to the same lease as its subnet,
+//! so a dead host's records vanish with it. A host restarted within its
+//! lease's life adopts that lease again (its records stay, and it rewrites
+//! only what changed meanwhile).
+//!
+//! Readers get typed values: [`Store::list_cluster`] reads every host and
+//! record at one revision (paged, so that 100,000 records fit in gRPC's
+//! message limit), and [`Store::watch_cluster`] follows the whole prefix
+//! from the next revision as [`ClusterEvent`]s.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
-    WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions, WatchStream,
 };
 use ipnet::Ipv4Net;
 use tokio::sync::OnceCell;
@@ -30,6 +41,7 @@ use crate::access::{self, Credentials, EtcdAccess, EtcdTls};
 use crate::error::{Error, Result};
 use crate::model::HostRecord;
 use crate::plan::pick_subnet;
+use crate::records::{ContainerRecord, PubOp, RecordRefusal};
 
 /// Default key prefix; the version moves when the layout changes.
 pub const PREFIX: &str = "/portless/v1/";
@@ -226,8 +238,8 @@ impl Store {
         let mut leases = self.client.lease_client();
         let id = claim.record.id.clone();
         let ttl = claim.ttl.as_secs().max(1) as i64;
-        let grant = leases.grant(ttl, None).await?;
-        let lease_id = grant.id();
+        // A lease granted here that no transaction used yet.
+        let mut granted: Option<i64> = None;
         for attempt in 0..16 {
             let (held, reserved) = self.subnets().await?;
             let mine = held
@@ -236,6 +248,24 @@ impl Store {
                     owner == &id && claim.cluster.contains(*n) && n.prefix_len() == claim.subnet_len
                 })
                 .map(|(n, v)| (*n, v.clone()));
+            // Restarted while the previous run's lease still lives: adopt
+            // it, so that the container records bound to it stay and only
+            // what changed meanwhile is written again.
+            let adopted = match &mine {
+                Some((_, (_, _, old))) if *old != 0 => {
+                    self.lease_alive(*old, ttl).await?.then_some(*old)
+                }
+                _ => None,
+            };
+            let lease_id = match (adopted, granted) {
+                (Some(old), _) => old,
+                (None, Some(g)) => g,
+                (None, None) => {
+                    let g = leases.grant(ttl, None).await?.id();
+                    granted = Some(g);
+                    g
+                }
+            };
             let (subnet, guard) = match mine {
                 // Still ours from before a restart: take it over if nobody
                 // touched it since we looked.
@@ -292,7 +322,14 @@ impl Store {
                     // The previous run's lease holds nothing any more.
                     let _ = leases.revoke(old).await;
                 }
-                info!(host = %id, subnet = %subnet, lease = lease_id, "subnet leased");
+                if adopted.is_some() {
+                    if let Some(g) = granted {
+                        let _ = leases.revoke(g).await;
+                    }
+                    info!(host = %id, subnet = %subnet, lease = lease_id, "subnet and the previous run's lease adopted");
+                } else {
+                    info!(host = %id, subnet = %subnet, lease = lease_id, "subnet leased");
+                }
                 return Ok(Lease {
                     id: lease_id,
                     ttl,
@@ -301,10 +338,26 @@ impl Store {
             }
             debug!(host = %id, subnet = %subnet, attempt, "subnet taken meanwhile; retrying");
         }
-        let _ = leases.revoke(lease_id).await;
+        if let Some(g) = granted {
+            let _ = leases.revoke(g).await;
+        }
         Err(Error::Store(
             "could not win a subnet after 16 attempts".into(),
         ))
+    }
+
+    /// Whether lease `id` still lives and was granted with `ttl` (a lease
+    /// of another TTL is not adopted: the configuration changed).
+    async fn lease_alive(&self, id: i64, ttl: i64) -> Result<bool> {
+        let mut leases = self.client.lease_client();
+        match leases.time_to_live(id, None).await {
+            Ok(r) => Ok(r.ttl() > 0 && r.granted_ttl() == ttl),
+            // etcd answers an unknown lease with an error on some versions.
+            Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::NotFound => {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Live subnets (owner, mod revision, lease) and reservations.
@@ -452,11 +505,278 @@ impl Store {
         key.strip_prefix(&self.key("hosts", ""))
     }
 
+    /// The key of one container record.
+    pub fn record_key(&self, host: &str, container: &str) -> String {
+        self.key("containers", &format!("{host}/{container}"))
+    }
+
+    /// The key of a host's own record (`hosts/{id}`).
+    pub fn host_key(&self, host: &str) -> String {
+        self.key("hosts", host)
+    }
+
+    /// Every live host and container record, read at one revision (paged:
+    /// a large cluster does not fit in one gRPC message).
+    pub async fn list_cluster(&self) -> Result<Listing> {
+        self.sign_in().await?;
+        let mut kv = self.client.kv_client();
+        let mut revision = 0i64;
+        let mut out = Listing::default();
+        for kind in ["hosts", "containers"] {
+            let prefix = self.key(kind, "");
+            let end = prefix_end(&prefix);
+            let mut from = prefix.clone().into_bytes();
+            loop {
+                let mut opts = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(LIST_PAGE);
+                if revision != 0 {
+                    opts = opts.with_revision(revision);
+                }
+                let resp = kv.get(from.clone(), Some(opts)).await?;
+                if revision == 0 {
+                    revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+                }
+                for item in resp.kvs() {
+                    let Ok(key) = item.key_str() else { continue };
+                    match self.parse_key(key) {
+                        Some(Key::Host(id)) => {
+                            if let Some(record) = decode_host(item.value()) {
+                                out.hosts.insert(
+                                    id.to_owned(),
+                                    LiveHost {
+                                        record,
+                                        lease: item.lease(),
+                                    },
+                                );
+                            }
+                        }
+                        Some(Key::Record(host, id)) => out.records.push(RawRecord {
+                            host: host.to_owned(),
+                            id: id.to_owned(),
+                            lease: item.lease(),
+                            record: ContainerRecord::decode(item.value()),
+                        }),
+                        None => {}
+                    }
+                }
+                match (resp.more(), resp.kvs().last()) {
+                    (true, Some(last)) => {
+                        from = last.key().to_vec();
+                        from.push(0);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        out.revision = revision;
+        Ok(out)
+    }
+
+    /// Follow every host and container record from `revision` on.
+    pub async fn watch_cluster(&self, revision: i64) -> Result<ClusterWatch> {
+        self.sign_in().await?;
+        // A burst (a host with many containers expiring) can be one large
+        // response.
+        let mut w = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(64 << 20);
+        let stream = w
+            .watch(
+                self.prefix.clone(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision)
+                        .with_progress_notify(),
+                ),
+            )
+            .await?;
+        Ok(ClusterWatch {
+            store: self.clone(),
+            stream,
+        })
+    }
+
+    /// Apply this host's record writes under `lease`, in transactions of
+    /// at most [`TXN_OPS`] operations (etcd's default limit is 128). An
+    /// expired lease is [`Error::LeaseGone`].
+    pub async fn publish(&self, host: &str, lease: i64, ops: &[PubOp]) -> Result<()> {
+        self.sign_in().await?;
+        let mut kv = self.client.kv_client();
+        for chunk in ops.chunks(TXN_OPS) {
+            let txn_ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|op| match op {
+                    PubOp::Put(r) => TxnOp::put(
+                        self.record_key(host, &r.id),
+                        r.encode(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
+                    PubOp::Delete(id) => TxnOp::delete(self.record_key(host, id), None),
+                })
+                .collect();
+            match kv.txn(Txn::new().and_then(txn_ops)).await {
+                Ok(_) => {}
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if s.message().contains("requested lease not found") =>
+                {
+                    return Err(Error::LeaseGone(lease));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn parse_key<'k>(&self, key: &'k str) -> Option<Key<'k>> {
+        let rest = key.strip_prefix(self.prefix.as_str())?;
+        if let Some(id) = rest.strip_prefix("hosts/") {
+            return (!id.is_empty()).then_some(Key::Host(id));
+        }
+        let rest = rest.strip_prefix("containers/")?;
+        // Container ids never hold a '/'; a host id might.
+        let (host, id) = rest.rsplit_once('/')?;
+        (!host.is_empty() && !id.is_empty()).then_some(Key::Record(host, id))
+    }
+
     /// The raw client, for tests and tools; with credentials, call
     /// [`Store::sign_in`] first.
     pub fn client(&self) -> &Client {
         &self.client
     }
+}
+
+/// Keys per page of a listing.
+const LIST_PAGE: i64 = 2000;
+/// Operations per transaction (etcd's `--max-txn-ops` defaults to 128).
+pub const TXN_OPS: usize = 100;
+
+/// The smallest key after every key with this prefix.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+enum Key<'k> {
+    Host(&'k str),
+    Record(&'k str, &'k str),
+}
+
+/// A host's record and the lease its key is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveHost {
+    pub record: HostRecord,
+    pub lease: i64,
+}
+
+/// A container record as read from etcd, not yet checked
+/// ([`crate::records::check`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRecord {
+    /// The host and container of its key.
+    pub host: String,
+    pub id: String,
+    pub lease: i64,
+    pub record: std::result::Result<ContainerRecord, RecordRefusal>,
+}
+
+/// Every host and record at one revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub hosts: BTreeMap<String, LiveHost>,
+    pub records: Vec<RawRecord>,
+    pub revision: i64,
+}
+
+/// One change under the prefix, typed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterEvent {
+    /// A host record written (None: malformed, treated as absent).
+    HostPut {
+        id: String,
+        host: Option<LiveHost>,
+    },
+    HostDeleted {
+        id: String,
+    },
+    RecordPut(RawRecord),
+    RecordDeleted {
+        host: String,
+        id: String,
+    },
+}
+
+/// A running watch of the whole prefix.
+pub struct ClusterWatch {
+    store: Store,
+    stream: WatchStream,
+}
+
+impl ClusterWatch {
+    /// The next batch of changes (empty for a progress notification);
+    /// None when the stream ended. A canceled watch (compaction, a refused
+    /// token) is an error: list again.
+    pub async fn next(&mut self) -> Result<Option<Vec<ClusterEvent>>> {
+        let Some(resp) = self.stream.message().await? else {
+            return Ok(None);
+        };
+        if resp.canceled() {
+            let reason = resp.cancel_reason().to_owned();
+            // etcd checks a watch's token when it creates the watch and
+            // refuses by canceling it, not by failing the request, so
+            // etcd-client's own refresh (on failed requests) misses a
+            // stale token here. Other cancels (compaction) need none.
+            if cancel_needs_new_token(&reason) {
+                self.store.refresh_token().await?;
+            }
+            return Err(Error::Store(format!("watch canceled: {reason}")));
+        }
+        let mut out = Vec::with_capacity(resp.events().len());
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let Ok(key) = kv.key_str() else { continue };
+            let put = ev.event_type() == EventType::Put;
+            match self.store.parse_key(key) {
+                Some(Key::Host(id)) if put => out.push(ClusterEvent::HostPut {
+                    id: id.to_owned(),
+                    host: decode_host(kv.value()).map(|record| LiveHost {
+                        record,
+                        lease: kv.lease(),
+                    }),
+                }),
+                Some(Key::Host(id)) => out.push(ClusterEvent::HostDeleted { id: id.to_owned() }),
+                Some(Key::Record(host, id)) if put => {
+                    out.push(ClusterEvent::RecordPut(RawRecord {
+                        host: host.to_owned(),
+                        id: id.to_owned(),
+                        lease: kv.lease(),
+                        record: ContainerRecord::decode(kv.value()),
+                    }))
+                }
+                Some(Key::Record(host, id)) => out.push(ClusterEvent::RecordDeleted {
+                    host: host.to_owned(),
+                    id: id.to_owned(),
+                }),
+                None => {}
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+/// Whether etcd canceled a watch for its token (expired, or forgotten by a
+/// restarted etcd): it then says "permission denied" or "invalid auth
+/// token", not "required revision has been compacted".
+pub fn cancel_needs_new_token(reason: &str) -> bool {
+    reason.contains("permission denied") || reason.contains("invalid auth token")
 }
 
 /// What an etcd-client error says about a refused client certificate.

@@ -62,6 +62,7 @@ fn config(etcd: &Etcd, host: &Host, cluster: &str, mode: Mode) -> AgentConfig {
         netns: Some(host.ns.path()),
         iptables: true,
         masquerade_outside: true,
+        state_dir: None,
     }
 }
 
@@ -358,6 +359,7 @@ fn config_without_etcd(host: &Host) -> AgentConfig {
         netns: Some(host.ns.path()),
         iptables: false,
         masquerade_outside: false,
+        state_dir: None,
     }
 }
 

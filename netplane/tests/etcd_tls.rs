@@ -510,6 +510,7 @@ fn agent_config(e: &SecureEtcd, host: &Host) -> AgentConfig {
         netns: Some(host.ns.path()),
         iptables: false,
         masquerade_outside: false,
+        state_dir: None,
     }
 }
 

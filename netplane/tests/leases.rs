@@ -95,9 +95,14 @@ async fn restarting_host_gets_its_own_subnet_back() {
         .unwrap();
     assert_ne!(a.record.subnet, b.record.subnet);
 
-    // Restart while the old lease still lives: same subnet, new lease, and
-    // the old lease is gone.
+    // Restart while the old lease still lives: same subnet, and the same
+    // lease adopted, so that records bound to it stay.
     let a2 = store.claim(&claim(1, "10.91.0.0/16", 24, 2)).await.unwrap();
+    assert_eq!(a2.record.subnet, a.record.subnet);
+    assert_eq!(a2.id, a.id);
+    // A restart with another lease TTL: same subnet, a new lease, and the
+    // old one is gone.
+    let a2 = store.claim(&claim(1, "10.91.0.0/16", 24, 3)).await.unwrap();
     assert_eq!(a2.record.subnet, a.record.subnet);
     assert_ne!(a2.id, a.id);
     assert!(store.keep_alive(a.id).await.unwrap() <= 0);
@@ -110,7 +115,7 @@ async fn restarting_host_gets_its_own_subnet_back() {
             break;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(3),
+            start.elapsed() < Duration::from_secs(4),
             "lease did not expire"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -235,6 +235,18 @@ fn render_metrics(state: &AdminState) -> String {
     );
     header(
         &mut out,
+        "portless_catalog_remote_containers",
+        "gauge",
+        "Other cluster hosts' containers merged from etcd.",
+    );
+    sample(
+        &mut out,
+        "portless_catalog_remote_containers",
+        "",
+        catalog.len() - catalog.containers.len(),
+    );
+    header(
+        &mut out,
         "portless_catalog_networks",
         "gauge",
         "Docker networks known.",

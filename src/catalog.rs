@@ -5,18 +5,56 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-/// Everything portless knows about this host's containers and networks.
+/// Everything portless knows about this host's containers and networks,
+/// and in cluster mode the other hosts' containers on the cluster network.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {
     /// Networks by Docker network id.
     pub networks: BTreeMap<String, Network>,
-    /// Running (or paused) containers by Docker container id. Stopped
-    /// containers are not in the catalog.
+    /// Running (or paused) containers of this host by Docker container id.
+    /// Stopped containers are not in the catalog.
     pub containers: BTreeMap<String, Container>,
+    /// Other hosts' containers on the cluster network, by host id (cluster
+    /// mode). Each host's entry is shared between snapshots until it
+    /// changes, so a snapshot of a large cluster is cheap to make.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub remote: BTreeMap<String, Arc<RemoteHost>>,
+}
+
+/// One other host's containers, merged from its records in etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteHost {
+    /// Its id in etcd.
+    pub id: String,
+    pub hostname: String,
+    /// Each with one endpoint, on this host's cluster network, and `host`
+    /// set.
+    pub containers: Vec<Container>,
+}
+
+impl Catalog {
+    /// Every container answered and routed here: this host's, then the
+    /// other hosts'.
+    pub fn all_containers(&self) -> impl Iterator<Item = &Container> + '_ {
+        self.containers
+            .values()
+            .chain(self.remote.values().flat_map(|h| h.containers.iter()))
+    }
+
+    /// How many containers [`Catalog::all_containers`] yields.
+    pub fn len(&self) -> usize {
+        self.containers.len()
+            + self
+                .remote
+                .values()
+                .map(|h| h.containers.len())
+                .sum::<usize>()
+    }
 }
 
 /// A Docker network.
@@ -67,6 +105,10 @@ pub struct Container {
     /// One entry per network the container is attached to, sorted by
     /// network name.
     pub endpoints: Vec<Endpoint>,
+    /// The cluster host it runs on, for another host's container (cluster
+    /// mode); None for this host's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// A container's attachment to one network.

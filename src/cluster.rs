@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::DockerHost;
 use crate::config::cluster::ClusterConfig;
+use crate::discovery::Snapshot;
 
 /// Label on every Docker network portless creates; cleanup removes exactly
 /// the networks that carry it.
@@ -106,13 +107,20 @@ fn agent_config(cfg: &ClusterConfig, docker: &DockerHost) -> AgentConfig {
         iptables: true,
         // Docker masquerades its own networks' outbound traffic.
         masquerade_outside: no_docker,
+        state_dir: Some(cfg.state_dir.clone()),
     }
 }
 
-/// Start cluster mode: the netplane agent (lease, watch, reconcile) and, on
-/// a Docker host, the bridge network on the leased subnet once the lease is
-/// granted. Returns at once; progress shows in the status.
-pub async fn run(cfg: ClusterConfig, docker: &DockerHost) -> anyhow::Result<ClusterHandle> {
+/// Start cluster mode: the netplane agent (lease, watch, reconcile,
+/// records) and, on a Docker host, the bridge network on the leased subnet
+/// once the lease is granted, made again whenever it disappears
+/// (`local` is discovery's view of this host). Returns at once; progress
+/// shows in the status.
+pub async fn run(
+    cfg: ClusterConfig,
+    docker: &DockerHost,
+    local: watch::Receiver<Snapshot>,
+) -> anyhow::Result<ClusterHandle> {
     let agent = Agent::start(agent_config(&cfg, docker))
         .await
         .context("starting netplane")?;
@@ -130,55 +138,14 @@ pub async fn run(cfg: ClusterConfig, docker: &DockerHost) -> anyhow::Result<Clus
         }))
     });
     let docker_task = match (&client, &docker_status) {
-        (Some(client), Some(st)) => {
-            let client = client.clone();
-            let st = st.clone();
-            let name = cfg.docker_network.clone();
-            let mut rx = agent.subscribe();
-            let wake = agent.waker();
-            Some(tokio::spawn(async move {
-                // Follow the lease: (re)ensure the network whenever the
-                // subnet or MTU changes, retrying while Docker is away.
-                let mut done: Option<(ipnet::Ipv4Net, u32)> = None;
-                loop {
-                    let host = rx.borrow_and_update().host.clone();
-                    if let Some(h) = host
-                        && done != Some((h.subnet, h.mtu))
-                    {
-                        let res = ensure_network(&client, &name, &h).await;
-                        let failed = {
-                            let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
-                            match res {
-                                Ok(id) => {
-                                    tracing::info!(network = %name, subnet = %h.subnet, mtu = h.mtu, "cluster Docker network ready");
-                                    s.id = Some(id);
-                                    s.ready = true;
-                                    s.error = None;
-                                    done = Some((h.subnet, h.mtu));
-                                    // Docker just added its rules for the
-                                    // network; put ours back in front now.
-                                    wake.notify_one();
-                                    false
-                                }
-                                Err(e) => {
-                                    tracing::warn!(network = %name, error = format!("{e:#}"), "cannot ensure the cluster Docker network; retrying");
-                                    s.ready = false;
-                                    s.error = Some(format!("{e:#}"));
-                                    true
-                                }
-                            }
-                        };
-                        if failed {
-                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-                            continue;
-                        }
-                    }
-                    if rx.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }))
-        }
+        (Some(client), Some(st)) => Some(tokio::spawn(follow_network(
+            client.clone(),
+            st.clone(),
+            cfg.docker_network.clone(),
+            agent.subscribe(),
+            local,
+            agent.waker(),
+        ))),
         _ => None,
     };
     let source = ClusterStatusSource {
@@ -195,7 +162,99 @@ pub async fn run(cfg: ClusterConfig, docker: &DockerHost) -> anyhow::Result<Clus
     })
 }
 
+/// Keep the cluster Docker network in place: (re)ensure it whenever the
+/// lease's subnet or MTU changes, and whenever discovery shows it gone or
+/// replaced (someone ran `docker network rm`); retry while Docker is away.
+async fn follow_network(
+    client: Docker,
+    st: Arc<Mutex<DockerNetworkStatus>>,
+    name: String,
+    mut lease: watch::Receiver<agent::Status>,
+    mut local: watch::Receiver<Snapshot>,
+    wake: Arc<tokio::sync::Notify>,
+) {
+    // The lease and network id last ensured.
+    let mut done: Option<((ipnet::Ipv4Net, u32), String)> = None;
+    loop {
+        let host = lease.borrow_and_update().host.clone();
+        let seen = {
+            let snap = local.borrow_and_update();
+            // Before discovery's first listing the catalog is empty: that
+            // says nothing about the network.
+            (!snap.catalog.networks.is_empty()).then(|| {
+                snap.catalog
+                    .networks
+                    .values()
+                    .find(|n| n.name == name)
+                    .map(|n| n.id.clone())
+            })
+        };
+        if let Some(h) = host {
+            let want = (h.subnet, h.mtu);
+            let stale = match (&done, &seen) {
+                (None, _) => true,
+                (Some((l, _)), _) if *l != want => true,
+                // Gone, or another network of that name now.
+                (Some((_, id)), Some(seen)) => seen.as_deref() != Some(id.as_str()),
+                (Some(_), None) => false,
+            };
+            if stale {
+                if done.is_some() {
+                    tracing::warn!(network = %name, "the cluster Docker network is gone or changed; making it again");
+                }
+                let res = ensure_network(&client, &name, &h).await;
+                let failed = {
+                    let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+                    match res {
+                        Ok(id) => {
+                            tracing::info!(network = %name, subnet = %h.subnet, mtu = h.mtu, "cluster Docker network ready");
+                            s.id = Some(id.clone());
+                            s.ready = true;
+                            s.error = None;
+                            done = Some((want, id));
+                            // Docker just added its rules for the network
+                            // (and a route via it can be added again):
+                            // reconcile now.
+                            wake.notify_one();
+                            false
+                        }
+                        Err(e) => {
+                            tracing::warn!(network = %name, error = format!("{e:#}"), "cannot ensure the cluster Docker network; retrying");
+                            s.ready = false;
+                            s.error = Some(format!("{e:#}"));
+                            done = None;
+                            true
+                        }
+                    }
+                };
+                if failed {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            r = lease.changed() => if r.is_err() { return },
+            r = local.changed() => if r.is_err() { return },
+        }
+    }
+}
+
 impl ClusterHandle {
+    /// Other hosts' checked container records.
+    pub fn remote(&self) -> watch::Receiver<Arc<portless_netplane::membership::RemoteView>> {
+        self.agent.remote()
+    }
+
+    /// Where this host's container records go.
+    pub fn publisher(
+        &self,
+    ) -> watch::Sender<
+        std::collections::BTreeMap<String, portless_netplane::records::ContainerRecord>,
+    > {
+        self.agent.publisher()
+    }
+
     /// Status snapshots for the admin API (`/api/cluster`).
     pub fn status_source(&self) -> ClusterStatusSource {
         self.source.clone()

@@ -372,6 +372,7 @@ async fn list_all(docker: &Docker) -> anyhow::Result<Catalog> {
     Ok(Catalog {
         networks,
         containers,
+        remote: Default::default(),
     })
 }
 
@@ -526,6 +527,7 @@ pub fn container_from(resp: ContainerInspectResponse) -> Option<Container> {
         stop_signal: config.stop_signal.filter(|s| !s.is_empty()),
         exposed_tcp_ports,
         endpoints,
+        host: None,
     })
 }
 

@@ -221,7 +221,7 @@ fn zone_input(
     serial: u32,
 ) -> ZoneInput {
     let mut networks: BTreeMap<&str, NetworkInput> = BTreeMap::new();
-    for c in catalog.containers.values() {
+    for c in catalog.all_containers() {
         for ep in &c.endpoints {
             let net = networks
                 .entry(ep.network_id.as_str())

@@ -9,6 +9,7 @@ mod config;
 mod discovery;
 mod dns;
 mod metrics;
+mod namespace;
 mod router_task;
 mod routes;
 mod status;
@@ -109,7 +110,10 @@ fn init_tracing(filter: &str) {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
-    let (snap_tx, snap_rx) = watch::channel(discovery::Snapshot::default());
+    // Discovery publishes this host's catalog into `local`; consumers (DNS,
+    // router, admin) read `snapshots`: the same catalog, or in cluster mode
+    // the catalog with every other host's containers merged in.
+    let (local_tx, local_rx) = watch::channel(discovery::Snapshot::default());
     let discovery_metrics = Arc::new(discovery::DiscoveryMetrics::default());
     let docker_enabled = cfg.docker != DockerHost::None;
     // Keeps the channel open without Docker, so receivers never see it close.
@@ -119,13 +123,35 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         discovery::connect(&cfg.docker)?;
         tokio::spawn(discovery::run(
             cfg.docker.clone(),
-            snap_tx,
+            local_tx,
             discovery_metrics.clone(),
         ));
         None
     } else {
         tracing::info!("Docker discovery off (--docker-host none)");
-        Some(snap_tx)
+        Some(local_tx)
+    };
+    let cluster = match cfg.cluster.clone() {
+        Some(c) => Some(
+            cluster::run(c, &cfg.docker, local_rx.clone())
+                .await
+                .context("starting cluster mode")?,
+        ),
+        None => None,
+    };
+    let snap_rx = match (&cluster, &cfg.cluster) {
+        (Some(handle), Some(c)) => {
+            let (tx, rx) = watch::channel(discovery::Snapshot::default());
+            tokio::spawn(namespace::run(
+                local_rx,
+                handle.remote(),
+                handle.publisher(),
+                tx,
+                c.docker_network.clone(),
+            ));
+            rx
+        }
+        _ => local_rx,
     };
     let dns = dns::start(&cfg.dns, snap_rx.clone())
         .await
@@ -133,14 +159,6 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let router = router_task::start(&cfg.router, snap_rx.clone())
         .await
         .context("starting the router")?;
-    let cluster = match cfg.cluster.clone() {
-        Some(c) => Some(
-            cluster::run(c, &cfg.docker)
-                .await
-                .context("starting cluster mode")?,
-        ),
-        None => None,
-    };
     let admin_state = Arc::new(admin::AdminState {
         snapshots: snap_rx,
         discovery: discovery_metrics,

@@ -51,7 +51,7 @@ pub struct RoutePlan {
 /// Build the router's input from a catalog snapshot.
 pub fn plan(catalog: &Catalog) -> RoutePlan {
     let mut out = RoutePlan::default();
-    for c in catalog.containers.values() {
+    for c in catalog.all_containers() {
         if !c.labels.keys().any(|k| k.starts_with(LABEL_PREFIX)) {
             continue;
         }
@@ -311,6 +311,7 @@ mod tests {
             exposed_tcp_ports: ports.to_vec(),
             compose_project: None,
             compose_service: None,
+            host: None,
             endpoints: vec![
                 Endpoint {
                     network_id: "n-back".into(),

@@ -116,7 +116,7 @@ pub fn render(status: &Status) -> anyhow::Result<String> {
     table(&mut out, &["NAME", "DRIVER", "SUBNETS", "GATEWAYS"], &rows);
     let _ = writeln!(out, "\nCONTAINERS");
     let mut rows = Vec::new();
-    for c in catalog.containers.values() {
+    for c in catalog.all_containers() {
         for ep in &c.endpoints {
             let compose = match (&c.compose_service, &c.compose_project) {
                 (Some(s), Some(p)) => format!("{s}.{p}"),
@@ -138,6 +138,7 @@ pub fn render(status: &Status) -> anyhow::Result<String> {
                 },
                 compose,
                 health,
+                c.host.clone().unwrap_or_else(|| "local".into()),
             ]);
         }
     }
@@ -150,6 +151,7 @@ pub fn render(status: &Status) -> anyhow::Result<String> {
             "ALIASES",
             "SERVICE",
             "HEALTH",
+            "HOST",
         ],
         &rows,
     );
@@ -165,6 +167,10 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+fn short(id: &str) -> String {
+    id.chars().take(12).collect()
 }
 
 fn s(v: &serde_json::Value) -> String {
@@ -267,6 +273,35 @@ pub fn render_cluster(v: &serde_json::Value) -> String {
         s(&host["underlay"]),
         s(&host["mode"]),
     );
+    if v["last_known"].as_bool() == Some(true) {
+        let _ = writeln!(
+            out,
+            "  (this host and its peers as the previous run knew them: etcd has not answered since this start; the kernel keeps their entries)"
+        );
+    }
+    let dn = &v["docker_network"];
+    if dn.is_object() {
+        let state = match (dn["ready"].as_bool(), dn["error"].as_str()) {
+            (Some(true), _) => format!("ready (id {})", short(&s(&dn["id"]))),
+            (_, Some(e)) => format!("NOT READY: {e}"),
+            _ => "not ready yet (waiting for the lease)".into(),
+        };
+        let _ = writeln!(out, "Docker network {}: {state}", s(&dn["name"]));
+    } else if let Some(b) = v["bridge"].as_str() {
+        let _ = writeln!(out, "bridge {b} (no Docker)");
+    }
+    let r = &v["records"];
+    if r.is_object() {
+        let _ = writeln!(
+            out,
+            "Records: {} published ({} pending, {} writes), {} merged from other hosts, {} refused",
+            s(&r["published"]),
+            s(&r["pending"]),
+            s(&r["writes"]),
+            s(&r["merged"]),
+            s(&r["refused"]),
+        );
+    }
     let rows: Vec<Vec<String>> = v["peers"]
         .as_array()
         .into_iter()
@@ -320,8 +355,18 @@ mod tests {
             "peers": [{"id": "10.0.0.2", "subnet": "10.244.1.0/24", "underlay": "10.0.0.2", "transport": "route", "in_place": true}],
             "refused": [{"id": "10.9.0.3", "subnet": "10.244.2.0/24", "reason": "not on a directly connected segment"}],
             "last_error": null,
+            "docker_network": {"name": "portless", "id": null, "ready": false, "error": "Docker network portless exists and was not created by portless"},
+            "records": {"published": 3, "pending": 0, "writes": 4, "merged": 7, "refused": 1},
         });
         let out = render_cluster(&v);
+        assert!(
+            out.contains("Docker network portless: NOT READY: Docker network portless exists"),
+            "{out}"
+        );
+        assert!(
+            out.contains("3 published") && out.contains("7 merged") && out.contains("1 refused"),
+            "{out}"
+        );
         assert!(
             out.contains("10.244.1.0/24") && out.contains("route") && out.contains("yes"),
             "{out}"

@@ -72,6 +72,11 @@ pub struct ClusterOpts {
     /// changed, to repair drift. [default: 10]
     #[arg(long, env = "PORTLESS_NETPLANE_RESYNC", value_name = "SECONDS")]
     pub netplane_resync: Option<u64>,
+    /// Directory where this host keeps what must outlive a restart (the
+    /// last known lease and peers, shown while etcd is away).
+    /// [default: /var/lib/portless]
+    #[arg(long, env = "PORTLESS_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// On exit, give the lease back and remove every kernel object,
     /// iptables rule and Docker network portless created.
     #[arg(long, env = "PORTLESS_CLEANUP_ON_EXIT", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
@@ -109,6 +114,7 @@ crate::merge_fields!(ClusterOpts {
     host_id,
     etcd_prefix,
     netplane_resync,
+    state_dir,
     cleanup_on_exit,
     etcd_ca,
     etcd_cert,
@@ -116,6 +122,9 @@ crate::merge_fields!(ClusterOpts {
     etcd_user,
     etcd_password_file,
 });
+
+/// Where a host keeps what must outlive a restart.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/portless";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
@@ -132,6 +141,7 @@ pub struct ClusterConfig {
     pub host_id: Option<String>,
     pub etcd_prefix: String,
     pub resync: Duration,
+    pub state_dir: PathBuf,
     pub cleanup_on_exit: bool,
     /// TLS and credentials, with the files already read and checked.
     pub etcd_access: EtcdAccess,
@@ -222,6 +232,9 @@ impl ClusterOpts {
             host_id: self.host_id,
             etcd_prefix,
             resync: Duration::from_secs(resync),
+            state_dir: self
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             cleanup_on_exit: self.cleanup_on_exit.unwrap_or(false),
             etcd_access,
         }))

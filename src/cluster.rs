@@ -199,14 +199,15 @@ async fn follow_network(
                 (Some(_), None) => false,
             };
             if stale {
-                if done.is_some() {
-                    tracing::warn!(network = %name, "the cluster Docker network is gone or changed; making it again");
-                }
+                let before = done.as_ref().map(|(_, id)| id.clone());
                 let res = ensure_network(&client, &name, &h).await;
                 let failed = {
                     let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
                     match res {
                         Ok(id) => {
+                            if before.as_ref().is_some_and(|b| *b != id) {
+                                tracing::warn!(network = %name, "the cluster Docker network was removed or replaced; made it again");
+                            }
                             tracing::info!(network = %name, subnet = %h.subnet, mtu = h.mtu, "cluster Docker network ready");
                             s.id = Some(id.clone());
                             s.ready = true;
@@ -399,12 +400,14 @@ pub async fn remove_networks(docker: &Docker, only: Option<&str>) -> anyhow::Res
     Ok(removed)
 }
 
-/// What `portless netplane cleanup` removed.
+/// What `portless netplane cleanup` removed, and what failed.
 #[derive(Debug, Default, Serialize)]
 pub struct CleanupReport {
     pub netlink_ops: usize,
     pub docker_networks: Vec<String>,
     pub lease_released: bool,
+    /// Parts that failed, each with its reason; the others were done.
+    pub failed: Vec<String>,
 }
 
 impl std::fmt::Display for CleanupReport {
@@ -427,20 +430,32 @@ impl std::fmt::Display for CleanupReport {
             f,
             "etcd lease released: {}",
             if self.lease_released { "yes" } else { "no" }
-        )
+        )?;
+        for e in &self.failed {
+            writeln!(f, "FAILED: {e}")?;
+        }
+        Ok(())
     }
 }
 
 /// `portless netplane cleanup`: remove every kernel object, iptables rule
 /// and Docker network portless created on this host, and nothing else. With
 /// cluster options and a reachable etcd, also give this host's lease back
-/// so that peers drop it at once.
+/// so that peers drop it at once. Every part is tried even when another
+/// fails; the report says what was done and what failed, and the first
+/// failure is returned beside it.
 pub async fn cleanup(
     cluster: Option<&ClusterConfig>,
     docker: &DockerHost,
-) -> anyhow::Result<CleanupReport> {
+) -> (CleanupReport, Option<anyhow::Error>) {
     let mut report = CleanupReport::default();
-    let kernel = Kernel::spawn(None).context("starting the netlink executor")?;
+    let kernel = match Kernel::spawn(None).context("starting the netlink executor") {
+        Ok(k) => k,
+        Err(e) => {
+            report.failed.push(format!("{e:#}"));
+            return (report, Some(e));
+        }
+    };
     if let Some(cfg) = cluster {
         match release_lease(&kernel, cfg).await {
             Ok(released) => report.lease_released = released,
@@ -450,8 +465,6 @@ pub async fn cleanup(
             ),
         }
     }
-    // Every part is tried even when another fails; the first error is
-    // returned at the end.
     let mut first_err: Option<anyhow::Error> = None;
     if *docker != DockerHost::None {
         let docker_part = async {
@@ -463,20 +476,21 @@ pub async fn cleanup(
         };
         match docker_part.await {
             Ok(names) => report.docker_networks = names,
-            Err(e) => first_err = Some(e),
+            Err(e) => {
+                report.failed.push(format!("Docker networks: {e:#}"));
+                first_err = Some(e);
+            }
         }
     }
     match agent::cleanup_kernel(&kernel, true).await {
         Ok(n) => report.netlink_ops = n,
         Err(e) => {
             let e = anyhow::Error::new(e).context("removing kernel objects");
+            report.failed.push(format!("{e:#}"));
             first_err.get_or_insert(e);
         }
     }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(report),
-    }
+    (report, first_err)
 }
 
 async fn release_lease(kernel: &Kernel, cfg: &ClusterConfig) -> anyhow::Result<bool> {
@@ -485,7 +499,7 @@ async fn release_lease(kernel: &Kernel, cfg: &ClusterConfig) -> anyhow::Result<b
         None => kernel.underlay(cfg.advertise_addr).await?.addr.to_string(),
     };
     let store = Store::connect_with(&cfg.etcd, &cfg.etcd_prefix, &cfg.etcd_access).await?;
-    let key = format!("{}hosts/{id}", store.prefix());
+    let key = store.host_key(&id);
     let get = async {
         store.sign_in().await?;
         let mut kv = store.client().kv_client();

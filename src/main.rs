@@ -76,12 +76,13 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_tracing(&cfg.log);
-            match runtime.block_on(cluster::cleanup(cfg.cluster.as_ref(), &cfg.docker)) {
-                Ok(report) => {
-                    print!("{report}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
+            let (report, error) =
+                runtime.block_on(cluster::cleanup(cfg.cluster.as_ref(), &cfg.docker));
+            // What was done is said even when a part failed.
+            print!("{report}");
+            match error {
+                None => ExitCode::SUCCESS,
+                Some(e) => {
                     eprintln!("portless netplane cleanup: {e:#}");
                     ExitCode::FAILURE
                 }

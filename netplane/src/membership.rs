@@ -154,9 +154,11 @@ enum View {
     Watching(u64),
 }
 
-const RETRY_MIN: Duration = Duration::from_millis(200);
-const RETRY_MAX: Duration = Duration::from_secs(5);
-const RELIST_AFTER: Duration = Duration::from_millis(500);
+const RETRY_MIN: Duration = Duration::from_millis(100);
+/// While etcd is away every host retries this often at most: a change
+/// made meanwhile reaches etcd within about this long of its return.
+const RETRY_MAX: Duration = Duration::from_millis(500);
+const RELIST_AFTER: Duration = Duration::from_millis(250);
 /// A burst of kernel changes (our own apply, containers starting) is one
 /// reconcile.
 const KERNEL_DEBOUNCE: Duration = Duration::from_millis(50);
@@ -350,7 +352,7 @@ impl Membership {
                 self.lease_lost = false;
                 self.keepalive_at = Some(now + self.keepalive_period());
                 self.lease = Some(lease);
-                self.etcd_up();
+                self.etcd_up(now);
                 self.last_error = None;
                 self.reconcile_soon(now);
                 self.publish_at = Some(now);
@@ -373,7 +375,7 @@ impl Membership {
                         // The status says so at once.
                         self.reconcile_soon(now);
                     }
-                    self.etcd_up();
+                    self.etcd_up(now);
                 } else {
                     self.lose_lease(now);
                 }
@@ -405,7 +407,7 @@ impl Membership {
                 self.publishing = false;
                 match result {
                     Ok(()) => {
-                        self.etcd_up();
+                        self.etcd_up(now);
                         self.publish_backoff = RETRY_MIN;
                         self.writes += ops.len() as u64;
                         for op in ops {
@@ -513,7 +515,21 @@ impl Membership {
         (self.cfg.lease_ttl / 3).max(Duration::from_millis(300))
     }
 
-    fn etcd_up(&mut self) {
+    /// etcd answered. After an outage, everything that was waiting for it
+    /// is tried again now rather than at its next backoff.
+    fn etcd_up(&mut self, now: Instant) {
+        if !self.etcd_ok {
+            if !self.claiming && (self.lease.is_none() || self.lease_lost) {
+                self.claim_at = Some(now);
+            }
+            if self.publish_at.is_some() {
+                self.publish_at = Some(now);
+            }
+            self.publish_backoff = RETRY_MIN;
+            if let View::Idle(_) = self.view {
+                self.view = View::Idle(now);
+            }
+        }
         self.etcd_ok = true;
     }
 
@@ -596,7 +612,7 @@ impl Membership {
     }
 
     fn listed(&mut self, listing: Listing, now: Instant) {
-        self.etcd_up();
+        self.etcd_up(now);
         let Listing {
             hosts,
             records,
@@ -708,7 +724,16 @@ impl Membership {
         if host == self.cfg.host_id {
             return;
         }
-        self.refused.retain(|(h, _), _| h != host);
+        // Refusals already reported stay quiet when checked again.
+        let mut before = BTreeMap::new();
+        self.refused.retain(|(h, id), r| {
+            if h == host {
+                before.insert(id.clone(), r.clone());
+                false
+            } else {
+                true
+            }
+        });
         let live = self.hosts.get(host);
         let mut valid = BTreeMap::new();
         if let Some(records) = self.raw.get(host) {
@@ -730,7 +755,9 @@ impl Membership {
                         // record in one listing order; not yet refusals
                         // worth a log line unless the host is known.
                         let known = live.is_some();
-                        if known || !matches!(refusal, RecordRefusal::NotTheHosts(_)) {
+                        let reported = before.get(id) == Some(&refusal);
+                        if !reported && (known || !matches!(refusal, RecordRefusal::NotTheHosts(_)))
+                        {
                             self.new_refusals.push(RefusedRecord {
                                 host: host.to_owned(),
                                 id: id.clone(),
@@ -1173,7 +1200,20 @@ mod tests {
         let kinds: Vec<_> = refused.iter().map(|r| r.refusal.kind()).collect();
         assert!(kinds.contains(&"address-outside-subnet"), "{kinds:?}");
         assert!(kinds.contains(&"not-the-hosts"), "{kinds:?}");
+        assert_eq!(refused.len(), 2);
         assert_eq!(m.remote().0[B].records.len(), 1);
+        assert_eq!(m.summary().refused, 2);
+        // Another record of B arrives: B's records are checked again, and
+        // the refused ones are not reported a second time.
+        m.handle(
+            Input::Watched {
+                watch: 1,
+                events: vec![ClusterEvent::RecordPut(raw(&rec(B, 2, 3), 2))],
+            },
+            t0,
+        );
+        assert!(m.take_refusals().is_empty());
+        assert_eq!(m.remote().0[B].records.len(), 2);
         assert_eq!(m.summary().refused, 2);
     }
 

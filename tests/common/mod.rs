@@ -9,6 +9,7 @@
 
 pub mod dnsmasq;
 pub mod docker_proxy;
+pub mod engines;
 pub mod netns;
 
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};

@@ -1,0 +1,308 @@
+//! Two real Docker Engines on this one machine, each in a network
+//! namespace of its own with its own socket, data root and bridge, plus a
+//! real etcd in a switch namespace (`tests/twohost.sh`, with names unique
+//! to this run), and a `portless run` per engine.
+//!
+//! Everything lives inside namespaces this harness makes: traffic never
+//! leaves them, and `Drop` takes all of it down (`twohost.sh down`).
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_portless");
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/twohost.sh");
+
+/// The engines, their namespaces and etcd.
+pub struct Engines {
+    pub pfx: String,
+    pub dir: PathBuf,
+}
+
+impl Engines {
+    /// Bring everything up; on failure take down what was made and panic
+    /// with the reason.
+    pub fn up() -> Engines {
+        super::netns::require("dockerd");
+        super::netns::require("etcd");
+        super::netns::require("busybox");
+        let pfx = format!("plc{}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(format!("portless-twohost-{pfx}"));
+        let e = Engines { pfx, dir };
+        let out = e.script(&["up"]);
+        if !out.status.success() {
+            let msg = format!(
+                "twohost.sh up failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            drop(e);
+            panic!("{msg}");
+        }
+        e
+    }
+
+    fn script(&self, args: &[&str]) -> Output {
+        Command::new("bash")
+            .arg(SCRIPT)
+            .args(args)
+            .env("TWOHOST_PFX", &self.pfx)
+            .env("TWOHOST_DIR", &self.dir)
+            .output()
+            .expect("bash tests/twohost.sh")
+    }
+
+    /// The image imported into both engines.
+    pub fn image(&self) -> String {
+        format!("{}-bb", self.pfx)
+    }
+
+    pub fn ns(&self, h: char) -> String {
+        format!("{}-h{h}", self.pfx)
+    }
+
+    /// The host's underlay address.
+    pub fn addr(&self, h: char) -> Ipv4Addr {
+        match h {
+            'A' => Ipv4Addr::new(10, 251, 0, 1),
+            'B' => Ipv4Addr::new(10, 251, 0, 2),
+            _ => panic!("no host {h}"),
+        }
+    }
+
+    pub fn sock(&self, h: char) -> String {
+        format!("unix:///run/{}-{h}.sock", self.pfx)
+    }
+
+    pub fn etcd_endpoint(&self) -> String {
+        "http://10.251.0.10:27379".into()
+    }
+
+    /// `docker` against engine `h`.
+    pub fn docker(&self, h: char, args: &[&str]) -> Output {
+        Command::new("docker")
+            .arg("-H")
+            .arg(self.sock(h))
+            .args(args)
+            .output()
+            .expect("docker")
+    }
+
+    /// `docker` against engine `h`; its stdout, or a panic with stderr.
+    pub fn docker_ok(&self, h: char, args: &[&str]) -> String {
+        let out = self.docker(h, args);
+        assert!(
+            out.status.success(),
+            "docker {args:?} on {h} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// A command inside host `h`'s namespace.
+    pub fn in_ns(&self, h: char, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(h)])
+            .args(args)
+            .output()
+            .expect("ip netns exec")
+    }
+
+    /// `etcdctl` against the harness's etcd.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &format!("{}-sw", self.pfx), "etcdctl"])
+            .arg("--endpoints")
+            .arg(self.etcd_endpoint())
+            .args(args)
+            .output()
+            .expect("etcdctl")
+    }
+
+    pub fn etcd_stop(&self) {
+        let out = self.script(&["etcd-stop"]);
+        assert!(out.status.success(), "etcd-stop failed");
+    }
+
+    pub fn etcd_start(&self) {
+        let out = self.script(&["etcd-start"]);
+        assert!(
+            out.status.success(),
+            "etcd-start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Engines {
+    fn drop(&mut self) {
+        let out = self.script(&["down"]);
+        if !out.status.success() {
+            eprintln!(
+                "twohost.sh down failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `portless run` for one engine, inside its host's namespace; SIGTERM on
+/// drop.
+pub struct Sidecar {
+    pub host: char,
+    ns: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Sidecar {
+    /// Start with cluster mode on, a short lease, DNS on the Docker
+    /// gateways (port 53 inside the namespace) and the router on port 80
+    /// there, and wait until the cluster Docker network is ready.
+    pub fn start(e: &Engines, h: char, extra: &[&str]) -> Sidecar {
+        let s = Self::start_unready(e, h, extra);
+        s.wait_for("the cluster Docker network", 30, |st| {
+            st["cluster"]["docker_network"]["ready"].as_bool() == Some(true)
+                && st["cluster"]["host"].is_object()
+                && st["cluster"]["last_known"].as_bool() != Some(true)
+        });
+        s
+    }
+
+    /// Start without waiting for anything.
+    pub fn start_unready(e: &Engines, h: char, extra: &[&str]) -> Sidecar {
+        let ns = e.ns(h);
+        let log = e.dir.join(format!("portless-{h}.log"));
+        let state = e.dir.join(format!("state-{h}"));
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let addr = e.addr(h).to_string();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, BIN, "run"])
+            .args(["--docker-host", &e.sock(h)])
+            .args(["--cluster-etcd", &e.etcd_endpoint()])
+            .args(["--advertise-addr", &addr])
+            .args(if extra.contains(&"--lease-ttl") {
+                &[][..]
+            } else {
+                &["--lease-ttl", "2"][..]
+            })
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--upstream", "127.0.0.1:9"])
+            .args(extra)
+            .env("PORTLESS_LOG", "info,portless_netplane=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("portless run");
+        Sidecar {
+            host: h,
+            ns,
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// `portless status --json` of this sidecar (null when not answering).
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, BIN, "status", "--json"])
+            .output()
+            .expect("portless status");
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// `portless status` as text, and whether it exited 0.
+    pub fn status_text(&self) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, BIN, "status"])
+            .output()
+            .expect("portless status");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Poll the status until `f` holds; panic with the log after `secs`.
+    pub fn wait_for(&self, what: &str, secs: u64, f: impl Fn(&serde_json::Value) -> bool) {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let st = self.status();
+            if f(&st) {
+                return;
+            }
+            if Instant::now() > end {
+                panic!(
+                    "host {}: {what} not seen in {secs} s; status: {st:#}\nlog:\n{}",
+                    self.host,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// SIGKILL: no lease given back, nothing cleaned.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The addresses in busybox `nslookup` output (after the `Name:` line, so
+/// the server's own address is not counted).
+pub fn nslookup_addrs(out: &str) -> Vec<String> {
+    let mut seen_name = false;
+    let mut addrs = Vec::new();
+    for l in out.lines() {
+        let l = l.trim();
+        if l.starts_with("Name:") {
+            seen_name = true;
+        } else if seen_name && let Some(a) = l.strip_prefix("Address:") {
+            let a = a.trim();
+            let a = a.split_whitespace().next().unwrap_or(a);
+            if !addrs.iter().any(|x: &String| x == a) {
+                addrs.push(a.to_owned());
+            }
+        }
+    }
+    addrs.sort();
+    addrs
+}

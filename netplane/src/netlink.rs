@@ -9,7 +9,7 @@
 //! Changes are idempotent: EEXIST on add and ENOENT/ESRCH on delete count
 //! as success, so a half-applied plan is simply applied again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -174,7 +174,7 @@ impl Kernel {
     /// uses it to repair drift at once instead of at the next period.
     pub async fn changes(&self) -> Result<mpsc::UnboundedReceiver<()>> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.call(move |_| async move {
+        self.call(move |h| async move {
             let groups = [
                 rtnetlink::MulticastGroup::Link,
                 rtnetlink::MulticastGroup::Ipv4Ifaddr,
@@ -182,6 +182,13 @@ impl Kernel {
                 rtnetlink::MulticastGroup::Neigh,
             ];
             let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&groups)?;
+            // The indexes of portless's links, for neighbour and FDB
+            // deletions (the kernel reports a deleted permanent entry with
+            // state FAILED, so the state cannot tell whose it was). Listed
+            // after subscribing, so no link made meanwhile is missed; kept
+            // up to date from the link events.
+            let (observed, _) = observe(&h).await?;
+            let mut ours: HashSet<u32> = observed.links.iter().map(|l| l.index).collect();
             // One task on the executor thread's runtime runs the socket and
             // forwards; when the receiver is gone (the agent stopped) both
             // end together, so the socket never reports to nobody.
@@ -194,7 +201,10 @@ impl Kernel {
                             return;
                         }
                         let relevant = match &msg.payload {
-                            NetlinkPayload::InnerMessage(m) => touches_ours(m),
+                            NetlinkPayload::InnerMessage(m) => {
+                                track_ours(&mut ours, m);
+                                touches_ours(m, &ours)
+                            }
                             _ => false,
                         };
                         if relevant && tx.send(()).is_err() {
@@ -224,18 +234,40 @@ impl Kernel {
 /// Whether a kernel notification is about something portless owns, so
 /// that the churn of a busy host (containers' veths coming and going, ARP
 /// and bridge FDB entries ageing out) does not wake the reconcile loop.
-fn touches_ours(m: &rtnetlink::packet_route::RouteNetlinkMessage) -> bool {
+fn touches_ours(m: &rtnetlink::packet_route::RouteNetlinkMessage, ours: &HashSet<u32>) -> bool {
     use rtnetlink::packet_route::RouteNetlinkMessage as M;
     match m {
-        M::NewLink(l) | M::DelLink(l) => link_name(l).is_some_and(|n| n.starts_with(LINK_PREFIX)),
+        M::NewLink(l) | M::DelLink(l) => {
+            link_name(l).is_some_and(|n| n.starts_with(LINK_PREFIX))
+                || ours.contains(&l.header.index)
+        }
         M::DelAddress(a) => a
             .attributes
             .iter()
             .any(|x| matches!(x, AddressAttribute::Label(n) if n.starts_with(LINK_PREFIX))),
         M::DelRoute(r) => u8::from(r.header.protocol) == ROUTE_PROTOCOL,
-        // Only permanent entries are portless's; learned ones age out.
-        M::DelNeighbour(n) => n.header.state == NeighbourState::Permanent,
+        // Neighbour and FDB entries on portless's links (the VXLAN
+        // device): whatever state the kernel reports them in.
+        M::DelNeighbour(n) => ours.contains(&n.header.ifindex),
         _ => false,
+    }
+}
+
+/// Follow which link indexes are portless's (a rename counts).
+fn track_ours(ours: &mut HashSet<u32>, m: &rtnetlink::packet_route::RouteNetlinkMessage) {
+    use rtnetlink::packet_route::RouteNetlinkMessage as M;
+    match m {
+        M::NewLink(l) => {
+            if link_name(l).is_some_and(|n| n.starts_with(LINK_PREFIX)) {
+                ours.insert(l.header.index);
+            } else if link_name(l).is_some() {
+                ours.remove(&l.header.index);
+            }
+        }
+        M::DelLink(l) => {
+            ours.remove(&l.header.index);
+        }
+        _ => {}
     }
 }
 

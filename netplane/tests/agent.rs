@@ -179,6 +179,32 @@ async fn hosts_lease_subnets_and_containers_reach_each_other() {
     })
     .await;
     assert!(back < Duration::from_secs(1), "took {back:?}");
+    // A deleted permanent neighbour entry (the kernel reports it FAILED)
+    // and FDB entry come back at once too, not at the periodic resync.
+    let neigh = k.observe().await.unwrap().neighs[0].clone();
+    h1.ns
+        .ip(&["neigh", "del", &neigh.ip.to_string(), "dev", VXLAN_DEVICE]);
+    let back = wait_for("neighbour restored", 2, async || {
+        k.observe().await.unwrap().neighs.contains(&neigh)
+    })
+    .await;
+    assert!(back < Duration::from_secs(1), "neighbour took {back:?}");
+    let fdb = k.observe().await.unwrap().fdbs[0].clone();
+    h1.ns.exec(&[
+        "bridge",
+        "fdb",
+        "del",
+        &fdb.mac.to_string(),
+        "dev",
+        VXLAN_DEVICE,
+        "dst",
+        &fdb.dst.to_string(),
+    ]);
+    let back = wait_for("fdb entry restored", 2, async || {
+        k.observe().await.unwrap().fdbs.contains(&fdb)
+    })
+    .await;
+    assert!(back < Duration::from_secs(1), "fdb entry took {back:?}");
     h1.ns.ip(&["link", "del", VXLAN_DEVICE]);
     assert!(c1.ns.ping_until(c2.addr, 5), "drift was not repaired");
 

@@ -30,6 +30,7 @@ have docker-compose || need+=(docker-compose)
 have openssl || need+=(openssl)
 have ping || need+=(iputils-ping)
 have iperf3 || need+=(iperf3)
+have file || need+=(file)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -42,6 +43,13 @@ docker info >/dev/null 2>&1 || { echo "test.sh: the Docker Engine is not reachab
 # Leftovers of an interrupted earlier run (every test object carries this label).
 docker ps -aq --filter label=portless-test=1 | xargs -r docker rm -f >/dev/null
 docker network ls -q --filter label=portless-test=1 | xargs -r docker network rm >/dev/null || true
+# Engines, etcd and namespaces of an interrupted two-engine test run
+# (tests/cluster_hosts.rs keeps its state under /tmp/portless-twohost-*).
+for d in /tmp/portless-twohost-*; do
+  [ -d "$d" ] || continue
+  TWOHOST_PFX=${d##*/portless-twohost-} TWOHOST_DIR=$d bash tests/twohost.sh down >/dev/null 2>&1 || true
+  rm -rf "$d"
+done
 
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast "$@"

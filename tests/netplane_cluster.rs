@@ -19,6 +19,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_portless");
 /// `portless run` inside a host namespace; SIGTERM and wait on drop.
 struct Portless {
     child: Option<Child>,
+    /// Its --state-dir, removed on drop.
+    state: Option<std::path::PathBuf>,
 }
 
 impl Portless {
@@ -43,6 +45,10 @@ impl Portless {
         let addr = host.addr.to_string();
         args.push(&addr);
         args.extend_from_slice(&["--lease-ttl", "2", "--netplane-resync", "1"]);
+        // Not the machine's /var/lib/portless.
+        let state_dir = std::env::temp_dir().join(format!("portless-state-{}", host.ns.name));
+        let state = state_dir.to_string_lossy().into_owned();
+        args.extend_from_slice(&["--state-dir", &state]);
         args.extend_from_slice(extra);
         let child = Command::new("ip")
             .args(&args)
@@ -51,7 +57,10 @@ impl Portless {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("portless");
-        Portless { child: Some(child) }
+        Portless {
+            child: Some(child),
+            state: Some(state_dir),
+        }
     }
 
     /// SIGTERM, then wait for a clean exit.
@@ -80,6 +89,9 @@ impl Drop for Portless {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(dir) = self.state.take() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -438,7 +450,10 @@ fn etcd_tls_and_auth_mistakes_exit_64_naming_the_option() {
             .unwrap();
         // Killed on drop: a regression that starts instead of exiting
         // fails here rather than hanging the test (as root).
-        let mut p = Portless { child: Some(child) };
+        let mut p = Portless {
+            child: Some(child),
+            state: None,
+        };
         let status = common::wait_until(
             &format!("portless to exit on {args:?} {env:?}"),
             Duration::from_secs(20),

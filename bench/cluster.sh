@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# The cluster namespace, measured (see docs/BENCHMARKS.md, ## cluster):
+#   event  two real Docker Engines (tests/twohost.sh) with a real portless
+#          each: 100 container starts on B, the time from B's Docker event to
+#          the first answer of A's portless for the new name (polled every
+#          millisecond), and etcd's writes per container start and stop.
+#   fleet  one etcd, one real portless, and a generator playing 1,000 hosts
+#          with 100 containers each (100,000 records): initial sync time,
+#          resident memory, record written -> answered, quiet and under
+#          churn.
+#
+#   bench/cluster.sh [all|event|fleet] [--n N] [--hosts N] [--per-host N]
+#                    [--churn-rate N] [--churn-secs N]
+#
+# Root only. Everything runs in network namespaces it creates and removes
+# on exit; no traffic leaves them.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+
+if [ "$(id -u)" != 0 ]; then
+  exec sudo -E "$0" "$@"
+fi
+
+what=${1:-all}
+[ $# -gt 0 ] && shift
+N=100 HOSTS=1000 PER=100 RATE=100 SECS=20
+while [ $# -gt 0 ]; do
+  case $1 in
+    --n) N=$2; shift 2 ;;
+    --hosts) HOSTS=$2; shift 2 ;;
+    --per-host) PER=$2; shift 2 ;;
+    --churn-rate) RATE=$2; shift 2 ;;
+    --churn-secs) SECS=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have etcd || need+=(etcd-server)
+have etcdctl || need+=(etcd-client)
+have busybox || need+=(busybox-static)
+have iperf3 || need+=(iperf3)
+have ping || need+=(iputils-ping)
+have file || need+=(file)
+have protoc || need+=(protobuf-compiler)
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "bench/cluster.sh: installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+cd "$ROOT"
+cargo build --release -q --bin portless --example cluster_bench
+BIN=$ROOT/target/release/portless
+GEN=$ROOT/target/release/examples/cluster_bench
+echo "cluster benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, kernel $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
+
+PIDS=()
+CLEAN=()
+cleanup() {
+  local p c
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  for c in "${CLEAN[@]}"; do eval "$c" >/dev/null 2>&1 || true; done
+}
+trap cleanup EXIT
+
+run_event() {
+  local pfx=plb$(( $$ % 100000 )) dir
+  dir=/tmp/portless-bench-$pfx
+  export TWOHOST_PFX=$pfx TWOHOST_DIR=$dir
+  CLEAN+=("TWOHOST_PFX=$pfx TWOHOST_DIR=$dir bash $ROOT/tests/twohost.sh down; rm -rf $dir")
+  bash tests/twohost.sh up 2>"$dir.up.log" || { cat "$dir.up.log" >&2; return 1; }
+  local h ip
+  for h in A B; do
+    ip=10.251.0.1; [ $h = B ] && ip=10.251.0.2
+    ip netns exec "$pfx-h$h" "$BIN" run --docker-host "unix:///run/$pfx-$h.sock" \
+      --cluster-etcd http://10.251.0.10:27379 --advertise-addr "$ip" \
+      --dns-listen 127.0.0.1:5353 --upstream 127.0.0.1:9 --state-dir "$dir/state-$h" \
+      --log warn 2>"$dir/portless-$h.log" &
+    PIDS+=($!)
+  done
+  # Both ready: the cluster network exists on each.
+  for h in A B; do
+    for _ in $(seq 100); do
+      ip netns exec "$pfx-h$h" "$BIN" status --json 2>/dev/null | grep -q '"ready": true' && break
+      sleep 0.2
+    done
+  done
+  echo
+  echo "== event on B -> answer on A (two real Engines, $N container starts) =="
+  ip netns exec "$pfx-hA" "$GEN" event --docker "unix:///run/$pfx-B.sock" --dns 127.0.0.1:5353 \
+    --etcd http://10.251.0.10:27379 --image "$pfx-bb" --host-b 10.251.0.2 --n "$N"
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  PIDS=()
+}
+
+run_fleet() {
+  local ns=plbf$$ dir
+  dir=$(mktemp -d /tmp/portless-fleet-XXXX)
+  CLEAN+=("ip netns del $ns" "ip netns del $ns-gw" "rm -rf $dir")
+  ip netns add "$ns"
+  ip netns add "$ns-gw"
+  ip -n "$ns" link set lo up
+  ip link add plbf-u netns "$ns" type veth peer name plbf-g netns "$ns-gw"
+  ip -n "$ns" addr add 192.168.77.1/24 dev plbf-u
+  ip -n "$ns-gw" addr add 192.168.77.2/24 dev plbf-g
+  ip -n "$ns" link set plbf-u up
+  ip -n "$ns-gw" link set plbf-g up
+  ip -n "$ns" route add default via 192.168.77.2
+  ip netns exec "$ns" etcd --name f --data-dir "$dir/etcd" \
+    --listen-client-urls http://127.0.0.1:23790 --advertise-client-urls http://127.0.0.1:23790 \
+    --listen-peer-urls http://127.0.0.1:23800 --initial-advertise-peer-urls http://127.0.0.1:23800 \
+    --initial-cluster f=http://127.0.0.1:23800 --log-level error >"$dir/etcd.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 100); do
+    ip netns exec "$ns" etcdctl --endpoints http://127.0.0.1:23790 endpoint health >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  echo
+  echo "== fleet: $HOSTS hosts x $PER containers, one real portless =="
+  ip netns exec "$ns" "$GEN" fleet --etcd http://127.0.0.1:23790 --dns 127.0.0.1:5353 \
+    --admin 127.0.0.1:9053 --hosts "$HOSTS" --per-host "$PER" --churn-rate "$RATE" --churn-secs "$SECS" -- \
+    "$BIN" run --docker-host none --cluster-etcd http://127.0.0.1:23790 --cluster-cidr 10.64.0.0/10 \
+    --advertise-addr 192.168.77.1 --dns-port 0 --dns-listen 127.0.0.1:5353 \
+    --http-listen 127.0.0.1:8080 --upstream 127.0.0.1:9 --state-dir "$dir/state" --log warn
+  echo "etcd database size: $(ip netns exec "$ns" etcdctl --endpoints http://127.0.0.1:23790 endpoint status -w json | grep -o '"dbSize":[0-9]*' | cut -d: -f2) bytes"
+}
+
+case $what in
+  event) run_event ;;
+  fleet) run_fleet ;;
+  all) run_event; run_fleet ;;
+  *) echo "usage: $0 [all|event|fleet] [options]" >&2; exit 2 ;;
+esac

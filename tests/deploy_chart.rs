@@ -211,6 +211,7 @@ cluster:
     tls: { secretName: etcd-client }
     user: portless
     passwordSecret: { name: etcd-pass, key: pw }
+  stateDir: /srv/portless
 serviceMonitor: { enabled: true, interval: 15s }
 "#;
     let objects = render(Some(values));
@@ -340,6 +341,8 @@ serviceMonitor: { enabled: true, interval: 15s }
             ),
         ]
     );
+    let state = volume_of(&env_value(ds, "PORTLESS_STATE_DIR").unwrap());
+    assert_eq!(state["hostPath"]["path"], "/srv/portless");
     let sock = volume_of("/var/run/docker.sock");
     assert_eq!(sock["hostPath"]["type"], "Socket");
 
@@ -477,6 +480,7 @@ fn schema_config_keys_are_exactly_portless_options() {
         "etcd-user",
         "etcd-password-file",
         "advertise-addr",
+        "state-dir",
         "host-id",
     ]
     .into_iter()

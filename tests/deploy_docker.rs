@@ -443,7 +443,7 @@ networks:
 }
 
 /// Cluster mode in the image, run as the README says (its `docker run`
-/// plus `--cap-add NET_ADMIN`), against a private etcd, in route mode with
+/// plus `--cap-add NET_ADMIN` and the state directory), against a private etcd, in route mode with
 /// no peers so that only the Docker network and portless's iptables chains
 /// are made on this host: both appear, and `docker stop` with
 /// `--cleanup-on-exit` removes them.
@@ -468,6 +468,13 @@ fn image_runs_cluster_mode_with_net_admin() {
     args[i + 1] = name.clone();
     args.pop();
     args.extend(["--cap-add".into(), "NET_ADMIN".into()]);
+    let state = std::env::temp_dir().join(unique("portless-state-"));
+    std::fs::create_dir_all(&state).unwrap();
+    cleanup.push(&["rm", "-rf", state.to_str().unwrap()]);
+    args.extend([
+        "-v".into(),
+        format!("{}:/var/lib/portless", state.display()),
+    ]);
     args.extend(["--label".into(), LABEL.into()]);
     let env = [
         ("PORTLESS_CLUSTER_ETCD", etcd.endpoint()),
@@ -518,6 +525,12 @@ fn image_runs_cluster_mode_with_net_admin() {
     ]);
     assert_eq!(label, "1");
     let fwd = ok("iptables", &["-w", "-S", "PORTLESS-FWD"]);
+    // The one place it writes, outside the read-only image.
+    let saved = wait_until("the state file", Duration::from_secs(10), || {
+        let n = std::fs::read_dir(&state).ok()?.count();
+        (n > 0).then_some(n)
+    });
+    assert!(saved > 0);
     assert!(
         fwd.contains(&format!("-s {cidr} -d {cidr} -j ACCEPT")),
         "{fwd}"

@@ -167,6 +167,8 @@ fn systemd_capability_set_runs_cluster_mode() {
     let host = Host::new(&tag, "h1", &seg, 1);
     let endpoint = format!("http://{etcd_ip}:2379");
     let addr = host.addr.to_string();
+    let state = std::env::temp_dir().join(format!("portless-unit-state-{tag}"));
+    let state_s = state.to_str().unwrap().to_owned();
 
     let mut cmd = host.ns.command(&[
         "setpriv",
@@ -179,6 +181,7 @@ fn systemd_capability_set_runs_cluster_mode() {
         .args(["--docker-host", "none", "--cluster-etcd", &endpoint])
         .args(["--advertise-addr", &addr, "--dns-port", "0", "--no-router"])
         .args(["--admin-listen", "127.0.0.1:9053", "--lease-ttl", "2"])
+        .args(["--state-dir", &state_s])
         .env("PORTLESS_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -230,6 +233,7 @@ fn systemd_capability_set_runs_cluster_mode() {
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&state);
     assert!(
         chain.status.success() && String::from_utf8_lossy(&chain.stdout).contains("ACCEPT"),
         "no PORTLESS-FWD chain: {chain:?} (lease {leased})"

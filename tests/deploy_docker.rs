@@ -524,17 +524,23 @@ fn image_runs_cluster_mode_with_net_admin() {
         &net,
     ]);
     assert_eq!(label, "1");
-    let fwd = ok("iptables", &["-w", "-S", "PORTLESS-FWD"]);
+    let want = format!("-s {cidr} -d {cidr} -j ACCEPT");
+    wait_until(
+        "portless's PORTLESS-FWD rule",
+        Duration::from_secs(10),
+        || {
+            let out = run("iptables", &["-w", "-S", "PORTLESS-FWD"]);
+            String::from_utf8_lossy(&out.stdout)
+                .contains(&want)
+                .then_some(())
+        },
+    );
     // The one place it writes, outside the read-only image.
     let saved = wait_until("the state file", Duration::from_secs(10), || {
         let n = std::fs::read_dir(&state).ok()?.count();
         (n > 0).then_some(n)
     });
     assert!(saved > 0);
-    assert!(
-        fwd.contains(&format!("-s {cidr} -d {cidr} -j ACCEPT")),
-        "{fwd}"
-    );
 
     docker(&["stop", "-t", "10", &name]);
     assert_eq!(

@@ -213,12 +213,13 @@ fn systemd_capability_set_runs_cluster_mode() {
             .unwrap();
         if let Ok(s) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
             && s["host"]["subnet"].is_string()
+            && s["reconciles"].as_u64().is_some_and(|n| n > 0)
         {
             break s;
         }
         assert!(
             Instant::now() < deadline,
-            "no lease within 20 s under {bounding}"
+            "no lease and reconcile within 20 s under {bounding}"
         );
         std::thread::sleep(Duration::from_millis(100));
     };

@@ -12,11 +12,7 @@ fi
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 pkg() { dpkg -s "$1" >/dev/null 2>&1; }
-have protoc || need+=(protobuf-compiler)
-# etcd-client's build imports google/protobuf/*.proto, which come with
-# libprotobuf-dev (only recommended by protobuf-compiler, and recommends are
-# not installed below).
-[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+# No protoc: the build brings its own (.cargo/config.toml, .cargo/protoc).
 have etcd || need+=(etcd-server)
 have etcdctl || need+=(etcd-client)
 pkg busybox-static || need+=(busybox-static)
@@ -31,11 +27,34 @@ have openssl || need+=(openssl)
 have ping || need+=(iputils-ping)
 have iperf3 || need+=(iperf3)
 have file || need+=(file)
+# The deployment tests: the image (deploy/image-rootfs.sh strips the binary
+# and copies the CA roots), the systemd unit, the chart's Python tools.
+have strip || need+=(binutils)
+[ -s /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
+have nslookup || need+=(dnsutils)
+have setpriv || need+=(util-linux)
+have systemd-analyze || need+=(systemd)
+have python3 || need+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+# Python tools of tests/deploy_chart.rs, pinned, in a virtualenv of this
+# checkout (nothing global): Helm v4 (helm-python-sdk: Helm's Go SDK as a
+# library, offline) and checkov (a security scan of the rendered chart).
+venv=target/tools/venv
+py_tools=(helm-python-sdk==0.2.2 checkov==3.3.30)
+if [ "$(cat "$venv/.pins" 2>/dev/null)" != "${py_tools[*]}" ]; then
+  echo "test.sh: installing ${py_tools[*]} into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "${py_tools[@]}" \
+    || { echo "test.sh: cannot install ${py_tools[*]} from PyPI; the chart tests need them" >&2; exit 1; }
+  echo "${py_tools[*]}" > "$venv/.pins"
 fi
 
 docker info >/dev/null 2>&1 || { echo "test.sh: the Docker Engine is not reachable; the integration tests need it" >&2; exit 1; }

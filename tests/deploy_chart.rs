@@ -1,0 +1,632 @@
+//! The Helm chart (charts/portless), checked by real Helm v4 (the Go SDK
+//! through helm-python-sdk, offline) and scanned by checkov, both from the
+//! virtualenv ./test.sh installs (target/tools/venv): lint and render of
+//! the defaults and every example, the values reaching the DaemonSet, the
+//! schema refusing bad values, the configuration it renders accepted by
+//! portless itself, and no scan finding the chart's README does not
+//! explain.
+
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_portless");
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart() -> PathBuf {
+    root().join("charts/portless")
+}
+
+/// Run tests/chart.py with the virtualenv's Python; its JSON output.
+fn chart_py(args: &[&str]) -> Value {
+    let python = root().join("target/tools/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run ./test.sh, which installs helm-python-sdk and checkov there",
+        python.display()
+    );
+    let out = Command::new(&python)
+        .arg(root().join("tests/chart.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chart.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn examples() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(chart().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A temporary file holding `text`, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(ext: &str, text: &str) -> TempFile {
+        let p = std::env::temp_dir().join(format!("{}.{ext}", common::unique("portless-chart-")));
+        std::fs::write(&p, text).unwrap();
+        TempFile(p)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn render(values_yaml: Option<&str>) -> Vec<Value> {
+    let file = values_yaml.map(|y| TempFile::new("yaml", y));
+    let args: Vec<&str> = match &file {
+        Some(f) => vec!["render", f.path()],
+        None => vec!["render"],
+    };
+    chart_py(&args).as_array().unwrap().clone()
+}
+
+fn object<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} rendered"))
+}
+
+fn env_of(ds: &Value) -> Vec<(String, String)> {
+    ds["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_owned(),
+                e["value"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn env_value(ds: &Value, name: &str) -> Option<String> {
+    env_of(ds)
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+}
+
+/// `helm lint --strict` of the defaults and of every example values file:
+/// no errors and no warnings (the one info, "icon is recommended", is not
+/// one: the project has no icon).
+#[test]
+fn chart_lints_clean_with_defaults_and_every_example() {
+    let report = chart_py(&["lint"]);
+    let report = report.as_object().unwrap();
+    assert_eq!(report.len(), 1 + examples().len(), "{report:?}");
+    for (name, r) in report {
+        assert_eq!(r["total_charts_linted"], 1, "{name}: {r}");
+        assert!(r["errors"].as_array().unwrap().is_empty(), "{name}: {r}");
+        let serious: Vec<&Value> = r["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["severity"].as_u64().unwrap() >= 2)
+            .collect();
+        assert!(serious.is_empty(), "{name}: {serious:?}");
+    }
+}
+
+/// `helm template` of the defaults and every example renders a DaemonSet
+/// in the release's namespace, on the host network, with probes on
+/// /healthz, resources, and the capabilities its mode needs and no more.
+#[test]
+fn chart_renders_defaults_and_every_example() {
+    let mut cases: Vec<(String, Option<String>)> = vec![("defaults".into(), None)];
+    for e in examples() {
+        cases.push((
+            e.display().to_string(),
+            Some(std::fs::read_to_string(&e).unwrap()),
+        ));
+    }
+    for (name, values) in cases {
+        let objects = render(values.as_deref());
+        for o in &objects {
+            assert_eq!(o["metadata"]["namespace"], "portless", "{name}: {o}");
+        }
+        let ds = object(&objects, "DaemonSet");
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(pod["hostNetwork"], true, "{name}");
+        let c = &pod["containers"][0];
+        for probe in ["readinessProbe", "livenessProbe"] {
+            assert_eq!(c[probe]["httpGet"]["path"], "/healthz", "{name}: {probe}");
+            assert_eq!(c[probe]["httpGet"]["port"], "admin", "{name}: {probe}");
+        }
+        assert!(c["resources"]["requests"]["memory"].is_string(), "{name}");
+        let sc = &c["securityContext"];
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{name}");
+        let cluster = env_value(ds, "PORTLESS_CLUSTER_ETCD").is_some();
+        let legacy = values
+            .as_deref()
+            .is_some_and(|v| v.contains("iptables: legacy"));
+        let mut want = vec!["NET_BIND_SERVICE"];
+        if cluster {
+            want.push("NET_ADMIN");
+        }
+        if legacy {
+            want.push("NET_RAW");
+        }
+        assert_eq!(sc["capabilities"]["add"], json!(want), "{name}");
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}");
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
+        // The admin port the probes name is declared.
+        let ports = c["ports"].as_array().unwrap();
+        assert!(
+            ports.iter().any(|p| p["name"] == "admin"),
+            "{name}: {ports:?}"
+        );
+    }
+}
+
+/// Given values reach the DaemonSet (and its ConfigMap): ports, the
+/// domain, etcd endpoints, user and the Secrets of its TLS files and
+/// password, the certificate Secrets, the admin address, the image digest.
+#[test]
+fn rendered_daemonset_carries_the_values() {
+    let values = r#"
+image: { repository: registry.example.com/portless, digest: "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef" }
+config:
+  log: debug
+  dns: { dns-port: 5353, domain: corp.example, ttl: 30, dns-listen: ["10.1.2.3:1053"] }
+  router: { http-listen: "0.0.0.0:8080", https-listen: "0.0.0.0:8443", redirect-https: true }
+  cluster: { cluster-cidr: 10.250.0.0/16, netplane-mode: route, vni: 42 }
+admin: { address: hostIP, port: 9100 }
+tls:
+  secrets: [{ name: shop-tls }, { name: star-tls, default: true }]
+cluster:
+  enabled: true
+  etcd:
+    endpoints: [https://10.0.0.10:2379, https://10.0.0.11:2379]
+    tls: { secretName: etcd-client }
+    user: portless
+    passwordSecret: { name: etcd-pass, key: pw }
+  stateDir: /srv/portless
+serviceMonitor: { enabled: true, interval: 15s }
+"#;
+    let objects = render(Some(values));
+    let ds = object(&objects, "DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(
+        c["image"],
+        "registry.example.com/portless@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    );
+
+    // Ports: DNS (UDP and TCP), the extra listener, HTTP, HTTPS, admin.
+    let ports: BTreeSet<(String, u64, String)> = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["containerPort"].as_u64().unwrap(),
+                p["protocol"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want: BTreeSet<(String, u64, String)> = [
+        ("dns", 5353, "UDP"),
+        ("dns-tcp", 5353, "TCP"),
+        ("dnsx-0", 1053, "UDP"),
+        ("dnsx-tcp-0", 1053, "TCP"),
+        ("http", 8080, "TCP"),
+        ("https", 8443, "TCP"),
+        ("admin", 9100, "TCP"),
+    ]
+    .into_iter()
+    .map(|(n, p, t)| (n.to_owned(), p, t.to_owned()))
+    .collect();
+    assert_eq!(ports, want);
+
+    // The environment the chart sets.
+    assert_eq!(
+        env_value(ds, "PORTLESS_ADMIN_LISTEN").unwrap(),
+        "$(HOST_IP):9100"
+    );
+    assert_eq!(
+        env_value(ds, "PORTLESS_CLUSTER_ETCD").unwrap(),
+        "https://10.0.0.10:2379,https://10.0.0.11:2379"
+    );
+    assert_eq!(env_value(ds, "PORTLESS_ETCD_USER").unwrap(), "portless");
+    assert_eq!(
+        env_value(ds, "PORTLESS_ADVERTISE_ADDR").unwrap(),
+        "$(HOST_IP)"
+    );
+    assert_eq!(
+        env_value(ds, "PORTLESS_CERT_DIR").unwrap(),
+        "/etc/portless/certs"
+    );
+    // The password is a file, never a variable's value.
+    assert!(
+        env_of(ds)
+            .iter()
+            .all(|(k, _)| !k.contains("PASSWORD") || k.ends_with("_FILE")),
+        "{:?}",
+        env_of(ds)
+    );
+
+    // Each file named by a variable is mounted from the Secret given.
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    let volumes = pod["volumes"].as_array().unwrap();
+    let volume_of = |path: &str| -> &Value {
+        let m = mounts
+            .iter()
+            .find(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+            .unwrap_or_else(|| panic!("nothing mounted at {path}: {mounts:?}"));
+        volumes.iter().find(|v| v["name"] == m["name"]).unwrap()
+    };
+    for var in [
+        "PORTLESS_ETCD_CA",
+        "PORTLESS_ETCD_CERT",
+        "PORTLESS_ETCD_KEY",
+    ] {
+        let path = env_value(ds, var).unwrap();
+        let v = volume_of(&path);
+        assert_eq!(v["secret"]["secretName"], "etcd-client", "{var}");
+        let file = Path::new(&path).file_name().unwrap().to_str().unwrap();
+        assert!(
+            v["secret"]["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["path"] == file),
+            "{var}: {v}"
+        );
+    }
+    let pw = volume_of(&env_value(ds, "PORTLESS_ETCD_PASSWORD_FILE").unwrap());
+    assert_eq!(pw["secret"]["secretName"], "etcd-pass");
+    assert_eq!(
+        pw["secret"]["items"],
+        json!([{"key": "pw", "path": "password"}])
+    );
+    let certs = volume_of("/etc/portless/certs/");
+    let sources: Vec<(String, Vec<String>)> = certs["projected"]["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["secret"]["name"].as_str().unwrap().to_owned(),
+                s["secret"]["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i["path"].as_str().unwrap().to_owned())
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            (
+                "shop-tls".to_owned(),
+                vec!["shop-tls.crt".to_owned(), "shop-tls.key".to_owned()]
+            ),
+            (
+                "star-tls".to_owned(),
+                vec!["default.crt".to_owned(), "default.key".to_owned()]
+            ),
+        ]
+    );
+    let state = volume_of(&env_value(ds, "PORTLESS_STATE_DIR").unwrap());
+    assert_eq!(state["hostPath"]["path"], "/srv/portless");
+    let sock = volume_of("/var/run/docker.sock");
+    assert_eq!(sock["hostPath"]["type"], "Socket");
+
+    // Probes go to the node's address (no host: the pod IP, which is it).
+    assert!(
+        c["livenessProbe"]["httpGet"].get("host").is_none(),
+        "{}",
+        c["livenessProbe"]
+    );
+
+    // The configuration file: the domain, ports and cluster tunables, with
+    // whole numbers as integers.
+    let cm = object(&objects, "ConfigMap");
+    let toml_text = cm["data"]["portless.toml"].as_str().unwrap();
+    let t: toml::Table = toml_text
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}: {toml_text}"));
+    assert_eq!(t["log"].as_str(), Some("debug"));
+    assert_eq!(t["dns"]["domain"].as_str(), Some("corp.example"));
+    assert_eq!(t["dns"]["dns-port"].as_integer(), Some(5353));
+    assert_eq!(t["dns"]["ttl"].as_integer(), Some(30));
+    assert_eq!(t["router"]["http-listen"].as_str(), Some("0.0.0.0:8080"));
+    assert_eq!(t["cluster"]["vni"].as_integer(), Some(42));
+    assert_eq!(t["cluster"]["cluster-cidr"].as_str(), Some("10.250.0.0/16"));
+    // Its checksum rolls the pods when it changes.
+    let sum = ds["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        .as_str()
+        .unwrap();
+    assert_eq!(sum.len(), 64);
+
+    // The ServiceMonitor scrapes /metrics on the admin port.
+    let sm = object(&objects, "ServiceMonitor");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "admin");
+    assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+    assert_eq!(sm["spec"]["endpoints"][0]["interval"], "15s");
+    let svc = object(&objects, "Service");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 9100);
+}
+
+/// The schema refuses bad values before anything renders, naming what is
+/// wrong; and a ServiceMonitor over a loopback admin API is refused.
+#[test]
+fn schema_refuses_bad_values() {
+    let bad = [
+        (json!({"config": {"dns": {"dns-port": 70000}}}), "dns-port"),
+        (json!({"config": {"dns": {"dns-port": "53"}}}), "dns-port"),
+        (json!({"config": {"dns": {"bogus": 1}}}), "bogus"),
+        (json!({"config": {"cert-dir": "/x"}}), "cert-dir"),
+        (
+            json!({"config": {"cluster": {"etcd-password-file": "/x"}}}),
+            "etcd-password-file",
+        ),
+        (
+            json!({"config": {"router": {"http-listen": "80"}}}),
+            "http-listen",
+        ),
+        (
+            json!({"config": {"cluster": {"netplane-mode": "fast"}}}),
+            "netplane-mode",
+        ),
+        (json!({"cluster": {"enabled": true}}), "endpoints"),
+        (
+            json!({"cluster": {"etcd": {"endpoints": ["etcd:2379,etcd2:2379"]}}}),
+            "endpoints",
+        ),
+        (
+            json!({"cluster": {"etcd": {"user": "u"}}}),
+            "passwordSecret",
+        ),
+        (json!({"cluster": {"iptables": "ebpf"}}), "iptables"),
+        (json!({"admin": {"address": "my host"}}), "address"),
+        (json!({"tls": {"secrets": [{"name": "Bad_Name"}]}}), "name"),
+        (json!({"image": {"digest": "latest"}}), "digest"),
+        (json!({"replicas": 3}), "replicas"),
+        (
+            json!({"serviceMonitor": {"enabled": true}}),
+            "serviceMonitor.enabled needs",
+        ),
+    ];
+    for (values, names) in bad {
+        let f = TempFile::new("json", &values.to_string());
+        let r = chart_py(&["schema", f.path()]);
+        assert_eq!(r["ok"], false, "accepted: {values}");
+        let err = r["error"].as_str().unwrap();
+        assert!(
+            err.contains(names),
+            "{values}: the error does not name {names}: {err}"
+        );
+    }
+    // And good values pass (the test above is not refusing everything).
+    let f = TempFile::new("json", &json!({"config": {"dns": {"dns-port": 0}}, "cluster": {"enabled": true, "etcd": {"endpoints": ["http://10.0.0.1:2379"]}}}).to_string());
+    assert_eq!(chart_py(&["schema", f.path()])["ok"], true);
+}
+
+/// The schema's `config` keys are portless's own options and nothing else,
+/// and every option of `portless run` is either one of them or set by the
+/// chart from its other values: the chart cannot drift from the binary.
+#[test]
+fn schema_config_keys_are_exactly_portless_options() {
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(chart().join("values.schema.json")).unwrap())
+            .unwrap();
+    let config = &schema["properties"]["config"]["properties"];
+    let mut keys = BTreeSet::new();
+    for (k, v) in config.as_object().unwrap() {
+        match v.get("properties") {
+            Some(table) if ["dns", "router", "cluster"].contains(&k.as_str()) => {
+                keys.extend(table.as_object().unwrap().keys().cloned())
+            }
+            _ => {
+                keys.insert(k.clone());
+            }
+        }
+    }
+    let help = Command::new(BIN).args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let options: BTreeSet<String> = help
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .map(|r| r.split([' ', '=']).next().unwrap().to_owned())
+        .filter(|f| f != "help")
+        .collect();
+    // Set by the chart: files from Secrets and ConfigMaps, the admin API,
+    // the Docker socket, etcd, and per-node identities.
+    let by_chart: BTreeSet<String> = [
+        "config",
+        "docker-host",
+        "admin-listen",
+        "hosts-file",
+        "cert-dir",
+        "cluster-etcd",
+        "etcd-ca",
+        "etcd-cert",
+        "etcd-key",
+        "etcd-user",
+        "etcd-password-file",
+        "advertise-addr",
+        "state-dir",
+        "host-id",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    let unknown: Vec<&String> = keys.difference(&options).collect();
+    assert!(
+        unknown.is_empty(),
+        "schema keys portless does not have: {unknown:?}"
+    );
+    let uncovered: Vec<&String> = options
+        .difference(&keys)
+        .filter(|o| !by_chart.contains(*o))
+        .collect();
+    assert!(
+        uncovered.is_empty(),
+        "portless options the chart neither accepts nor sets: {uncovered:?}"
+    );
+    let both: Vec<&String> = keys.intersection(&by_chart).collect();
+    assert!(
+        both.is_empty(),
+        "set by the chart and accepted in config: {both:?}"
+    );
+}
+
+/// The configuration file the chart renders, from the defaults and every
+/// example, is accepted by portless itself (which refuses unknown keys and
+/// bad values with exit code 64 before binding anything). It then starts,
+/// with every listener moved to free loopback ports and no Docker, and serves
+/// /healthz.
+#[test]
+fn rendered_configuration_is_accepted_by_portless() {
+    let mut cases: Vec<Option<PathBuf>> = vec![None];
+    cases.extend(examples().into_iter().map(Some));
+    for case in cases {
+        let values = case.as_ref().map(|p| std::fs::read_to_string(p).unwrap());
+        let objects = render(values.as_deref());
+        let cm = object(&objects, "ConfigMap");
+        let file = TempFile::new("toml", cm["data"]["portless.toml"].as_str().unwrap());
+        let certs = std::env::temp_dir().join(common::unique("portless-chart-certs-"));
+        std::fs::create_dir_all(&certs).unwrap();
+        let admin = SocketAddr::new(
+            Ipv4Addr::LOCALHOST.into(),
+            common::free_port(Ipv4Addr::LOCALHOST.into()),
+        );
+        let admin_s = admin.to_string();
+        // Two distinct free ports: both held while picking.
+        let (a, b) = (
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        );
+        let http = a.local_addr().unwrap().to_string();
+        let https = b.local_addr().unwrap().to_string();
+        drop((a, b));
+        let mut child = Command::new(BIN)
+            .args([
+                "run",
+                "--config",
+                file.path(),
+                "--docker-host",
+                "none",
+                "--dns-port",
+                "0",
+            ])
+            .args(["--http-listen", &http, "--https-listen", &https])
+            .args(["--admin-listen", &admin_s])
+            .env("PORTLESS_CERT_DIR", &certs)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let served = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                use std::io::Read;
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                break Err(format!("exited with {status}: {err}"));
+            }
+            if common::http_get(admin, "/healthz").is_some() {
+                break Ok(());
+            }
+            if Instant::now() > deadline {
+                break Err("no /healthz within 15 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&certs);
+        if let Err(e) = served {
+            panic!(
+                "{:?}: portless refused the rendered configuration: {e}\n{}",
+                case,
+                cm["data"]["portless.toml"].as_str().unwrap()
+            );
+        }
+    }
+}
+
+/// checkov over the rendered defaults and every example: every finding is
+/// a row of the chart README's "Security scan" table (which says why it
+/// stays), and every row there is still a finding (the table stays true).
+#[test]
+fn checkov_findings_are_the_ones_the_chart_readme_explains() {
+    let scan = chart_py(&["scan"]);
+    assert!(
+        scan["summary"]["passed"].as_u64().unwrap() > 100,
+        "checkov checked nothing: {scan}"
+    );
+    assert_eq!(scan["summary"]["parsing_errors"], 0, "{scan}");
+    let found: BTreeSet<String> = scan["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f[0].as_str().unwrap().to_owned())
+        .collect();
+    let readme = std::fs::read_to_string(chart().join("README.md")).unwrap();
+    let table = &readme[readme
+        .find("## Security scan")
+        .expect("a Security scan section")..];
+    let explained: BTreeSet<String> = table
+        .lines()
+        .filter(|l| l.starts_with("| CKV"))
+        .flat_map(|l| {
+            l.split('|')
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .map(|c| c.trim().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let unexplained: Vec<&String> = found.difference(&explained).collect();
+    assert!(
+        unexplained.is_empty(),
+        "checkov findings the chart README does not explain: {unexplained:?}\n{scan}"
+    );
+    let stale: Vec<&String> = explained.difference(&found).collect();
+    assert!(
+        stale.is_empty(),
+        "the chart README explains findings checkov no longer reports: {stale:?}"
+    );
+}

@@ -156,11 +156,20 @@ async fn event(args: &[String]) {
     for i in 0..n {
         let name = format!("ev{i}-{tag}");
         let fq = format!("{name}.docker.internal.");
-        let probe = std::thread::spawn(move || poll_until_answered(dns, &fq, Duration::from_secs(10)));
+        let probe =
+            std::thread::spawn(move || poll_until_answered(dns, &fq, Duration::from_secs(10)));
         let id = docker(
             &docker_b,
             &[
-                "run", "-d", "--network", "portless", "--name", &name, &image, "sleep", "100000",
+                "run",
+                "-d",
+                "--network",
+                "portless",
+                "--name",
+                &name,
+                &image,
+                "sleep",
+                "100000",
             ],
         );
         names.push(name.clone());
@@ -205,7 +214,12 @@ async fn event(args: &[String]) {
 }
 
 fn fake_host(i: usize) -> HostRecord {
-    let underlay = Ipv4Addr::new(172, 20 + (i / 62500) as u8, ((i / 250) % 250) as u8, (i % 250 + 1) as u8);
+    let underlay = Ipv4Addr::new(
+        172,
+        20 + (i / 62500) as u8,
+        ((i / 250) % 250) as u8,
+        (i % 250 + 1) as u8,
+    );
     let base = u32::from(Ipv4Addr::new(10, 64, 0, 0)) + ((i as u32 + 1) << 8);
     HostRecord {
         id: format!("fake-{i}"),
@@ -221,12 +235,18 @@ fn fake_host(i: usize) -> HostRecord {
 fn fake_record(h: &HostRecord, j: usize, name: &str, unhealthy: bool) -> ContainerRecord {
     let mut labels = BTreeMap::new();
     if j % 10 == 0 {
-        labels.insert("portless.http.host".to_owned(), format!("{name}.fleet.test"));
+        labels.insert(
+            "portless.http.host".to_owned(),
+            format!("{name}.fleet.test"),
+        );
         labels.insert("portless.http.port".to_owned(), "80".to_owned());
     }
     ContainerRecord {
         host: h.id.clone(),
-        id: format!("{:0>64x}", ((h.subnet.network().to_bits() as u128) << 16) | j as u128),
+        id: format!(
+            "{:0>64x}",
+            ((h.subnet.network().to_bits() as u128) << 16) | j as u128
+        ),
         name: name.to_owned(),
         project: Some(format!("p{}", h.id)),
         service: Some(format!("svc{}", j % 10)),
@@ -383,10 +403,15 @@ async fn fleet(args: &[String]) {
         let r = fake_record(&h, 200 + (k % 50), &name, false);
         let key = format!("/portless/v1/containers/{}/{}", h.id, r.id);
         let fq = format!("{name}.docker.internal.");
-        let probe = std::thread::spawn(move || poll_until_answered(dns, &fq, Duration::from_secs(10)));
+        let probe =
+            std::thread::spawn(move || poll_until_answered(dns, &fq, Duration::from_secs(10)));
         let put_at = now_ns();
         client
-            .put(key.clone(), r.encode(), Some(PutOptions::new().with_lease(lease)))
+            .put(
+                key.clone(),
+                r.encode(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
             .await
             .unwrap();
         let answered = tokio::task::spawn_blocking(move || probe.join().unwrap())
@@ -424,7 +449,11 @@ async fn fleet(args: &[String]) {
                 let r = fake_record(&fakes[i], j, &format!("h{i}-c{j}"), k % 2 == 0);
                 let key = format!("/portless/v1/containers/{}/{}", fakes[i].id, r.id);
                 let _ = client
-                    .put(key, r.encode(), Some(PutOptions::new().with_lease(leases[i])))
+                    .put(
+                        key,
+                        r.encode(),
+                        Some(PutOptions::new().with_lease(leases[i])),
+                    )
                     .await;
                 changes.fetch_add(1, Ordering::Relaxed);
                 k += 1;
@@ -470,7 +499,10 @@ async fn fleet(args: &[String]) {
         let _ = client.lease_revoke(l).await;
     }
     let _ = client
-        .delete("/portless/v1/", Some(etcd_client::DeleteOptions::new().with_prefix()))
+        .delete(
+            "/portless/v1/",
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
         .await;
 }
 

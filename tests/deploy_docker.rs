@@ -448,7 +448,6 @@ networks:
 /// are made on this host: both appear, and `docker stop` with
 /// `--cleanup-on-exit` removes them.
 #[test]
-#[ignore = "cluster mode stops at start in a container: the netplane writes /proc/sys/net/ipv4/ip_forward, which is read-only there, even when forwarding is on already; run it with --ignored once the netplane leaves it alone when it is 1"]
 fn image_runs_cluster_mode_with_net_admin() {
     require("etcd");
     require("iptables");

@@ -225,8 +225,14 @@ impl Kernel {
 
     /// Turn on IPv4 forwarding in the executor's namespace.
     pub async fn enable_forwarding(&self) -> Result<()> {
-        self.blocking(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
-            .await??;
+        self.blocking(|| {
+            let path = "/proc/sys/net/ipv4/ip_forward";
+            if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
+                return Ok(());
+            }
+            std::fs::write(path, "1")
+        })
+        .await??;
         Ok(())
     }
 }

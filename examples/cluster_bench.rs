@@ -234,7 +234,7 @@ fn fake_host(i: usize) -> HostRecord {
 
 fn fake_record(h: &HostRecord, j: usize, name: &str, unhealthy: bool) -> ContainerRecord {
     let mut labels = BTreeMap::new();
-    if j % 10 == 0 {
+    if j.is_multiple_of(10) {
         labels.insert(
             "portless.http.host".to_owned(),
             format!("{name}.fleet.test"),
@@ -446,7 +446,7 @@ async fn fleet(args: &[String]) {
                 tick.tick().await;
                 let i = (k * 104_729) % fakes.len();
                 let j = (k * 31) % per;
-                let r = fake_record(&fakes[i], j, &format!("h{i}-c{j}"), k % 2 == 0);
+                let r = fake_record(&fakes[i], j, &format!("h{i}-c{j}"), k.is_multiple_of(2));
                 let key = format!("/portless/v1/containers/{}/{}", fakes[i].id, r.id);
                 let _ = client
                     .put(

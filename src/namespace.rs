@@ -310,7 +310,10 @@ mod tests {
             "b".to_owned(),
             Arc::new(HostContainers {
                 host: hr,
-                records: records.iter().map(|r| (r.id.clone(), r.clone())).collect(),
+                records: records
+                    .iter()
+                    .map(|r| (r.id.clone(), Arc::new(r.clone())))
+                    .collect(),
             }),
         )])
     }

@@ -519,6 +519,8 @@ impl Agent {
             saved: None,
             last_reconcile_ms: None,
             refused_peers: Vec::new(),
+            hosts: (u64::MAX, Vec::new()),
+            peers: ((u64::MAX, 0, 0), Vec::new()),
         };
         let main = tokio::spawn(driver.run(machine, local_rx, wake.clone(), changes));
         Ok(Agent {
@@ -713,11 +715,15 @@ struct Driver {
     lease_tx: watch::Sender<Option<i64>>,
     lag: Arc<Lag>,
     refused_total: BTreeMap<String, u64>,
-    /// What was last written to the state file.
-    saved: Option<(HostRecord, Vec<HostRecord>)>,
+    /// What was last written to the state file, and the hosts version.
+    saved: Option<(HostRecord, Vec<HostRecord>, u64)>,
     last_reconcile_ms: Option<u64>,
     /// Refused peers already logged, so that each is said once, at warn.
     refused_peers: Vec<Refusal>,
+    /// The host records, as of a hosts version of the machine.
+    hosts: (u64, Vec<HostRecord>),
+    /// Peer statuses, as of (hosts version, lease, reconciles).
+    peers: ((u64, i64, u64), Vec<PeerStatus>),
 }
 
 impl Driver {
@@ -749,6 +755,9 @@ impl Driver {
                 self.remote_tx.send_replace(Arc::new(view.clone()));
             }
             let summary = m.summary();
+            if self.hosts.0 != summary.hosts_version {
+                self.hosts = (summary.hosts_version, m.hosts());
+            }
             self.publish_status(&summary);
             self.save_state(&summary);
 
@@ -943,7 +952,7 @@ impl Driver {
         }
     }
 
-    fn publish_status(&self, s: &Summary) {
+    fn publish_status(&mut self, s: &Summary) {
         let lease_id = s.lease.as_ref().filter(|_| !s.lease_lost).map(|l| l.id);
         self.lease_tx.send_if_modified(|v| {
             let changed = *v != lease_id;
@@ -953,28 +962,41 @@ impl Driver {
         let (host, peers, last_known) = match (&s.lease, &s.last_known) {
             (Some(l), None) => {
                 let spec = spec_for(&self.cfg, &self.underlay, &l.record);
-                let p = plan::plan(&spec, &s.hosts);
-                let in_place = s.last_reconcile.as_ref().map(|r| &r.peers_in_place);
-                let peers = p
-                    .peers
-                    .iter()
-                    .map(|pp| {
-                        let rec = s.hosts.iter().find(|h| h.id == pp.id);
-                        PeerStatus {
-                            id: pp.id.clone(),
-                            hostname: rec.map(|r| r.hostname.clone()).unwrap_or_default(),
-                            subnet: pp.subnet,
-                            underlay: pp.underlay,
-                            mode: rec.map(|r| r.mode).unwrap_or(Mode::Vxlan),
-                            transport: pp.transport,
-                            in_place: in_place
-                                .and_then(|m| m.get(&pp.id))
-                                .copied()
-                                .unwrap_or(false),
-                        }
-                    })
-                    .collect();
-                (Some(host_status(&spec, l.id, l.ttl)), peers, false)
+                // The plan of 1,000 peers is not made again on every
+                // record event: only when hosts, lease or kernel changed.
+                let key = (s.hosts_version, l.id, s.reconciles);
+                if self.peers.0 != key {
+                    let hosts = &self.hosts.1;
+                    let by_id: BTreeMap<&str, &HostRecord> =
+                        hosts.iter().map(|h| (h.id.as_str(), h)).collect();
+                    let p = plan::plan(&spec, hosts);
+                    let in_place = s.last_reconcile.as_ref().map(|r| &r.peers_in_place);
+                    let peers = p
+                        .peers
+                        .iter()
+                        .map(|pp| {
+                            let rec = by_id.get(pp.id.as_str()).copied();
+                            PeerStatus {
+                                id: pp.id.clone(),
+                                hostname: rec.map(|r| r.hostname.clone()).unwrap_or_default(),
+                                subnet: pp.subnet,
+                                underlay: pp.underlay,
+                                mode: rec.map(|r| r.mode).unwrap_or(Mode::Vxlan),
+                                transport: pp.transport,
+                                in_place: in_place
+                                    .and_then(|m| m.get(&pp.id))
+                                    .copied()
+                                    .unwrap_or(false),
+                            }
+                        })
+                        .collect();
+                    self.peers = (key, peers);
+                }
+                (
+                    Some(host_status(&spec, l.id, l.ttl)),
+                    self.peers.1.clone(),
+                    false,
+                )
             }
             (_, Some(_)) => {
                 // Keep the start-up view of the kept kernel entries.
@@ -1024,20 +1046,33 @@ impl Driver {
         let (Some(l), true) = (&s.lease, s.listed) else {
             return;
         };
-        let peers: Vec<HostRecord> = s
+        if self
+            .saved
+            .as_ref()
+            .is_some_and(|(own, _, v)| *own == l.record && *v == s.hosts_version)
+        {
+            return;
+        }
+        let peers: Vec<HostRecord> = self
             .hosts
+            .1
             .iter()
             .filter(|h| h.id != self.host_id)
             .cloned()
             .collect();
-        let now = (l.record.clone(), peers);
-        if self.saved.as_ref() == Some(&now) {
-            return;
-        }
+        let now = (l.record.clone(), peers, s.hosts_version);
         let saved = Saved {
             own: now.0.clone(),
             peers: now.1.clone(),
         };
+        if self
+            .saved
+            .as_ref()
+            .is_some_and(|(own, peers, _)| *own == saved.own && *peers == saved.peers)
+        {
+            self.saved = Some(now);
+            return;
+        }
         match store_saved(path, &saved) {
             Ok(()) => self.saved = Some(now),
             Err(e) => {

@@ -131,7 +131,7 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostContainers {
     pub host: HostRecord,
-    pub records: BTreeMap<String, ContainerRecord>,
+    pub records: BTreeMap<String, Arc<ContainerRecord>>,
 }
 
 /// Every other host's checked records; a host's entry is shared until it
@@ -183,6 +183,8 @@ pub struct Membership {
     watch_seq: u64,
     listed: bool,
     hosts: BTreeMap<String, LiveHost>,
+    /// Changes whenever `hosts` does.
+    hosts_version: u64,
     /// Every record read, by host then container id (own ones included).
     raw: BTreeMap<String, BTreeMap<String, RawRecord>>,
     remote: RemoteView,
@@ -217,7 +219,8 @@ pub struct Summary {
     pub etcd_ok: bool,
     pub last_error: Option<String>,
     pub listed: bool,
-    pub hosts: Vec<HostRecord>,
+    /// Changes whenever the host records do ([`Membership::hosts`]).
+    pub hosts_version: u64,
     pub last_reconcile: Option<Reconciled>,
     pub reconciles: u64,
     pub ops_applied: u64,
@@ -257,6 +260,7 @@ impl Membership {
             watch_seq: 0,
             listed: false,
             hosts: BTreeMap::new(),
+            hosts_version: 0,
             raw: BTreeMap::new(),
             remote: RemoteView::new(),
             remote_version: 0,
@@ -484,6 +488,11 @@ impl Membership {
         (&self.remote, self.remote_version)
     }
 
+    /// Every live host record, this host's included.
+    pub fn hosts(&self) -> Vec<HostRecord> {
+        self.hosts.values().map(|h| h.record.clone()).collect()
+    }
+
     pub fn summary(&self) -> Summary {
         let pending = self.lease.as_ref().map_or(self.desired.len(), |l| {
             records::publish_ops(&self.desired, &self.own, l.id).len()
@@ -494,7 +503,7 @@ impl Membership {
             etcd_ok: self.etcd_ok,
             last_error: self.last_error.clone(),
             listed: self.listed,
-            hosts: self.hosts.values().map(|h| h.record.clone()).collect(),
+            hosts_version: self.hosts_version,
             last_reconcile: self.last_reconcile.clone(),
             reconciles: self.reconciles,
             ops_applied: self.ops_applied,
@@ -619,6 +628,9 @@ impl Membership {
             revision,
         } = listing;
         let hosts_changed = !self.listed || hosts != self.hosts;
+        if hosts_changed {
+            self.hosts_version += 1;
+        }
         self.hosts = hosts;
         self.raw.clear();
         self.own.clear();
@@ -648,7 +660,7 @@ impl Membership {
     fn put_raw(&mut self, r: RawRecord) {
         if r.host == self.cfg.host_id {
             if let Ok(rec) = &r.record {
-                self.own.insert(r.id.clone(), (rec.clone(), r.lease));
+                self.own.insert(r.id.clone(), ((**rec).clone(), r.lease));
             } else {
                 // Unreadable under our own key: rewrite it.
                 self.own.remove(&r.id);
@@ -710,6 +722,7 @@ impl Membership {
             self.recheck_host(&h);
         }
         if hosts_changed {
+            self.hosts_version += 1;
             self.reconcile_soon(now);
             self.check_own_host();
         }
@@ -743,12 +756,14 @@ impl Membership {
                 .collect();
             for (id, raw) in records {
                 let verdict = match &raw.record {
-                    Ok(rec) => records::check(rec, &raw.host, id, raw.lease, &hosts).map(|()| rec),
+                    Ok(rec) => {
+                        records::check(rec, &raw.host, id, raw.lease, &hosts).map(|()| rec.clone())
+                    }
                     Err(e) => Err(e.clone()),
                 };
                 match verdict {
                     Ok(rec) => {
-                        valid.insert(id.clone(), rec.clone());
+                        valid.insert(id.clone(), rec);
                     }
                     Err(refusal) => {
                         // A host's records may arrive before its host
@@ -857,7 +872,7 @@ mod tests {
             host: r.host.clone(),
             id: r.id.clone(),
             lease,
-            record: Ok(r.clone()),
+            record: Ok(Arc::new(r.clone())),
         }
     }
 

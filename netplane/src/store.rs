@@ -555,7 +555,7 @@ impl Store {
                             host: host.to_owned(),
                             id: id.to_owned(),
                             lease: item.lease(),
-                            record: ContainerRecord::decode(item.value()),
+                            record: ContainerRecord::decode(item.value()).map(Arc::new),
                         }),
                         None => {}
                     }
@@ -685,7 +685,8 @@ pub struct RawRecord {
     pub host: String,
     pub id: String,
     pub lease: i64,
-    pub record: std::result::Result<ContainerRecord, RecordRefusal>,
+    /// Shared with the checked view, so that a record is held once.
+    pub record: std::result::Result<Arc<ContainerRecord>, RecordRefusal>,
 }
 
 /// Every host and record at one revision.
@@ -758,7 +759,7 @@ impl ClusterWatch {
                         host: host.to_owned(),
                         id: id.to_owned(),
                         lease: kv.lease(),
-                        record: ContainerRecord::decode(kv.value()),
+                        record: ContainerRecord::decode(kv.value()).map(Arc::new),
                     }))
                 }
                 Some(Key::Record(host, id)) => out.push(ClusterEvent::RecordDeleted {

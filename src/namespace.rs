@@ -176,23 +176,36 @@ pub async fn run(
     network: String,
 ) {
     let mut cache = Converted::default();
+    // The channel's first value is an empty catalog from before discovery's
+    // first listing: publishing it would delete this host's records from
+    // etcd until the listing came. Records are published once discovery
+    // has spoken, and its first word is always sent (even when it is "no
+    // containers", so that records left from before a restart go).
+    let mut discovered = false;
+    let mut announced = false;
     loop {
+        discovered |= local.has_changed().unwrap_or(false);
         let snap = local.borrow_and_update().clone();
         let view = remote.borrow_and_update().clone();
         let changed_ns = snap.event_time_ns.unwrap_or_else(now_ns);
         let records = local_records(&snap.catalog, &network, changed_ns);
-        publisher.send_if_modified(|cur| {
-            // The stamps differ on every change; only content counts.
-            let same = cur.len() == records.len()
-                && cur
-                    .iter()
-                    .zip(&records)
-                    .all(|((a, x), (b, y))| a == b && x.same_content(y));
-            if !same {
-                *cur = records;
-            }
-            !same
-        });
+        if discovered && !announced {
+            announced = true;
+            publisher.send_replace(records);
+        } else if discovered {
+            publisher.send_if_modified(|cur| {
+                // The stamps differ on every change; only content counts.
+                let same = cur.len() == records.len()
+                    && cur
+                        .iter()
+                        .zip(&records)
+                        .all(|((a, x), (b, y))| a == b && x.same_content(y));
+                if !same {
+                    *cur = records;
+                }
+                !same
+            });
+        }
         let (catalog, newest) = merge(&snap.catalog, &view, &network, &mut cache);
         out.send_replace(Snapshot {
             catalog: Arc::new(catalog),

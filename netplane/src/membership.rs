@@ -194,6 +194,8 @@ pub struct Membership {
     restoring_host: bool,
     // Publishing.
     desired: BTreeMap<String, ContainerRecord>,
+    /// Whether `desired` came from the host (an `Input::Local`) yet.
+    desired_known: bool,
     own: Published,
     publishing: bool,
     publish_at: Option<Instant>,
@@ -268,6 +270,7 @@ impl Membership {
             new_refusals: Vec::new(),
             restoring_host: false,
             desired: BTreeMap::new(),
+            desired_known: false,
             own: Published::new(),
             publishing: false,
             publish_at: None,
@@ -468,8 +471,9 @@ impl Membership {
                 for r in records.values_mut() {
                     r.host = self.cfg.host_id.clone();
                 }
-                if records != self.desired {
+                if records != self.desired || !self.desired_known {
                     self.desired = records;
+                    self.desired_known = true;
                     self.maybe_publish(now);
                 }
             }
@@ -494,9 +498,11 @@ impl Membership {
     }
 
     pub fn summary(&self) -> Summary {
-        let pending = self.lease.as_ref().map_or(self.desired.len(), |l| {
-            records::publish_ops(&self.desired, &self.own, l.id).len()
-        });
+        let pending = match &self.lease {
+            _ if !self.desired_known => 0,
+            None => self.desired.len(),
+            Some(l) => records::publish_ops(&self.desired, &self.own, l.id).len(),
+        };
         Summary {
             lease: self.lease.clone(),
             lease_lost: self.lease_lost,
@@ -578,7 +584,14 @@ impl Membership {
     }
 
     fn maybe_publish(&mut self, now: Instant) {
-        if self.publishing || self.publish_at.is_some_and(|t| t > now) || !self.listed {
+        // Until the host has said what it runs, its records in etcd (from
+        // before a restart) stand: publishing an empty wish would delete
+        // them all.
+        if self.publishing
+            || self.publish_at.is_some_and(|t| t > now)
+            || !self.listed
+            || !self.desired_known
+        {
             return;
         }
         let Some(lease) = &self.lease else { return };
@@ -985,6 +998,59 @@ mod tests {
         m.handle(Input::Local(BTreeMap::from([(a.id.clone(), again)])), t0);
         assert!(drain(&mut m).is_empty());
         assert_eq!(m.summary().writes, 1);
+    }
+
+    #[test]
+    fn records_in_etcd_stand_until_the_host_says_what_it_runs() {
+        // After a restart the listing can come before discovery's first
+        // catalog: nothing may be deleted meanwhile, then only the
+        // difference is written. An empty first catalog deletes all.
+        for (local_ids, expect_deletes) in [(vec![1u8, 3], 1usize), (vec![], 2)] {
+            let t0 = Instant::now();
+            let mut m = Membership::new(cfg(), t0, None);
+            drain(&mut m);
+            let (a, b) = (rec(ME, 1, 1), rec(ME, 1, 2));
+            m.handle(Input::Claimed(lease(1)), t0);
+            m.handle(
+                Input::Listed(Listing {
+                    hosts: BTreeMap::from([(
+                        ME.to_owned(),
+                        LiveHost {
+                            record: host_record(ME, 1),
+                            lease: 1,
+                        },
+                    )]),
+                    records: vec![raw(&a, 1), raw(&b, 1)],
+                    revision: 3,
+                }),
+                t0,
+            );
+            let early = drain(&mut m);
+            assert!(
+                !early.iter().any(|x| matches!(x, Action::Publish { .. })),
+                "{early:?}"
+            );
+            assert_eq!(m.summary().pending, 0);
+            let local: BTreeMap<_, _> = local_ids
+                .iter()
+                .map(|&n| {
+                    let r = rec(ME, 1, n);
+                    (r.id.clone(), r)
+                })
+                .collect();
+            m.handle(Input::Local(local), t0);
+            let ops: Vec<PubOp> = drain(&mut m)
+                .into_iter()
+                .filter_map(|x| match x {
+                    Action::Publish { ops, .. } => Some(ops),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            let deletes = ops.iter().filter(|o| matches!(o, PubOp::Delete(_))).count();
+            assert_eq!(deletes, expect_deletes, "{ops:?}");
+            assert_eq!(ops.len() - deletes, local_ids.len().saturating_sub(1));
+        }
     }
 
     #[test]

@@ -134,16 +134,46 @@ pub struct Zone {
 /// The live zone, swapped whole on every change.
 pub type ZoneHandle = Arc<ArcSwap<Zone>>;
 
+/// Add `target` under `key`. A container met again under the same key
+/// right after itself (a name that is also its alias) is merged at once;
+/// other repeats (the same host-side name from two of its networks) are
+/// merged by [`merge_repeats`] once the zone is built. Searching the whole
+/// list here would make names shared by many containers (a compose
+/// service in many projects) cost quadratic time.
 fn push_target(names: &mut Names, key: String, target: &Target) {
     let targets = names.entry(key.into_boxed_str()).or_default();
-    if let Some(t) = targets.iter_mut().find(|t| t.id == target.id) {
-        for a in &target.addrs {
-            if !t.addrs.contains(a) {
-                t.addrs.push(*a);
+    match targets.last_mut() {
+        Some(t) if t.id == target.id => merge_addrs(t, &target.addrs),
+        _ => targets.push(target.clone()),
+    }
+}
+
+fn merge_addrs(t: &mut Target, addrs: &[IpAddr]) {
+    for a in addrs {
+        if !t.addrs.contains(a) {
+            t.addrs.push(*a);
+        }
+    }
+}
+
+/// One target per container under each name, its addresses merged.
+fn merge_repeats(names: &mut Names) {
+    for targets in names.values_mut() {
+        if targets.len() < 2 || targets.windows(2).all(|w| w[0].id < w[1].id) {
+            continue;
+        }
+        targets.sort_by_key(|t| t.id);
+        let mut out: Vec<Target> = Vec::with_capacity(targets.len());
+        for t in targets.drain(..) {
+            match out.last_mut() {
+                Some(last) if last.id == t.id => {
+                    merge_addrs(last, &t.addrs);
+                    last.unhealthy |= t.unhealthy;
+                }
+                _ => out.push(t),
             }
         }
-    } else {
-        targets.push(target.clone());
+        *targets = out;
     }
 }
 
@@ -230,8 +260,10 @@ impl Zone {
                     );
                 }
             }
+            merge_repeats(&mut names);
             zone.nets.push(names);
         }
+        merge_repeats(&mut zone.host_names);
         for (id, addrs) in addrs_of {
             let nets = container_nets.get(id).cloned().unwrap_or_default();
             for a in addrs {
@@ -503,6 +535,53 @@ mod tests {
             private_ranges: vec!["10.0.0.0/8".parse().unwrap()],
             ..ZoneInput::default()
         })
+    }
+
+    #[test]
+    fn a_name_shared_by_many_containers_on_several_networks_answers_each_address_once() {
+        // A compose service name used by 2,000 containers (the cluster
+        // namespace makes such names common), each on two networks met
+        // in opposite orders, host-side: every address once.
+        let svc = |id: usize, a: String| {
+            let mut m = member(&format!("c{id}"), &format!("c{id}"), &[&a]);
+            m.service = Some("svc".into());
+            m.project = Some("p".into());
+            m
+        };
+        let n = 2000usize;
+        let addr = |net: usize, i: usize| format!("10.{net}.{}.{}", i / 250, i % 250 + 2);
+        let zone = Zone::build(&ZoneInput {
+            domain: "docker.internal".into(),
+            networks: vec![
+                NetworkInput {
+                    name: "one".into(),
+                    members: (0..n).map(|i| svc(i, addr(1, i))).collect(),
+                },
+                NetworkInput {
+                    name: "two".into(),
+                    members: (0..n).rev().map(|i| svc(i, addr(2, i))).collect(),
+                },
+            ],
+            ..ZoneInput::default()
+        });
+        let mut want: Vec<IpAddr> = (0..n)
+            .flat_map(|i| [ip(&addr(1, i)), ip(&addr(2, i))])
+            .collect();
+        want.sort();
+        assert_eq!(
+            sorted(q(
+                &zone,
+                "127.0.0.1",
+                "svc.p.docker.internal.",
+                RecordType::A
+            )),
+            want
+        );
+        // And c7 host-side has both of its addresses, once.
+        assert_eq!(
+            sorted(q(&zone, "127.0.0.1", "c7.docker.internal.", RecordType::A)),
+            vec![ip(&addr(1, 7)), ip(&addr(2, 7))]
+        );
     }
 
     #[test]

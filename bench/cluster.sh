@@ -45,8 +45,6 @@ have busybox || need+=(busybox-static)
 have iperf3 || need+=(iperf3)
 have ping || need+=(iputils-ping)
 have file || need+=(file)
-have protoc || need+=(protobuf-compiler)
-[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "bench/cluster.sh: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

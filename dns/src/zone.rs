@@ -125,8 +125,10 @@ pub struct Zone {
     statics: HashMap<Box<str>, Vec<IpAddr>>,
     ingress: Vec<(String, Vec<IpAddr>)>,
     /// Address → (PTR target, networks it is on; empty for static names,
-    /// which everyone may see).
-    ptr: HashMap<IpAddr, (Name, Vec<u32>)>,
+    /// which everyone may see). The target is kept as checked text and
+    /// made a `Name` when asked: a `Name` per address was a fifth of the
+    /// zone's memory.
+    ptr: HashMap<IpAddr, (Box<str>, Vec<u32>)>,
     host_clients: Vec<IpNet>,
     private_ranges: Vec<IpNet>,
 }
@@ -141,7 +143,11 @@ pub type ZoneHandle = Arc<ArcSwap<Zone>>;
 /// list here would make names shared by many containers (a compose
 /// service in many projects) cost quadratic time.
 fn push_target(names: &mut Names, key: String, target: &Target) {
-    let targets = names.entry(key.into_boxed_str()).or_default();
+    // Most names have one target: room for exactly one (a growing Vec
+    // would reserve four, the zone's largest cost at 100,000 records).
+    let targets = names
+        .entry(key.into_boxed_str())
+        .or_insert_with(|| Vec::with_capacity(1));
     match targets.last_mut() {
         Some(t) if t.id == target.id => merge_addrs(t, &target.addrs),
         _ => targets.push(target.clone()),
@@ -175,6 +181,11 @@ fn merge_repeats(names: &mut Names) {
         }
         *targets = out;
     }
+}
+
+/// `name` if it is a valid domain name (a PTR target).
+fn ptr_text(name: String) -> Option<Box<str>> {
+    fqdn(&name).map(|_| name.into_boxed_str())
 }
 
 fn fqdn(name: &str) -> Option<Name> {
@@ -223,8 +234,11 @@ impl Zone {
                     .or_default()
                     .extend(m.addrs.iter().copied());
                 for a in &m.addrs {
-                    if let Some(ptr) = fqdn(&format!("{name}.{net_name}.{}", zone.domain)) {
-                        let entry = zone.ptr.entry(*a).or_insert_with(|| (ptr, Vec::new()));
+                    if let Some(ptr) = ptr_text(format!("{name}.{net_name}.{}", zone.domain)) {
+                        let entry = zone
+                            .ptr
+                            .entry(*a)
+                            .or_insert_with(|| (ptr, Vec::with_capacity(1)));
                         if !entry.1.contains(&net_idx) {
                             entry.1.push(net_idx);
                         }
@@ -273,7 +287,7 @@ impl Zone {
         for (name, addrs) in &input.static_hosts {
             let name = lower(name.trim_end_matches('.'));
             for a in addrs {
-                if let Some(ptr) = fqdn(&name) {
+                if let Some(ptr) = ptr_text(name.clone()) {
                     zone.ptr.entry(*a).or_insert_with(|| (ptr, Vec::new()));
                 }
             }
@@ -402,8 +416,8 @@ impl Zone {
             if let Some((target, nets)) = self.ptr.get(&ip)
                 && visible(nets)
             {
-                return match qtype {
-                    RecordType::PTR | RecordType::ANY => Answer::Ptr(target.clone()),
+                return match (qtype, fqdn(target)) {
+                    (RecordType::PTR | RecordType::ANY, Some(target)) => Answer::Ptr(target),
                     _ => Answer::NoData,
                 };
             }

@@ -221,13 +221,32 @@ fn zone_input(
     serial: u32,
 ) -> ZoneInput {
     let mut networks: BTreeMap<&str, NetworkInput> = BTreeMap::new();
+    // Every network, members or not: a container's first query can come
+    // before discovery has seen it start, and its address's subnet then
+    // says which network it is on. Only on bridges: nothing but the
+    // network's containers and the host lives in their subnets, while a
+    // macvlan or ipvlan subnet is the LAN.
+    for (id, n) in &catalog.networks {
+        networks.insert(
+            id.as_str(),
+            NetworkInput {
+                name: n.name.clone(),
+                members: Vec::new(),
+                client_subnets: if n.driver == "bridge" {
+                    n.subnets.clone()
+                } else {
+                    Vec::new()
+                },
+            },
+        );
+    }
     for c in catalog.all_containers() {
         for ep in &c.endpoints {
             let net = networks
                 .entry(ep.network_id.as_str())
                 .or_insert_with(|| NetworkInput {
                     name: ep.network_name.clone(),
-                    members: Vec::new(),
+                    ..NetworkInput::default()
                 });
             net.members.push(Member {
                 id: c.id.clone(),

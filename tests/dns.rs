@@ -922,3 +922,82 @@ fn edns_versions_above_zero_get_badvers() {
     );
     assert_eq!(r.status, "NOERROR", "{}", r.raw);
 }
+
+/// A container that resolves a name the moment it starts (what an app does
+/// with its database) is answered with its network's scope from its first
+/// query, before discovery has seen it start: its address alone, inside a
+/// known network's subnet, says which network it is on. Through Docker's
+/// 127.0.0.11 on a user-defined network, and straight at the gateway on the
+/// default bridge.
+#[test]
+fn a_starting_container_is_answered_from_its_first_query() {
+    let _serial = PORT_53.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cleanup::new();
+    let (net, gw) = network(&c, &[]);
+    let db = unique("db");
+    container(&c, &db, &["--network", &net], &[]);
+    let db_ip = container_ip(&db, &net).to_string();
+    let bdb = unique("bdb");
+    container(&c, &bdb, &[], &[]);
+    let bdb_ip = container_ip(&bdb, "bridge").to_string();
+    let bridge_gw: IpAddr = docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "-f",
+        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+    ])
+    .parse()
+    .unwrap_or_else(|_| "172.17.0.1".parse().unwrap());
+    let on_net = format!("{gw}:53");
+    let on_bridge = format!("{bridge_gw}:53");
+    let _p = Portless::start(&[
+        "--no-router=true",
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &on_net,
+        "--dns-listen",
+        &on_bridge,
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    let gw_s = gw.to_string();
+    let bridge_gw_s = bridge_gw.to_string();
+    let name = format!("{db}.docker.internal");
+    let mut failures = Vec::new();
+    for i in 0..20 {
+        // Alternate: 127.0.0.11 on the user-defined network (which forwards
+        // names under our domain to portless from the client's address),
+        // and the default bridge, whose containers ask the gateway directly.
+        let (args, target, want) = if i % 2 == 0 {
+            (
+                vec!["--network", net.as_str(), "--dns", gw_s.as_str()],
+                name.as_str(),
+                &db_ip,
+            )
+        } else {
+            (vec!["--dns", bridge_gw_s.as_str()], bdb.as_str(), &bdb_ip)
+        };
+        let run_name = unique("fq");
+        c.push(&["docker", "rm", "-f", &run_name]);
+        let mut all = vec!["run", "--rm", "--label", LABEL, "--name", &run_name];
+        all.extend_from_slice(&args);
+        all.extend_from_slice(&[IMAGE, "nslookup", "-type=a", target]);
+        let out = run("docker", &all);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() || !text.contains(want.as_str()) {
+            failures.push(format!("run {i} ({target}): {text}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 20 first queries not answered:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

@@ -13,6 +13,10 @@
 //! - A *host-side client* (loopback, or a range the operator allows) sees
 //!   `NAME.DOMAIN`, `NAME.NETWORK.DOMAIN`, `ALIAS.NETWORK.DOMAIN` and
 //!   `SERVICE.PROJECT.DOMAIN`.
+//! - A client from an address no container is known to have yet, inside a
+//!   network's client subnets, is a container of that network whose start
+//!   discovery has not seen yet: it sees that network's names from its
+//!   first query.
 //! - Both see static names and ingress zones. Anyone else is refused.
 
 use std::collections::BTreeMap;
@@ -54,10 +58,14 @@ pub enum Health {
     Unhealthy,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NetworkInput {
     pub name: String,
     pub members: Vec<Member>,
+    /// Ranges where only this network's containers (and the host, a
+    /// host-side client) live: an unknown client in one is scoped to this
+    /// network. Empty for networks shared with other machines (macvlan).
+    pub client_subnets: Vec<IpNet>,
 }
 
 /// Everything a zone is built from.
@@ -118,6 +126,8 @@ pub struct Zone {
     serial: u32,
     /// Container address → indices of the networks that container is on.
     clients: HashMap<IpAddr, Vec<u32>>,
+    /// Client subnets → the network whose containers live there.
+    client_subnets: Vec<(IpNet, u32)>,
     /// Per network: names (without the domain) → targets.
     nets: Vec<Names>,
     /// Host-side names (without the domain) → targets.
@@ -174,6 +184,8 @@ impl Zone {
         for (net_idx, net) in input.networks.iter().enumerate() {
             let net_idx = net_idx as u32;
             let net_name = lower(&net.name);
+            zone.client_subnets
+                .extend(net.client_subnets.iter().map(|s| (*s, net_idx)));
             let mut names = Names::default();
             for m in &net.members {
                 let next = ids.len() as u32;
@@ -298,10 +310,15 @@ impl Zone {
     pub fn answer(&self, client: IpAddr, qname: &LowerName, qtype: RecordType) -> Answer {
         // An IPv4 client of a dual-stack socket arrives as ::ffff:a.b.c.d.
         let client = client.to_canonical();
-        let container_nets = self.clients.get(&client).map(Vec::as_slice);
-        if container_nets.is_none() && !self.is_host_client(client) {
-            return Answer::Refused;
-        }
+        let container_nets = match self.clients.get(&client) {
+            Some(nets) => Some(nets.as_slice()),
+            // The host's own addresses (gateways) lie inside the subnets too.
+            None if self.is_host_client(client) => None,
+            None => match self.subnet_scope(client) {
+                Some(nets) => Some(nets),
+                None => return Answer::Refused,
+            },
+        };
         let text = lookup_key(qname);
         let name = text.as_str();
 
@@ -348,6 +365,16 @@ impl Zone {
             Some(_) => Answer::NxDomain,
             None => Answer::Forward,
         }
+    }
+
+    /// The network of an unknown client, by the subnet its address is in:
+    /// a container that has just started, whose first queries can come
+    /// before discovery has seen it.
+    fn subnet_scope(&self, client: IpAddr) -> Option<&[u32]> {
+        self.client_subnets
+            .iter()
+            .find(|(s, _)| s.contains(&client))
+            .map(|(_, idx)| std::slice::from_ref(idx))
     }
 
     fn reverse(
@@ -494,10 +521,12 @@ mod tests {
                 NetworkInput {
                     name: "front".into(),
                     members: vec![web, db1],
+                    ..Default::default()
                 },
                 NetworkInput {
                     name: "back".into(),
                     members: vec![db2, other],
+                    ..Default::default()
                 },
             ],
             private_ranges: vec!["10.0.0.0/8".parse().unwrap()],
@@ -655,6 +684,54 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_client_in_a_client_subnet_is_scoped_to_its_network() {
+        let mut input = ZoneInput {
+            domain: "docker.internal".into(),
+            networks: vec![
+                NetworkInput {
+                    name: "front".into(),
+                    members: vec![member("w", "web", &["10.1.0.2"])],
+                    client_subnets: vec!["10.1.0.0/24".parse().unwrap()],
+                },
+                NetworkInput {
+                    name: "back".into(),
+                    members: vec![member("o", "other", &["10.2.0.4"])],
+                    client_subnets: vec!["10.2.0.0/24".parse().unwrap()],
+                },
+            ],
+            host_clients: vec!["10.1.0.1/32".parse().unwrap()],
+            ..ZoneInput::default()
+        };
+        let z = Zone::build(&input);
+        // 10.1.0.9 is no container yet: a container of `front` just started.
+        assert_eq!(
+            sorted(q(&z, "10.1.0.9", "web.", RecordType::A)),
+            vec![ip("10.1.0.2")]
+        );
+        assert_eq!(
+            sorted(q(&z, "10.1.0.9", "web.docker.internal.", RecordType::A)),
+            vec![ip("10.1.0.2")]
+        );
+        // ...and sees only that network.
+        assert_eq!(q(&z, "10.1.0.9", "other.", RecordType::A), Answer::Forward);
+        assert_eq!(
+            q(&z, "10.1.0.9", "other.docker.internal.", RecordType::A),
+            Answer::NxDomain
+        );
+        // The gateway stays a host-side client.
+        assert_eq!(q(&z, "10.1.0.1", "web.", RecordType::A), Answer::Forward);
+        assert_eq!(
+            sorted(q(&z, "10.1.0.1", "web.docker.internal.", RecordType::A)),
+            vec![ip("10.1.0.2")]
+        );
+        // Outside every subnet: refused, as before.
+        assert_eq!(q(&z, "10.3.0.9", "web.", RecordType::A), Answer::Refused);
+        input.networks[0].client_subnets.clear();
+        let z = Zone::build(&input);
+        assert_eq!(q(&z, "10.1.0.9", "web.", RecordType::A), Answer::Refused);
+    }
+
+    #[test]
     fn strangers_are_refused() {
         let z = two_networks();
         assert_eq!(
@@ -749,6 +826,7 @@ mod tests {
             networks: vec![NetworkInput {
                 name: "n".into(),
                 members,
+                ..Default::default()
             }],
             ..ZoneInput::default()
         };
@@ -820,6 +898,7 @@ mod tests {
             networks: vec![NetworkInput {
                 name: "n".into(),
                 members,
+                ..Default::default()
             }],
             ..ZoneInput::default()
         });

@@ -30,6 +30,7 @@ fn handler() -> Handler {
         networks: vec![NetworkInput {
             name: "net".into(),
             members: vec![member("a", "10.0.0.2"), member("b", "10.0.0.3")],
+            ..Default::default()
         }],
         static_hosts: [(
             "static.test".to_string(),

@@ -1001,3 +1001,69 @@ fn a_starting_container_is_answered_from_its_first_query() {
         failures.join("\n")
     );
 }
+
+/// One DNS query for `name` (type A) over TCP, with its length prefix.
+fn tcp_query(id: u16, name: &str) -> Vec<u8> {
+    let mut msg = id.to_be_bytes().to_vec();
+    msg.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        msg.push(label.len() as u8);
+        msg.extend_from_slice(label.as_bytes());
+    }
+    msg.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let mut framed = (msg.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&msg);
+    framed
+}
+
+#[test]
+fn the_default_log_level_writes_nothing_per_query() {
+    use std::io::{Read, Write};
+    let listen = format!("127.0.0.1:{}", free_port([127, 0, 0, 1].into()));
+    // No --log: the default filter, as users run it.
+    let p = Portless::start_logging(
+        &[
+            "--no-router=true",
+            "--docker-host",
+            "none",
+            "--dns-port",
+            "0",
+            "--dns-listen",
+            &listen,
+            "--upstream",
+            "127.0.0.1:9",
+        ],
+        &[],
+        None,
+    );
+    // Let start-up lines settle, then count.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = p.logs().lines().count();
+    const QUERIES: u16 = 200;
+    let mut s = std::net::TcpStream::connect(&listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut batch = Vec::new();
+    for i in 0..QUERIES {
+        batch.extend_from_slice(&tcp_query(i, "docker.internal"));
+    }
+    s.write_all(&batch).unwrap();
+    for _ in 0..QUERIES {
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).unwrap();
+        let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut msg).unwrap();
+    }
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+    let logs = p.logs();
+    let grown = logs.lines().count() - before;
+    assert!(
+        grown < 10,
+        "{QUERIES} TCP queries wrote {grown} log lines at the default level:\n{}",
+        logs.lines()
+            .skip(before)
+            .take(10)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -237,6 +237,7 @@ fn zone_input(
                 } else {
                     Vec::new()
                 },
+                internal: n.internal,
             },
         );
     }

@@ -1067,3 +1067,82 @@ fn the_default_log_level_writes_nothing_per_query() {
             .join("\n")
     );
 }
+
+/// An `--internal` network is meant to be cut off from the outside; portless
+/// must not be a DNS channel out of it. A container whose networks are all
+/// internal gets names from the catalog and nothing forwarded; a container
+/// on a normal network still gets forwarded answers.
+#[test]
+fn containers_on_internal_networks_get_catalog_answers_only() {
+    let c = Cleanup::new();
+    let (inet, igw) = network(&c, &["--internal"]);
+    let (onet, ogw) = network(&c, &[]);
+    let shut = unique("int");
+    let peer = unique("ipr");
+    let open = unique("opn");
+    container(&c, &shut, &["--network", &inet], &[]);
+    container(&c, &peer, &["--network", &inet], &[]);
+    container(&c, &open, &["--network", &onet], &[]);
+    let peer_ip = container_ip(&peer, &inet).to_string();
+    let up = common::dnsmasq::Dnsmasq::start("192.0.2.7 a.upstream.test\n", "upstream.test");
+    let ups = up.addr.to_string();
+    let (_p, addrs) = portless_on(&[igw, ogw], &["--upstream", &ups]);
+    let (on_internal, on_open) = (addrs[0], addrs[1]);
+
+    // Control: a container on a normal network gets the upstream's answer.
+    let r = dig_from(&open, on_open, "a.upstream.test", "A");
+    assert_eq!(r.answers, vec!["192.0.2.7"], "{}", r.raw);
+    // The internal container gets its network's names...
+    let r = dig_from(&shut, on_internal, &peer, "A");
+    assert_eq!(r.answers, vec![peer_ip], "{}", r.raw);
+    // ...and nothing from upstream, forward or reverse.
+    let r = dig_from(&shut, on_internal, "a.upstream.test", "A");
+    assert_eq!(r.status, "REFUSED", "{}", r.raw);
+    let r = dig_from(&shut, on_internal, "7.2.0.192.in-addr.arpa", "PTR");
+    assert_eq!(r.status, "REFUSED", "{}", r.raw);
+    // Nor does a container of the internal network that portless has not
+    // seen yet (scoped by its subnet): make an address in the subnet and ask
+    // from it through the peer's namespace.
+    let stranger = match igw {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.200", o[0], o[1], o[2])
+        }
+        v6 => panic!("an IPv4 test network expected, got {v6}"),
+    };
+    let pid = container_pid(&peer);
+    ok(
+        "nsenter",
+        &[
+            "-t",
+            &pid,
+            "-n",
+            "ip",
+            "addr",
+            "add",
+            &format!("{stranger}/32"),
+            "dev",
+            "eth0",
+        ],
+    );
+    let out = run(
+        "nsenter",
+        &[
+            "-t",
+            &pid,
+            "-n",
+            "dig",
+            &format!("@{}", on_internal.ip()),
+            "-p",
+            &on_internal.port().to_string(),
+            "-b",
+            &stranger,
+            "a.upstream.test",
+            "A",
+            "+tries=1",
+            "+time=3",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("status: REFUSED"), "{text}");
+}

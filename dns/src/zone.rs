@@ -66,6 +66,10 @@ pub struct NetworkInput {
     /// host-side client) live: an unknown client in one is scoped to this
     /// network. Empty for networks shared with other machines (macvlan).
     pub client_subnets: Vec<IpNet>,
+    /// Docker's `--internal`: cut off from the outside. A client whose
+    /// networks are all internal gets answers from the zone only, never
+    /// forwarded ones (no DNS channel out of the network).
+    pub internal: bool,
 }
 
 /// Everything a zone is built from.
@@ -128,6 +132,8 @@ pub struct Zone {
     clients: HashMap<IpAddr, Vec<u32>>,
     /// Client subnets → the network whose containers live there.
     client_subnets: Vec<(IpNet, u32)>,
+    /// Per network: is it internal?
+    internal: Vec<bool>,
     /// Per network: names (without the domain) → targets.
     nets: Vec<Names>,
     /// Host-side names (without the domain) → targets.
@@ -186,6 +192,7 @@ impl Zone {
             let net_name = lower(&net.name);
             zone.client_subnets
                 .extend(net.client_subnets.iter().map(|s| (*s, net_idx)));
+            zone.internal.push(net.internal);
             let mut names = Names::default();
             for m in &net.members {
                 let next = ids.len() as u32;
@@ -319,6 +326,29 @@ impl Zone {
                 None => return Answer::Refused,
             },
         };
+        match self.lookup(container_nets, qname, qtype) {
+            // Every network of the client is internal: nothing from outside.
+            Answer::Forward
+                if container_nets.is_some_and(|nets| nets.iter().all(|&n| self.is_internal(n))) =>
+            {
+                Answer::Refused
+            }
+            answer => answer,
+        }
+    }
+
+    fn is_internal(&self, net: u32) -> bool {
+        self.internal.get(net as usize).copied().unwrap_or(false)
+    }
+
+    /// The answer for a client allowed to ask: a container client seeing
+    /// `container_nets`, or a host-side client (None).
+    fn lookup(
+        &self,
+        container_nets: Option<&[u32]>,
+        qname: &LowerName,
+        qtype: RecordType,
+    ) -> Answer {
         let text = lookup_key(qname);
         let name = text.as_str();
 
@@ -692,11 +722,13 @@ mod tests {
                     name: "front".into(),
                     members: vec![member("w", "web", &["10.1.0.2"])],
                     client_subnets: vec!["10.1.0.0/24".parse().unwrap()],
+                    ..NetworkInput::default()
                 },
                 NetworkInput {
                     name: "back".into(),
                     members: vec![member("o", "other", &["10.2.0.4"])],
                     client_subnets: vec!["10.2.0.0/24".parse().unwrap()],
+                    ..NetworkInput::default()
                 },
             ],
             host_clients: vec!["10.1.0.1/32".parse().unwrap()],
@@ -729,6 +761,62 @@ mod tests {
         input.networks[0].client_subnets.clear();
         let z = Zone::build(&input);
         assert_eq!(q(&z, "10.1.0.9", "web.", RecordType::A), Answer::Refused);
+    }
+
+    #[test]
+    fn clients_only_on_internal_networks_are_never_forwarded() {
+        let input = ZoneInput {
+            domain: "docker.internal".into(),
+            networks: vec![
+                NetworkInput {
+                    name: "vault".into(),
+                    members: vec![
+                        member("s", "shut", &["10.1.0.2"]),
+                        member("b", "both", &["10.1.0.3"]),
+                    ],
+                    client_subnets: vec!["10.1.0.0/24".parse().unwrap()],
+                    internal: true,
+                },
+                NetworkInput {
+                    name: "open".into(),
+                    members: vec![member("b", "both", &["10.2.0.3"])],
+                    ..NetworkInput::default()
+                },
+            ],
+            private_ranges: vec!["10.0.0.0/8".parse().unwrap()],
+            ..ZoneInput::default()
+        };
+        let z = Zone::build(&input);
+        assert_eq!(
+            sorted(q(&z, "10.1.0.2", "both.", RecordType::A)),
+            vec![ip("10.1.0.3")]
+        );
+        for client in ["10.1.0.2", "10.1.0.9"] {
+            assert_eq!(
+                q(&z, client, "example.com.", RecordType::A),
+                Answer::Refused,
+                "{client}"
+            );
+            assert_eq!(
+                q(&z, client, "1.2.0.192.in-addr.arpa.", RecordType::PTR),
+                Answer::Refused,
+                "{client}"
+            );
+            assert_eq!(
+                q(&z, client, "nope.docker.internal.", RecordType::A),
+                Answer::NxDomain,
+                "{client}"
+            );
+        }
+        // On an internal network and a normal one: it can reach out anyway.
+        assert_eq!(
+            q(&z, "10.1.0.3", "example.com.", RecordType::A),
+            Answer::Forward
+        );
+        assert_eq!(
+            q(&z, "127.0.0.1", "example.com.", RecordType::A),
+            Answer::Forward
+        );
     }
 
     #[test]

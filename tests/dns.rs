@@ -1146,3 +1146,82 @@ fn containers_on_internal_networks_get_catalog_answers_only() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("status: REFUSED"), "{text}");
 }
+
+/// Two compose projects on one shared network, each with a `db`: a compose
+/// client's bare `db` is its own project's, the other's is `db.PROJECT`; a
+/// container outside compose still gets every `db`.
+#[test]
+fn a_bare_service_name_is_the_clients_own_projects() {
+    let c = Cleanup::new();
+    let (net, gw) = network(&c, &[]);
+    let yaml = |with_client: bool| {
+        let client = if with_client {
+            format!(
+                "  client:\n    image: {IMAGE}\n    command: sleep 3600\n    labels: ['portless-test=1']\n"
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "version: '2.4'\nservices:\n  db:\n    image: {IMAGE}\n    command: sleep 3600\n    scale: 2\n    labels: ['portless-test=1']\n{client}networks:\n  default:\n    external:\n      name: {net}\n"
+        )
+    };
+    let p1 = compose_up(&c, "pa", &yaml(true));
+    let p2 = compose_up(&c, "pb", &yaml(false));
+    let plain = unique("pln");
+    container(&c, &plain, &["--network", &net], &[]);
+    let (_p, addrs) = portless_on(&[gw], &[]);
+    let service_ips = |project: &str, service: &str| {
+        let ids = docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=com.docker.compose.project={project}"),
+            "--filter",
+            &format!("label=com.docker.compose.service={service}"),
+        ]);
+        let mut ips: Vec<String> = ids
+            .lines()
+            .map(|id| container_ip(id, &net).to_string())
+            .collect();
+        ips.sort();
+        ips
+    };
+    let db1 = service_ips(&p1, "db");
+    let db2 = service_ips(&p2, "db");
+    assert_eq!((db1.len(), db2.len()), (2, 2));
+    let client = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.compose.project={p1}"),
+        "--filter",
+        "label=com.docker.compose.service=client",
+    ]);
+    let on = addrs[0];
+    assert_eq!(
+        dig_from(&client, on, "db", "A").sorted(),
+        db1,
+        "own project"
+    );
+    assert_eq!(
+        dig_from(&client, on, "db.docker.internal", "A").sorted(),
+        db1,
+        "own project, with the domain"
+    );
+    assert_eq!(
+        dig_from(&client, on, &format!("db.{p2}"), "A").sorted(),
+        db2
+    );
+    assert_eq!(
+        dig_from(&client, on, &format!("db.{p1}"), "A").sorted(),
+        db1
+    );
+    let mut all = [db1.clone(), db2.clone()].concat();
+    all.sort();
+    assert_eq!(
+        dig_from(&plain, on, "db", "A").sorted(),
+        all,
+        "a client outside compose sees every replica"
+    );
+}

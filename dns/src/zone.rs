@@ -117,6 +117,10 @@ struct Target {
     id: u32,
     addrs: Vec<IpAddr>,
     unhealthy: bool,
+    /// Matched only as the bare service name of this compose project
+    /// (interned): a client of another project that has the service too
+    /// gets its own project's replicas instead.
+    service_of: Option<u32>,
 }
 
 type Names = HashMap<Box<str>, Vec<Target>>;
@@ -130,6 +134,9 @@ pub struct Zone {
     serial: u32,
     /// Container address → indices of the networks that container is on.
     clients: HashMap<IpAddr, Vec<u32>>,
+    /// Compose container address → its project (interned as in
+    /// `Target::service_of`).
+    client_projects: HashMap<IpAddr, u32>,
     /// Client subnets → the network whose containers live there.
     client_subnets: Vec<(IpNet, u32)>,
     /// Per network: is it internal?
@@ -153,6 +160,10 @@ pub type ZoneHandle = Arc<ArcSwap<Zone>>;
 fn push_target(names: &mut Names, key: String, target: &Target) {
     let targets = names.entry(key.into_boxed_str()).or_default();
     if let Some(t) = targets.iter_mut().find(|t| t.id == target.id) {
+        // Matched by its own name or an alias too: seen by every project.
+        if target.service_of.is_none() {
+            t.service_of = None;
+        }
         for a in &target.addrs {
             if !t.addrs.contains(a) {
                 t.addrs.push(*a);
@@ -178,6 +189,7 @@ impl Zone {
         // comes from, it sees every network the container is on.
         let mut container_nets: HashMap<&str, Vec<u32>> = HashMap::default();
         let mut addrs_of: HashMap<&str, Vec<IpAddr>> = HashMap::default();
+        let mut projects: HashMap<String, u32> = HashMap::default();
         let mut zone = Zone {
             domain_name: fqdn(&domain).unwrap_or_else(Name::root),
             domain,
@@ -201,6 +213,24 @@ impl Zone {
                     id,
                     addrs: m.addrs.clone(),
                     unhealthy: m.health == Health::Unhealthy,
+                    service_of: None,
+                };
+                let project = m.project.as_deref().map(|p| {
+                    let next = projects.len() as u32;
+                    *projects.entry(lower(p)).or_insert(next)
+                });
+                if let Some(project) = project {
+                    for a in &m.addrs {
+                        zone.client_projects.insert(a.to_canonical(), project);
+                    }
+                }
+                // Compose gives every replica its service name as an alias
+                // too; the service entry below is what answers it.
+                let is_service = |alias: &str| {
+                    project.is_some()
+                        && m.service
+                            .as_deref()
+                            .is_some_and(|s| s.eq_ignore_ascii_case(alias))
                 };
                 let name = lower(&m.name);
                 let nets = container_nets.entry(m.id.as_str()).or_default();
@@ -222,11 +252,15 @@ impl Zone {
                 // Seen from containers on this network.
                 push_target(&mut names, name.clone(), &target);
                 push_target(&mut names, format!("{name}.{net_name}"), &target);
-                for alias in &m.aliases {
+                for alias in m.aliases.iter().filter(|a| !is_service(a)) {
                     push_target(&mut names, lower(alias), &target);
                 }
                 if let Some(service) = &m.service {
-                    push_target(&mut names, lower(service), &target);
+                    let bare = Target {
+                        service_of: project,
+                        ..target.clone()
+                    };
+                    push_target(&mut names, lower(service), &bare);
                     if let Some(project) = &m.project {
                         push_target(&mut names, lower(&format!("{service}.{project}")), &target);
                     }
@@ -326,7 +360,7 @@ impl Zone {
                 None => return Answer::Refused,
             },
         };
-        match self.lookup(container_nets, qname, qtype) {
+        match self.lookup(client, container_nets, qname, qtype) {
             // Every network of the client is internal: nothing from outside.
             Answer::Forward
                 if container_nets.is_some_and(|nets| nets.iter().all(|&n| self.is_internal(n))) =>
@@ -334,6 +368,20 @@ impl Zone {
                 Answer::Refused
             }
             answer => answer,
+        }
+    }
+
+    /// A compose client asking for a bare service name its own project has
+    /// gets its own project's replicas only (others by `SERVICE.PROJECT`).
+    fn own_project_first(&self, client: IpAddr, targets: &mut Vec<&Target>) {
+        if targets.iter().all(|t| t.service_of.is_none()) {
+            return;
+        }
+        let Some(&own) = self.client_projects.get(&client) else {
+            return;
+        };
+        if targets.iter().any(|t| t.service_of == Some(own)) {
+            targets.retain(|t| t.service_of.is_none_or(|p| p == own));
         }
     }
 
@@ -345,6 +393,7 @@ impl Zone {
     /// `container_nets`, or a host-side client (None).
     fn lookup(
         &self,
+        client: IpAddr,
         container_nets: Option<&[u32]>,
         qname: &LowerName,
         qtype: RecordType,
@@ -375,11 +424,12 @@ impl Zone {
         let found = match container_nets {
             Some(nets) => {
                 let key = relative.unwrap_or(name);
-                let targets: Vec<&Target> = nets
+                let mut targets: Vec<&Target> = nets
                     .iter()
                     .filter_map(|&n| self.nets.get(n as usize).and_then(|names| names.get(key)))
                     .flatten()
                     .collect();
+                self.own_project_first(client, &mut targets);
                 (!targets.is_empty()).then(|| live_addrs(&targets))
             }
             None => relative
@@ -817,6 +867,53 @@ mod tests {
             q(&z, "127.0.0.1", "example.com.", RecordType::A),
             Answer::Forward
         );
+    }
+
+    #[test]
+    fn a_compose_client_gets_its_own_projects_replicas_for_a_bare_service() {
+        let replica = |id: &str, addr: &str, service: &str, project: &str| {
+            let mut m = member(id, &format!("{project}-{service}-{id}"), &[addr]);
+            m.service = Some(service.into());
+            m.project = Some(project.into());
+            // Compose adds the service name as a network alias.
+            m.aliases = vec![service.into()];
+            m
+        };
+        let z = Zone::build(&ZoneInput {
+            domain: "d".into(),
+            networks: vec![NetworkInput {
+                name: "shared".into(),
+                members: vec![
+                    replica("a1", "10.0.0.2", "db", "p1"),
+                    replica("a2", "10.0.0.3", "db", "p1"),
+                    replica("b1", "10.0.0.4", "db", "p2"),
+                    replica("c1", "10.0.0.5", "web", "p1"),
+                    replica("q1", "10.0.0.6", "cache", "p2"),
+                    member("x", "plain", &["10.0.0.9"]),
+                ],
+                ..NetworkInput::default()
+            }],
+            ..ZoneInput::default()
+        });
+        let (p1, p2, all) = (
+            vec![ip("10.0.0.2"), ip("10.0.0.3")],
+            vec![ip("10.0.0.4")],
+            vec![ip("10.0.0.2"), ip("10.0.0.3"), ip("10.0.0.4")],
+        );
+        assert_eq!(sorted(q(&z, "10.0.0.5", "db.", RecordType::A)), p1);
+        assert_eq!(sorted(q(&z, "10.0.0.5", "db.d.", RecordType::A)), p1);
+        assert_eq!(sorted(q(&z, "10.0.0.6", "db.", RecordType::A)), p2);
+        assert_eq!(sorted(q(&z, "10.0.0.5", "db.p2.", RecordType::A)), p2);
+        assert_eq!(sorted(q(&z, "10.0.0.6", "db.p1.", RecordType::A)), p1);
+        // Outside compose: every replica, as before.
+        assert_eq!(sorted(q(&z, "10.0.0.9", "db.", RecordType::A)), all);
+        // A service only another project has: still found.
+        assert_eq!(
+            sorted(q(&z, "10.0.0.5", "cache.", RecordType::A)),
+            vec![ip("10.0.0.6")]
+        );
+        // From the host, by project.
+        assert_eq!(sorted(q(&z, "127.0.0.1", "db.p1.d.", RecordType::A)), p1);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use portless_dns::{
 };
 use tokio::sync::watch;
 
-use crate::catalog::{Catalog, Health};
+use crate::catalog::{Catalog, Liveness};
 use crate::config::dns::DnsConfig;
 use crate::discovery::Snapshot;
 use crate::metrics::Histogram;
@@ -256,10 +256,11 @@ fn zone_input(
                 aliases: ep.aliases.clone(),
                 service: c.compose_service.clone(),
                 project: c.compose_project.clone(),
-                health: match c.health {
-                    Health::Healthy => DnsHealth::Healthy,
-                    Health::Unhealthy => DnsHealth::Unhealthy,
-                    Health::None | Health::Starting => DnsHealth::Unknown,
+                health: match c.liveness() {
+                    Liveness::Ready => DnsHealth::Healthy,
+                    Liveness::Starting => DnsHealth::Unknown,
+                    Liveness::Unhealthy => DnsHealth::Unhealthy,
+                    Liveness::Draining => DnsHealth::Draining,
                 },
             });
         }

@@ -1225,3 +1225,44 @@ fn a_bare_service_name_is_the_clients_own_projects() {
         "a client outside compose sees every replica"
     );
 }
+
+/// `docker stop` announces a container's end (its `kill` event) seconds
+/// before it dies. The router stops sending to it at once; DNS must too,
+/// while another replica remains.
+#[test]
+fn a_replica_being_stopped_leaves_answers_while_another_remains() {
+    let c = Cleanup::new();
+    let (net, gw) = network(&c, &[]);
+    let client = unique("cli");
+    container(&c, &client, &["--network", &net], &[]);
+    let (stay, going) = (unique("sty"), unique("gon"));
+    // busybox `sleep` as PID 1 ignores SIGTERM: `docker stop -t 20` keeps
+    // it alive, draining, until the SIGKILL 20 s later.
+    for n in [&stay, &going] {
+        container(&c, n, &["--network", &net, "--network-alias", "api"], &[]);
+    }
+    let stay_ip = container_ip(&stay, &net).to_string();
+    let going_ip = container_ip(&going, &net).to_string();
+    let (_p, addrs) = portless_on(&[gw], &[]);
+    let mut both = vec![stay_ip.clone(), going_ip];
+    both.sort();
+    assert_eq!(dig_from(&client, addrs[0], "api", "A").sorted(), both);
+    let going_c = going.clone();
+    let stopper = std::thread::spawn(move || run("docker", &["stop", "-t", "20", &going_c]));
+    wait_until(
+        "the replica being stopped to leave the answers",
+        Duration::from_secs(8),
+        || (dig_from(&client, addrs[0], "api", "A").answers == vec![stay_ip.clone()]).then_some(()),
+    );
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.Running}}", &going]),
+        "true",
+        "left out while still running (draining), not because it died"
+    );
+    // The host-side name of the draining container itself still answers:
+    // it is the only one behind it.
+    let r = dig(lo(&addrs), &format!("{going}.docker.internal"), "A", &[]);
+    assert_eq!(r.answers.len(), 1, "{}", r.raw);
+    docker(&["kill", &going]);
+    let _ = stopper.join();
+}

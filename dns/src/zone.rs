@@ -48,7 +48,7 @@ pub struct Member {
     pub health: Health,
 }
 
-/// Docker healthcheck state, reduced to what DNS needs.
+/// A member's fitness for new clients, reduced to what DNS needs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Health {
     /// No healthcheck, or not decided yet.
@@ -56,6 +56,20 @@ pub enum Health {
     Unknown,
     Healthy,
     Unhealthy,
+    /// Being stopped: still running, but going away.
+    Draining,
+}
+
+impl Health {
+    /// Answers carry only the members of the best rank a name has: live
+    /// ones, else unhealthy ones, else draining ones.
+    fn rank(self) -> u8 {
+        match self {
+            Health::Unknown | Health::Healthy => 0,
+            Health::Unhealthy => 1,
+            Health::Draining => 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -116,7 +130,8 @@ pub enum Answer {
 struct Target {
     id: u32,
     addrs: Vec<IpAddr>,
-    unhealthy: bool,
+    /// [`Health::rank`]: lower is better.
+    rank: u8,
     /// Matched only as the bare service name of this compose project
     /// (interned): a client of another project that has the service too
     /// gets its own project's replicas instead.
@@ -212,7 +227,7 @@ impl Zone {
                 let target = Target {
                     id,
                     addrs: m.addrs.clone(),
-                    unhealthy: m.health == Health::Unhealthy,
+                    rank: m.health.rank(),
                     service_of: None,
                 };
                 let project = m.project.as_deref().map(|p| {
@@ -500,12 +515,13 @@ impl Zone {
     }
 }
 
-/// The addresses of `targets`, leaving out unhealthy ones while a healthy
-/// one remains (all of them when none is healthy), without duplicates.
+/// The addresses of the best-ranked `targets`, without duplicates:
+/// unhealthy and draining ones are left out while a live one remains,
+/// draining ones while an unhealthy one remains.
 fn live_addrs(targets: &[&Target]) -> Vec<IpAddr> {
-    let any_healthy = targets.iter().any(|t| !t.unhealthy);
+    let best = targets.iter().map(|t| t.rank).min().unwrap_or(0);
     let mut addrs = Vec::new();
-    for t in targets.iter().filter(|t| !any_healthy || !t.unhealthy) {
+    for t in targets.iter().filter(|t| t.rank == best) {
         for a in &t.addrs {
             if !addrs.contains(a) {
                 addrs.push(*a);
@@ -1022,6 +1038,58 @@ mod tests {
         );
         a.health = Health::Unhealthy;
         let z = Zone::build(&input(vec![a, b]));
+        assert_eq!(
+            sorted(q(&z, "10.0.0.3", "api.", RecordType::A)),
+            vec![ip("10.0.0.2"), ip("10.0.0.3")]
+        );
+    }
+
+    #[test]
+    fn draining_replicas_are_left_out_while_another_remains() {
+        let replica = |id: &str, addr: &str, health: Health| {
+            let mut m = member(id, id, &[addr]);
+            m.aliases = vec!["api".into()];
+            m.health = health;
+            m
+        };
+        let zone = |members| {
+            Zone::build(&ZoneInput {
+                domain: "d".into(),
+                networks: vec![NetworkInput {
+                    name: "n".into(),
+                    members,
+                    ..NetworkInput::default()
+                }],
+                ..ZoneInput::default()
+            })
+        };
+        let z = zone(vec![
+            replica("a", "10.0.0.2", Health::Unknown),
+            replica("b", "10.0.0.3", Health::Draining),
+        ]);
+        assert_eq!(
+            sorted(q(&z, "10.0.0.3", "api.", RecordType::A)),
+            vec![ip("10.0.0.2")]
+        );
+        // Its own name still answers: nothing else is behind it.
+        assert_eq!(
+            sorted(q(&z, "10.0.0.2", "b.", RecordType::A)),
+            vec![ip("10.0.0.3")]
+        );
+        // An unhealthy replica is still better than one going away.
+        let z = zone(vec![
+            replica("a", "10.0.0.2", Health::Unhealthy),
+            replica("b", "10.0.0.3", Health::Draining),
+        ]);
+        assert_eq!(
+            sorted(q(&z, "10.0.0.3", "api.", RecordType::A)),
+            vec![ip("10.0.0.2")]
+        );
+        // All draining: all of them, until they are gone.
+        let z = zone(vec![
+            replica("a", "10.0.0.2", Health::Draining),
+            replica("b", "10.0.0.3", Health::Draining),
+        ]);
         assert_eq!(
             sorted(q(&z, "10.0.0.3", "api.", RecordType::A)),
             vec![ip("10.0.0.2"), ip("10.0.0.3")]

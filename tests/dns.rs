@@ -1266,3 +1266,53 @@ fn a_replica_being_stopped_leaves_answers_while_another_remains() {
     docker(&["kill", &going]);
     let _ = stopper.join();
 }
+
+/// What Docker's own resolver (127.0.0.11) answers a container, portless
+/// answers the same: container name, short id (also the default
+/// hostname), alias, and the network-qualified forms.
+#[test]
+fn container_names_match_dockers_resolver() {
+    let c = Cleanup::new();
+    let (net, gw) = network(&c, &[]);
+    let web = unique("web");
+    let client = unique("cli");
+    let id = container(
+        &c,
+        &web,
+        &["--network", &net, "--network-alias", "www"],
+        &[],
+    );
+    container(&c, &client, &["--network", &net], &[]);
+    let web_ip = container_ip(&web, &net).to_string();
+    let (_p, addrs) = portless_on(&[gw], &[]);
+    let docker_dns: SocketAddr = "127.0.0.11:53".parse().unwrap();
+    let short = &id[..12];
+    let hostname = docker(&["exec", &web, "hostname"]);
+    assert_eq!(hostname, short, "the default hostname is the short id");
+    let names = [
+        web.clone(),
+        short.to_owned(),
+        "www".to_owned(),
+        format!("{web}.{net}"),
+        format!("www.{net}"),
+        format!("{short}.{net}"),
+    ];
+    let mut differ = Vec::new();
+    for name in &names {
+        let theirs = dig_from(&client, docker_dns, name, "A");
+        let ours = dig_from(&client, addrs[0], name, "A");
+        assert_eq!(
+            theirs.answers,
+            vec![web_ip.clone()],
+            "Docker's resolver answers {name}: {}",
+            theirs.raw
+        );
+        if ours.answers != theirs.answers {
+            differ.push(format!(
+                "{name}: Docker {:?}, portless {} {:?}",
+                theirs.answers, ours.status, ours.answers
+            ));
+        }
+    }
+    assert!(differ.is_empty(), "{differ:#?}");
+}

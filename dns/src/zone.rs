@@ -189,6 +189,16 @@ fn push_target(names: &mut Names, key: String, target: &Target) {
     }
 }
 
+/// A Docker id's short form: its first 12 hex digits (lower case, as
+/// Docker writes ids); None for an id that is not a Docker id.
+fn short_id(id: &str) -> Option<&str> {
+    let short = id.get(..12)?;
+    short
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        .then_some(short)
+}
+
 fn fqdn(name: &str) -> Option<Name> {
     let mut n = Name::from_ascii(name).ok()?;
     n.set_fqdn(true);
@@ -267,8 +277,15 @@ impl Zone {
                 // Seen from containers on this network.
                 push_target(&mut names, name.clone(), &target);
                 push_target(&mut names, format!("{name}.{net_name}"), &target);
+                // As Docker's resolver: the short id (also the default
+                // hostname), and every alias qualified by the network.
+                if let Some(short) = short_id(&m.id) {
+                    push_target(&mut names, short.to_owned(), &target);
+                    push_target(&mut names, format!("{short}.{net_name}"), &target);
+                }
                 for alias in m.aliases.iter().filter(|a| !is_service(a)) {
                     push_target(&mut names, lower(alias), &target);
+                    push_target(&mut names, lower(&format!("{alias}.{net_name}")), &target);
                 }
                 if let Some(service) = &m.service {
                     let bare = Target {
@@ -930,6 +947,38 @@ mod tests {
         );
         // From the host, by project.
         assert_eq!(sorted(q(&z, "127.0.0.1", "db.p1.d.", RecordType::A)), p1);
+    }
+
+    #[test]
+    fn short_ids_and_network_qualified_aliases_resolve_as_with_docker() {
+        let id = "3b94bf3df0591c185611f6feeaf948bfe2a2ad41367e483c88d6b741eafb7ee2";
+        let mut web = member(id, "web", &["10.1.0.2"]);
+        web.aliases = vec!["www".into()];
+        let z = Zone::build(&ZoneInput {
+            domain: "d".into(),
+            networks: vec![NetworkInput {
+                name: "front".into(),
+                members: vec![web, member("cli", "cli", &["10.1.0.3"])],
+                ..NetworkInput::default()
+            }],
+            ..ZoneInput::default()
+        });
+        for name in [
+            "3b94bf3df059.",
+            "3b94bf3df059.front.",
+            "3B94BF3DF059.",
+            "www.front.",
+            "www.front.d.",
+        ] {
+            assert_eq!(
+                sorted(q(&z, "10.1.0.3", name, RecordType::A)),
+                vec![ip("10.1.0.2")],
+                "{name}"
+            );
+        }
+        // Not a Docker id: no short name made up for it.
+        assert_eq!(short_id("cli"), None);
+        assert_eq!(short_id("3b94bf3df05z00"), None);
     }
 
     #[test]

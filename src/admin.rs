@@ -210,6 +210,23 @@ fn render_metrics(state: &AdminState) -> String {
     );
     header(
         &mut out,
+        "portless_dns_rate_limited_total",
+        "counter",
+        "UDP queries over their client's rate limit, by action: slip (TC=1 reply) or drop.",
+    );
+    for (action, c) in [
+        ("slip", &m.rate_limited_slip),
+        ("drop", &m.rate_limited_drop),
+    ] {
+        sample(
+            &mut out,
+            "portless_dns_rate_limited_total",
+            &format!("action=\"{action}\""),
+            c.load(Ordering::Relaxed),
+        );
+    }
+    header(
+        &mut out,
         "portless_dns_names",
         "gauge",
         "Names in the live zone.",

@@ -85,7 +85,11 @@ pub async fn start(
     };
 
     let zone: ZoneHandle = Arc::new(ArcSwap::from_pointee(Zone::default()));
-    let mut listeners = Listeners::new(Handler::new(zone.clone(), forwarder, metrics.clone()));
+    let mut handler = Handler::new(zone.clone(), forwarder, metrics.clone());
+    if let Some(limit) = cfg.rate_limit {
+        handler = handler.with_rate_limit(limit);
+    }
+    let mut listeners = Listeners::new(handler);
     let mut fixed = Vec::new();
     for addr in &cfg.listen {
         let bound = listeners

@@ -1316,3 +1316,99 @@ fn container_names_match_dockers_resolver() {
     }
     assert!(differ.is_empty(), "{differ:#?}");
 }
+
+/// A host address other than loopback (loopback is never rate limited):
+/// the gateway of a network the test makes.
+fn host_address(c: &Cleanup) -> IpAddr {
+    network(c, &[]).1
+}
+
+/// Send `n` A queries for `name` from `from` to `server` (`gap` apart) and
+/// count the replies: (full answers, truncated ones).
+fn udp_burst(from: IpAddr, server: SocketAddr, name: &str, n: u16, gap: Duration) -> (u32, u32) {
+    let sock = std::net::UdpSocket::bind((from, 0)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    let reader = sock.try_clone().unwrap();
+    let counter = std::thread::spawn(move || {
+        let (mut full, mut tc) = (0u32, 0u32);
+        let mut buf = [0u8; 1500];
+        while let Ok(len) = reader.recv(&mut buf) {
+            assert!(len >= 12, "short reply");
+            let truncated = buf[2] & 0x02 != 0;
+            let answers = u16::from_be_bytes([buf[6], buf[7]]);
+            if truncated {
+                assert_eq!(answers, 0, "a slipped reply carries no answer");
+                tc += 1;
+            } else if answers > 0 {
+                full += 1;
+            }
+        }
+        (full, tc)
+    });
+    for i in 0..n {
+        let q = tcp_query(i, name);
+        sock.send_to(&q[2..], server).unwrap();
+        if !gap.is_zero() {
+            std::thread::sleep(gap);
+        }
+    }
+    counter.join().unwrap()
+}
+
+/// Spoofed sources turn a resolver into a reflector: replies per client
+/// address are limited (token bucket), and over the limit every second
+/// reply is a small truncated one (slip) so a real client retries over
+/// TCP, while the rest are dropped. A normal client is not affected.
+#[test]
+fn replies_to_one_address_are_rate_limited_with_slip() {
+    let c = Cleanup::new();
+    let flood_from = host_address(&c);
+    let normal_from = host_address(&c);
+    let port = free_port(normal_from);
+    let listen = SocketAddr::new(normal_from, port);
+    let hosts = std::env::temp_dir().join(unique("plrrl-"));
+    std::fs::write(&hosts, "192.0.2.5 big.test\n").unwrap();
+    c.push(&["rm", "-f", hosts.to_str().unwrap()]);
+    let p = static_portless_on(
+        &listen.to_string(),
+        &[
+            "--hosts-file",
+            hosts.to_str().unwrap(),
+            "--upstream",
+            "127.0.0.1:9",
+            "--dns-rate-limit",
+            "20",
+        ],
+    );
+    let (full, slipped) = udp_burst(flood_from, listen, "big.test", 400, Duration::ZERO);
+    assert!(
+        (10..=45).contains(&full),
+        "400 queries at once, 20/s allowed: {full} full answers"
+    );
+    let limited = 400 - full;
+    assert!(
+        slipped >= limited / 3 && slipped <= limited / 2 + 5,
+        "about every second limited reply slips: {slipped} of {limited}"
+    );
+    // A normal client at another address, at 10 queries a second and in a
+    // burst within the allowance, gets every answer.
+    let (full, slipped) = udp_burst(
+        normal_from,
+        listen,
+        "big.test",
+        20,
+        Duration::from_millis(100),
+    );
+    assert_eq!((full, slipped), (20, 0));
+    let (full, slipped) = udp_burst(normal_from, listen, "big.test", 15, Duration::ZERO);
+    assert_eq!((full, slipped), (15, 0));
+    let m = p.metrics();
+    let count = |action: &str| -> u64 {
+        let key = format!("portless_dns_rate_limited_total{{action=\"{action}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&key)?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("slip") > 0 && count("drop") > 0, "{m}");
+}

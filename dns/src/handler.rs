@@ -7,6 +7,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use hickory_proto::op::{Edns, Header, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA};
@@ -18,6 +20,7 @@ use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Quer
 
 use crate::forward::Forwarder;
 use crate::metrics::{Metrics, Outcome};
+use crate::rrl::{RateLimit, RateLimiter, Verdict};
 use crate::zone::{Answer, Zone, ZoneHandle};
 
 /// Answers from the live zone, forwards the rest.
@@ -26,6 +29,9 @@ pub struct Handler {
     zone: ZoneHandle,
     forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
+    /// Replies per UDP client address, with the start of its clock;
+    /// None: unlimited.
+    rate_limiter: Option<Arc<(RateLimiter, Instant)>>,
 }
 
 /// Largest UDP reply, whatever a client advertises: larger ones would be
@@ -148,11 +154,48 @@ impl Handler {
             zone,
             forwarder,
             metrics,
+            rate_limiter: None,
         }
+    }
+
+    /// Limit UDP replies per client address (see [`crate::rrl`]).
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limiter = Some(Arc::new((RateLimiter::new(limit), Instant::now())));
+        self
+    }
+
+    /// May a UDP reply go to `client` now? Counts the limited ones.
+    /// Loopback is never limited: it cannot be spoofed from outside, and
+    /// it is the host's own resolver, asking for every process of the host.
+    pub fn rate_verdict(&self, client: IpAddr) -> Verdict {
+        let Some((limiter, epoch)) = self.rate_limiter.as_deref() else {
+            return Verdict::Answer;
+        };
+        if client.to_canonical().is_loopback() {
+            return Verdict::Answer;
+        }
+        let verdict = limiter.check(client, epoch.elapsed());
+        let counter = match verdict {
+            Verdict::Answer => return verdict,
+            Verdict::Slip => &self.metrics.rate_limited_slip,
+            Verdict::Drop => &self.metrics.rate_limited_drop,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        verdict
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The reply to a query over its client's rate limit, when it slips:
+    /// header and question only, with TC=1, so a real client asks again
+    /// over TCP. Never larger than the query (no OPT record either).
+    pub fn slip(&self, request: &Request) -> Reply {
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.truncation = true;
+        metadata.recursion_available = true;
+        Reply::empty(metadata, None)
     }
 
     /// Answer from the zone, or say that the question goes upstream.

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::handler::{Decision, Handler};
 use crate::metrics::Outcome;
+use crate::rrl::Verdict;
 
 /// Largest datagram we read; anything longer is not a query we answer.
 const MAX_DATAGRAM: usize = 4096;
@@ -61,6 +62,20 @@ pub async fn serve(socket: UdpSocket, handler: Handler, shutdown: CancellationTo
         };
         if request.metadata.message_type != MessageType::Query {
             continue;
+        }
+        match handler.rate_verdict(src.ip()) {
+            Verdict::Answer => {}
+            Verdict::Slip => {
+                if handler
+                    .slip(&request)
+                    .encode_udp(&request.queries, &mut out)
+                    .is_ok()
+                {
+                    send(&socket, &out, src);
+                }
+                continue;
+            }
+            Verdict::Drop => continue,
         }
         match handler.decide(&request, src.ip()) {
             Decision::Reply(reply) => {

@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::ConfigError;
+use portless_dns::RateLimit;
 use portless_dns::hosts::normalize_name;
 
 #[derive(Debug, Default, Clone, Args, Deserialize)]
@@ -72,6 +73,15 @@ pub struct DnsOpts {
     /// [default: 1024]
     #[arg(long, env = "PORTLESS_FORWARD_MAX_INFLIGHT", value_name = "N")]
     pub forward_max_inflight: Option<usize>,
+    /// UDP replies per second to one client address (loopback excepted),
+    /// in bursts of up to as many; 0 turns the limit off. [default: 100]
+    #[arg(long, env = "PORTLESS_DNS_RATE_LIMIT", value_name = "N")]
+    pub dns_rate_limit: Option<u32>,
+    /// Over the rate limit, every Nth reply is a truncated one (TC=1, which
+    /// sends a real client to TCP) and the others are dropped; 0 drops
+    /// them all. [default: 2]
+    #[arg(long, env = "PORTLESS_DNS_RATE_LIMIT_SLIP", value_name = "N")]
+    pub dns_rate_limit_slip: Option<u32>,
 }
 crate::merge_fields!(DnsOpts {
     dns_port,
@@ -84,6 +94,8 @@ crate::merge_fields!(DnsOpts {
     dns_allow,
     forward_timeout_ms,
     forward_max_inflight,
+    dns_rate_limit,
+    dns_rate_limit_slip,
 });
 
 /// An ingress zone: the zone and every name under it answer `addrs`.
@@ -107,6 +119,8 @@ pub struct DnsConfig {
     pub allow: Vec<IpNet>,
     pub forward_timeout: Duration,
     pub forward_max_inflight: usize,
+    /// None: no limit.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl DnsOpts {
@@ -139,6 +153,14 @@ impl DnsOpts {
                 "--forward-max-inflight: between 1 and 65536",
             ));
         }
+        let per_second = self.dns_rate_limit.unwrap_or(100);
+        if per_second > 1_000_000 {
+            return Err(ConfigError::new("--dns-rate-limit: at most 1000000"));
+        }
+        let slip = self.dns_rate_limit_slip.unwrap_or(2);
+        if slip > 100 {
+            return Err(ConfigError::new("--dns-rate-limit-slip: at most 100"));
+        }
         if let Some(path) = &self.hosts_file {
             // Read once here, so that a missing or unreadable file is a
             // configuration error before anything is bound.
@@ -160,6 +182,7 @@ impl DnsOpts {
             allow: self.dns_allow,
             forward_timeout: Duration::from_millis(forward_timeout_ms),
             forward_max_inflight,
+            rate_limit: (per_second > 0).then_some(RateLimit { per_second, slip }),
         })
     }
 }

@@ -119,6 +119,8 @@ pub async fn start(
         listeners_tx,
         fixed,
         serial: 0,
+        last_input: None,
+        last_event: None,
         event_to_answer,
     };
     builder
@@ -135,6 +137,13 @@ struct ZoneBuilder {
     listeners_tx: watch::Sender<Vec<SocketAddr>>,
     fixed: Vec<SocketAddr>,
     serial: u32,
+    /// A hash of what the live zone was built from (serial aside): a
+    /// rebuild from the same input (a periodic look, a hosts file
+    /// rewritten as it was) swaps nothing and keeps the serial. A hash,
+    /// not a copy: the input of a large cluster is megabytes.
+    last_input: Option<u64>,
+    /// The Docker event last counted in `event_to_answer`.
+    last_event: Option<i64>,
     event_to_answer: Arc<Histogram>,
 }
 
@@ -164,16 +173,23 @@ impl ZoneBuilder {
     }
 
     async fn rebuild(&mut self, snapshot: &Snapshot, static_hosts: &StaticHosts) {
-        self.serial = self.serial.wrapping_add(1);
-        let input = zone_input(
-            &self.cfg,
-            &snapshot.catalog,
-            static_hosts,
-            host_addrs(),
-            self.serial,
-        );
-        self.zone.store(Arc::new(Zone::build(&input)));
-        if let Some(ns) = snapshot.event_time_ns {
+        let mut input = zone_input(&self.cfg, &snapshot.catalog, static_hosts, host_addrs(), 0);
+        let hash = {
+            use std::hash::{BuildHasher, BuildHasherDefault};
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one(&input)
+        };
+        if self.last_input != Some(hash) {
+            self.serial = self.serial.wrapping_add(1);
+            input.serial = self.serial;
+            self.zone.store(Arc::new(Zone::build(&input)));
+            self.last_input = Some(hash);
+        }
+        // Each event once: later rebuilds see the same snapshot again.
+        if let Some(ns) = snapshot.event_time_ns
+            && self.last_event != Some(ns)
+        {
+            self.last_event = Some(ns);
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()

@@ -1412,3 +1412,78 @@ fn replies_to_one_address_are_rate_limited_with_slip() {
     };
     assert!(count("slip") > 0 && count("drop") > 0, "{m}");
 }
+
+/// A rebuild with nothing new (the hosts file rewritten as it was, the
+/// periodic look at host addresses) neither counts the last Docker event
+/// again in the event-to-answer histogram nor raises the SOA serial.
+#[test]
+fn rebuilds_without_a_change_keep_the_serial_and_count_no_event_again() {
+    let c = Cleanup::new();
+    let (net, _gw) = network(&c, &[]);
+    let hosts = std::env::temp_dir().join(unique("plser-"));
+    std::fs::write(&hosts, "192.0.2.10 nas.lan\n").unwrap();
+    c.push(&["rm", "-f", hosts.to_str().unwrap()]);
+    let listen = format!("127.0.0.1:{}", free_port([127, 0, 0, 1].into()));
+    let p = Portless::start(&[
+        "--no-router=true",
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &listen,
+        "--hosts-file",
+        hosts.to_str().unwrap(),
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    let server: SocketAddr = listen.parse().unwrap();
+    let app = unique("ser");
+    container(&c, &app, &["--network", &net], &[]);
+    wait_until("the container to resolve", WAIT, || {
+        (dig(server, &format!("{app}.docker.internal"), "A", &[])
+            .answers
+            .len()
+            == 1)
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = || -> u64 {
+        p.metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("portless_discovery_event_to_answer_seconds_count ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let serial = || -> String {
+        let r = dig(server, "docker.internal", "SOA", &[]);
+        r.answers
+            .first()
+            .and_then(|a| a.split_whitespace().nth(2).map(str::to_owned))
+            .unwrap_or_else(|| panic!("no SOA: {}", r.raw))
+    };
+    let (n0, s0) = (samples(), serial());
+    assert!(n0 >= 1, "the start was counted");
+    // The same contents, written anew: reloaded, nothing changed.
+    for i in 0..3 {
+        std::thread::sleep(Duration::from_millis(1100));
+        std::fs::write(&hosts, "192.0.2.10 nas.lan\n").unwrap();
+        wait_until("the hosts file to be read again", WAIT, || {
+            (p.logs().matches("hosts file reloaded").count() > i).then_some(())
+        });
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        samples(),
+        n0,
+        "rebuilds with no event counted the last one again"
+    );
+    assert_eq!(serial(), s0, "the serial rose with no change");
+    // A real change raises it.
+    std::fs::write(&hosts, "192.0.2.11 nas.lan\n").unwrap();
+    wait_until("the change", WAIT, || {
+        (dig(server, "nas.lan", "A", &[]).answers == vec!["192.0.2.11"]).then_some(())
+    });
+    assert_ne!(serial(), s0);
+}

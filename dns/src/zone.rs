@@ -33,7 +33,7 @@ use rand::seq::SliceRandom;
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A container's attachment to one network, as the zone needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Member {
     /// Stable identity of the container (its Docker id), to count a
     /// container once when several of its names match.
@@ -49,7 +49,7 @@ pub struct Member {
 }
 
 /// A member's fitness for new clients, reduced to what DNS needs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum Health {
     /// No healthcheck, or not decided yet.
     #[default]
@@ -72,7 +72,7 @@ impl Health {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct NetworkInput {
     pub name: String,
     pub members: Vec<Member>,
@@ -87,7 +87,7 @@ pub struct NetworkInput {
 }
 
 /// Everything a zone is built from.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ZoneInput {
     /// Suffix for host-side names, lower case, no trailing dot.
     pub domain: String,

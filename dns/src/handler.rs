@@ -279,7 +279,13 @@ impl Handler {
                 } else {
                     ResponseCode::NoError
                 };
-                reply.authorities = vec![soa_record(&zone)];
+                // The SOA says which zone the name is missing from: ours
+                // only for names under the domain. Static names, ingress
+                // zones and reverse names belong to no zone we have an SOA
+                // for, so they get none (RFC 2308 then says not to cache).
+                if zone.domain().zone_of(query.original().name()) {
+                    reply.authorities = vec![soa_record(&zone)];
+                }
             }
             Answer::Refused => return fail(ResponseCode::Refused, Outcome::Refused, reply.edns),
             Answer::Forward => {

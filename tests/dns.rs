@@ -1487,3 +1487,45 @@ fn rebuilds_without_a_change_keep_the_serial_and_count_no_event_again() {
     });
     assert_ne!(serial(), s0);
 }
+
+/// EDNS in UDP replies: the OPT record stays in a truncated reply (so the
+/// client still sees EDNS spoken), and it advertises portless's own UDP
+/// payload size, not an echo of the client's.
+#[test]
+fn udp_replies_keep_their_opt_record_and_advertise_our_payload_size() {
+    let hosts = std::env::temp_dir().join(unique("plopt-"));
+    let mut text = String::new();
+    for i in 1..=60 {
+        text.push_str(&format!("192.0.2.{i} big.test\n"));
+    }
+    std::fs::write(&hosts, text).unwrap();
+    let h = hosts.to_str().unwrap().to_owned();
+    let (_p, listen) = static_portless(&["--hosts-file", &h, "--upstream", "127.0.0.1:9"]);
+    let server: SocketAddr = listen.parse().unwrap();
+    let udp_size = |raw: &str| -> Option<u32> {
+        let line = raw.lines().find(|l| l.contains("; EDNS:"))?;
+        line.split("udp: ").nth(1)?.trim().parse().ok()
+    };
+    // Whatever room the records leave over, the OPT record stays.
+    for size in (512..=560).chain([600, 700, 1000]) {
+        let bufsize = format!("+bufsize={size}");
+        let r = dig(server, "big.test", "A", &[&bufsize, "+ignore", "+notcp"]);
+        assert!(
+            r.flags.contains("tc"),
+            "60 addresses do not fit in {size}: {}",
+            r.raw
+        );
+        assert!(
+            r.raw.contains("OPT PSEUDOSECTION"),
+            "the truncated reply to {size} lost its OPT record: {}",
+            r.raw
+        );
+    }
+    let r = dig(server, "big.test", "A", &["+bufsize=4000", "+ignore"]);
+    assert!(!r.flags.contains("tc"), "{}", r.raw);
+    assert_eq!(r.answers.len(), 60);
+    assert_eq!(udp_size(&r.raw), Some(1232), "our own size: {}", r.raw);
+    let r = dig(server, "big.test", "A", &["+bufsize=700", "+ignore"]);
+    assert_eq!(udp_size(&r.raw), Some(1232), "our own size: {}", r.raw);
+    std::fs::remove_file(&hosts).unwrap();
+}

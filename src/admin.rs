@@ -227,6 +227,18 @@ fn render_metrics(state: &AdminState) -> String {
     }
     header(
         &mut out,
+        "portless_dns_tcp_connections_refused_total",
+        "counter",
+        "DNS TCP connections closed at once because --dns-tcp-max-connections were open.",
+    );
+    sample(
+        &mut out,
+        "portless_dns_tcp_connections_refused_total",
+        "",
+        m.tcp_refused.load(Ordering::Relaxed),
+    );
+    header(
+        &mut out,
         "portless_dns_names",
         "gauge",
         "Names in the live zone.",

@@ -89,7 +89,7 @@ pub async fn start(
     if let Some(limit) = cfg.rate_limit {
         handler = handler.with_rate_limit(limit);
     }
-    let mut listeners = Listeners::new(handler);
+    let mut listeners = Listeners::new(handler, cfg.tcp_max_connections);
     let mut fixed = Vec::new();
     for addr in &cfg.listen {
         let bound = listeners

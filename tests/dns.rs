@@ -1529,3 +1529,54 @@ fn udp_replies_keep_their_opt_record_and_advertise_our_payload_size() {
     assert_eq!(udp_size(&r.raw), Some(1232), "our own size: {}", r.raw);
     std::fs::remove_file(&hosts).unwrap();
 }
+
+/// TCP connections are capped (each holds memory and a task until its idle
+/// timeout): past the cap a new connection is closed at once, while the
+/// ones in the cap are still served, and a freed slot is used again.
+#[test]
+fn tcp_connections_are_capped_at_the_default_limit() {
+    use std::io::{Read, Write};
+    let (p, listen) = static_portless(&["--upstream", "127.0.0.1:9"]);
+    let server: SocketAddr = listen.parse().unwrap();
+    let conns: Vec<std::net::TcpStream> = (0..600)
+        .map(|_| std::net::TcpStream::connect(server).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut open = Vec::new();
+    let mut closed = 0;
+    for mut s in conns {
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open.push(s),
+            Err(_) => closed += 1,
+            Ok(_) => panic!("data on an idle connection"),
+        }
+    }
+    assert_eq!((open.len(), closed), (512, 88), "512 connections at most");
+    // The ones inside the cap are served.
+    let ask = |s: &mut std::net::TcpStream| {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&tcp_query(7, "docker.internal")).unwrap();
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).unwrap();
+        let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut msg).unwrap();
+        assert_eq!(&msg[..2], &[0, 7]);
+    };
+    ask(&mut open[0]);
+    ask(&mut open[511]);
+    // Freed slots take new connections.
+    open.truncate(10);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fresh = std::net::TcpStream::connect(server).unwrap();
+    ask(&mut fresh);
+    assert!(
+        p.metrics()
+            .contains("portless_dns_tcp_connections_refused_total 88"),
+        "{}",
+        p.metrics()
+    );
+}

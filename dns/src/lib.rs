@@ -12,6 +12,7 @@
 //! - [`listener`]: the set of UDP/TCP listeners, changed live as addresses
 //!   come and go.
 //! - [`rrl`]: response rate limiting per client address over UDP.
+//! - [`udp`], [`tcp`]: the serving loops.
 //!
 //! It does not know Docker: the binary turns its catalog into a
 //! [`ZoneInput`] and swaps the built [`Zone`] into the [`ZoneHandle`].
@@ -22,6 +23,7 @@ pub mod hosts;
 pub mod listener;
 pub mod metrics;
 pub mod rrl;
+pub mod tcp;
 pub mod udp;
 pub mod zone;
 

@@ -1,30 +1,34 @@
 //! The set of DNS listeners, changed live.
 //!
 //! Every address gets a UDP socket (served by [`crate::udp`]) and a TCP
-//! listener (served by a hickory [`Server`]) of its own, so one address can
-//! be added or removed without touching the others (Docker networks come
-//! and go while we run).
+//! listener (served by [`crate::tcp`]) of its own, so one address can be
+//! added or removed without touching the others (Docker networks come and
+//! go while we run).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
 
-use hickory_server::Server;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::handler::Handler;
 
-/// Idle time after which a TCP client is dropped.
-const TCP_TIMEOUT: Duration = Duration::from_secs(10);
-
 pub struct Listeners {
     handler: Handler,
-    active: BTreeMap<SocketAddr, Server<Handler>>,
+    /// TCP connections open at once, over every address.
+    tcp_slots: Arc<Semaphore>,
+    /// Per address: stops its UDP loop, its TCP loop and its connections.
+    active: BTreeMap<SocketAddr, CancellationToken>,
 }
 
 impl Listeners {
-    pub fn new(handler: Handler) -> Self {
+    /// `max_tcp_connections`: open TCP connections at once, over every
+    /// address ([`crate::tcp::DEFAULT_MAX_CONNECTIONS`] is a sound value).
+    pub fn new(handler: Handler, max_tcp_connections: usize) -> Self {
         Self {
             handler,
+            tcp_slots: Arc::new(Semaphore::new(max_tcp_connections)),
             active: BTreeMap::new(),
         }
     }
@@ -42,24 +46,23 @@ impl Listeners {
         }
         let (udp, tcp) = bind_pair(addr).await?;
         let bound = udp.local_addr()?;
-        let mut server = Server::new(self.handler.clone());
-        // UDP is served by our own loop (see `udp`), TCP by hickory's
-        // server; both stop on the same token.
-        tokio::spawn(crate::udp::serve(
-            udp,
+        let stop = CancellationToken::new();
+        tokio::spawn(crate::udp::serve(udp, self.handler.clone(), stop.clone()));
+        tokio::spawn(crate::tcp::serve(
+            tcp,
             self.handler.clone(),
-            server.shutdown_token().clone(),
+            self.tcp_slots.clone(),
+            stop.clone(),
         ));
-        server.register_listener(tcp, TCP_TIMEOUT, 64);
-        self.active.insert(bound, server);
+        self.active.insert(bound, stop);
         tracing::info!(addr = %bound, "dns listening");
         Ok(bound)
     }
 
     /// Stop serving on `addr`.
     pub fn remove(&mut self, addr: &SocketAddr) {
-        if let Some(server) = self.active.remove(addr) {
-            server.shutdown_token().cancel();
+        if let Some(stop) = self.active.remove(addr) {
+            stop.cancel();
             tracing::info!(%addr, "dns listener closed");
         }
     }
@@ -90,8 +93,8 @@ impl Listeners {
 
 impl Drop for Listeners {
     fn drop(&mut self) {
-        for server in self.active.values() {
-            server.shutdown_token().cancel();
+        for stop in self.active.values() {
+            stop.cancel();
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct Metrics {
     /// (slip) or dropped.
     pub rate_limited_slip: AtomicU64,
     pub rate_limited_drop: AtomicU64,
+    /// TCP connections closed at once: the connection cap was reached.
+    pub tcp_refused: AtomicU64,
 }
 
 fn qtype_index(t: RecordType) -> usize {

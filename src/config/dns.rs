@@ -82,6 +82,10 @@ pub struct DnsOpts {
     /// them all. [default: 2]
     #[arg(long, env = "PORTLESS_DNS_RATE_LIMIT_SLIP", value_name = "N")]
     pub dns_rate_limit_slip: Option<u32>,
+    /// DNS TCP connections open at once, over every listener; past it a
+    /// new connection is closed at once. [default: 512]
+    #[arg(long, env = "PORTLESS_DNS_TCP_MAX_CONNECTIONS", value_name = "N")]
+    pub dns_tcp_max_connections: Option<usize>,
 }
 crate::merge_fields!(DnsOpts {
     dns_port,
@@ -96,6 +100,7 @@ crate::merge_fields!(DnsOpts {
     forward_max_inflight,
     dns_rate_limit,
     dns_rate_limit_slip,
+    dns_tcp_max_connections,
 });
 
 /// An ingress zone: the zone and every name under it answer `addrs`.
@@ -121,6 +126,7 @@ pub struct DnsConfig {
     pub forward_max_inflight: usize,
     /// None: no limit.
     pub rate_limit: Option<RateLimit>,
+    pub tcp_max_connections: usize,
 }
 
 impl DnsOpts {
@@ -161,6 +167,14 @@ impl DnsOpts {
         if slip > 100 {
             return Err(ConfigError::new("--dns-rate-limit-slip: at most 100"));
         }
+        let tcp_max_connections = self
+            .dns_tcp_max_connections
+            .unwrap_or(portless_dns::tcp::DEFAULT_MAX_CONNECTIONS);
+        if !(1..=65_536).contains(&tcp_max_connections) {
+            return Err(ConfigError::new(
+                "--dns-tcp-max-connections: between 1 and 65536",
+            ));
+        }
         if let Some(path) = &self.hosts_file {
             // Read once here, so that a missing or unreadable file is a
             // configuration error before anything is bound.
@@ -183,6 +197,7 @@ impl DnsOpts {
             forward_timeout: Duration::from_millis(forward_timeout_ms),
             forward_max_inflight,
             rate_limit: (per_second > 0).then_some(RateLimit { per_second, slip }),
+            tcp_max_connections,
         })
     }
 }

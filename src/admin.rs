@@ -225,6 +225,37 @@ fn render_metrics(state: &AdminState) -> String {
             c.load(Ordering::Relaxed),
         );
     }
+    let upstreams = state.dns.forwarder.upstream_status();
+    header(
+        &mut out,
+        "portless_dns_upstream_up",
+        "gauge",
+        "1 while an upstream answers; 0 while it is down (passed over, probed in the background).",
+    );
+    for u in &upstreams {
+        sample(
+            &mut out,
+            "portless_dns_upstream_up",
+            &format!("upstream=\"{}\"", u.addr),
+            u8::from(u.up),
+        );
+    }
+    header(
+        &mut out,
+        "portless_dns_upstream_srtt_seconds",
+        "gauge",
+        "Smoothed round-trip time of each upstream that has answered.",
+    );
+    for u in &upstreams {
+        if let Some(srtt) = u.srtt {
+            sample(
+                &mut out,
+                "portless_dns_upstream_srtt_seconds",
+                &format!("upstream=\"{}\"", u.addr),
+                srtt.as_secs_f64(),
+            );
+        }
+    }
     header(
         &mut out,
         "portless_dns_tcp_connections_refused_total",

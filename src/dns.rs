@@ -29,6 +29,8 @@ pub struct DnsState {
     pub metrics: Arc<Metrics>,
     pub listeners: watch::Receiver<Vec<SocketAddr>>,
     pub upstreams: Vec<SocketAddr>,
+    /// Upstream health, for `/metrics`.
+    pub forwarder: Arc<Forwarder>,
     pub domain: String,
     /// Docker event emitted → zone with the change swapped in.
     pub event_to_answer: Arc<Histogram>,
@@ -85,7 +87,7 @@ pub async fn start(
     };
 
     let zone: ZoneHandle = Arc::new(ArcSwap::from_pointee(Zone::default()));
-    let mut handler = Handler::new(zone.clone(), forwarder, metrics.clone());
+    let mut handler = Handler::new(zone.clone(), forwarder.clone(), metrics.clone());
     if let Some(limit) = cfg.rate_limit {
         handler = handler.with_rate_limit(limit);
     }
@@ -106,6 +108,7 @@ pub async fn start(
         metrics,
         listeners: listeners_rx,
         upstreams,
+        forwarder,
         domain: cfg.domain.clone(),
         event_to_answer: event_to_answer.clone(),
     };

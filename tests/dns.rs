@@ -1580,3 +1580,107 @@ fn tcp_connections_are_capped_at_the_default_limit() {
         p.metrics()
     );
 }
+
+/// A tiny upstream on loopback that ignores every query until switched on,
+/// then answers every A question with `addr`.
+struct SwitchedUpstream {
+    addr: SocketAddr,
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    queries: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl SwitchedUpstream {
+    fn start(answer: [u8; 4]) -> SwitchedUpstream {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let queries = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (on2, stop2, queries2) = (on.clone(), stop.clone(), queries.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !stop2.load(Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                queries2.fetch_add(1, Relaxed);
+                if !on2.load(Relaxed) || n < 12 {
+                    continue;
+                }
+                // Header and question only, then one A record.
+                let mut end = 12;
+                while end < n && buf[end] != 0 {
+                    end += 1 + buf[end] as usize;
+                }
+                end += 5;
+                if end > n {
+                    continue;
+                }
+                let mut reply = buf[..end].to_vec();
+                reply[2] |= 0x80;
+                reply[3] = 0x80;
+                reply[6..12].copy_from_slice(&[0, 1, 0, 0, 0, 0]);
+                reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+                reply.extend_from_slice(&answer);
+                let _ = sock.send_to(&reply, from);
+            }
+        });
+        SwitchedUpstream {
+            addr,
+            on,
+            stop,
+            queries,
+        }
+    }
+}
+
+impl Drop for SwitchedUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// With the first upstream black-holed, only the first query pays its
+/// timeout: the dead upstream is remembered and passed over, probed in the
+/// background, and preferred again as soon as it answers.
+#[test]
+fn a_dead_upstream_is_remembered_probed_and_taken_back() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let first = SwitchedUpstream::start([192, 0, 2, 99]);
+    let good = common::dnsmasq::Dnsmasq::start("192.0.2.7 a.upstream.test\n", "upstream.test");
+    let ups = format!("{},{}", first.addr, good.addr);
+    let (p, listen) = static_portless(&["--upstream", &ups, "--forward-timeout-ms", "1500"]);
+    let server: SocketAddr = listen.parse().unwrap();
+    let timed = |name: &str| {
+        let start = std::time::Instant::now();
+        let r = dig(server, name, "A", &["+time=5"]);
+        (r.answers, start.elapsed())
+    };
+    let (answers, _) = timed("a.upstream.test");
+    assert_eq!(answers, vec!["192.0.2.7"]);
+    let down = format!("portless_dns_upstream_up{{upstream=\"{}\"}} 0", first.addr);
+    assert!(p.metrics().contains(&down), "{}", p.metrics());
+    for i in 0..5 {
+        let (answers, took) = timed("a.upstream.test");
+        assert_eq!(answers, vec!["192.0.2.7"]);
+        assert!(
+            took < Duration::from_millis(400),
+            "query {i} after the first waited {took:?} on the dead upstream"
+        );
+    }
+    // It comes back: a probe notices, and it is first again.
+    let before = first.queries.load(Relaxed);
+    first.on.store(true, Relaxed);
+    wait_until(
+        "the first upstream to be taken back",
+        Duration::from_secs(40),
+        || (timed("a.upstream.test").0 == vec!["192.0.2.99"]).then_some(()),
+    );
+    assert!(first.queries.load(Relaxed) > before);
+    let up = format!("portless_dns_upstream_up{{upstream=\"{}\"}} 1", first.addr);
+    assert!(p.metrics().contains(&up), "{}", p.metrics());
+}

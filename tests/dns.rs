@@ -1703,3 +1703,51 @@ fn a_dead_upstream_is_remembered_probed_and_taken_back() {
     let up = format!("portless_dns_upstream_up{{upstream=\"{}\"}} 1", first.addr);
     assert!(p.metrics().contains(&up), "{}", p.metrics());
 }
+
+/// A new IPv6 network's gateway address is still tentative (duplicate
+/// address detection) when Docker announces the network; the listener on
+/// it must be there at once, not at the next rebuild.
+#[test]
+fn a_new_ipv6_networks_gateway_gets_its_listener_at_once() {
+    let c = Cleanup::new();
+    let port = free_port([127, 0, 0, 1].into());
+    let listen = format!("127.0.0.1:{port}");
+    let p = Portless::start(&[
+        "--no-router=true",
+        "--dns-port",
+        &port.to_string(),
+        "--dns-listen",
+        &listen,
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    let third = (std::process::id() + 77) % 250;
+    let v6 = format!("fd00:5eef:{third:x}::/64");
+    let (net, _gw) = network(&c, &["--ipv6", "--subnet", &v6]);
+    let gw6: IpAddr = format!("fd00:5eef:{third:x}::1").parse().unwrap();
+    let want = format!("\"{}\"", SocketAddr::new(gw6, port));
+    let started = std::time::Instant::now();
+    wait_until(
+        "a listener on the IPv6 gateway",
+        Duration::from_secs(20),
+        || {
+            http_get(p.admin, "/api/status")?
+                .contains(&want)
+                .then_some(())
+        },
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the IPv6 gateway listener came {took:?} after the network"
+    );
+    // And it serves, once the address is usable.
+    let app = unique("six");
+    let peer = unique("pee");
+    container(&c, &app, &["--network", &net], &[]);
+    container(&c, &peer, &["--network", &net], &[]);
+    let server = SocketAddr::new(gw6, port);
+    wait_until("an answer over the IPv6 gateway", WAIT, || {
+        (dig_from(&peer, server, &app, "A").answers.len() == 1).then_some(())
+    });
+}

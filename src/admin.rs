@@ -210,6 +210,66 @@ fn render_metrics(state: &AdminState) -> String {
     );
     header(
         &mut out,
+        "portless_dns_rate_limited_total",
+        "counter",
+        "UDP queries over their client's rate limit, by action: slip (TC=1 reply) or drop.",
+    );
+    for (action, c) in [
+        ("slip", &m.rate_limited_slip),
+        ("drop", &m.rate_limited_drop),
+    ] {
+        sample(
+            &mut out,
+            "portless_dns_rate_limited_total",
+            &format!("action=\"{action}\""),
+            c.load(Ordering::Relaxed),
+        );
+    }
+    let upstreams = state.dns.forwarder.upstream_status();
+    header(
+        &mut out,
+        "portless_dns_upstream_up",
+        "gauge",
+        "1 while an upstream answers; 0 while it is down (passed over, probed in the background).",
+    );
+    for u in &upstreams {
+        sample(
+            &mut out,
+            "portless_dns_upstream_up",
+            &format!("upstream=\"{}\"", u.addr),
+            u8::from(u.up),
+        );
+    }
+    header(
+        &mut out,
+        "portless_dns_upstream_srtt_seconds",
+        "gauge",
+        "Smoothed round-trip time of each upstream that has answered.",
+    );
+    for u in &upstreams {
+        if let Some(srtt) = u.srtt {
+            sample(
+                &mut out,
+                "portless_dns_upstream_srtt_seconds",
+                &format!("upstream=\"{}\"", u.addr),
+                srtt.as_secs_f64(),
+            );
+        }
+    }
+    header(
+        &mut out,
+        "portless_dns_tcp_connections_refused_total",
+        "counter",
+        "DNS TCP connections closed at once because --dns-tcp-max-connections were open.",
+    );
+    sample(
+        &mut out,
+        "portless_dns_tcp_connections_refused_total",
+        "",
+        m.tcp_refused.load(Ordering::Relaxed),
+    );
+    header(
+        &mut out,
         "portless_dns_names",
         "gauge",
         "Names in the live zone.",

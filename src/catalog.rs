@@ -123,6 +123,34 @@ pub struct Endpoint {
     pub aliases: Vec<String>,
 }
 
+/// How fit a container is for new work: the one notion of liveness that
+/// DNS answers and the router's backends are both derived from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Healthy, or without a healthcheck.
+    Ready,
+    /// Its healthcheck has not passed yet.
+    Starting,
+    /// Its healthcheck fails.
+    Unhealthy,
+    /// Docker is stopping it (its `kill` event): no new work, though it
+    /// still runs and finishes what it has.
+    Draining,
+}
+
+impl Container {
+    pub fn liveness(&self) -> Liveness {
+        if self.stopping {
+            return Liveness::Draining;
+        }
+        match self.health {
+            Health::None | Health::Healthy => Liveness::Ready,
+            Health::Starting => Liveness::Starting,
+            Health::Unhealthy => Liveness::Unhealthy,
+        }
+    }
+}
+
 impl Endpoint {
     /// The endpoint's addresses, IPv4 first.
     pub fn addrs(&self) -> impl Iterator<Item = IpAddr> + '_ {

@@ -16,7 +16,7 @@ use portless_dns::{
 };
 use tokio::sync::watch;
 
-use crate::catalog::{Catalog, Health};
+use crate::catalog::{Catalog, Liveness};
 use crate::config::dns::DnsConfig;
 use crate::discovery::Snapshot;
 use crate::metrics::Histogram;
@@ -29,6 +29,8 @@ pub struct DnsState {
     pub metrics: Arc<Metrics>,
     pub listeners: watch::Receiver<Vec<SocketAddr>>,
     pub upstreams: Vec<SocketAddr>,
+    /// Upstream health, for `/metrics`.
+    pub forwarder: Arc<Forwarder>,
     pub domain: String,
     /// Docker event emitted → zone with the change swapped in.
     pub event_to_answer: Arc<Histogram>,
@@ -85,7 +87,11 @@ pub async fn start(
     };
 
     let zone: ZoneHandle = Arc::new(ArcSwap::from_pointee(Zone::default()));
-    let mut listeners = Listeners::new(Handler::new(zone.clone(), forwarder, metrics.clone()));
+    let mut handler = Handler::new(zone.clone(), forwarder.clone(), metrics.clone());
+    if let Some(limit) = cfg.rate_limit {
+        handler = handler.with_rate_limit(limit);
+    }
+    let mut listeners = Listeners::new(handler, cfg.tcp_max_connections);
     let mut fixed = Vec::new();
     for addr in &cfg.listen {
         let bound = listeners
@@ -102,6 +108,7 @@ pub async fn start(
         metrics,
         listeners: listeners_rx,
         upstreams,
+        forwarder,
         domain: cfg.domain.clone(),
         event_to_answer: event_to_answer.clone(),
     };
@@ -115,6 +122,8 @@ pub async fn start(
         listeners_tx,
         fixed,
         serial: 0,
+        last_input: None,
+        last_event: None,
         event_to_answer,
     };
     builder
@@ -131,6 +140,13 @@ struct ZoneBuilder {
     listeners_tx: watch::Sender<Vec<SocketAddr>>,
     fixed: Vec<SocketAddr>,
     serial: u32,
+    /// A hash of what the live zone was built from (serial aside): a
+    /// rebuild from the same input (a periodic look, a hosts file
+    /// rewritten as it was) swaps nothing and keeps the serial. A hash,
+    /// not a copy: the input of a large cluster is megabytes.
+    last_input: Option<u64>,
+    /// The Docker event last counted in `event_to_answer`.
+    last_event: Option<i64>,
     event_to_answer: Arc<Histogram>,
 }
 
@@ -160,16 +176,23 @@ impl ZoneBuilder {
     }
 
     async fn rebuild(&mut self, snapshot: &Snapshot, static_hosts: &StaticHosts) {
-        self.serial = self.serial.wrapping_add(1);
-        let input = zone_input(
-            &self.cfg,
-            &snapshot.catalog,
-            static_hosts,
-            host_addrs(),
-            self.serial,
-        );
-        self.zone.store(Arc::new(Zone::build(&input)));
-        if let Some(ns) = snapshot.event_time_ns {
+        let mut input = zone_input(&self.cfg, &snapshot.catalog, static_hosts, host_addrs(), 0);
+        let hash = {
+            use std::hash::{BuildHasher, BuildHasherDefault};
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one(&input)
+        };
+        if self.last_input != Some(hash) {
+            self.serial = self.serial.wrapping_add(1);
+            input.serial = self.serial;
+            self.zone.store(Arc::new(Zone::build(&input)));
+            self.last_input = Some(hash);
+        }
+        // Each event once: later rebuilds see the same snapshot again.
+        if let Some(ns) = snapshot.event_time_ns
+            && self.last_event != Some(ns)
+        {
+            self.last_event = Some(ns);
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
@@ -221,13 +244,33 @@ fn zone_input(
     serial: u32,
 ) -> ZoneInput {
     let mut networks: BTreeMap<&str, NetworkInput> = BTreeMap::new();
+    // Every network, members or not: a container's first query can come
+    // before discovery has seen it start, and its address's subnet then
+    // says which network it is on. Only on bridges: nothing but the
+    // network's containers and the host lives in their subnets, while a
+    // macvlan or ipvlan subnet is the LAN.
+    for (id, n) in &catalog.networks {
+        networks.insert(
+            id.as_str(),
+            NetworkInput {
+                name: n.name.clone(),
+                members: Vec::new(),
+                client_subnets: if n.driver == "bridge" {
+                    n.subnets.clone()
+                } else {
+                    Vec::new()
+                },
+                internal: n.internal,
+            },
+        );
+    }
     for c in catalog.all_containers() {
         for ep in &c.endpoints {
             let net = networks
                 .entry(ep.network_id.as_str())
                 .or_insert_with(|| NetworkInput {
                     name: ep.network_name.clone(),
-                    members: Vec::new(),
+                    ..NetworkInput::default()
                 });
             net.members.push(Member {
                 id: c.id.clone(),
@@ -236,10 +279,11 @@ fn zone_input(
                 aliases: ep.aliases.clone(),
                 service: c.compose_service.clone(),
                 project: c.compose_project.clone(),
-                health: match c.health {
-                    Health::Healthy => DnsHealth::Healthy,
-                    Health::Unhealthy => DnsHealth::Unhealthy,
-                    Health::None | Health::Starting => DnsHealth::Unknown,
+                health: match c.liveness() {
+                    Liveness::Ready => DnsHealth::Healthy,
+                    Liveness::Starting => DnsHealth::Unknown,
+                    Liveness::Unhealthy => DnsHealth::Unhealthy,
+                    Liveness::Draining => DnsHealth::Draining,
                 },
             });
         }

@@ -16,7 +16,7 @@ use portless_router::table::parse_path_prefix;
 use portless_router::{Backend, BackendState, RouteSpec, Scheme};
 use serde::Serialize;
 
-use crate::catalog::{Catalog, Container, Endpoint, Health};
+use crate::catalog::{Catalog, Container, Endpoint, Liveness};
 
 pub const LABEL_PREFIX: &str = "portless.http.";
 const FIELDS: [&str; 5] = ["host", "port", "path", "network", "scheme"];
@@ -256,13 +256,11 @@ pub fn choose_endpoint<'a>(
 }
 
 fn backend_state(c: &Container) -> BackendState {
-    if c.stopping {
-        return BackendState::Draining;
-    }
-    match c.health {
-        Health::None | Health::Healthy => BackendState::Healthy,
-        Health::Starting => BackendState::Starting,
-        Health::Unhealthy => BackendState::Unhealthy,
+    match c.liveness() {
+        Liveness::Ready => BackendState::Healthy,
+        Liveness::Starting => BackendState::Starting,
+        Liveness::Unhealthy => BackendState::Unhealthy,
+        Liveness::Draining => BackendState::Draining,
     }
 }
 
@@ -294,7 +292,7 @@ fn network_endpoint<'a>(
 #[allow(clippy::unwrap_used)] // a panic in a test is a failed test
 mod tests {
     use super::*;
-    use crate::catalog::Network;
+    use crate::catalog::{Health, Network};
     use proptest::prelude::*;
 
     fn container(labels: &[(&str, &str)], ports: &[u16]) -> Container {

@@ -922,3 +922,832 @@ fn edns_versions_above_zero_get_badvers() {
     );
     assert_eq!(r.status, "NOERROR", "{}", r.raw);
 }
+
+/// A container that resolves a name the moment it starts (what an app does
+/// with its database) is answered with its network's scope from its first
+/// query, before discovery has seen it start: its address alone, inside a
+/// known network's subnet, says which network it is on. Through Docker's
+/// 127.0.0.11 on a user-defined network, and straight at the gateway on the
+/// default bridge.
+#[test]
+fn a_starting_container_is_answered_from_its_first_query() {
+    let _serial = PORT_53.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cleanup::new();
+    let (net, gw) = network(&c, &[]);
+    let db = unique("db");
+    container(&c, &db, &["--network", &net], &[]);
+    let db_ip = container_ip(&db, &net).to_string();
+    let bdb = unique("bdb");
+    container(&c, &bdb, &[], &[]);
+    let bdb_ip = container_ip(&bdb, "bridge").to_string();
+    let bridge_gw: IpAddr = docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "-f",
+        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+    ])
+    .parse()
+    .unwrap_or_else(|_| "172.17.0.1".parse().unwrap());
+    let on_net = format!("{gw}:53");
+    let on_bridge = format!("{bridge_gw}:53");
+    let _p = Portless::start(&[
+        "--no-router=true",
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &on_net,
+        "--dns-listen",
+        &on_bridge,
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    let gw_s = gw.to_string();
+    let bridge_gw_s = bridge_gw.to_string();
+    let name = format!("{db}.docker.internal");
+    let mut failures = Vec::new();
+    for i in 0..20 {
+        // Alternate: 127.0.0.11 on the user-defined network (which forwards
+        // names under our domain to portless from the client's address),
+        // and the default bridge, whose containers ask the gateway directly.
+        let (args, target, want) = if i % 2 == 0 {
+            (
+                vec!["--network", net.as_str(), "--dns", gw_s.as_str()],
+                name.as_str(),
+                &db_ip,
+            )
+        } else {
+            (vec!["--dns", bridge_gw_s.as_str()], bdb.as_str(), &bdb_ip)
+        };
+        let run_name = unique("fq");
+        c.push(&["docker", "rm", "-f", &run_name]);
+        let mut all = vec!["run", "--rm", "--label", LABEL, "--name", &run_name];
+        all.extend_from_slice(&args);
+        all.extend_from_slice(&[IMAGE, "nslookup", "-type=a", target]);
+        let out = run("docker", &all);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() || !text.contains(want.as_str()) {
+            failures.push(format!("run {i} ({target}): {text}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 20 first queries not answered:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// One DNS query for `name` (type A) over TCP, with its length prefix.
+fn tcp_query(id: u16, name: &str) -> Vec<u8> {
+    let mut msg = id.to_be_bytes().to_vec();
+    msg.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        msg.push(label.len() as u8);
+        msg.extend_from_slice(label.as_bytes());
+    }
+    msg.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let mut framed = (msg.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&msg);
+    framed
+}
+
+#[test]
+fn the_default_log_level_writes_nothing_per_query() {
+    use std::io::{Read, Write};
+    let listen = format!("127.0.0.1:{}", free_port([127, 0, 0, 1].into()));
+    // No --log: the default filter, as users run it.
+    let p = Portless::start_logging(
+        &[
+            "--no-router=true",
+            "--docker-host",
+            "none",
+            "--dns-port",
+            "0",
+            "--dns-listen",
+            &listen,
+            "--upstream",
+            "127.0.0.1:9",
+        ],
+        &[],
+        None,
+    );
+    // Let start-up lines settle, then count.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = p.logs().lines().count();
+    const QUERIES: u16 = 200;
+    let mut s = std::net::TcpStream::connect(&listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut batch = Vec::new();
+    for i in 0..QUERIES {
+        batch.extend_from_slice(&tcp_query(i, "docker.internal"));
+    }
+    s.write_all(&batch).unwrap();
+    for _ in 0..QUERIES {
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).unwrap();
+        let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut msg).unwrap();
+    }
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+    let logs = p.logs();
+    let grown = logs.lines().count() - before;
+    assert!(
+        grown < 10,
+        "{QUERIES} TCP queries wrote {grown} log lines at the default level:\n{}",
+        logs.lines()
+            .skip(before)
+            .take(10)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// An `--internal` network is meant to be cut off from the outside; portless
+/// must not be a DNS channel out of it. A container whose networks are all
+/// internal gets names from the catalog and nothing forwarded; a container
+/// on a normal network still gets forwarded answers.
+#[test]
+fn containers_on_internal_networks_get_catalog_answers_only() {
+    let c = Cleanup::new();
+    let (inet, igw) = network(&c, &["--internal"]);
+    let (onet, ogw) = network(&c, &[]);
+    let shut = unique("int");
+    let peer = unique("ipr");
+    let open = unique("opn");
+    container(&c, &shut, &["--network", &inet], &[]);
+    container(&c, &peer, &["--network", &inet], &[]);
+    container(&c, &open, &["--network", &onet], &[]);
+    let peer_ip = container_ip(&peer, &inet).to_string();
+    let up = common::dnsmasq::Dnsmasq::start("192.0.2.7 a.upstream.test\n", "upstream.test");
+    let ups = up.addr.to_string();
+    let (_p, addrs) = portless_on(&[igw, ogw], &["--upstream", &ups]);
+    let (on_internal, on_open) = (addrs[0], addrs[1]);
+
+    // Control: a container on a normal network gets the upstream's answer.
+    let r = dig_from(&open, on_open, "a.upstream.test", "A");
+    assert_eq!(r.answers, vec!["192.0.2.7"], "{}", r.raw);
+    // The internal container gets its network's names...
+    let r = dig_from(&shut, on_internal, &peer, "A");
+    assert_eq!(r.answers, vec![peer_ip], "{}", r.raw);
+    // ...and nothing from upstream, forward or reverse.
+    let r = dig_from(&shut, on_internal, "a.upstream.test", "A");
+    assert_eq!(r.status, "REFUSED", "{}", r.raw);
+    let r = dig_from(&shut, on_internal, "7.2.0.192.in-addr.arpa", "PTR");
+    assert_eq!(r.status, "REFUSED", "{}", r.raw);
+    // Nor does a container of the internal network that portless has not
+    // seen yet (scoped by its subnet): make an address in the subnet and ask
+    // from it through the peer's namespace.
+    let stranger = match igw {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.200", o[0], o[1], o[2])
+        }
+        v6 => panic!("an IPv4 test network expected, got {v6}"),
+    };
+    let pid = container_pid(&peer);
+    ok(
+        "nsenter",
+        &[
+            "-t",
+            &pid,
+            "-n",
+            "ip",
+            "addr",
+            "add",
+            &format!("{stranger}/32"),
+            "dev",
+            "eth0",
+        ],
+    );
+    let out = run(
+        "nsenter",
+        &[
+            "-t",
+            &pid,
+            "-n",
+            "dig",
+            &format!("@{}", on_internal.ip()),
+            "-p",
+            &on_internal.port().to_string(),
+            "-b",
+            &stranger,
+            "a.upstream.test",
+            "A",
+            "+tries=1",
+            "+time=3",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("status: REFUSED"), "{text}");
+}
+
+/// Two compose projects on one shared network, each with a `db`: a compose
+/// client's bare `db` is its own project's, the other's is `db.PROJECT`; a
+/// container outside compose still gets every `db`.
+#[test]
+fn a_bare_service_name_is_the_clients_own_projects() {
+    let c = Cleanup::new();
+    let (net, gw) = network(&c, &[]);
+    let yaml = |with_client: bool| {
+        let client = if with_client {
+            format!(
+                "  client:\n    image: {IMAGE}\n    command: sleep 3600\n    labels: ['portless-test=1']\n"
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "version: '2.4'\nservices:\n  db:\n    image: {IMAGE}\n    command: sleep 3600\n    scale: 2\n    labels: ['portless-test=1']\n{client}networks:\n  default:\n    external:\n      name: {net}\n"
+        )
+    };
+    let p1 = compose_up(&c, "pa", &yaml(true));
+    let p2 = compose_up(&c, "pb", &yaml(false));
+    let plain = unique("pln");
+    container(&c, &plain, &["--network", &net], &[]);
+    let (_p, addrs) = portless_on(&[gw], &[]);
+    let service_ips = |project: &str, service: &str| {
+        let ids = docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=com.docker.compose.project={project}"),
+            "--filter",
+            &format!("label=com.docker.compose.service={service}"),
+        ]);
+        let mut ips: Vec<String> = ids
+            .lines()
+            .map(|id| container_ip(id, &net).to_string())
+            .collect();
+        ips.sort();
+        ips
+    };
+    let db1 = service_ips(&p1, "db");
+    let db2 = service_ips(&p2, "db");
+    assert_eq!((db1.len(), db2.len()), (2, 2));
+    let client = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.compose.project={p1}"),
+        "--filter",
+        "label=com.docker.compose.service=client",
+    ]);
+    let on = addrs[0];
+    assert_eq!(
+        dig_from(&client, on, "db", "A").sorted(),
+        db1,
+        "own project"
+    );
+    assert_eq!(
+        dig_from(&client, on, "db.docker.internal", "A").sorted(),
+        db1,
+        "own project, with the domain"
+    );
+    assert_eq!(
+        dig_from(&client, on, &format!("db.{p2}"), "A").sorted(),
+        db2
+    );
+    assert_eq!(
+        dig_from(&client, on, &format!("db.{p1}"), "A").sorted(),
+        db1
+    );
+    let mut all = [db1.clone(), db2.clone()].concat();
+    all.sort();
+    assert_eq!(
+        dig_from(&plain, on, "db", "A").sorted(),
+        all,
+        "a client outside compose sees every replica"
+    );
+}
+
+/// `docker stop` announces a container's end (its `kill` event) seconds
+/// before it dies. The router stops sending to it at once; DNS must too,
+/// while another replica remains.
+#[test]
+fn a_replica_being_stopped_leaves_answers_while_another_remains() {
+    let c = Cleanup::new();
+    let (net, gw) = network(&c, &[]);
+    let client = unique("cli");
+    container(&c, &client, &["--network", &net], &[]);
+    let (stay, going) = (unique("sty"), unique("gon"));
+    // busybox `sleep` as PID 1 ignores SIGTERM: `docker stop -t 20` keeps
+    // it alive, draining, until the SIGKILL 20 s later.
+    for n in [&stay, &going] {
+        container(&c, n, &["--network", &net, "--network-alias", "api"], &[]);
+    }
+    let stay_ip = container_ip(&stay, &net).to_string();
+    let going_ip = container_ip(&going, &net).to_string();
+    let (_p, addrs) = portless_on(&[gw], &[]);
+    let mut both = vec![stay_ip.clone(), going_ip];
+    both.sort();
+    assert_eq!(dig_from(&client, addrs[0], "api", "A").sorted(), both);
+    let going_c = going.clone();
+    let stopper = std::thread::spawn(move || run("docker", &["stop", "-t", "20", &going_c]));
+    wait_until(
+        "the replica being stopped to leave the answers",
+        Duration::from_secs(8),
+        || (dig_from(&client, addrs[0], "api", "A").answers == vec![stay_ip.clone()]).then_some(()),
+    );
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.Running}}", &going]),
+        "true",
+        "left out while still running (draining), not because it died"
+    );
+    // The host-side name of the draining container itself still answers:
+    // it is the only one behind it.
+    let r = dig(lo(&addrs), &format!("{going}.docker.internal"), "A", &[]);
+    assert_eq!(r.answers.len(), 1, "{}", r.raw);
+    docker(&["kill", &going]);
+    let _ = stopper.join();
+}
+
+/// What Docker's own resolver (127.0.0.11) answers a container, portless
+/// answers the same: container name, short id (also the default
+/// hostname), alias, and the network-qualified forms.
+#[test]
+fn container_names_match_dockers_resolver() {
+    let c = Cleanup::new();
+    let (net, gw) = network(&c, &[]);
+    let web = unique("web");
+    let client = unique("cli");
+    let id = container(
+        &c,
+        &web,
+        &["--network", &net, "--network-alias", "www"],
+        &[],
+    );
+    container(&c, &client, &["--network", &net], &[]);
+    let web_ip = container_ip(&web, &net).to_string();
+    let (_p, addrs) = portless_on(&[gw], &[]);
+    let docker_dns: SocketAddr = "127.0.0.11:53".parse().unwrap();
+    let short = &id[..12];
+    let hostname = docker(&["exec", &web, "hostname"]);
+    assert_eq!(hostname, short, "the default hostname is the short id");
+    let names = [
+        web.clone(),
+        short.to_owned(),
+        "www".to_owned(),
+        format!("{web}.{net}"),
+        format!("www.{net}"),
+        format!("{short}.{net}"),
+    ];
+    let mut differ = Vec::new();
+    for name in &names {
+        let theirs = dig_from(&client, docker_dns, name, "A");
+        let ours = dig_from(&client, addrs[0], name, "A");
+        assert_eq!(
+            theirs.answers,
+            vec![web_ip.clone()],
+            "Docker's resolver answers {name}: {}",
+            theirs.raw
+        );
+        if ours.answers != theirs.answers {
+            differ.push(format!(
+                "{name}: Docker {:?}, portless {} {:?}",
+                theirs.answers, ours.status, ours.answers
+            ));
+        }
+    }
+    assert!(differ.is_empty(), "{differ:#?}");
+}
+
+/// A host address other than loopback (loopback is never rate limited):
+/// the gateway of a network the test makes.
+fn host_address(c: &Cleanup) -> IpAddr {
+    network(c, &[]).1
+}
+
+/// Send `n` A queries for `name` from `from` to `server` (`gap` apart) and
+/// count the replies: (full answers, truncated ones).
+fn udp_burst(from: IpAddr, server: SocketAddr, name: &str, n: u16, gap: Duration) -> (u32, u32) {
+    let sock = std::net::UdpSocket::bind((from, 0)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    let reader = sock.try_clone().unwrap();
+    let counter = std::thread::spawn(move || {
+        let (mut full, mut tc) = (0u32, 0u32);
+        let mut buf = [0u8; 1500];
+        while let Ok(len) = reader.recv(&mut buf) {
+            assert!(len >= 12, "short reply");
+            let truncated = buf[2] & 0x02 != 0;
+            let answers = u16::from_be_bytes([buf[6], buf[7]]);
+            if truncated {
+                assert_eq!(answers, 0, "a slipped reply carries no answer");
+                tc += 1;
+            } else if answers > 0 {
+                full += 1;
+            }
+        }
+        (full, tc)
+    });
+    for i in 0..n {
+        let q = tcp_query(i, name);
+        sock.send_to(&q[2..], server).unwrap();
+        if !gap.is_zero() {
+            std::thread::sleep(gap);
+        }
+    }
+    counter.join().unwrap()
+}
+
+/// Spoofed sources turn a resolver into a reflector: replies per client
+/// address are limited (token bucket), and over the limit every second
+/// reply is a small truncated one (slip) so a real client retries over
+/// TCP, while the rest are dropped. A normal client is not affected.
+#[test]
+fn replies_to_one_address_are_rate_limited_with_slip() {
+    let c = Cleanup::new();
+    let flood_from = host_address(&c);
+    let normal_from = host_address(&c);
+    let port = free_port(normal_from);
+    let listen = SocketAddr::new(normal_from, port);
+    let hosts = std::env::temp_dir().join(unique("plrrl-"));
+    std::fs::write(&hosts, "192.0.2.5 big.test\n").unwrap();
+    c.push(&["rm", "-f", hosts.to_str().unwrap()]);
+    let p = static_portless_on(
+        &listen.to_string(),
+        &[
+            "--hosts-file",
+            hosts.to_str().unwrap(),
+            "--upstream",
+            "127.0.0.1:9",
+            "--dns-rate-limit",
+            "20",
+        ],
+    );
+    let (full, slipped) = udp_burst(flood_from, listen, "big.test", 400, Duration::ZERO);
+    assert!(
+        (10..=45).contains(&full),
+        "400 queries at once, 20/s allowed: {full} full answers"
+    );
+    let limited = 400 - full;
+    assert!(
+        slipped >= limited / 3 && slipped <= limited / 2 + 5,
+        "about every second limited reply slips: {slipped} of {limited}"
+    );
+    // A normal client at another address, at 10 queries a second and in a
+    // burst within the allowance, gets every answer.
+    let (full, slipped) = udp_burst(
+        normal_from,
+        listen,
+        "big.test",
+        20,
+        Duration::from_millis(100),
+    );
+    assert_eq!((full, slipped), (20, 0));
+    let (full, slipped) = udp_burst(normal_from, listen, "big.test", 15, Duration::ZERO);
+    assert_eq!((full, slipped), (15, 0));
+    let m = p.metrics();
+    let count = |action: &str| -> u64 {
+        let key = format!("portless_dns_rate_limited_total{{action=\"{action}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&key)?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("slip") > 0 && count("drop") > 0, "{m}");
+}
+
+/// A rebuild with nothing new (the hosts file rewritten as it was, the
+/// periodic look at host addresses) neither counts the last Docker event
+/// again in the event-to-answer histogram nor raises the SOA serial.
+#[test]
+fn rebuilds_without_a_change_keep_the_serial_and_count_no_event_again() {
+    let c = Cleanup::new();
+    let (net, _gw) = network(&c, &[]);
+    let hosts = std::env::temp_dir().join(unique("plser-"));
+    std::fs::write(&hosts, "192.0.2.10 nas.lan\n").unwrap();
+    c.push(&["rm", "-f", hosts.to_str().unwrap()]);
+    let listen = format!("127.0.0.1:{}", free_port([127, 0, 0, 1].into()));
+    let p = Portless::start(&[
+        "--no-router=true",
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &listen,
+        "--hosts-file",
+        hosts.to_str().unwrap(),
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    let server: SocketAddr = listen.parse().unwrap();
+    let app = unique("ser");
+    container(&c, &app, &["--network", &net], &[]);
+    wait_until("the container to resolve", WAIT, || {
+        (dig(server, &format!("{app}.docker.internal"), "A", &[])
+            .answers
+            .len()
+            == 1)
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = || -> u64 {
+        p.metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("portless_discovery_event_to_answer_seconds_count ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let serial = || -> String {
+        let r = dig(server, "docker.internal", "SOA", &[]);
+        r.answers
+            .first()
+            .and_then(|a| a.split_whitespace().nth(2).map(str::to_owned))
+            .unwrap_or_else(|| panic!("no SOA: {}", r.raw))
+    };
+    let events = || -> u64 {
+        p.metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("portless_docker_events_total ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    assert!(samples() >= 1, "the start was counted");
+    // The same contents, written anew: reloaded, nothing changed. Other
+    // tests' containers make Docker events too (portless sees the whole
+    // Engine): judge only rounds in which no event arrived.
+    let mut quiet_rounds = 0;
+    for i in 0..30 {
+        let (e0, n0, s0) = (events(), samples(), serial());
+        std::thread::sleep(Duration::from_millis(1100));
+        std::fs::write(&hosts, "192.0.2.10 nas.lan\n").unwrap();
+        wait_until("the hosts file to be read again", WAIT, || {
+            (p.logs().matches("hosts file reloaded").count() > i).then_some(())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let (n1, s1) = (samples(), serial());
+        if events() != e0 {
+            continue;
+        }
+        assert_eq!(n1, n0, "a rebuild with no event counted the last one again");
+        assert_eq!(s1, s0, "the serial rose with no change");
+        quiet_rounds += 1;
+        if quiet_rounds == 3 {
+            break;
+        }
+    }
+    assert_eq!(quiet_rounds, 3, "Docker was never quiet for a second");
+    // A real change raises it.
+    let s0 = serial();
+    std::fs::write(&hosts, "192.0.2.11 nas.lan\n").unwrap();
+    wait_until("the change", WAIT, || {
+        (dig(server, "nas.lan", "A", &[]).answers == vec!["192.0.2.11"]).then_some(())
+    });
+    assert_ne!(serial(), s0);
+}
+
+/// EDNS in UDP replies: the OPT record stays in a truncated reply (so the
+/// client still sees EDNS spoken), and it advertises portless's own UDP
+/// payload size, not an echo of the client's.
+#[test]
+fn udp_replies_keep_their_opt_record_and_advertise_our_payload_size() {
+    let hosts = std::env::temp_dir().join(unique("plopt-"));
+    let mut text = String::new();
+    for i in 1..=60 {
+        text.push_str(&format!("192.0.2.{i} big.test\n"));
+    }
+    std::fs::write(&hosts, text).unwrap();
+    let h = hosts.to_str().unwrap().to_owned();
+    let (_p, listen) = static_portless(&["--hosts-file", &h, "--upstream", "127.0.0.1:9"]);
+    let server: SocketAddr = listen.parse().unwrap();
+    let udp_size = |raw: &str| -> Option<u32> {
+        let line = raw.lines().find(|l| l.contains("; EDNS:"))?;
+        line.split("udp: ").nth(1)?.trim().parse().ok()
+    };
+    // Whatever room the records leave over, the OPT record stays.
+    for size in (512..=560).chain([600, 700, 1000]) {
+        let bufsize = format!("+bufsize={size}");
+        let r = dig(server, "big.test", "A", &[&bufsize, "+ignore", "+notcp"]);
+        assert!(
+            r.flags.contains("tc"),
+            "60 addresses do not fit in {size}: {}",
+            r.raw
+        );
+        assert!(
+            r.raw.contains("OPT PSEUDOSECTION"),
+            "the truncated reply to {size} lost its OPT record: {}",
+            r.raw
+        );
+    }
+    let r = dig(server, "big.test", "A", &["+bufsize=4000", "+ignore"]);
+    assert!(!r.flags.contains("tc"), "{}", r.raw);
+    assert_eq!(r.answers.len(), 60);
+    assert_eq!(udp_size(&r.raw), Some(1232), "our own size: {}", r.raw);
+    let r = dig(server, "big.test", "A", &["+bufsize=700", "+ignore"]);
+    assert_eq!(udp_size(&r.raw), Some(1232), "our own size: {}", r.raw);
+    std::fs::remove_file(&hosts).unwrap();
+}
+
+/// TCP connections are capped (each holds memory and a task until its idle
+/// timeout): past the cap a new connection is closed at once, while the
+/// ones in the cap are still served, and a freed slot is used again.
+#[test]
+fn tcp_connections_are_capped_at_the_default_limit() {
+    use std::io::{Read, Write};
+    let (p, listen) = static_portless(&["--upstream", "127.0.0.1:9"]);
+    let server: SocketAddr = listen.parse().unwrap();
+    let conns: Vec<std::net::TcpStream> = (0..600)
+        .map(|_| std::net::TcpStream::connect(server).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut open = Vec::new();
+    let mut closed = 0;
+    for mut s in conns {
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open.push(s),
+            Err(_) => closed += 1,
+            Ok(_) => panic!("data on an idle connection"),
+        }
+    }
+    assert_eq!((open.len(), closed), (512, 88), "512 connections at most");
+    // The ones inside the cap are served.
+    let ask = |s: &mut std::net::TcpStream| {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&tcp_query(7, "docker.internal")).unwrap();
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).unwrap();
+        let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut msg).unwrap();
+        assert_eq!(&msg[..2], &[0, 7]);
+    };
+    ask(&mut open[0]);
+    ask(&mut open[511]);
+    // Freed slots take new connections.
+    open.truncate(10);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fresh = std::net::TcpStream::connect(server).unwrap();
+    ask(&mut fresh);
+    assert!(
+        p.metrics()
+            .contains("portless_dns_tcp_connections_refused_total 88"),
+        "{}",
+        p.metrics()
+    );
+}
+
+/// A tiny upstream on loopback that ignores every query until switched on,
+/// then answers every A question with `addr`.
+struct SwitchedUpstream {
+    addr: SocketAddr,
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    queries: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl SwitchedUpstream {
+    fn start(answer: [u8; 4]) -> SwitchedUpstream {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let queries = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (on2, stop2, queries2) = (on.clone(), stop.clone(), queries.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !stop2.load(Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                queries2.fetch_add(1, Relaxed);
+                if !on2.load(Relaxed) || n < 12 {
+                    continue;
+                }
+                // Header and question only, then one A record.
+                let mut end = 12;
+                while end < n && buf[end] != 0 {
+                    end += 1 + buf[end] as usize;
+                }
+                end += 5;
+                if end > n {
+                    continue;
+                }
+                let mut reply = buf[..end].to_vec();
+                reply[2] |= 0x80;
+                reply[3] = 0x80;
+                reply[6..12].copy_from_slice(&[0, 1, 0, 0, 0, 0]);
+                reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+                reply.extend_from_slice(&answer);
+                let _ = sock.send_to(&reply, from);
+            }
+        });
+        SwitchedUpstream {
+            addr,
+            on,
+            stop,
+            queries,
+        }
+    }
+}
+
+impl Drop for SwitchedUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// With the first upstream black-holed, only the first query pays its
+/// timeout: the dead upstream is remembered and passed over, probed in the
+/// background, and preferred again as soon as it answers.
+#[test]
+fn a_dead_upstream_is_remembered_probed_and_taken_back() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let first = SwitchedUpstream::start([192, 0, 2, 99]);
+    let good = common::dnsmasq::Dnsmasq::start("192.0.2.7 a.upstream.test\n", "upstream.test");
+    let ups = format!("{},{}", first.addr, good.addr);
+    let (p, listen) = static_portless(&["--upstream", &ups, "--forward-timeout-ms", "1500"]);
+    let server: SocketAddr = listen.parse().unwrap();
+    let timed = |name: &str| {
+        let start = std::time::Instant::now();
+        let r = dig(server, name, "A", &["+time=5"]);
+        (r.answers, start.elapsed())
+    };
+    let (answers, _) = timed("a.upstream.test");
+    assert_eq!(answers, vec!["192.0.2.7"]);
+    let down = format!("portless_dns_upstream_up{{upstream=\"{}\"}} 0", first.addr);
+    assert!(p.metrics().contains(&down), "{}", p.metrics());
+    for i in 0..5 {
+        let (answers, took) = timed("a.upstream.test");
+        assert_eq!(answers, vec!["192.0.2.7"]);
+        assert!(
+            took < Duration::from_millis(400),
+            "query {i} after the first waited {took:?} on the dead upstream"
+        );
+    }
+    // It comes back: a probe notices, and it is first again.
+    let before = first.queries.load(Relaxed);
+    first.on.store(true, Relaxed);
+    wait_until(
+        "the first upstream to be taken back",
+        Duration::from_secs(40),
+        || (timed("a.upstream.test").0 == vec!["192.0.2.99"]).then_some(()),
+    );
+    assert!(first.queries.load(Relaxed) > before);
+    let up = format!("portless_dns_upstream_up{{upstream=\"{}\"}} 1", first.addr);
+    assert!(p.metrics().contains(&up), "{}", p.metrics());
+}
+
+/// A new IPv6 network's gateway address is still tentative (duplicate
+/// address detection) when Docker announces the network; the listener on
+/// it must be there at once, not at the next rebuild.
+#[test]
+fn a_new_ipv6_networks_gateway_gets_its_listener_at_once() {
+    let c = Cleanup::new();
+    let port = free_port([127, 0, 0, 1].into());
+    let listen = format!("127.0.0.1:{port}");
+    let p = Portless::start(&[
+        "--no-router=true",
+        "--dns-port",
+        &port.to_string(),
+        "--dns-listen",
+        &listen,
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    let third = (std::process::id() + 77) % 250;
+    let v6 = format!("fd00:5eef:{third:x}::/64");
+    let (net, _gw) = network(&c, &["--ipv6", "--subnet", &v6]);
+    let gw6: IpAddr = format!("fd00:5eef:{third:x}::1").parse().unwrap();
+    let want = format!("\"{}\"", SocketAddr::new(gw6, port));
+    let started = std::time::Instant::now();
+    wait_until(
+        "a listener on the IPv6 gateway",
+        Duration::from_secs(20),
+        || {
+            http_get(p.admin, "/api/status")?
+                .contains(&want)
+                .then_some(())
+        },
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the IPv6 gateway listener came {took:?} after the network"
+    );
+    // And it serves, once the address is usable.
+    let app = unique("six");
+    let peer = unique("pee");
+    container(&c, &app, &["--network", &net], &[]);
+    container(&c, &peer, &["--network", &net], &[]);
+    let server = SocketAddr::new(gw6, port);
+    wait_until("an answer over the IPv6 gateway", WAIT, || {
+        (dig_from(&peer, server, &app, "A").answers.len() == 1).then_some(())
+    });
+}

@@ -7,10 +7,19 @@
 //! exchange is bounded in time, and the number of exchanges in flight is
 //! bounded too: past the bound the caller gets [`ForwardError::Overloaded`]
 //! at once, never a queue.
+//!
+//! Upstream health is remembered, as dnsmasq and unbound do: an upstream
+//! that times out or fails is *down*. Queries then go to the live ones
+//! first, in the configured order (which stays meaningful: a first
+//! upstream may know names the others do not), and to a down one only
+//! when every live one has failed. A down upstream is probed in the
+//! background (a root NS question; any answer will do) after a back-off
+//! of 1 s doubling to 30 s, and is back in line as soon as it answers.
+//! Round-trip times are kept per upstream for the status page.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
@@ -34,9 +43,69 @@ pub enum ForwardError {
 #[derive(Debug)]
 pub struct Forwarder {
     upstreams: Vec<SocketAddr>,
+    /// One per upstream, same order.
+    health: Arc<Vec<UpstreamHealth>>,
+    /// The clock of `UpstreamHealth::retry_at_ms`.
+    epoch: Instant,
     budget: Duration,
     inflight: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+}
+
+/// What is remembered of one upstream.
+#[derive(Debug, Default)]
+struct UpstreamHealth {
+    /// Failures (timeouts, errors) since its last answer; 0: live.
+    fails: AtomicU32,
+    /// While down: when (ms after `Forwarder::epoch`) to probe it next.
+    retry_at_ms: AtomicU64,
+    /// Smoothed round-trip time in microseconds; 0: none measured yet.
+    srtt_us: AtomicU64,
+    /// A probe is in flight.
+    probing: AtomicBool,
+}
+
+impl UpstreamHealth {
+    fn answered(&self, rtt: Duration) {
+        self.fails.store(0, Ordering::Relaxed);
+        let sample = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1);
+        let old = self.srtt_us.load(Ordering::Relaxed);
+        // An exponential average, 1/8 for the new sample, as TCP's SRTT.
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.srtt_us.store(new, Ordering::Relaxed);
+    }
+
+    fn failed(&self, now_ms: u64) {
+        let fails = self.fails.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        self.retry_at_ms
+            .store(now_ms + backoff_ms(fails), Ordering::Relaxed);
+    }
+}
+
+/// How long a down upstream waits for its next probe after `fails`
+/// failures in a row: 1 s, doubling, at most 30 s.
+fn backoff_ms(fails: u32) -> u64 {
+    (1000u64 << fails.saturating_sub(1).min(5)).min(30_000)
+}
+
+/// The order to try upstreams in: the live ones (`down[i]` false) in the
+/// configured order, then the down ones, as a last resort.
+fn try_order(down: &[bool]) -> Vec<usize> {
+    let live = (0..down.len()).filter(|&i| !down[i]);
+    live.chain((0..down.len()).filter(|&i| down[i])).collect()
+}
+
+/// One upstream as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamStatus {
+    pub addr: SocketAddr,
+    pub up: bool,
+    /// Smoothed round-trip time; None until one was measured.
+    pub srtt: Option<Duration>,
 }
 
 /// Largest UDP answer we ask upstreams for (the DNS flag day 2020 value).
@@ -50,10 +119,73 @@ impl Forwarder {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            health: Arc::new(
+                upstreams
+                    .iter()
+                    .map(|_| UpstreamHealth::default())
+                    .collect(),
+            ),
+            epoch: Instant::now(),
             upstreams,
             budget,
             inflight: Arc::new(Semaphore::new(max_inflight)),
             metrics,
+        }
+    }
+
+    /// Every upstream with its health, in the configured order.
+    pub fn upstream_status(&self) -> Vec<UpstreamStatus> {
+        self.upstreams
+            .iter()
+            .zip(self.health.iter())
+            .map(|(addr, h)| {
+                let srtt = h.srtt_us.load(Ordering::Relaxed);
+                UpstreamStatus {
+                    addr: *addr,
+                    up: h.fails.load(Ordering::Relaxed) == 0,
+                    srtt: (srtt > 0).then(|| Duration::from_micros(srtt)),
+                }
+            })
+            .collect()
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Probe, in the background, the down upstreams whose back-off has run
+    /// out; at most one probe per upstream at a time.
+    fn probe_due(&self) {
+        let now = self.now_ms();
+        for (i, h) in self.health.iter().enumerate() {
+            if h.fails.load(Ordering::Relaxed) == 0
+                || h.retry_at_ms.load(Ordering::Relaxed) > now
+                || h.probing.swap(true, Ordering::Relaxed)
+            {
+                continue;
+            }
+            let (health, upstream, epoch) = (self.health.clone(), self.upstreams[i], self.epoch);
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                h.probing.store(false, Ordering::Relaxed);
+                return;
+            };
+            runtime.spawn(async move {
+                let h = &health[i];
+                let root = Query::query(
+                    hickory_proto::rr::Name::root(),
+                    hickory_proto::rr::RecordType::NS,
+                );
+                let started = Instant::now();
+                let probe = exchange_udp_query(upstream, &root);
+                match tokio::time::timeout(Duration::from_secs(2), probe).await {
+                    Ok(Ok(_)) => {
+                        tracing::info!(%upstream, "upstream answers again");
+                        h.answered(started.elapsed());
+                    }
+                    _ => h.failed(u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)),
+                }
+                h.probing.store(false, Ordering::Relaxed);
+            });
         }
     }
 
@@ -108,19 +240,38 @@ impl Forwarder {
         // first upstream does not eat the whole budget.
         let mut last_answer: Option<Message> = None;
         let mut last_error = String::from("timed out");
-        for (i, upstream) in self.upstreams.iter().enumerate() {
+        self.probe_due();
+        let down: Vec<bool> = self
+            .health
+            .iter()
+            .map(|h| h.fails.load(Ordering::Relaxed) > 0)
+            .collect();
+        let order = try_order(&down);
+        for (tried, &u) in order.iter().enumerate() {
+            let upstream = &self.upstreams[u];
+            let health = &self.health[u];
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
-            let left = (self.upstreams.len() - i) as u32;
+            let left = (order.len() - tried) as u32;
             let attempt_deadline = now + (deadline - now) / left;
-            match timeout_at(
+            let result = timeout_at(
                 attempt_deadline,
                 self.exchange(*upstream, query, rd, dnssec_ok),
             )
-            .await
-            {
+            .await;
+            match &result {
+                Ok(Ok(_)) => health.answered(now.elapsed()),
+                // A down upstream tried as a last resort keeps its probe
+                // schedule; a live one that fails goes down.
+                _ if down[u] => {}
+                _ => {
+                    tracing::info!(%upstream, "upstream down: passed over until a probe gets an answer");
+                    health.failed(self.now_ms());
+                }
+            }
+            match result {
                 Ok(Ok(answer)) => match answer.metadata.response_code {
                     ResponseCode::ServFail | ResponseCode::Refused => {
                         tracing::debug!(%upstream, rcode = %answer.metadata.response_code, "upstream declined, trying the next");
@@ -186,6 +337,17 @@ fn matches(answer: &Message, id: u16, query: &Query) -> bool {
             | (answer.queries[0].name() == query.name())
 }
 
+/// A single question over UDP, for probes.
+async fn exchange_udp_query(upstream: SocketAddr, query: &Query) -> std::io::Result<Message> {
+    let id: u16 = rand::random();
+    let mut msg = Message::query();
+    msg.metadata.id = id;
+    msg.metadata.recursion_desired = true;
+    msg.add_query(query.clone());
+    let bytes = msg.to_vec().map_err(std::io::Error::other)?;
+    exchange_udp(upstream, &bytes, id, query).await
+}
+
 async fn exchange_udp(
     upstream: SocketAddr,
     bytes: &[u8],
@@ -234,4 +396,40 @@ async fn exchange_tcp(
         ));
     }
     Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_upstreams_go_first_in_their_order_and_down_ones_last() {
+        assert_eq!(try_order(&[false, false, false]), vec![0, 1, 2]);
+        assert_eq!(try_order(&[true, false, false]), vec![1, 2, 0]);
+        assert_eq!(try_order(&[false, true, false]), vec![0, 2, 1]);
+        assert_eq!(try_order(&[true, true]), vec![0, 1]);
+    }
+
+    #[test]
+    fn probes_back_off_from_one_second_to_thirty() {
+        let got: Vec<u64> = (1..=8).map(backoff_ms).collect();
+        assert_eq!(
+            got,
+            vec![1000, 2000, 4000, 8000, 16_000, 30_000, 30_000, 30_000]
+        );
+    }
+
+    #[test]
+    fn an_answer_brings_an_upstream_back_and_averages_its_rtt() {
+        let h = UpstreamHealth::default();
+        h.failed(0);
+        h.failed(0);
+        assert_eq!(h.fails.load(Ordering::Relaxed), 2);
+        assert_eq!(h.retry_at_ms.load(Ordering::Relaxed), 2000);
+        h.answered(Duration::from_millis(8));
+        assert_eq!(h.fails.load(Ordering::Relaxed), 0);
+        assert_eq!(h.srtt_us.load(Ordering::Relaxed), 8000);
+        h.answered(Duration::from_millis(16));
+        assert_eq!(h.srtt_us.load(Ordering::Relaxed), 9000);
+    }
 }

@@ -7,17 +7,20 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
-use hickory_proto::op::{Edns, Header, Metadata, OpCode, Query, ResponseCode};
+use hickory_proto::op::{Edns, Header, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use hickory_proto::serialize::binary::BinEncoder;
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
 
 use crate::forward::Forwarder;
 use crate::metrics::{Metrics, Outcome};
+use crate::rrl::{RateLimit, RateLimiter, Verdict};
 use crate::zone::{Answer, Zone, ZoneHandle};
 
 /// Answers from the live zone, forwards the rest.
@@ -26,17 +29,29 @@ pub struct Handler {
     zone: ZoneHandle,
     forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
+    /// Replies per UDP client address, with the start of its clock;
+    /// None: unlimited.
+    rate_limiter: Option<Arc<(RateLimiter, Instant)>>,
 }
 
 /// Largest UDP reply, whatever a client advertises: larger ones would be
 /// IP fragments, which firewalls drop. More is there over TCP.
 const MAX_UDP_REPLY: u16 = 4096;
 
+/// The UDP payload size our own OPT record advertises: what we accept.
+/// 1232 is the DNS Flag Day 2020 size, which needs no IP fragments on any
+/// path.
+pub const OUR_UDP_PAYLOAD: u16 = 1232;
+
 /// A response ready to encode.
 #[derive(Debug)]
 pub struct Reply {
     pub metadata: Metadata,
+    /// Our OPT record, when the query had one.
     pub edns: Option<Edns>,
+    /// The largest UDP reply the client takes: its EDNS payload size
+    /// (512 to 4096), or 512 without EDNS.
+    pub udp_limit: u16,
     pub answers: Vec<Record>,
     pub authorities: Vec<Record>,
     pub additionals: Vec<Record>,
@@ -49,6 +64,7 @@ pub struct Pending {
     qtype: RecordType,
     metadata: Metadata,
     edns: Option<Edns>,
+    udp_limit: u16,
     recursion_desired: bool,
     /// Our place among the forwarded queries in flight.
     place: tokio::sync::OwnedSemaphorePermit,
@@ -62,10 +78,11 @@ pub enum Decision {
 }
 
 impl Reply {
-    fn empty(metadata: Metadata, edns: Option<Edns>) -> Self {
+    fn empty(metadata: Metadata, edns: Option<Edns>, udp_limit: u16) -> Self {
         Reply {
             metadata,
             edns,
+            udp_limit,
             answers: Vec::new(),
             authorities: Vec::new(),
             additionals: Vec::new(),
@@ -98,22 +115,76 @@ impl Reply {
         )
     }
 
-    /// Encode into `out` (cleared first) for UDP: at most the client's
-    /// EDNS payload size (capped at 4096), else 512 bytes; what does not fit is left out and
-    /// TC is set, by hickory's encoder.
+    /// Encode into `out` (cleared first) for UDP: at most `udp_limit`
+    /// bytes; what does not fit is left out and TC is set, by hickory's
+    /// encoder. The OPT record goes last and is dropped by that encoder
+    /// when the records leave less than its 11 bytes: then records are
+    /// left out one by one until it fits, so a truncated reply still
+    /// speaks EDNS.
     pub fn encode_udp(
         &self,
         queries: &Queries,
         out: &mut Vec<u8>,
     ) -> Result<(), hickory_proto::ProtoError> {
+        let (mut an, mut ns, mut ar) = (
+            self.answers.len(),
+            self.authorities.len(),
+            self.additionals.len(),
+        );
+        let mut truncated = self.metadata.truncation;
+        loop {
+            self.encode_parts(queries, (an, ns, ar), truncated, out)?;
+            if self.edns.is_none() || out.len() < 12 {
+                return Ok(());
+            }
+            let count = |i: usize| usize::from(u16::from_be_bytes([out[i], out[i + 1]]));
+            let (got_an, got_ns, got_ar) = (count(6), count(8), count(10));
+            if got_ar > ar {
+                // Every additional that fitted, and the OPT after them.
+                return Ok(());
+            }
+            // The OPT did not fit: keep what did, less one record.
+            truncated = true;
+            (an, ns, ar) = (got_an.min(an), got_ns.min(ns), got_ar.min(ar));
+            if ar > 0 {
+                ar -= 1;
+            } else if ns > 0 {
+                ns -= 1;
+            } else if an > 0 {
+                an -= 1;
+            } else {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Encode the first `counts` records of each section, within
+    /// `udp_limit`.
+    fn encode_parts(
+        &self,
+        queries: &Queries,
+        (an, ns, ar): (usize, usize, usize),
+        truncated: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), hickory_proto::ProtoError> {
         out.clear();
         let mut encoder = BinEncoder::new(out);
-        encoder.set_max_size(
-            self.edns
-                .as_ref()
-                .map_or(512, |e| e.max_payload().clamp(512, MAX_UDP_REPLY)),
-        );
-        self.response(queries).destructive_emit(&mut encoder)?;
+        encoder.set_max_size(self.udp_limit.max(512));
+        let mut builder = MessageResponseBuilder::new(queries, None);
+        if let Some(edns) = &self.edns {
+            builder.edns(edns);
+        }
+        let mut metadata = self.metadata;
+        metadata.truncation = truncated;
+        builder
+            .build(
+                metadata,
+                self.answers[..an].iter(),
+                self.authorities[..ns].iter(),
+                std::iter::empty(),
+                self.additionals[..ar].iter(),
+            )
+            .destructive_emit(&mut encoder)?;
         Ok(())
     }
 }
@@ -148,11 +219,48 @@ impl Handler {
             zone,
             forwarder,
             metrics,
+            rate_limiter: None,
         }
+    }
+
+    /// Limit UDP replies per client address (see [`crate::rrl`]).
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limiter = Some(Arc::new((RateLimiter::new(limit), Instant::now())));
+        self
+    }
+
+    /// May a UDP reply go to `client` now? Counts the limited ones.
+    /// Loopback is never limited: it cannot be spoofed from outside, and
+    /// it is the host's own resolver, asking for every process of the host.
+    pub fn rate_verdict(&self, client: IpAddr) -> Verdict {
+        let Some((limiter, epoch)) = self.rate_limiter.as_deref() else {
+            return Verdict::Answer;
+        };
+        if client.to_canonical().is_loopback() {
+            return Verdict::Answer;
+        }
+        let verdict = limiter.check(client, epoch.elapsed());
+        let counter = match verdict {
+            Verdict::Answer => return verdict,
+            Verdict::Slip => &self.metrics.rate_limited_slip,
+            Verdict::Drop => &self.metrics.rate_limited_drop,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        verdict
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The reply to a query over its client's rate limit, when it slips:
+    /// header and question only, with TC=1, so a real client asks again
+    /// over TCP. Never larger than the query (no OPT record either).
+    pub fn slip(&self, request: &Request) -> Reply {
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.truncation = true;
+        metadata.recursion_available = true;
+        Reply::empty(metadata, None, 512)
     }
 
     /// Answer from the zone, or say that the question goes upstream.
@@ -161,11 +269,15 @@ impl Handler {
         metadata.recursion_available = true;
         let edns = request.edns.as_ref().map(|req| {
             let mut e = Edns::new();
-            e.set_max_payload(req.max_payload().max(512));
+            e.set_max_payload(OUR_UDP_PAYLOAD);
             e.set_version(0);
             e.set_dnssec_ok(req.flags().dnssec_ok);
             e
         });
+        let udp_limit = request
+            .edns
+            .as_ref()
+            .map_or(512, |e| e.max_payload().clamp(512, MAX_UDP_REPLY));
         let qtype = request
             .queries
             .queries()
@@ -175,7 +287,7 @@ impl Handler {
             self.metrics.record(qtype, outcome);
             let mut m = metadata;
             m.response_code = code;
-            Decision::Reply(Reply::empty(m, edns))
+            Decision::Reply(Reply::empty(m, edns, udp_limit))
         };
         if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
             return fail(ResponseCode::BADVERS, Outcome::FormErr, edns);
@@ -197,7 +309,7 @@ impl Handler {
         };
         let owner = || query.original().name().clone();
         let ttl = zone.ttl();
-        let mut reply = Reply::empty(metadata, edns);
+        let mut reply = Reply::empty(metadata, edns, udp_limit);
         match answer {
             Answer::Addrs(addrs) => {
                 self.metrics.record(qtype, Outcome::Answer);
@@ -236,7 +348,13 @@ impl Handler {
                 } else {
                     ResponseCode::NoError
                 };
-                reply.authorities = vec![soa_record(&zone)];
+                // The SOA says which zone the name is missing from: ours
+                // only for names under the domain. Static names, ingress
+                // zones and reverse names belong to no zone we have an SOA
+                // for, so they get none (RFC 2308 then says not to cache).
+                if zone.domain().zone_of(query.original().name()) {
+                    reply.authorities = vec![soa_record(&zone)];
+                }
             }
             Answer::Refused => return fail(ResponseCode::Refused, Outcome::Refused, reply.edns),
             Answer::Forward => {
@@ -250,6 +368,7 @@ impl Handler {
                     metadata,
                     recursion_desired: request.metadata.recursion_desired,
                     edns: reply.edns,
+                    udp_limit,
                     place,
                 });
             }
@@ -264,6 +383,7 @@ impl Handler {
             qtype,
             mut metadata,
             edns,
+            udp_limit,
             recursion_desired,
             place,
         } = pending;
@@ -283,6 +403,7 @@ impl Handler {
                 Reply {
                     metadata,
                     edns,
+                    udp_limit,
                     answers: upstream.answers,
                     authorities: upstream.authorities,
                     additionals: upstream.additionals,
@@ -292,7 +413,7 @@ impl Handler {
                 tracing::debug!(error = %e, name = %query.name(), "forwarding failed");
                 self.metrics.record(qtype, Outcome::ServFail);
                 metadata.response_code = ResponseCode::ServFail;
-                Reply::empty(metadata, edns)
+                Reply::empty(metadata, edns, udp_limit)
             }
         }
     }
@@ -375,4 +496,23 @@ impl ResponseHandler for Capture {
         }
         Ok(info)
     }
+}
+
+/// FORMERR for a message whose header is readable but whose body is not;
+/// None when not even the header is (such packets are dropped).
+pub(crate) fn formerr(bytes: &[u8]) -> Option<Vec<u8>> {
+    let header = Header::read(&mut BinDecoder::new(bytes)).ok()?;
+    if header.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let mut metadata = Metadata::response_from_request(&header.metadata);
+    metadata.response_code = ResponseCode::FormErr;
+    let mut out = Vec::with_capacity(12);
+    Header {
+        metadata,
+        counts: Default::default(),
+    }
+    .emit(&mut BinEncoder::new(&mut out))
+    .ok()?;
+    Some(out)
 }

@@ -11,6 +11,8 @@
 //!   [`ZoneHandle`] and a [`Forwarder`] together.
 //! - [`listener`]: the set of UDP/TCP listeners, changed live as addresses
 //!   come and go.
+//! - [`rrl`]: response rate limiting per client address over UDP.
+//! - [`udp`], [`tcp`]: the serving loops.
 //!
 //! It does not know Docker: the binary turns its catalog into a
 //! [`ZoneInput`] and swaps the built [`Zone`] into the [`ZoneHandle`].
@@ -20,6 +22,8 @@ pub mod handler;
 pub mod hosts;
 pub mod listener;
 pub mod metrics;
+pub mod rrl;
+pub mod tcp;
 pub mod udp;
 pub mod zone;
 
@@ -27,4 +31,5 @@ pub use forward::{ForwardError, Forwarder};
 pub use handler::Handler;
 pub use listener::Listeners;
 pub use metrics::Metrics;
+pub use rrl::{RateLimit, RateLimiter};
 pub use zone::{Answer, Health, Member, NetworkInput, Zone, ZoneHandle, ZoneInput};

@@ -1,30 +1,34 @@
 //! The set of DNS listeners, changed live.
 //!
 //! Every address gets a UDP socket (served by [`crate::udp`]) and a TCP
-//! listener (served by a hickory [`Server`]) of its own, so one address can
-//! be added or removed without touching the others (Docker networks come
-//! and go while we run).
+//! listener (served by [`crate::tcp`]) of its own, so one address can be
+//! added or removed without touching the others (Docker networks come and
+//! go while we run).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
 
-use hickory_server::Server;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::handler::Handler;
 
-/// Idle time after which a TCP client is dropped.
-const TCP_TIMEOUT: Duration = Duration::from_secs(10);
-
 pub struct Listeners {
     handler: Handler,
-    active: BTreeMap<SocketAddr, Server<Handler>>,
+    /// TCP connections open at once, over every address.
+    tcp_slots: Arc<Semaphore>,
+    /// Per address: stops its UDP loop, its TCP loop and its connections.
+    active: BTreeMap<SocketAddr, CancellationToken>,
 }
 
 impl Listeners {
-    pub fn new(handler: Handler) -> Self {
+    /// `max_tcp_connections`: open TCP connections at once, over every
+    /// address ([`crate::tcp::DEFAULT_MAX_CONNECTIONS`] is a sound value).
+    pub fn new(handler: Handler, max_tcp_connections: usize) -> Self {
         Self {
             handler,
+            tcp_slots: Arc::new(Semaphore::new(max_tcp_connections)),
             active: BTreeMap::new(),
         }
     }
@@ -37,35 +41,44 @@ impl Listeners {
     /// Serve on `addr` (UDP and TCP). Port 0 picks a free port, the same for
     /// both protocols; the bound address is returned.
     pub async fn add(&mut self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        self.add_with(addr, false).await
+    }
+
+    /// [`Self::add`]; with `freebind`, an address the host does not have
+    /// in a usable state yet is bound anyway (IP_FREEBIND): a new IPv6
+    /// network's gateway stays *tentative* for seconds, while duplicate
+    /// address detection runs, and would otherwise refuse the bind.
+    async fn add_with(&mut self, addr: SocketAddr, freebind: bool) -> std::io::Result<SocketAddr> {
         if addr.port() != 0 && self.active.contains_key(&addr) {
             return Ok(addr);
         }
-        let (udp, tcp) = bind_pair(addr).await?;
+        let (udp, tcp) = bind_pair(addr, freebind).await?;
         let bound = udp.local_addr()?;
-        let mut server = Server::new(self.handler.clone());
-        // UDP is served by our own loop (see `udp`), TCP by hickory's
-        // server; both stop on the same token.
-        tokio::spawn(crate::udp::serve(
-            udp,
+        let stop = CancellationToken::new();
+        tokio::spawn(crate::udp::serve(udp, self.handler.clone(), stop.clone()));
+        tokio::spawn(crate::tcp::serve(
+            tcp,
             self.handler.clone(),
-            server.shutdown_token().clone(),
+            self.tcp_slots.clone(),
+            stop.clone(),
         ));
-        server.register_listener(tcp, TCP_TIMEOUT, 64);
-        self.active.insert(bound, server);
+        self.active.insert(bound, stop);
         tracing::info!(addr = %bound, "dns listening");
         Ok(bound)
     }
 
     /// Stop serving on `addr`.
     pub fn remove(&mut self, addr: &SocketAddr) {
-        if let Some(server) = self.active.remove(addr) {
-            server.shutdown_token().cancel();
+        if let Some(stop) = self.active.remove(addr) {
+            stop.cancel();
             tracing::info!(%addr, "dns listener closed");
         }
     }
 
     /// Make the served set equal `wanted` (fixed ports only), and return the
-    /// addresses that could not be bound with the reason.
+    /// addresses that could not be bound with the reason. These are
+    /// addresses Docker has announced (gateways): bound even while not yet
+    /// usable, and served as soon as they are.
     pub async fn reconcile(&mut self, wanted: &[SocketAddr]) -> Vec<(SocketAddr, std::io::Error)> {
         let gone: Vec<SocketAddr> = self
             .active
@@ -79,7 +92,7 @@ impl Listeners {
         let mut failed = Vec::new();
         for a in wanted {
             if !self.active.contains_key(a)
-                && let Err(e) = self.add(*a).await
+                && let Err(e) = self.add_with(*a, true).await
             {
                 failed.push((*a, e));
             }
@@ -90,15 +103,24 @@ impl Listeners {
 
 impl Drop for Listeners {
     fn drop(&mut self) {
-        for server in self.active.values() {
-            server.shutdown_token().cancel();
+        for stop in self.active.values() {
+            stop.cancel();
         }
     }
 }
 
 async fn bind_pair(
     addr: SocketAddr,
+    freebind: bool,
 ) -> std::io::Result<(tokio::net::UdpSocket, tokio::net::TcpListener)> {
+    if freebind && addr.port() != 0 {
+        let udp = tokio::net::UdpSocket::from_std(bind_free(addr, socket2::Type::DGRAM)?.into())?;
+        grow_buffers(&udp);
+        let tcp = bind_free(addr, socket2::Type::STREAM)?;
+        tcp.listen(1024)?;
+        let tcp = tokio::net::TcpListener::from_std(tcp.into())?;
+        return Ok((udp, tcp));
+    }
     if addr.port() != 0 {
         let udp = tokio::net::UdpSocket::bind(addr).await?;
         grow_buffers(&udp);
@@ -117,6 +139,23 @@ async fn bind_pair(
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::other("no free port for UDP and TCP")))
+}
+
+/// A non-blocking socket bound to `addr` with IP_FREEBIND (or
+/// IPV6_FREEBIND), as tokio's own bind would make it otherwise.
+fn bind_free(addr: SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    if addr.is_ipv4() {
+        socket.set_freebind_v4(true)?;
+    } else {
+        socket.set_freebind_v6(true)?;
+    }
+    if ty == socket2::Type::STREAM {
+        socket.set_reuse_address(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
 }
 
 /// Receive buffer of a DNS socket: room for a burst of a few thousand

@@ -42,6 +42,12 @@ pub struct Metrics {
     pub forward_overloaded: AtomicU64,
     /// Retries over TCP after a truncated UDP answer.
     pub forward_tcp_retries: AtomicU64,
+    /// UDP queries over their client's rate limit, answered with TC=1
+    /// (slip) or dropped.
+    pub rate_limited_slip: AtomicU64,
+    pub rate_limited_drop: AtomicU64,
+    /// TCP connections closed at once: the connection cap was reached.
+    pub tcp_refused: AtomicU64,
 }
 
 fn qtype_index(t: RecordType) -> usize {

@@ -13,15 +13,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hickory_proto::op::{Header, MessageType, Metadata, ResponseCode};
-use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
+use hickory_proto::op::MessageType;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use crate::handler::{Decision, Handler};
+use crate::handler::{Decision, Handler, formerr};
 use crate::metrics::Outcome;
+use crate::rrl::Verdict;
 
 /// Largest datagram we read; anything longer is not a query we answer.
 const MAX_DATAGRAM: usize = 4096;
@@ -62,6 +62,20 @@ pub async fn serve(socket: UdpSocket, handler: Handler, shutdown: CancellationTo
         if request.metadata.message_type != MessageType::Query {
             continue;
         }
+        match handler.rate_verdict(src.ip()) {
+            Verdict::Answer => {}
+            Verdict::Slip => {
+                if handler
+                    .slip(&request)
+                    .encode_udp(&request.queries, &mut out)
+                    .is_ok()
+                {
+                    send(&socket, &out, src);
+                }
+                continue;
+            }
+            Verdict::Drop => continue,
+        }
         match handler.decide(&request, src.ip()) {
             Decision::Reply(reply) => {
                 if reply.encode_udp(&request.queries, &mut out).is_ok() {
@@ -91,23 +105,4 @@ fn send(socket: &UdpSocket, bytes: &[u8], to: SocketAddr) {
     if let Err(e) = socket.try_send_to(bytes, to) {
         tracing::debug!(error = %e, %to, "udp reply dropped");
     }
-}
-
-/// FORMERR for a message whose header is readable but whose body is not;
-/// None when not even the header is (such packets are dropped).
-fn formerr(bytes: &[u8]) -> Option<Vec<u8>> {
-    let header = Header::read(&mut BinDecoder::new(bytes)).ok()?;
-    if header.metadata.message_type != MessageType::Query {
-        return None;
-    }
-    let mut metadata = Metadata::response_from_request(&header.metadata);
-    metadata.response_code = ResponseCode::FormErr;
-    let mut out = Vec::with_capacity(12);
-    Header {
-        metadata,
-        counts: Default::default(),
-    }
-    .emit(&mut BinEncoder::new(&mut out))
-    .ok()?;
-    Some(out)
 }

@@ -13,6 +13,10 @@
 //! - A *host-side client* (loopback, or a range the operator allows) sees
 //!   `NAME.DOMAIN`, `NAME.NETWORK.DOMAIN`, `ALIAS.NETWORK.DOMAIN` and
 //!   `SERVICE.PROJECT.DOMAIN`.
+//! - A client from an address no container is known to have yet, inside a
+//!   network's client subnets, is a container of that network whose start
+//!   discovery has not seen yet: it sees that network's names from its
+//!   first query.
 //! - Both see static names and ingress zones. Anyone else is refused.
 
 use std::collections::BTreeMap;
@@ -29,7 +33,7 @@ use rand::seq::SliceRandom;
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A container's attachment to one network, as the zone needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Member {
     /// Stable identity of the container (its Docker id), to count a
     /// container once when several of its names match.
@@ -44,24 +48,46 @@ pub struct Member {
     pub health: Health,
 }
 
-/// Docker healthcheck state, reduced to what DNS needs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A member's fitness for new clients, reduced to what DNS needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum Health {
     /// No healthcheck, or not decided yet.
     #[default]
     Unknown,
     Healthy,
     Unhealthy,
+    /// Being stopped: still running, but going away.
+    Draining,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl Health {
+    /// Answers carry only the members of the best rank a name has: live
+    /// ones, else unhealthy ones, else draining ones.
+    fn rank(self) -> u8 {
+        match self {
+            Health::Unknown | Health::Healthy => 0,
+            Health::Unhealthy => 1,
+            Health::Draining => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct NetworkInput {
     pub name: String,
     pub members: Vec<Member>,
+    /// Ranges where only this network's containers (and the host, a
+    /// host-side client) live: an unknown client in one is scoped to this
+    /// network. Empty for networks shared with other machines (macvlan).
+    pub client_subnets: Vec<IpNet>,
+    /// Docker's `--internal`: cut off from the outside. A client whose
+    /// networks are all internal gets answers from the zone only, never
+    /// forwarded ones (no DNS channel out of the network).
+    pub internal: bool,
 }
 
 /// Everything a zone is built from.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ZoneInput {
     /// Suffix for host-side names, lower case, no trailing dot.
     pub domain: String,
@@ -104,7 +130,12 @@ pub enum Answer {
 struct Target {
     id: u32,
     addrs: Vec<IpAddr>,
-    unhealthy: bool,
+    /// [`Health::rank`]: lower is better.
+    rank: u8,
+    /// Matched only as the bare service name of this compose project
+    /// (interned): a client of another project that has the service too
+    /// gets its own project's replicas instead.
+    service_of: Option<u32>,
 }
 
 type Names = HashMap<Box<str>, Vec<Target>>;
@@ -118,6 +149,13 @@ pub struct Zone {
     serial: u32,
     /// Container address → indices of the networks that container is on.
     clients: HashMap<IpAddr, Vec<u32>>,
+    /// Compose container address → its project (interned as in
+    /// `Target::service_of`).
+    client_projects: HashMap<IpAddr, u32>,
+    /// Client subnets → the network whose containers live there.
+    client_subnets: Vec<(IpNet, u32)>,
+    /// Per network: is it internal?
+    internal: Vec<bool>,
     /// Per network: names (without the domain) → targets.
     nets: Vec<Names>,
     /// Host-side names (without the domain) → targets.
@@ -149,13 +187,18 @@ fn push_target(names: &mut Names, key: String, target: &Target) {
         .entry(key.into_boxed_str())
         .or_insert_with(|| Vec::with_capacity(1));
     match targets.last_mut() {
-        Some(t) if t.id == target.id => merge_addrs(t, &target.addrs),
+        Some(t) if t.id == target.id => merge_into(t, target),
         _ => targets.push(target.clone()),
     }
 }
 
-fn merge_addrs(t: &mut Target, addrs: &[IpAddr]) {
-    for a in addrs {
+/// `other` is the same container as `t` met again under the same name.
+fn merge_into(t: &mut Target, other: &Target) {
+    // Matched by its own name or an alias too: seen by every project.
+    if other.service_of.is_none() {
+        t.service_of = None;
+    }
+    for a in &other.addrs {
         if !t.addrs.contains(a) {
             t.addrs.push(*a);
         }
@@ -172,10 +215,7 @@ fn merge_repeats(names: &mut Names) {
         let mut out: Vec<Target> = Vec::with_capacity(targets.len());
         for t in targets.drain(..) {
             match out.last_mut() {
-                Some(last) if last.id == t.id => {
-                    merge_addrs(last, &t.addrs);
-                    last.unhealthy |= t.unhealthy;
-                }
+                Some(last) if last.id == t.id => merge_into(last, &t),
                 _ => out.push(t),
             }
         }
@@ -186,6 +226,16 @@ fn merge_repeats(names: &mut Names) {
 /// `name` if it is a valid domain name (a PTR target).
 fn ptr_text(name: String) -> Option<Box<str>> {
     fqdn(&name).map(|_| name.into_boxed_str())
+}
+
+/// A Docker id's short form: its first 12 hex digits (lower case, as
+/// Docker writes ids); None for an id that is not a Docker id.
+fn short_id(id: &str) -> Option<&str> {
+    let short = id.get(..12)?;
+    short
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        .then_some(short)
 }
 
 fn fqdn(name: &str) -> Option<Name> {
@@ -203,6 +253,7 @@ impl Zone {
         // comes from, it sees every network the container is on.
         let mut container_nets: HashMap<&str, Vec<u32>> = HashMap::default();
         let mut addrs_of: HashMap<&str, Vec<IpAddr>> = HashMap::default();
+        let mut projects: HashMap<String, u32> = HashMap::default();
         let mut zone = Zone {
             domain_name: fqdn(&domain).unwrap_or_else(Name::root),
             domain,
@@ -215,6 +266,9 @@ impl Zone {
         for (net_idx, net) in input.networks.iter().enumerate() {
             let net_idx = net_idx as u32;
             let net_name = lower(&net.name);
+            zone.client_subnets
+                .extend(net.client_subnets.iter().map(|s| (*s, net_idx)));
+            zone.internal.push(net.internal);
             let mut names = Names::default();
             for m in &net.members {
                 let next = ids.len() as u32;
@@ -222,7 +276,25 @@ impl Zone {
                 let target = Target {
                     id,
                     addrs: m.addrs.clone(),
-                    unhealthy: m.health == Health::Unhealthy,
+                    rank: m.health.rank(),
+                    service_of: None,
+                };
+                let project = m.project.as_deref().map(|p| {
+                    let next = projects.len() as u32;
+                    *projects.entry(lower(p)).or_insert(next)
+                });
+                if let Some(project) = project {
+                    for a in &m.addrs {
+                        zone.client_projects.insert(a.to_canonical(), project);
+                    }
+                }
+                // Compose gives every replica its service name as an alias
+                // too; the service entry below is what answers it.
+                let is_service = |alias: &str| {
+                    project.is_some()
+                        && m.service
+                            .as_deref()
+                            .is_some_and(|s| s.eq_ignore_ascii_case(alias))
                 };
                 let name = lower(&m.name);
                 let nets = container_nets.entry(m.id.as_str()).or_default();
@@ -247,11 +319,22 @@ impl Zone {
                 // Seen from containers on this network.
                 push_target(&mut names, name.clone(), &target);
                 push_target(&mut names, format!("{name}.{net_name}"), &target);
-                for alias in &m.aliases {
+                // As Docker's resolver: the short id (also the default
+                // hostname), and every alias qualified by the network.
+                if let Some(short) = short_id(&m.id) {
+                    push_target(&mut names, short.to_owned(), &target);
+                    push_target(&mut names, format!("{short}.{net_name}"), &target);
+                }
+                for alias in m.aliases.iter().filter(|a| !is_service(a)) {
                     push_target(&mut names, lower(alias), &target);
+                    push_target(&mut names, lower(&format!("{alias}.{net_name}")), &target);
                 }
                 if let Some(service) = &m.service {
-                    push_target(&mut names, lower(service), &target);
+                    let bare = Target {
+                        service_of: project,
+                        ..target.clone()
+                    };
+                    push_target(&mut names, lower(service), &bare);
                     if let Some(project) = &m.project {
                         push_target(&mut names, lower(&format!("{service}.{project}")), &target);
                     }
@@ -344,10 +427,53 @@ impl Zone {
     pub fn answer(&self, client: IpAddr, qname: &LowerName, qtype: RecordType) -> Answer {
         // An IPv4 client of a dual-stack socket arrives as ::ffff:a.b.c.d.
         let client = client.to_canonical();
-        let container_nets = self.clients.get(&client).map(Vec::as_slice);
-        if container_nets.is_none() && !self.is_host_client(client) {
-            return Answer::Refused;
+        let container_nets = match self.clients.get(&client) {
+            Some(nets) => Some(nets.as_slice()),
+            // The host's own addresses (gateways) lie inside the subnets too.
+            None if self.is_host_client(client) => None,
+            None => match self.subnet_scope(client) {
+                Some(nets) => Some(nets),
+                None => return Answer::Refused,
+            },
+        };
+        match self.lookup(client, container_nets, qname, qtype) {
+            // Every network of the client is internal: nothing from outside.
+            Answer::Forward
+                if container_nets.is_some_and(|nets| nets.iter().all(|&n| self.is_internal(n))) =>
+            {
+                Answer::Refused
+            }
+            answer => answer,
         }
+    }
+
+    /// A compose client asking for a bare service name its own project has
+    /// gets its own project's replicas only (others by `SERVICE.PROJECT`).
+    fn own_project_first(&self, client: IpAddr, targets: &mut Vec<&Target>) {
+        if targets.iter().all(|t| t.service_of.is_none()) {
+            return;
+        }
+        let Some(&own) = self.client_projects.get(&client) else {
+            return;
+        };
+        if targets.iter().any(|t| t.service_of == Some(own)) {
+            targets.retain(|t| t.service_of.is_none_or(|p| p == own));
+        }
+    }
+
+    fn is_internal(&self, net: u32) -> bool {
+        self.internal.get(net as usize).copied().unwrap_or(false)
+    }
+
+    /// The answer for a client allowed to ask: a container client seeing
+    /// `container_nets`, or a host-side client (None).
+    fn lookup(
+        &self,
+        client: IpAddr,
+        container_nets: Option<&[u32]>,
+        qname: &LowerName,
+        qtype: RecordType,
+    ) -> Answer {
         let text = lookup_key(qname);
         let name = text.as_str();
 
@@ -374,11 +500,12 @@ impl Zone {
         let found = match container_nets {
             Some(nets) => {
                 let key = relative.unwrap_or(name);
-                let targets: Vec<&Target> = nets
+                let mut targets: Vec<&Target> = nets
                     .iter()
                     .filter_map(|&n| self.nets.get(n as usize).and_then(|names| names.get(key)))
                     .flatten()
                     .collect();
+                self.own_project_first(client, &mut targets);
                 (!targets.is_empty()).then(|| live_addrs(&targets))
             }
             None => relative
@@ -394,6 +521,16 @@ impl Zone {
             Some(_) => Answer::NxDomain,
             None => Answer::Forward,
         }
+    }
+
+    /// The network of an unknown client, by the subnet its address is in:
+    /// a container that has just started, whose first queries can come
+    /// before discovery has seen it.
+    fn subnet_scope(&self, client: IpAddr) -> Option<&[u32]> {
+        self.client_subnets
+            .iter()
+            .find(|(s, _)| s.contains(&client))
+            .map(|(_, idx)| std::slice::from_ref(idx))
     }
 
     fn reverse(
@@ -439,12 +576,13 @@ impl Zone {
     }
 }
 
-/// The addresses of `targets`, leaving out unhealthy ones while a healthy
-/// one remains (all of them when none is healthy), without duplicates.
+/// The addresses of the best-ranked `targets`, without duplicates:
+/// unhealthy and draining ones are left out while a live one remains,
+/// draining ones while an unhealthy one remains.
 fn live_addrs(targets: &[&Target]) -> Vec<IpAddr> {
-    let any_healthy = targets.iter().any(|t| !t.unhealthy);
+    let best = targets.iter().map(|t| t.rank).min().unwrap_or(0);
     let mut addrs = Vec::new();
-    for t in targets.iter().filter(|t| !any_healthy || !t.unhealthy) {
+    for t in targets.iter().filter(|t| t.rank == best) {
         for a in &t.addrs {
             if !addrs.contains(a) {
                 addrs.push(*a);
@@ -540,10 +678,12 @@ mod tests {
                 NetworkInput {
                     name: "front".into(),
                     members: vec![web, db1],
+                    ..Default::default()
                 },
                 NetworkInput {
                     name: "back".into(),
                     members: vec![db2, other],
+                    ..Default::default()
                 },
             ],
             private_ranges: vec!["10.0.0.0/8".parse().unwrap()],
@@ -570,10 +710,14 @@ mod tests {
                 NetworkInput {
                     name: "one".into(),
                     members: (0..n).map(|i| svc(i, addr(1, i))).collect(),
+                    client_subnets: vec![],
+                    internal: false,
                 },
                 NetworkInput {
                     name: "two".into(),
                     members: (0..n).rev().map(|i| svc(i, addr(2, i))).collect(),
+                    client_subnets: vec![],
+                    internal: false,
                 },
             ],
             ..ZoneInput::default()
@@ -748,6 +892,191 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_client_in_a_client_subnet_is_scoped_to_its_network() {
+        let mut input = ZoneInput {
+            domain: "docker.internal".into(),
+            networks: vec![
+                NetworkInput {
+                    name: "front".into(),
+                    members: vec![member("w", "web", &["10.1.0.2"])],
+                    client_subnets: vec!["10.1.0.0/24".parse().unwrap()],
+                    ..NetworkInput::default()
+                },
+                NetworkInput {
+                    name: "back".into(),
+                    members: vec![member("o", "other", &["10.2.0.4"])],
+                    client_subnets: vec!["10.2.0.0/24".parse().unwrap()],
+                    ..NetworkInput::default()
+                },
+            ],
+            host_clients: vec!["10.1.0.1/32".parse().unwrap()],
+            ..ZoneInput::default()
+        };
+        let z = Zone::build(&input);
+        // 10.1.0.9 is no container yet: a container of `front` just started.
+        assert_eq!(
+            sorted(q(&z, "10.1.0.9", "web.", RecordType::A)),
+            vec![ip("10.1.0.2")]
+        );
+        assert_eq!(
+            sorted(q(&z, "10.1.0.9", "web.docker.internal.", RecordType::A)),
+            vec![ip("10.1.0.2")]
+        );
+        // ...and sees only that network.
+        assert_eq!(q(&z, "10.1.0.9", "other.", RecordType::A), Answer::Forward);
+        assert_eq!(
+            q(&z, "10.1.0.9", "other.docker.internal.", RecordType::A),
+            Answer::NxDomain
+        );
+        // The gateway stays a host-side client.
+        assert_eq!(q(&z, "10.1.0.1", "web.", RecordType::A), Answer::Forward);
+        assert_eq!(
+            sorted(q(&z, "10.1.0.1", "web.docker.internal.", RecordType::A)),
+            vec![ip("10.1.0.2")]
+        );
+        // Outside every subnet: refused, as before.
+        assert_eq!(q(&z, "10.3.0.9", "web.", RecordType::A), Answer::Refused);
+        input.networks[0].client_subnets.clear();
+        let z = Zone::build(&input);
+        assert_eq!(q(&z, "10.1.0.9", "web.", RecordType::A), Answer::Refused);
+    }
+
+    #[test]
+    fn clients_only_on_internal_networks_are_never_forwarded() {
+        let input = ZoneInput {
+            domain: "docker.internal".into(),
+            networks: vec![
+                NetworkInput {
+                    name: "vault".into(),
+                    members: vec![
+                        member("s", "shut", &["10.1.0.2"]),
+                        member("b", "both", &["10.1.0.3"]),
+                    ],
+                    client_subnets: vec!["10.1.0.0/24".parse().unwrap()],
+                    internal: true,
+                },
+                NetworkInput {
+                    name: "open".into(),
+                    members: vec![member("b", "both", &["10.2.0.3"])],
+                    ..NetworkInput::default()
+                },
+            ],
+            private_ranges: vec!["10.0.0.0/8".parse().unwrap()],
+            ..ZoneInput::default()
+        };
+        let z = Zone::build(&input);
+        assert_eq!(
+            sorted(q(&z, "10.1.0.2", "both.", RecordType::A)),
+            vec![ip("10.1.0.3")]
+        );
+        for client in ["10.1.0.2", "10.1.0.9"] {
+            assert_eq!(
+                q(&z, client, "example.com.", RecordType::A),
+                Answer::Refused,
+                "{client}"
+            );
+            assert_eq!(
+                q(&z, client, "1.2.0.192.in-addr.arpa.", RecordType::PTR),
+                Answer::Refused,
+                "{client}"
+            );
+            assert_eq!(
+                q(&z, client, "nope.docker.internal.", RecordType::A),
+                Answer::NxDomain,
+                "{client}"
+            );
+        }
+        // On an internal network and a normal one: it can reach out anyway.
+        assert_eq!(
+            q(&z, "10.1.0.3", "example.com.", RecordType::A),
+            Answer::Forward
+        );
+        assert_eq!(
+            q(&z, "127.0.0.1", "example.com.", RecordType::A),
+            Answer::Forward
+        );
+    }
+
+    #[test]
+    fn a_compose_client_gets_its_own_projects_replicas_for_a_bare_service() {
+        let replica = |id: &str, addr: &str, service: &str, project: &str| {
+            let mut m = member(id, &format!("{project}-{service}-{id}"), &[addr]);
+            m.service = Some(service.into());
+            m.project = Some(project.into());
+            // Compose adds the service name as a network alias.
+            m.aliases = vec![service.into()];
+            m
+        };
+        let z = Zone::build(&ZoneInput {
+            domain: "d".into(),
+            networks: vec![NetworkInput {
+                name: "shared".into(),
+                members: vec![
+                    replica("a1", "10.0.0.2", "db", "p1"),
+                    replica("a2", "10.0.0.3", "db", "p1"),
+                    replica("b1", "10.0.0.4", "db", "p2"),
+                    replica("c1", "10.0.0.5", "web", "p1"),
+                    replica("q1", "10.0.0.6", "cache", "p2"),
+                    member("x", "plain", &["10.0.0.9"]),
+                ],
+                ..NetworkInput::default()
+            }],
+            ..ZoneInput::default()
+        });
+        let (p1, p2, all) = (
+            vec![ip("10.0.0.2"), ip("10.0.0.3")],
+            vec![ip("10.0.0.4")],
+            vec![ip("10.0.0.2"), ip("10.0.0.3"), ip("10.0.0.4")],
+        );
+        assert_eq!(sorted(q(&z, "10.0.0.5", "db.", RecordType::A)), p1);
+        assert_eq!(sorted(q(&z, "10.0.0.5", "db.d.", RecordType::A)), p1);
+        assert_eq!(sorted(q(&z, "10.0.0.6", "db.", RecordType::A)), p2);
+        assert_eq!(sorted(q(&z, "10.0.0.5", "db.p2.", RecordType::A)), p2);
+        assert_eq!(sorted(q(&z, "10.0.0.6", "db.p1.", RecordType::A)), p1);
+        // Outside compose: every replica, as before.
+        assert_eq!(sorted(q(&z, "10.0.0.9", "db.", RecordType::A)), all);
+        // A service only another project has: still found.
+        assert_eq!(
+            sorted(q(&z, "10.0.0.5", "cache.", RecordType::A)),
+            vec![ip("10.0.0.6")]
+        );
+        // From the host, by project.
+        assert_eq!(sorted(q(&z, "127.0.0.1", "db.p1.d.", RecordType::A)), p1);
+    }
+
+    #[test]
+    fn short_ids_and_network_qualified_aliases_resolve_as_with_docker() {
+        let id = "3b94bf3df0591c185611f6feeaf948bfe2a2ad41367e483c88d6b741eafb7ee2";
+        let mut web = member(id, "web", &["10.1.0.2"]);
+        web.aliases = vec!["www".into()];
+        let z = Zone::build(&ZoneInput {
+            domain: "d".into(),
+            networks: vec![NetworkInput {
+                name: "front".into(),
+                members: vec![web, member("cli", "cli", &["10.1.0.3"])],
+                ..NetworkInput::default()
+            }],
+            ..ZoneInput::default()
+        });
+        for name in [
+            "3b94bf3df059.",
+            "3b94bf3df059.front.",
+            "3B94BF3DF059.",
+            "www.front.",
+            "www.front.d.",
+        ] {
+            assert_eq!(
+                sorted(q(&z, "10.1.0.3", name, RecordType::A)),
+                vec![ip("10.1.0.2")],
+                "{name}"
+            );
+        }
+        // Not a Docker id: no short name made up for it.
+        assert_eq!(short_id("cli"), None);
+        assert_eq!(short_id("3b94bf3df05z00"), None);
+    }
+
+    #[test]
     fn strangers_are_refused() {
         let z = two_networks();
         assert_eq!(
@@ -842,6 +1171,7 @@ mod tests {
             networks: vec![NetworkInput {
                 name: "n".into(),
                 members,
+                ..Default::default()
             }],
             ..ZoneInput::default()
         };
@@ -852,6 +1182,58 @@ mod tests {
         );
         a.health = Health::Unhealthy;
         let z = Zone::build(&input(vec![a, b]));
+        assert_eq!(
+            sorted(q(&z, "10.0.0.3", "api.", RecordType::A)),
+            vec![ip("10.0.0.2"), ip("10.0.0.3")]
+        );
+    }
+
+    #[test]
+    fn draining_replicas_are_left_out_while_another_remains() {
+        let replica = |id: &str, addr: &str, health: Health| {
+            let mut m = member(id, id, &[addr]);
+            m.aliases = vec!["api".into()];
+            m.health = health;
+            m
+        };
+        let zone = |members| {
+            Zone::build(&ZoneInput {
+                domain: "d".into(),
+                networks: vec![NetworkInput {
+                    name: "n".into(),
+                    members,
+                    ..NetworkInput::default()
+                }],
+                ..ZoneInput::default()
+            })
+        };
+        let z = zone(vec![
+            replica("a", "10.0.0.2", Health::Unknown),
+            replica("b", "10.0.0.3", Health::Draining),
+        ]);
+        assert_eq!(
+            sorted(q(&z, "10.0.0.3", "api.", RecordType::A)),
+            vec![ip("10.0.0.2")]
+        );
+        // Its own name still answers: nothing else is behind it.
+        assert_eq!(
+            sorted(q(&z, "10.0.0.2", "b.", RecordType::A)),
+            vec![ip("10.0.0.3")]
+        );
+        // An unhealthy replica is still better than one going away.
+        let z = zone(vec![
+            replica("a", "10.0.0.2", Health::Unhealthy),
+            replica("b", "10.0.0.3", Health::Draining),
+        ]);
+        assert_eq!(
+            sorted(q(&z, "10.0.0.3", "api.", RecordType::A)),
+            vec![ip("10.0.0.2")]
+        );
+        // All draining: all of them, until they are gone.
+        let z = zone(vec![
+            replica("a", "10.0.0.2", Health::Draining),
+            replica("b", "10.0.0.3", Health::Draining),
+        ]);
         assert_eq!(
             sorted(q(&z, "10.0.0.3", "api.", RecordType::A)),
             vec![ip("10.0.0.2"), ip("10.0.0.3")]
@@ -913,6 +1295,7 @@ mod tests {
             networks: vec![NetworkInput {
                 name: "n".into(),
                 members,
+                ..Default::default()
             }],
             ..ZoneInput::default()
         });

@@ -30,12 +30,18 @@ fn handler() -> Handler {
         networks: vec![NetworkInput {
             name: "net".into(),
             members: vec![member("a", "10.0.0.2"), member("b", "10.0.0.3")],
+            ..Default::default()
         }],
         static_hosts: [(
             "static.test".to_string(),
             vec!["192.0.2.1".parse::<IpAddr>().unwrap()],
         )]
         .into(),
+        ingress: vec![(
+            "apps.test".into(),
+            vec!["192.0.2.80".parse::<IpAddr>().unwrap()],
+        )],
+        private_ranges: vec!["10.0.0.0/24".parse().unwrap()],
         ..ZoneInput::default()
     });
     let metrics = Arc::new(Metrics::default());
@@ -99,6 +105,56 @@ fn golden_answers() {
     );
     let m = ask("example.com.", RecordType::A, HOST);
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+}
+
+/// The SOA in a negative answer says which zone the name is missing from;
+/// only names under the domain are in the domain's zone. Static names,
+/// ingress zones and reverse names get no SOA of the domain.
+#[test]
+fn negative_answers_carry_the_domains_soa_only_under_the_domain() {
+    let rt = rt();
+    let h = handler();
+    let ask = |name: &str, t: RecordType| {
+        let bytes = rt
+            .block_on(h.answer_bytes(&query_bytes(name, t, 9), HOST.parse().unwrap()))
+            .unwrap();
+        Message::from_vec(&bytes).unwrap()
+    };
+    for (name, t, code) in [
+        ("static.test.", RecordType::AAAA, ResponseCode::NoError),
+        ("shop.apps.test.", RecordType::AAAA, ResponseCode::NoError),
+        ("shop.apps.test.", RecordType::MX, ResponseCode::NoError),
+        (
+            "9.0.0.10.in-addr.arpa.",
+            RecordType::PTR,
+            ResponseCode::NXDomain,
+        ),
+        (
+            "2.0.0.10.in-addr.arpa.",
+            RecordType::A,
+            ResponseCode::NoError,
+        ),
+    ] {
+        let m = ask(name, t);
+        assert_eq!(m.metadata.response_code, code, "{name} {t}");
+        assert!(m.answers.is_empty(), "{name} {t}");
+        assert!(
+            m.authorities.is_empty(),
+            "{name} {t}: no SOA of docker.internal: {:?}",
+            m.authorities
+        );
+    }
+    for (name, t) in [
+        ("zzz.docker.internal.", RecordType::A),
+        ("a.docker.internal.", RecordType::AAAA),
+    ] {
+        let m = ask(name, t);
+        assert_eq!(
+            m.authorities.first().map(|r| r.record_type()),
+            Some(RecordType::SOA),
+            "{name} {t}"
+        );
+    }
 }
 
 proptest! {

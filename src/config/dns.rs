@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::ConfigError;
+use portless_dns::RateLimit;
 use portless_dns::hosts::normalize_name;
 
 #[derive(Debug, Default, Clone, Args, Deserialize)]
@@ -72,6 +73,19 @@ pub struct DnsOpts {
     /// [default: 1024]
     #[arg(long, env = "PORTLESS_FORWARD_MAX_INFLIGHT", value_name = "N")]
     pub forward_max_inflight: Option<usize>,
+    /// UDP replies per second to one client address (loopback excepted),
+    /// in bursts of up to as many; 0 turns the limit off. [default: 100]
+    #[arg(long, env = "PORTLESS_DNS_RATE_LIMIT", value_name = "N")]
+    pub dns_rate_limit: Option<u32>,
+    /// Over the rate limit, every Nth reply is a truncated one (TC=1, which
+    /// sends a real client to TCP) and the others are dropped; 0 drops
+    /// them all. [default: 2]
+    #[arg(long, env = "PORTLESS_DNS_RATE_LIMIT_SLIP", value_name = "N")]
+    pub dns_rate_limit_slip: Option<u32>,
+    /// DNS TCP connections open at once, over every listener; past it a
+    /// new connection is closed at once. [default: 512]
+    #[arg(long, env = "PORTLESS_DNS_TCP_MAX_CONNECTIONS", value_name = "N")]
+    pub dns_tcp_max_connections: Option<usize>,
 }
 crate::merge_fields!(DnsOpts {
     dns_port,
@@ -84,6 +98,9 @@ crate::merge_fields!(DnsOpts {
     dns_allow,
     forward_timeout_ms,
     forward_max_inflight,
+    dns_rate_limit,
+    dns_rate_limit_slip,
+    dns_tcp_max_connections,
 });
 
 /// An ingress zone: the zone and every name under it answer `addrs`.
@@ -107,6 +124,9 @@ pub struct DnsConfig {
     pub allow: Vec<IpNet>,
     pub forward_timeout: Duration,
     pub forward_max_inflight: usize,
+    /// None: no limit.
+    pub rate_limit: Option<RateLimit>,
+    pub tcp_max_connections: usize,
 }
 
 impl DnsOpts {
@@ -139,6 +159,22 @@ impl DnsOpts {
                 "--forward-max-inflight: between 1 and 65536",
             ));
         }
+        let per_second = self.dns_rate_limit.unwrap_or(100);
+        if per_second > 1_000_000 {
+            return Err(ConfigError::new("--dns-rate-limit: at most 1000000"));
+        }
+        let slip = self.dns_rate_limit_slip.unwrap_or(2);
+        if slip > 100 {
+            return Err(ConfigError::new("--dns-rate-limit-slip: at most 100"));
+        }
+        let tcp_max_connections = self
+            .dns_tcp_max_connections
+            .unwrap_or(portless_dns::tcp::DEFAULT_MAX_CONNECTIONS);
+        if !(1..=65_536).contains(&tcp_max_connections) {
+            return Err(ConfigError::new(
+                "--dns-tcp-max-connections: between 1 and 65536",
+            ));
+        }
         if let Some(path) = &self.hosts_file {
             // Read once here, so that a missing or unreadable file is a
             // configuration error before anything is bound.
@@ -160,6 +196,8 @@ impl DnsOpts {
             allow: self.dns_allow,
             forward_timeout: Duration::from_millis(forward_timeout_ms),
             forward_max_inflight,
+            rate_limit: (per_second > 0).then_some(RateLimit { per_second, slip }),
+            tcp_max_connections,
         })
     }
 }

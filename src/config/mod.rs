@@ -148,7 +148,9 @@ pub struct GeneralOpts {
     /// Admin API (status, /metrics) listen address. [default: 127.0.0.1:9053]
     #[arg(long, env = "PORTLESS_ADMIN_LISTEN", value_name = "ADDR:PORT")]
     pub admin_listen: Option<SocketAddr>,
-    /// Log filter in tracing's EnvFilter syntax. [default: info]
+    /// Log filter in tracing's EnvFilter syntax; hickory-server's
+    /// per-query lines stay out unless it names `hickory_server`.
+    /// [default: info]
     #[arg(long, env = "PORTLESS_LOG", value_name = "FILTER")]
     pub log: Option<String>,
 }
@@ -157,6 +159,22 @@ merge_fields!(GeneralOpts {
     admin_listen,
     log
 });
+
+/// The log filter to use for `--log`: the given one (default `info`),
+/// with hickory-server held to warnings unless the filter says otherwise.
+/// hickory-server logs two INFO lines per TCP query, refused ones
+/// included: at `info` a client could fill the disk (anything per query is
+/// debug or trace here).
+fn log_filter(given: Option<&str>) -> String {
+    let filter = given.unwrap_or("info");
+    if filter.contains("hickory_server") {
+        filter.to_owned()
+    } else if filter.trim().is_empty() {
+        "hickory_server=warn".to_owned()
+    } else {
+        format!("{filter},hickory_server=warn")
+    }
+}
 
 /// The TOML file's shape.
 #[derive(Debug, Default, Deserialize)]
@@ -253,7 +271,7 @@ impl RunArgs {
                 .admin_listen
                 .unwrap_or(([127, 0, 0, 1], 9053).into()),
             log: {
-                let log = general.log.unwrap_or_else(|| "info".to_owned());
+                let log = log_filter(general.log.as_deref());
                 tracing_subscriber::EnvFilter::try_new(&log)
                     .map_err(|e| ConfigError::new(format!("--log {log}: {e}")))?;
                 log
@@ -298,6 +316,16 @@ fn parse_docker_host(value: Option<String>) -> Result<DockerHost, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hickory_per_query_lines_stay_out_unless_asked_for() {
+        assert_eq!(log_filter(None), "info,hickory_server=warn");
+        assert_eq!(log_filter(Some("debug")), "debug,hickory_server=warn");
+        assert_eq!(
+            log_filter(Some("info,hickory_server=info")),
+            "info,hickory_server=info"
+        );
+    }
 
     #[test]
     fn docker_host_forms_parse() {

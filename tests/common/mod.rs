@@ -235,17 +235,20 @@ impl Portless {
 
     /// [`Portless::start`] with more environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Portless {
+        Self::start_logging(args, env, Some("info,portless=debug"))
+    }
+
+    /// [`Portless::start_with_env`] with this `--log` filter; None: the
+    /// default one.
+    pub fn start_logging(args: &[&str], env: &[(&str, &str)], filter: Option<&str>) -> Portless {
         let admin = SocketAddr::new([127, 0, 0, 1].into(), free_port([127, 0, 0, 1].into()));
         let log = std::env::temp_dir().join(format!("{}.log", unique("portless-")));
         let file = std::fs::File::create(&log).unwrap();
         let admin_s = admin.to_string();
-        let mut all = vec![
-            "run",
-            "--admin-listen",
-            &admin_s,
-            "--log",
-            "info,portless=debug",
-        ];
+        let mut all = vec!["run", "--admin-listen", &admin_s];
+        if let Some(filter) = filter {
+            all.extend_from_slice(&["--log", filter]);
+        }
         all.extend_from_slice(args);
         let child = Command::new(env!("CARGO_BIN_EXE_portless"))
             .args(&all)

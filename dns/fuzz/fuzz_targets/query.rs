@@ -30,7 +30,7 @@ fn handler() -> &'static (tokio::runtime::Runtime, Handler) {
         let zone = Zone::build(&ZoneInput {
             domain: "docker.internal".into(),
             ttl: 5,
-            networks: vec![NetworkInput { name: "net".into(), members: vec![member("a", "10.0.0.2"), member("b", "fd00::3")] }],
+            networks: vec![NetworkInput { name: "net".into(), members: vec![member("a", "10.0.0.2"), member("b", "fd00::3")], ..Default::default() }],
             ingress: vec![("apps.test".into(), vec!["192.0.2.80".parse().unwrap()])],
             ..ZoneInput::default()
         });

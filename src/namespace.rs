@@ -181,10 +181,10 @@ pub async fn run(
     // etcd until the listing came. Records are published once discovery
     // has spoken, and its first word is always sent (even when it is "no
     // containers", so that records left from before a restart go).
-    let mut discovered = false;
+    // (`changed()` below marks what it saw as seen: ask before the loop.)
+    let mut discovered = local.has_changed().unwrap_or(false);
     let mut announced = false;
     loop {
-        discovered |= local.has_changed().unwrap_or(false);
         let snap = local.borrow_and_update().clone();
         let view = remote.borrow_and_update().clone();
         let changed_ns = snap.event_time_ns.unwrap_or_else(now_ns);
@@ -212,7 +212,12 @@ pub async fn run(
             event_time_ns: snap.event_time_ns.max(newest),
         });
         tokio::select! {
-            r = local.changed() => if r.is_err() { return },
+            r = local.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                discovered = true;
+            }
             r = remote.changed() => if r.is_err() { return },
         }
     }
@@ -307,6 +312,42 @@ mod tests {
             vec!["portless.http.host"]
         );
         assert_eq!(r.changed_ns, Some(7));
+    }
+
+    #[tokio::test]
+    async fn records_are_published_only_once_discovery_has_listed_even_when_empty() {
+        use std::time::Duration;
+        use tokio::time::timeout;
+        for (first, want) in [(local_catalog(), 1usize), (Catalog::default(), 0)] {
+            let (local_tx, local_rx) = watch::channel(Snapshot::default());
+            let (_remote_tx, remote_rx) = watch::channel(Arc::new(RemoteView::new()));
+            let (pub_tx, mut pub_rx) = watch::channel(BTreeMap::new());
+            let (out_tx, _out_rx) = watch::channel(Snapshot::default());
+            let task = tokio::spawn(run(
+                local_rx,
+                remote_rx,
+                pub_tx,
+                out_tx,
+                "portless".into(),
+            ));
+            // The empty start value is not discovery's word: nothing sent.
+            assert!(
+                timeout(Duration::from_millis(200), pub_rx.changed())
+                    .await
+                    .is_err(),
+                "records published before discovery listed"
+            );
+            local_tx.send_replace(Snapshot {
+                catalog: Arc::new(first),
+                ..Snapshot::default()
+            });
+            timeout(Duration::from_secs(5), pub_rx.changed())
+                .await
+                .expect("discovery's first catalog was never published")
+                .expect("publisher open");
+            assert_eq!(pub_rx.borrow_and_update().len(), want);
+            task.abort();
+        }
     }
 
     fn view(records: &[ContainerRecord]) -> RemoteView {

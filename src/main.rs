@@ -21,7 +21,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::sync::watch;
 
-use crate::config::{Cli, Command, Config, DockerHost, EXIT_CONFIG};
+use crate::config::{Cli, Command, Config, DockerHost, EXIT_CONFIG, LogFormat};
 
 // mimalloc: the router allocates per request (hyper's heads and bodies);
 // glibc malloc was 6% of its CPU under load (docs/BENCHMARKS.md).
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
                 Ok(cfg) => cfg,
                 Err(code) => return code,
             };
-            init_tracing(&cfg.log);
+            init_tracing(&cfg.log, cfg.log_format);
             match runtime.block_on(run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -75,7 +75,7 @@ fn main() -> ExitCode {
                 Ok(cfg) => cfg,
                 Err(code) => return code,
             };
-            init_tracing(&cfg.log);
+            init_tracing(&cfg.log, cfg.log_format);
             let (report, error) =
                 runtime.block_on(cluster::cleanup(cfg.cluster.as_ref(), &cfg.docker));
             // What was done is said even when a part failed.
@@ -100,14 +100,24 @@ fn resolve(args: config::RunArgs) -> Result<Config, ExitCode> {
     })
 }
 
-fn init_tracing(filter: &str) {
+fn init_tracing(filter: &str, format: LogFormat) {
+    use std::io::IsTerminal;
     // `resolve` has checked the filter already.
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        // Colour codes only for a person at a terminal, never into a file,
+        // journald or `docker logs`.
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {

@@ -323,13 +323,7 @@ mod tests {
             let (_remote_tx, remote_rx) = watch::channel(Arc::new(RemoteView::new()));
             let (pub_tx, mut pub_rx) = watch::channel(BTreeMap::new());
             let (out_tx, _out_rx) = watch::channel(Snapshot::default());
-            let task = tokio::spawn(run(
-                local_rx,
-                remote_rx,
-                pub_tx,
-                out_tx,
-                "portless".into(),
-            ));
+            let task = tokio::spawn(run(local_rx, remote_rx, pub_tx, out_tx, "portless".into()));
             // The empty start value is not discovery's word: nothing sent.
             assert!(
                 timeout(Duration::from_millis(200), pub_rx.changed())

@@ -1751,3 +1751,52 @@ fn a_new_ipv6_networks_gateway_gets_its_listener_at_once() {
         (dig_from(&peer, server, &app, "A").answers.len() == 1).then_some(())
     });
 }
+
+/// Logs that go to a file, journald or `docker logs` carry no colour
+/// codes; `--log-format json` writes one JSON object a line, with the
+/// level, the target and the message, for log shippers.
+#[test]
+fn logs_have_no_colour_codes_off_a_terminal_and_json_lines_parse() {
+    let listen = format!("127.0.0.1:{}", free_port([127, 0, 0, 1].into()));
+    let base = [
+        "--no-router=true",
+        "--docker-host",
+        "none",
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &listen,
+        "--upstream",
+        "127.0.0.1:9",
+    ];
+    let text = Portless::start_logging(&base, &[], None);
+    let logs = text.logs();
+    assert!(
+        logs.contains("portless running"),
+        "no start-up line in the text log:\n{logs}"
+    );
+    assert!(
+        !logs.contains('\x1b'),
+        "colour codes in a log written to a file:\n{logs:?}"
+    );
+    drop(text);
+
+    let listen = format!("127.0.0.1:{}", free_port([127, 0, 0, 1].into()));
+    let mut args = base.to_vec();
+    args[6] = &listen;
+    // Also through the environment, as a container would set it.
+    let json = Portless::start_logging(&args, &[("PORTLESS_LOG_FORMAT", "json")], None);
+    let logs = json.logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "no log lines at all");
+    let mut running = false;
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l)
+            .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {l}"));
+        assert!(v["level"].is_string(), "no level in {l}");
+        assert!(v["target"].is_string(), "no target in {l}");
+        assert!(v["timestamp"].is_string(), "no timestamp in {l}");
+        running |= v["message"] == "portless running";
+    }
+    assert!(running, "no `portless running` message in:\n{logs}");
+}

@@ -153,12 +153,26 @@ pub struct GeneralOpts {
     /// [default: info]
     #[arg(long, env = "PORTLESS_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+    /// Log lines as `text` (colours only on a terminal) or `json` (one
+    /// object a line, for log shippers). [default: text]
+    #[arg(long, env = "PORTLESS_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
 }
 merge_fields!(GeneralOpts {
     docker_host,
     admin_listen,
-    log
+    log,
+    log_format
 });
+
+/// How log lines are written.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
 
 /// The log filter to use for `--log`: the given one (default `info`),
 /// with hickory-server held to warnings unless the filter says otherwise.
@@ -198,12 +212,14 @@ struct GeneralFile {
     docker_host: Option<String>,
     admin_listen: Option<SocketAddr>,
     log: Option<String>,
+    log_format: Option<LogFormat>,
 }
 
 const GENERAL_KEYS: &[&str] = &[
     "docker-host",
     "admin-listen",
     "log",
+    "log-format",
     "dns",
     "router",
     "cluster",
@@ -242,6 +258,7 @@ pub struct Config {
     pub docker: DockerHost,
     pub admin_listen: SocketAddr,
     pub log: String,
+    pub log_format: LogFormat,
     pub dns: dns::DnsConfig,
     pub router: router::RouterConfig,
     pub cluster: Option<cluster::ClusterConfig>,
@@ -258,6 +275,7 @@ impl RunArgs {
             docker_host: file.general.docker_host,
             admin_listen: file.general.admin_listen,
             log: file.general.log,
+            log_format: file.general.log_format,
         });
         let docker = parse_docker_host(
             general
@@ -276,6 +294,7 @@ impl RunArgs {
                     .map_err(|e| ConfigError::new(format!("--log {log}: {e}")))?;
                 log
             },
+            log_format: general.log_format.unwrap_or_default(),
             dns: self.dns.merge(file.dns).resolve()?,
             router: self.router.merge(file.router).resolve()?,
             cluster,

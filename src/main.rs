@@ -64,7 +64,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Status(args) => match runtime.block_on(status_cmd(args)) {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(EXIT_UNHEALTHY),
             Err(e) => {
                 eprintln!("portless status: {e:#}");
                 ExitCode::FAILURE
@@ -204,7 +205,12 @@ async fn shutdown_signal() {
     }
 }
 
-async fn status_cmd(args: config::StatusArgs) -> anyhow::Result<()> {
+/// `portless status`'s exit code when the sidecar answers but a part of it
+/// is unhealthy (1: it could not be asked at all).
+const EXIT_UNHEALTHY: u8 = 2;
+
+/// Print the status; `Ok(false)` when a part is unhealthy.
+async fn status_cmd(args: config::StatusArgs) -> anyhow::Result<bool> {
     let body = status::get(args.admin, "/api/status").await?;
     let routes = status::get_optional(args.admin, "/api/routes").await?;
     let cluster = status::get_optional(args.admin, "/api/cluster").await?;
@@ -214,19 +220,31 @@ async fn status_cmd(args: config::StatusArgs) -> anyhow::Result<()> {
             "routes": routes.as_deref().map(serde_json::from_str::<serde_json::Value>).transpose()?,
             "cluster": cluster.as_deref().map(serde_json::from_str::<serde_json::Value>).transpose()?,
         });
+        let st: admin::Status = serde_json::from_str(&body).context("decoding /api/status")?;
+        let problems = status::problems(&st, all.get("cluster").filter(|c| !c.is_null()));
+        let mut all = all;
+        all["problems"] = serde_json::json!(problems);
         println!("{}", serde_json::to_string_pretty(&all)?);
-        return Ok(());
+        return Ok(problems.is_empty());
     }
     let st: admin::Status = serde_json::from_str(&body).context("decoding /api/status")?;
     print!("{}", status::render(&st)?);
     if let Some(routes) = routes {
         print!("{}", status::render_routes(&serde_json::from_str(&routes)?));
     }
-    if let Some(cluster) = cluster {
-        print!(
-            "{}",
-            status::render_cluster(&serde_json::from_str(&cluster)?)
-        );
+    let cluster: Option<serde_json::Value> =
+        cluster.as_deref().map(serde_json::from_str).transpose()?;
+    if let Some(cluster) = &cluster {
+        print!("{}", status::render_cluster(cluster));
     }
-    Ok(())
+    let problems = status::problems(&st, cluster.as_ref());
+    if problems.is_empty() {
+        println!("\nHEALTHY");
+    } else {
+        println!("\nUNHEALTHY:");
+        for p in &problems {
+            println!("  {p}");
+        }
+    }
+    Ok(problems.is_empty())
 }

@@ -1800,3 +1800,93 @@ fn logs_have_no_colour_codes_off_a_terminal_and_json_lines_parse() {
     }
     assert!(running, "no `portless running` message in:\n{logs}");
 }
+
+/// `portless status` exits 0 when every part is healthy and 2 when one is
+/// not (here: its Docker Engine is unreachable), saying what is wrong, so
+/// that scripts and health checks can use it; `--admin-listen` is the same
+/// flag as `run`'s.
+#[test]
+fn status_exits_2_and_says_why_when_a_part_is_unhealthy() {
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_portless");
+    let healthy = Portless::start(&[
+        "--no-router=true",
+        "--docker-host",
+        "none",
+        "--dns-port",
+        "0",
+    ]);
+    let out = Command::new(bin)
+        .args(["status", "--admin-listen", &healthy.admin.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("HEALTHY"), "{text}");
+    drop(healthy);
+
+    // A Docker socket nobody serves: portless runs, retrying, unhealthy.
+    let sock = std::env::temp_dir().join(format!("{}.sock", unique("no-docker-")));
+    // A socket file whose listener is gone: connections are refused, as
+    // for a stopped daemon.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    struct Rm(std::path::PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _rm = Rm(sock.clone());
+    let admin = SocketAddr::new([127, 0, 0, 1].into(), free_port([127, 0, 0, 1].into()));
+    let mut child = Command::new(bin)
+        .args([
+            "run",
+            "--no-router=true",
+            "--dns-port",
+            "0",
+            "--admin-listen",
+            &admin.to_string(),
+            "--docker-host",
+            &format!("unix://{}", sock.display()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    wait_until("the admin API", Duration::from_secs(20), || {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("portless exited with {st}");
+        }
+        http_get(admin, "/api/status")
+    });
+    let _guard = Kill(child);
+    let out = Command::new(bin)
+        .args(["status", "--admin", &admin.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("UNHEALTHY") && text.contains("Docker Engine not connected"),
+        "{text}"
+    );
+    let json = Command::new(bin)
+        .args(["status", "--json", "--admin-listen", &admin.to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(json.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert!(
+        v["problems"][0]
+            .as_str()
+            .is_some_and(|p| p.contains("Docker Engine not connected")),
+        "{v:#}"
+    );
+}

@@ -108,9 +108,11 @@ pub enum NetplaneCommand {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Admin API of the running sidecar.
+    /// Admin API of the running sidecar (the same flag as `run`'s;
+    /// `--admin` is an alias).
     #[arg(
-        long,
+        long = "admin-listen",
+        visible_alias = "admin",
         env = "PORTLESS_ADMIN_LISTEN",
         default_value = "127.0.0.1:9053",
         value_name = "ADDR:PORT"

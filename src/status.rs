@@ -342,6 +342,43 @@ pub fn render_cluster(v: &serde_json::Value) -> String {
     out
 }
 
+/// What is wrong with the running sidecar, one line each; empty when every
+/// part is healthy. `portless status` prints these and exits 2 when there
+/// are any, so that scripts and health checks can use it.
+pub fn problems(status: &Status, cluster: Option<&serde_json::Value>) -> Vec<String> {
+    let mut out = Vec::new();
+    if status.docker.enabled && !status.docker.connected {
+        out.push("Docker Engine not connected (names and routes are the last known)".into());
+    }
+    if let Some(v) = cluster {
+        if v["etcd_connected"].as_bool() != Some(true) {
+            out.push(
+                "etcd not connected (names and routes of other hosts are the last known)".into(),
+            );
+        }
+        if v["host"].is_null() {
+            out.push("no subnet leased yet".into());
+        }
+        let dn = &v["docker_network"];
+        if dn.is_object() && dn["ready"].as_bool() != Some(true) {
+            match dn["error"].as_str() {
+                Some(e) => out.push(format!(
+                    "cluster Docker network {} not ready: {e}",
+                    s(&dn["name"])
+                )),
+                None => out.push(format!(
+                    "cluster Docker network {} not ready yet",
+                    s(&dn["name"])
+                )),
+            }
+        }
+        if let Some(e) = v["last_error"].as_str() {
+            out.push(format!("netplane: {e}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,41 +441,4 @@ mod tests {
             "{out}"
         );
     }
-}
-
-/// What is wrong with the running sidecar, one line each; empty when every
-/// part is healthy. `portless status` prints these and exits 2 when there
-/// are any, so that scripts and health checks can use it.
-pub fn problems(status: &Status, cluster: Option<&serde_json::Value>) -> Vec<String> {
-    let mut out = Vec::new();
-    if status.docker.enabled && !status.docker.connected {
-        out.push("Docker Engine not connected (names and routes are the last known)".into());
-    }
-    if let Some(v) = cluster {
-        if v["etcd_connected"].as_bool() != Some(true) {
-            out.push(
-                "etcd not connected (names and routes of other hosts are the last known)".into(),
-            );
-        }
-        if v["host"].is_null() {
-            out.push("no subnet leased yet".into());
-        }
-        let dn = &v["docker_network"];
-        if dn.is_object() && dn["ready"].as_bool() != Some(true) {
-            match dn["error"].as_str() {
-                Some(e) => out.push(format!(
-                    "cluster Docker network {} not ready: {e}",
-                    s(&dn["name"])
-                )),
-                None => out.push(format!(
-                    "cluster Docker network {} not ready yet",
-                    s(&dn["name"])
-                )),
-            }
-        }
-        if let Some(e) = v["last_error"].as_str() {
-            out.push(format!("netplane: {e}"));
-        }
-    }
-    out
 }

@@ -91,7 +91,7 @@ use crate::balance::{self, Candidate};
 use crate::error::{ErrorKind, ProxyError, RetryType};
 use crate::h1_guard::{FramingHandle, H1Guard, Verdict};
 use crate::headers::{self, ClientInfo};
-use crate::host::normalize_authority;
+use crate::host::{normalize_authority, same_authority};
 use crate::io::{Prefixed, read_proxy_header};
 use crate::metrics::{self, Metrics, RouteStats};
 use crate::pool::Http1Pool;
@@ -858,12 +858,41 @@ impl Worker {
         if req.method() == Method::CONNECT {
             return Answer(Err(ProxyError::new(ErrorKind::MethodNotAllowed)), None);
         }
-        let raw_host = match req.uri().authority() {
-            Some(a) => a.as_str().to_owned(),
-            None => match req.headers().get(header::HOST).map(|h| h.to_str()) {
-                Some(Ok(h)) => h.to_owned(),
-                _ => return Answer(Err(ProxyError::new(ErrorKind::BadRequest)), None),
-            },
+        let bad = |why: &'static str| {
+            Answer(
+                Err(ProxyError::with_cause(ErrorKind::BadRequest, why)),
+                None,
+            )
+        };
+        // One Host at most (RFC 9112 3.2), agreeing with the request
+        // target's authority when both are there (an absolute-form target,
+        // or an HTTP/2 :authority): a proxy and its backend must not see
+        // two different hosts in one request.
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let host_header = hosts.next();
+        if hosts.next().is_some() {
+            return bad("more than one Host");
+        }
+        let host_header = match host_header.map(|h| h.to_str()) {
+            Some(Ok(h)) => Some(h),
+            Some(Err(_)) => return bad("Host is not text"),
+            None => None,
+        };
+        let raw_host = match (req.uri().authority(), host_header) {
+            (Some(a), Some(h)) => {
+                let default_port = if req.uri().scheme() == Some(&UriScheme::HTTPS) {
+                    443
+                } else {
+                    80
+                };
+                if !same_authority(a.as_str(), h, default_port) {
+                    return bad("Host disagrees with the request target");
+                }
+                a.as_str().to_owned()
+            }
+            (Some(a), None) => a.as_str().to_owned(),
+            (None, Some(h)) => h.to_owned(),
+            (None, None) => return bad("no Host"),
         };
         let Some(host) = normalize_authority(&raw_host) else {
             return Answer(Err(ProxyError::new(ErrorKind::BadRequest)), None);

@@ -26,14 +26,21 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 9] {
     ]
 }
 
-/// Whether a message asks for a protocol upgrade (WebSocket): `Connection`
-/// lists `upgrade` and an `Upgrade` header is present.
-pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| connection_tokens(v).any(|t| t.eq_ignore_ascii_case("upgrade")))
+/// Whether a request asks to switch to WebSocket: `Connection` lists
+/// `upgrade` and `Upgrade` offers `websocket`. This is the only upgrade the
+/// router tunnels; any other (`h2c`, `TLS/1.x`, ...) would turn the
+/// connection into a raw stream past routing, header rewriting and limits,
+/// so such a request is forwarded as plain HTTP, its `Upgrade` removed.
+pub fn wants_websocket(headers: &HeaderMap) -> bool {
+    headers.get_all(header::UPGRADE).iter().any(|v| {
+        connection_tokens(v).any(|t| {
+            let name = t.split_once('/').map_or(t, |(n, _)| n);
+            name.eq_ignore_ascii_case("websocket")
+        })
+    }) && headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| connection_tokens(v).any(|t| t.eq_ignore_ascii_case("upgrade")))
 }
 
 /// Whether the client said `TE: trailers` (gRPC needs it passed on over
@@ -294,9 +301,25 @@ mod tests {
     }
 
     #[test]
+    fn only_websocket_is_an_upgrade() {
+        for (conn, up, ws) in [
+            ("Upgrade", "websocket", true),
+            ("keep-alive, upgrade", "WebSocket", true),
+            ("Upgrade", "h2c, websocket/13", true),
+            ("Upgrade, HTTP2-Settings", "h2c", false),
+            ("Upgrade", "TLS/1.2", false),
+            ("keep-alive", "websocket", false),
+        ] {
+            let h = map(&[("connection", conn), ("upgrade", up)]);
+            assert_eq!(wants_websocket(&h), ws, "{conn} / {up}");
+        }
+        assert!(!wants_websocket(&map(&[("connection", "upgrade")])));
+    }
+
+    #[test]
     fn upgrade_survives_when_asked() {
         let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        assert!(wants_upgrade(&h));
+        assert!(wants_websocket(&h));
         remove_hop_by_hop(&mut h, true);
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");

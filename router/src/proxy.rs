@@ -926,11 +926,20 @@ impl Worker {
     ) -> Result<Response<RespBody>, ProxyError> {
         let route = &live.table.routes()[idx];
         let rt = &live.routes[idx];
-        let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
+        // Only WebSocket is tunnelled; any other Upgrade is removed below
+        // with the hop-by-hop headers, and the request goes as plain HTTP.
+        let upgrade = req.version() == Version::HTTP_11 && headers::wants_websocket(req.headers());
         let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let te_trailers = headers::te_trailers(req.headers());
         let (mut parts, body) = req.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers, upgrade);
+        if upgrade {
+            // Not the client's whole offer: the backend may switch to
+            // WebSocket and nothing else.
+            parts
+                .headers
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
         if parts.uri.authority().is_some() || !parts.headers.contains_key(header::HOST) {
             // The host the request was routed by is the one the backend
             // sees: an HTTP/2 :authority (HTTP/1 backends need it as Host),
@@ -1098,6 +1107,12 @@ impl Worker {
                     "backend switched protocols unasked",
                 ));
             };
+            if !headers::wants_websocket(resp.headers()) {
+                return Err(ProxyError::with_cause(
+                    ErrorKind::UpstreamProtocol,
+                    "backend switched to a protocol other than WebSocket",
+                ));
+            }
             let up = hyper::upgrade::on(&mut resp);
             self.metrics.websocket_upgrades.fetch_add(1, Relaxed);
             // The client connection's own count ends when hyper hands the

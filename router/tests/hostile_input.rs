@@ -53,3 +53,45 @@ async fn two_host_headers_or_a_host_disagreeing_with_the_target_get_400() {
         assert!(out.contains("backend=a\n"), "{out}");
     }
 }
+
+#[tokio::test]
+async fn only_websocket_upgrades_are_tunnelled_h2c_and_others_go_as_plain_http() {
+    let be = backend("be").await;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(&["a.test"], "/", vec![b("be", be.addr)])],
+    )
+    .await;
+    let wait = Duration::from_secs(3);
+    for token in ["h2c", "TLS/1.2", "foo"] {
+        // The backend sees a plain request: no Upgrade, nothing Connection
+        // named, and its answer is an ordinary one.
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {token}\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        );
+        let (out, _) = raw_until(r.addr, req.as_bytes(), "body-bytes=", wait).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{token}: {out}");
+        let lower = out.to_ascii_lowercase();
+        assert!(!lower.contains("upgrade:"), "{token}: {out}");
+        assert!(!lower.contains("http2-settings"), "{token}: {out}");
+        // A backend that switches anyway (/ws answers 101 to anything) is
+        // not tunnelled to: the client gets an error, not a raw stream.
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: {token}\r\n\r\n"
+        );
+        let (out, _) = raw_until(r.addr, req.as_bytes(), "\r\n\r\n", wait).await;
+        assert!(out.starts_with("HTTP/1.1 502"), "{token}: {out}");
+    }
+    // A WebSocket handshake still switches, with its Upgrade as asked.
+    let req = b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    let (out, mut s) = raw_until(r.addr, req, "\r\n\r\n", wait).await;
+    assert!(out.starts_with("HTTP/1.1 101"), "{out}");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(wait, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"be:ping");
+}

@@ -478,3 +478,25 @@ pub async fn eventually(max: Duration, mut f: impl AsyncFnMut() -> bool) -> bool
     }
     false
 }
+
+/// Send raw bytes on a new connection and read until `until` has been
+/// seen (or the peer closes, or `wait` passes); the text and the stream.
+pub async fn raw_until(
+    addr: SocketAddr,
+    bytes: &[u8],
+    until: &str,
+    wait: Duration,
+) -> (String, TcpStream) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).contains(until) {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), s)
+}

@@ -49,6 +49,9 @@ pub enum ErrorKind {
     UpstreamProtocol,
     /// The request body is larger than the configured limit.
     BodyTooLarge,
+    /// The request's header list is larger than the configured limit
+    /// (HTTP/2: hyper answers HTTP/1 itself).
+    HeadersTooLarge,
     /// No usable Host, or a request form the router does not forward.
     BadRequest,
     /// A method the router does not forward (CONNECT).
@@ -84,9 +87,10 @@ impl ProxyError {
             | ErrorKind::UpstreamTimeout
             | ErrorKind::UpstreamClosed
             | ErrorKind::UpstreamProtocol => ErrorSource::Upstream,
-            ErrorKind::BodyTooLarge | ErrorKind::BadRequest | ErrorKind::MethodNotAllowed => {
-                ErrorSource::Downstream
-            }
+            ErrorKind::BodyTooLarge
+            | ErrorKind::HeadersTooLarge
+            | ErrorKind::BadRequest
+            | ErrorKind::MethodNotAllowed => ErrorSource::Downstream,
         }
     }
 
@@ -110,6 +114,7 @@ impl ProxyError {
             }
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }

@@ -345,7 +345,13 @@ impl Router {
         server
             .http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(opts.max_header_bytes).unwrap_or(u32::MAX))
+            // Not the limit itself: h2 answers a header block over its
+            // limit with a GOAWAY or a reset that clients retry (curl sent
+            // a 70 KB block five times), so the decoder takes more and
+            // `route` answers 431 past the limit (see `h2_decoder_limit`).
+            .max_header_list_size(
+                u32::try_from(h2_decoder_limit(opts.max_header_bytes)).unwrap_or(u32::MAX),
+            )
             .max_concurrent_streams(256)
             .keep_alive_interval(Duration::from_secs(30));
         Router {
@@ -858,6 +864,10 @@ impl Worker {
         if req.method() == Method::CONNECT {
             return Answer(Err(ProxyError::new(ErrorKind::MethodNotAllowed)), None);
         }
+        if req.version() == Version::HTTP_2 && h2_header_list_size(req) > self.opts.max_header_bytes
+        {
+            return Answer(Err(ProxyError::new(ErrorKind::HeadersTooLarge)), None);
+        }
         let bad = |why: &'static str| {
             Answer(
                 Err(ProxyError::with_cause(ErrorKind::BadRequest, why)),
@@ -1191,6 +1201,32 @@ impl Worker {
         brt.h2.store(Some(Arc::new(sender.clone())));
         Ok(sender)
     }
+}
+
+/// The HTTP/2 header list size the HPACK decoder takes (and the router
+/// advertises): four times the limit, at least 256 KiB. A header block
+/// between the limit and this gets a 431 from `route`; past this the
+/// decoder cannot go on, and h2 answers a 431 and a PROTOCOL_ERROR reset
+/// when it can, or ends the connection with GOAWAY(COMPRESSION_ERROR) when
+/// the block no longer fits its buffer.
+fn h2_decoder_limit(max_header_bytes: usize) -> usize {
+    max_header_bytes.saturating_mul(4).max(256 * 1024)
+}
+
+/// An HTTP/2 request's header list size as RFC 9113 6.5.2 counts it (each
+/// field, pseudo-headers included, plus 32 octets).
+fn h2_header_list_size(req: &Request<Incoming>) -> usize {
+    let uri = req.uri();
+    let pseudo = req.method().as_str().len()
+        + uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri.scheme_str().map_or(0, str::len)
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 32)
+        .sum();
+    pseudo + 4 * 32 + fields
 }
 
 /// hyper's read buffer limit: the largest HTTP/1 request head it reads.

@@ -95,3 +95,77 @@ async fn only_websocket_upgrades_are_tunnelled_h2c_and_others_go_as_plain_http()
         .unwrap();
     assert_eq!(&buf[..n], b"be:ping");
 }
+
+#[tokio::test]
+async fn an_http2_header_block_over_the_limit_gets_431_once() {
+    let be = backend("be").await;
+    let opts = RouterOptions {
+        max_header_bytes: 16 * 1024,
+        ..Default::default()
+    };
+    let r = router(opts, vec![spec(&["a.test"], "/", vec![b("be", be.addr)])]).await;
+    // One large field, and many fields over several CONTINUATION frames
+    // (h2 used to end that connection with GOAWAY, which clients read as
+    // "not processed, retry"). Both under curl's own 64 KiB send limit:
+    // past it, curl refuses the stream itself and retries without sending.
+    let one = vec![format!("X-Big: {}", "a".repeat(20_000))];
+    let many: Vec<String> = (0..12)
+        .map(|i| format!("X-Big-{i}: {}", "b".repeat(4000)))
+        .collect();
+    for fields in [one, many] {
+        let mut cmd = tokio::process::Command::new("curl");
+        cmd.args([
+            "-sS",
+            "-v",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "20",
+        ])
+        .args(["--http2-prior-knowledge", "-H", "Host: a.test"]);
+        for f in &fields {
+            cmd.args(["-H", f]);
+        }
+        let out = cmd
+            .arg(format!("http://127.0.0.1:{}/", r.addr.port()))
+            .output()
+            .await
+            .expect("curl runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr: String = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| !l.contains("X-Big") && !l.contains("x-big"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        // One attempt, answered 431: nothing that invites a retry.
+        assert_eq!(stdout, "431", "{stderr}");
+        assert!(out.status.success(), "{stderr}");
+        assert!(!stderr.contains("REFUSED_STREAM"), "{stderr}");
+        assert!(!stderr.contains("retry"), "{stderr}");
+        assert_eq!(stderr.matches("> GET / HTTP/2").count(), 1, "{stderr}");
+    }
+    // Under the limit still passes.
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--http2-prior-knowledge",
+        ])
+        .args([
+            "-H",
+            "Host: a.test",
+            "-H",
+            &format!("X-Ok: {}", "c".repeat(8000)),
+        ])
+        .arg(format!("http://127.0.0.1:{}/", r.addr.port()))
+        .output()
+        .await
+        .expect("curl runs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert_eq!(be.hits.load(Relaxed), 1);
+}

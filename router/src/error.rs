@@ -49,6 +49,9 @@ pub enum ErrorKind {
     UpstreamProtocol,
     /// The request body is larger than the configured limit.
     BodyTooLarge,
+    /// The client's request body broke while it was being forwarded: bad
+    /// chunked framing, or the client gone mid-upload.
+    ClientBody,
     /// The request's header list is larger than the configured limit
     /// (HTTP/2: hyper answers HTTP/1 itself).
     HeadersTooLarge,
@@ -89,6 +92,7 @@ impl ProxyError {
             | ErrorKind::UpstreamProtocol => ErrorSource::Upstream,
             ErrorKind::BodyTooLarge
             | ErrorKind::HeadersTooLarge
+            | ErrorKind::ClientBody
             | ErrorKind::BadRequest
             | ErrorKind::MethodNotAllowed => ErrorSource::Downstream,
         }
@@ -115,7 +119,7 @@ impl ProxyError {
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest | ErrorKind::ClientBody => StatusCode::BAD_REQUEST,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }

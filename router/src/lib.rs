@@ -45,6 +45,6 @@ mod proxy;
 pub mod tls;
 
 pub use proxy::{
-    BackendStatus, LimitFlag, ReqBody, RespBody, RouteStatus, Router, RouterOptions, RouterThreads,
-    bind_reuseport,
+    BackendStatus, BodyFault, ClientBody, ReqBody, RespBody, RouteStatus, Router, RouterOptions,
+    RouterThreads, bind_reuseport,
 };

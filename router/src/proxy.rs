@@ -100,17 +100,39 @@ use crate::table::{BackendState, RouteKey, RouteSpec, RouteTable, Scheme};
 
 /// Body sent to a backend: the client's (with the size limit), or empty for
 /// requests without one (so that they can be sent again on retry).
-pub type ReqBody = Either<LimitFlag<Limited<Incoming>>, Empty<Bytes>>;
+pub type ReqBody = Either<ClientBody<Limited<Incoming>>, Empty<Bytes>>;
 
-/// A body that notes when it failed for being over the size limit: over
-/// HTTP/2 that cause does not survive in the send error, and the answer
-/// must still be 413, not 502.
-pub struct LimitFlag<B> {
-    inner: B,
-    hit: Arc<std::sync::atomic::AtomicBool>,
+/// The client's side of a request body failed: what the send error cannot
+/// say (over HTTP/2 the cause does not survive in it), noted by the body.
+#[derive(Debug, Default)]
+pub struct BodyFault(std::sync::atomic::AtomicU8);
+
+impl BodyFault {
+    const NONE: u8 = 0;
+    const OVER_LIMIT: u8 = 1;
+    const BROKEN: u8 = 2;
+
+    /// The error to answer with when sending failed because of the
+    /// client's body: 413 over the limit, 400 for a body that broke (bad
+    /// chunked framing, the client gone mid-upload). Neither is the
+    /// backend's fault.
+    fn error(&self) -> Option<ProxyError> {
+        match self.0.load(Relaxed) {
+            Self::OVER_LIMIT => Some(ProxyError::new(ErrorKind::BodyTooLarge)),
+            Self::BROKEN => Some(ProxyError::new(ErrorKind::ClientBody)),
+            _ => None,
+        }
+    }
 }
 
-impl<B> hyper::body::Body for LimitFlag<B>
+/// The client's request body as sent to a backend, noting in a
+/// [`BodyFault`] when it fails.
+pub struct ClientBody<B> {
+    inner: B,
+    fault: Arc<BodyFault>,
+}
+
+impl<B> hyper::body::Body for ClientBody<B>
 where
     B: hyper::body::Body<Error = Box<dyn std::error::Error + Send + Sync>> + Unpin,
 {
@@ -122,10 +144,17 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Err(e))) = &polled
-            && e.is::<http_body_util::LengthLimitError>()
-        {
-            self.hit.store(true, Relaxed);
+        if let std::task::Poll::Ready(Some(Err(e))) = &polled {
+            let fault = if e.is::<http_body_util::LengthLimitError>() {
+                BodyFault::OVER_LIMIT
+            } else {
+                BodyFault::BROKEN
+            };
+            // The first fault is the cause.
+            let _ = self
+                .fault
+                .0
+                .compare_exchange(BodyFault::NONE, fault, Relaxed, Relaxed);
         }
         polled
     }
@@ -989,8 +1018,8 @@ impl Worker {
             .max_body_bytes
             .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
         let mut body = Some(body);
-        // Only requests with a body can go over the limit.
-        let over_limit = (!body_empty).then(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        // Only requests with a body can go over the limit or break.
+        let body_fault = (!body_empty).then(|| Arc::new(BodyFault::default()));
         let mut tried: Vec<usize> = Vec::new();
         let mut last_err: Option<ProxyError> = None;
 
@@ -1013,9 +1042,9 @@ impl Worker {
             let last_attempt = tried.len() + 1 >= max_attempts;
 
             let req_body: ReqBody = match body.take() {
-                Some(b) if !body_empty => Either::Left(LimitFlag {
+                Some(b) if !body_empty => Either::Left(ClientBody {
                     inner: Limited::new(b, limit),
-                    hit: over_limit.clone().unwrap_or_default(),
+                    fault: body_fault.clone().unwrap_or_default(),
                 }),
                 _ => Either::Right(Empty::new()),
             };
@@ -1076,8 +1105,11 @@ impl Worker {
             brt.in_flight.fetch_sub(1, Relaxed);
             match sent {
                 Ok(Ok(resp)) => break resp,
-                Ok(Err(_)) if over_limit.as_ref().is_some_and(|f| f.load(Relaxed)) => {
-                    return Err(ProxyError::new(ErrorKind::BodyTooLarge));
+                Ok(Err(e)) if body_fault.as_ref().is_some_and(|f| f.error().is_some()) => {
+                    // The client's fault: no ejection, no retry, a 4xx.
+                    let fault = body_fault.as_ref().and_then(|f| f.error());
+                    debug!(error = %e, "client request body failed");
+                    return Err(fault.unwrap_or(e));
                 }
                 Ok(Err(e)) => {
                     if e.kind == ErrorKind::Connect {

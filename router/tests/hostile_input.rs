@@ -169,3 +169,56 @@ async fn an_http2_header_block_over_the_limit_gets_431_once() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
     assert_eq!(be.hits.load(Relaxed), 1);
 }
+
+#[tokio::test]
+async fn a_malformed_or_aborted_request_body_is_the_clients_fault_not_the_backends() {
+    let be = backend("be").await;
+    let r = router(
+        RouterOptions::default(),
+        vec![spec(&["a.test"], "/", vec![b("be", be.addr)])],
+    )
+    .await;
+    let wait = Duration::from_secs(3);
+    // A bad chunk size, after a good chunk.
+    let bad = b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n\r\n";
+    let out = raw(r.addr, bad, wait).await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    // An upload cut short: the client is gone, nothing to answer.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1000\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        // Let the request reach the backend, then leave.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(s);
+    }
+    // Both counted as the client's (4xx), none as the backend's (5xx),
+    // and the backend is neither ejected nor charged with a failure.
+    let mut out = String::new();
+    assert!(
+        eventually(Duration::from_secs(3), async || {
+            out.clear();
+            r.router.render_metrics(&mut out);
+            out.contains("portless_router_requests_total{route=\"a.test/\",class=\"4xx\"} 2")
+        })
+        .await,
+        "{out}"
+    );
+    assert!(
+        out.contains("portless_router_requests_total{route=\"a.test/\",class=\"5xx\"} 0"),
+        "{out}"
+    );
+    let st = r.router.status();
+    assert_eq!(st[0].backends[0].state, "healthy");
+    assert_eq!(st[0].backends[0].connect_failures, 0);
+    assert!(out.contains("portless_router_ejections_total 0"), "{out}");
+    // And the route still serves.
+    assert_eq!(
+        curl(&format!("http://a.test:{}/", r.addr.port()), &[])
+            .await
+            .status,
+        200
+    );
+}

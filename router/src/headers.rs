@@ -8,6 +8,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -122,9 +123,58 @@ pub struct ClientInfo {
     pub tls: bool,
 }
 
-/// Set `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and
-/// `Forwarded` for a request to a backend. `host` is the request's host as
-/// received (port included).
+/// Whether `name` (lower case, as `HeaderName` keeps it) is a client
+/// address header that a backend might believe: `Forwarded`, `X-Real-IP`
+/// or any `X-Forwarded-*`, spelled with dashes (`dashed`) or with some
+/// underscores in their place (which some backends read as the dashed
+/// name: CGI, PHP, WSGI turn both into `HTTP_X_FORWARDED_FOR`).
+fn forwarding_name(name: &str) -> Option<Spelling> {
+    fn same(a: &[u8], b: &[u8]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x == y || (*x == b'_' && *y == b'-'))
+    }
+    let n = name.as_bytes();
+    let hit = same(n, b"forwarded")
+        || same(n, b"x-real-ip")
+        || (n.len() > 12 && same(&n[..12], b"x-forwarded-"));
+    match hit {
+        false => None,
+        true if n.contains(&b'_') => Some(Spelling::Underscored),
+        true => Some(Spelling::Dashed),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spelling {
+    Dashed,
+    Underscored,
+}
+
+/// Drop the client address headers the router does not vouch for: from
+/// anyone, their underscore spellings; from an untrusted client, every
+/// `X-Forwarded-*` too (`-Port`, `-Prefix`, ...: the ones the router sets
+/// are replaced anyway). One pass over the names, no allocation when there
+/// is nothing to drop (the common case).
+fn drop_spoofable(headers: &mut HeaderMap, trusted: bool) {
+    let doomed = |k: &HeaderName| match forwarding_name(k.as_str()) {
+        Some(Spelling::Underscored) => true,
+        Some(Spelling::Dashed) => !trusted,
+        None => false,
+    };
+    if !headers.keys().any(doomed) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|k| doomed(k)).cloned().collect();
+    for n in names {
+        headers.remove(n);
+    }
+}
+
+/// Set `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`,
+/// `Forwarded` and `X-Real-IP` for a request to a backend. `host` is the
+/// request's host as received (port included).
 ///
 /// Once per proxied request: no `format!`, and for an untrusted client
 /// (the common case) one `insert` per header, which also drops whatever
@@ -133,6 +183,13 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, host: &str) {
     let proto: &'static str = if client.tls { "https" } else { "http" };
     let mut ip_buf = IpText::default();
     let ip = ip_buf.format(client.addr);
+    drop_spoofable(headers, client.trusted);
+
+    // As Traefik does: the connection's address, unless a trusted proxy
+    // said who its client was.
+    if !(client.trusted && headers.contains_key(&X_REAL_IP)) {
+        set(headers, &X_REAL_IP, ip.to_vec());
+    }
 
     let prev_xff = client
         .trusted
@@ -341,6 +398,55 @@ mod tests {
             h["forwarded"],
             "for=192.0.2.7;proto=https;host=\"shop.example.com\""
         );
+    }
+
+    #[test]
+    fn forwarding_names_in_every_spelling() {
+        use Spelling::*;
+        for (name, want) in [
+            ("x-forwarded-for", Some(Dashed)),
+            ("x-forwarded-prefix", Some(Dashed)),
+            ("forwarded", Some(Dashed)),
+            ("x-real-ip", Some(Dashed)),
+            ("x_forwarded_for", Some(Underscored)),
+            ("x-forwarded_host", Some(Underscored)),
+            ("x_real_ip", Some(Underscored)),
+            ("x_forwarded_", None),
+            ("x-forwarded-", None),
+            ("x-forwardedfor", None),
+            ("x-app_id", None),
+            ("forwarded-x", None),
+            ("host", None),
+        ] {
+            assert_eq!(forwarding_name(name), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn untrusted_spellings_and_extras_go_trusted_underscores_go() {
+        let src = [
+            ("x-forwarded-port", "1"),
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-app_id", "kept"),
+        ];
+        let mut h = map(&src);
+        let c = ClientInfo {
+            addr: "192.0.2.7".parse().unwrap(),
+            trusted: false,
+            tls: false,
+        };
+        set_forwarded(&mut h, &c, "a.test");
+        assert_eq!(h["x-real-ip"], "192.0.2.7");
+        assert!(!h.contains_key("x-forwarded-port"));
+        assert!(!h.contains_key("x_forwarded_for"));
+        assert_eq!(h["x-app_id"], "kept");
+        let mut h = map(&src);
+        let c = ClientInfo { trusted: true, ..c };
+        set_forwarded(&mut h, &c, "a.test");
+        assert_eq!(h["x-real-ip"], "6.6.6.6");
+        assert_eq!(h["x-forwarded-port"], "1");
+        assert!(!h.contains_key("x_forwarded_for"));
     }
 
     #[test]

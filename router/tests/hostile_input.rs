@@ -222,3 +222,69 @@ async fn a_malformed_or_aborted_request_body_is_the_clients_fault_not_the_backen
         200
     );
 }
+
+#[tokio::test]
+async fn x_real_ip_comes_from_the_connection_and_underscore_spellings_are_dropped() {
+    let be = backend("be").await;
+    let specs = || vec![spec(&["a.test"], "/", vec![b("be", be.addr)])];
+    let spoof = [
+        "-H",
+        "X-Real-IP: 6.6.6.6",
+        "-H",
+        "X_Forwarded_For: 6.6.6.6",
+        "-H",
+        "x_real_ip: 6.6.6.6",
+        "-H",
+        "X_FORWARDED_HOST: evil.test",
+        "-H",
+        "X-Forwarded-Port: 6666",
+        "-H",
+        "X-Forwarded_Proto: https",
+        "-H",
+        "X_Real_Ip: 6.6.6.6",
+        "-H",
+        "X-App_Id: kept",
+    ];
+    let r = router(RouterOptions::default(), specs()).await;
+    let got = curl(&format!("http://a.test:{}/", r.addr.port()), &spoof).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert!(got.body.contains("x-real-ip: 127.0.0.1\n"), "{}", got.body);
+    assert!(
+        got.body.contains("x-forwarded-for: 127.0.0.1\n"),
+        "{}",
+        got.body
+    );
+    assert!(!got.body.contains("6.6.6.6"), "{}", got.body);
+    assert!(!got.body.contains("6666"), "{}", got.body);
+    assert!(!got.body.contains("evil.test"), "{}", got.body);
+    assert!(!got.body.contains("https"), "{}", got.body);
+    // Other names with underscores are the application's business.
+    assert!(got.body.contains("x-app_id: kept\n"), "{}", got.body);
+
+    // A trusted proxy's X-Real-IP (and dashed X-Forwarded-*) are kept; an
+    // underscore spelling is still dropped, whoever sent it.
+    let trusted = RouterOptions {
+        trusted_proxies: vec!["127.0.0.0/8".parse().unwrap()],
+        ..Default::default()
+    };
+    let r = router(trusted, specs()).await;
+    let got = curl(
+        &format!("http://a.test:{}/", r.addr.port()),
+        &[
+            "-H",
+            "X-Real-IP: 203.0.113.9",
+            "-H",
+            "X-Forwarded-Port: 443",
+            "-H",
+            "X_Forwarded_For: 6.6.6.6",
+        ],
+    )
+    .await;
+    assert!(
+        got.body.contains("x-real-ip: 203.0.113.9\n"),
+        "{}",
+        got.body
+    );
+    assert!(got.body.contains("x-forwarded-port: 443\n"), "{}", got.body);
+    assert!(!got.body.contains("6.6.6.6"), "{}", got.body);
+}

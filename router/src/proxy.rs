@@ -199,8 +199,8 @@ pub struct RouterOptions {
     /// When set, the plain listener answers requests for routed hosts with
     /// a 308 to https on this port.
     pub redirect_https_port: Option<u16>,
-    /// Pooled connections to backends idle for longer are closed (checked
-    /// when the pool is next used for that backend).
+    /// Pooled connections to backends idle for longer are closed (swept
+    /// every quarter of it, traffic or not).
     pub pool_idle_timeout: Duration,
     /// Most pooled connections kept per backend and thread.
     pub pool_max_idle_per_backend: usize,
@@ -295,7 +295,7 @@ struct Shared {
 /// same single-threaded runtime, with no cross-thread wake-ups.
 struct Worker {
     shared: Arc<Shared>,
-    pool: Http1Pool,
+    pool: Arc<Http1Pool>,
 }
 
 impl std::ops::Deref for Worker {
@@ -308,11 +308,13 @@ impl std::ops::Deref for Worker {
 
 impl Worker {
     fn new(shared: Arc<Shared>) -> Self {
-        let pool = Http1Pool::new(
+        let pool = Arc::new(Http1Pool::new(
             shared.opts.pool_max_idle_per_backend,
             shared.opts.connect_timeout,
             shared.opts.pool_idle_timeout,
-        );
+        ));
+        // On the worker's own runtime: the pool is its thread's.
+        Http1Pool::spawn_sweeper(&pool);
         Worker { shared, pool }
     }
 }

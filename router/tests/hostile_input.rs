@@ -288,3 +288,30 @@ async fn x_real_ip_comes_from_the_connection_and_underscore_spellings_are_droppe
     assert!(got.body.contains("x-forwarded-port: 443\n"), "{}", got.body);
     assert!(!got.body.contains("6.6.6.6"), "{}", got.body);
 }
+
+#[tokio::test]
+async fn idle_pooled_backend_connections_close_on_time_when_traffic_stops() {
+    let be = backend("be").await;
+    let opts = RouterOptions {
+        pool_idle_timeout: Duration::from_millis(400),
+        ..Default::default()
+    };
+    let r = router(opts, vec![spec(&["a.test"], "/", vec![b("be", be.addr)])]).await;
+    // Some at once: some pooled connections.
+    let u = format!("http://a.test:{}/", r.addr.port());
+    let urls = [u.as_str(), "-Z", &u, &u, &u];
+    let got = curl(&u, &urls).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert!(be.open.load(Relaxed) >= 1, "{}", be.open.load(Relaxed));
+    // No traffic after: they are closed by the idle timeout all the same
+    // (checked a quarter of it after, at worst).
+    let start = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(3), async || be.open.load(Relaxed) == 0).await,
+        "{} backend connections still open",
+        be.open.load(Relaxed)
+    );
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    // And the pool still serves.
+    assert_eq!(curl(&u, &[]).await.status, 200);
+}

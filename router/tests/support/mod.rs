@@ -28,6 +28,8 @@ pub struct TestBackend {
     pub name: &'static str,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
+    /// Connections open to this backend now.
+    pub open: Arc<std::sync::atomic::AtomicI64>,
     stop: tokio::sync::watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -164,6 +166,8 @@ pub async fn backend_with_idle(name: &'static str, idle: Option<Duration>) -> Te
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicU64::new(0));
     let h = hits.clone();
+    let open = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let open_count = open.clone();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
         // Dropping the set (when this task is aborted) aborts every
@@ -177,7 +181,10 @@ pub async fn backend_with_idle(name: &'static str, idle: Option<Duration>) -> Te
             };
             let h = h.clone();
             let mut stop_conn = stop_rx.clone();
+            open_count.fetch_add(1, Ordering::Relaxed);
+            let open_conn = OpenGuard(open_count.clone());
             conns.spawn(async move {
+                let _open = open_conn;
                 let svc = service_fn(move |req| {
                     let h = h.clone();
                     async move { Ok::<_, Infallible>(serve_backend(name, h, req).await) }
@@ -207,8 +214,18 @@ pub async fn backend_with_idle(name: &'static str, idle: Option<Duration>) -> Te
         name,
         addr,
         hits,
+        open,
         stop,
         task,
+    }
+}
+
+/// Counts a backend connection open until dropped.
+struct OpenGuard(Arc<std::sync::atomic::AtomicI64>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

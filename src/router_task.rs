@@ -129,6 +129,7 @@ async fn run(
         connect_timeout: cfg.connect_timeout,
         upstream_timeout: cfg.upstream_timeout,
         eject_for: cfg.eject_for,
+        send_timeout: cfg.send_timeout,
         trusted_proxies: cfg.trusted_proxies.clone(),
         proxy_protocol: cfg.proxy_protocol,
         ..RouterOptions::default()

@@ -92,7 +92,7 @@ use crate::error::{ErrorKind, ProxyError, RetryType};
 use crate::h1_guard::{FramingHandle, H1Guard, Verdict};
 use crate::headers::{self, ClientInfo};
 use crate::host::{normalize_authority, same_authority};
-use crate::io::{Prefixed, read_proxy_header};
+use crate::io::{Prefixed, SendTimeout, read_proxy_header};
 use crate::metrics::{self, Metrics, RouteStats};
 use crate::pool::Http1Pool;
 use crate::proxy_protocol::ProxyHeader;
@@ -204,6 +204,10 @@ pub struct RouterOptions {
     pub pool_idle_timeout: Duration,
     /// Most pooled connections kept per backend and thread.
     pub pool_max_idle_per_backend: usize,
+    /// A client connection whose writes make no progress for this long (a
+    /// client that stopped reading) is closed, and the backend connection
+    /// of its answer with it (nginx's `send_timeout`).
+    pub send_timeout: Duration,
 }
 
 impl Default for RouterOptions {
@@ -221,6 +225,7 @@ impl Default for RouterOptions {
             redirect_https_port: None,
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle_per_backend: 256,
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -771,7 +776,10 @@ impl Worker {
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let framing = h1.then(|| FramingHandle::new(max_head(&self.opts), self.opts.max_headers));
-        let io = TokioIo::new(H1Guard::new(io, framing.clone()));
+        let io = TokioIo::new(H1Guard::new(
+            SendTimeout::new(io, self.opts.send_timeout),
+            framing.clone(),
+        ));
         let worker = self.clone();
         // Requests on this connection, for the idle watch below.
         let activity = Arc::new(Activity::default());

@@ -315,3 +315,54 @@ async fn idle_pooled_backend_connections_close_on_time_when_traffic_stops() {
     // And the pool still serves.
     assert_eq!(curl(&u, &[]).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_after_the_send_timeout_and_frees_its_backend() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let be = backend("be").await;
+    let opts = RouterOptions {
+        send_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let r = router(opts, vec![spec(&["a.test"], "/", vec![b("be", be.addr)])]).await;
+    // A small receive window, so that 8 MiB cannot all sit in buffers.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(r.addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    // Never read while the answer is being written.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(be.open.load(Relaxed), 1);
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    // The router gave up on the client: its backend connection is gone
+    // (an answer cut short cannot go back to the pool)...
+    assert!(
+        eventually(Duration::from_secs(3), async || be.open.load(Relaxed) == 0).await,
+        "the backend connection is still held"
+    );
+    // ...and the client's connection ends before the whole answer.
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection is still open");
+    assert!(got.len() < 8 << 20, "{} bytes: the whole answer", got.len());
+    // A client that reads slowly but steadily is not cut off: each write
+    // progresses within the timeout.
+    let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"GET /stream HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.contains("chunk 9"), "{out}");
+}

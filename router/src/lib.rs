@@ -18,12 +18,16 @@
 //!   hyper accepts, dropping the former) gets 400.
 //! - [`tls`]: the rustls SNI certificate resolver over a directory.
 //! - [`metrics`]: lock-free counters, rendered as Prometheus text.
+//! - [`access_log`]: one JSON line per request, queued by the request path
+//!   and written by a thread of its own.
 //!
-//! It does not discover routes or render JSON: the binary does those.
+//! It does not discover routes or render status as JSON: the binary does
+//! those.
 
 // Tests may unwrap: a panic there is a failed test, with its message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod access_log;
 pub mod balance;
 pub mod error;
 mod h1_guard;

@@ -171,12 +171,16 @@ pub(crate) fn render<'a>(
             &m.websocket_upgrades,
         ),
     ] {
-        let _ = writeln!(
-            out,
-            "# HELP portless_router_{name} {help}\n# TYPE portless_router_{name} counter\nportless_router_{name} {}",
-            v.load(Relaxed)
-        );
+        render_counter(out, name, help, v.load(Relaxed));
     }
+}
+
+/// One router-wide counter.
+pub(crate) fn render_counter(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP portless_router_{name} {help}\n# TYPE portless_router_{name} counter\nportless_router_{name} {v}"
+    );
 }
 
 #[cfg(test)]

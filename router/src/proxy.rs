@@ -87,8 +87,9 @@ pub fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
     Ok(out)
 }
 
+use crate::access_log::{AccessLog, Entry};
 use crate::balance::{self, Candidate};
-use crate::error::{ErrorKind, ProxyError, RetryType};
+use crate::error::{ErrorKind, ErrorSource, ProxyError, RetryType};
 use crate::h1_guard::{FramingHandle, H1Guard, Verdict};
 use crate::headers::{self, ClientInfo};
 use crate::host::{normalize_authority, same_authority};
@@ -208,6 +209,8 @@ pub struct RouterOptions {
     /// client that stopped reading) is closed, and the backend connection
     /// of its answer with it (nginx's `send_timeout`).
     pub send_timeout: Duration,
+    /// Where each request is logged, when at all.
+    pub access_log: Option<AccessLog>,
 }
 
 impl Default for RouterOptions {
@@ -226,6 +229,7 @@ impl Default for RouterOptions {
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle_per_backend: 256,
             send_timeout: Duration::from_secs(60),
+            access_log: None,
         }
     }
 }
@@ -264,6 +268,8 @@ impl BackendRuntime {
 
 struct RouteRuntime {
     key: RouteKey,
+    /// The key again, shared with access log lines.
+    log_key: Arc<str>,
     stats: Arc<RouteStats>,
     backends: Vec<Arc<BackendRuntime>>,
     rr: AtomicUsize,
@@ -445,6 +451,7 @@ impl Router {
                 .collect();
             let rr = AtomicUsize::new(old_rr.get(&key).copied().unwrap_or(0));
             routes.push(RouteRuntime {
+                log_key: Arc::from(key.0.as_str()),
                 key,
                 stats,
                 backends,
@@ -502,6 +509,14 @@ impl Router {
             &self.shared.metrics,
             live.routes.iter().map(|r| (r.key.0.as_str(), &*r.stats)),
         );
+        if let Some(log) = &self.shared.opts.access_log {
+            metrics::render_counter(
+                out,
+                "access_log_dropped_total",
+                "Access log lines dropped because the writer could not keep up.",
+                log.dropped(),
+            );
+        }
     }
 
     /// Serve on `max(http.len(), https.len())` threads, thread `i` taking
@@ -636,10 +651,31 @@ impl Drop for Active {
     }
 }
 
-/// A response body with its request's [`Active`] mark.
+/// A response body with its request's [`Active`] mark, and its access log
+/// line when there is a log: sent when hyper is done with the body (or
+/// drops it), with the bytes it took.
 struct Tracked {
     body: RespBody,
     _active: Active,
+    log: Option<Box<(AccessLog, Entry, Instant)>>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(l) = self.log.take() {
+            let (log, mut entry, start) = *l;
+            entry.duration = start.elapsed();
+            log.log(entry);
+        }
+    }
+}
+
+/// What `forward` learnt about the backend side, for the access log.
+#[derive(Default)]
+struct UpstreamSeen {
+    backend: Option<SocketAddr>,
+    /// From sending to response headers.
+    time: Option<Duration>,
 }
 
 impl Body for Tracked {
@@ -650,7 +686,14 @@ impl Body for Tracked {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        if let (Some(l), std::task::Poll::Ready(Some(Ok(f)))) = (&mut this.log, &polled)
+            && let Some(d) = f.data_ref()
+        {
+            l.1.bytes += d.len() as u64;
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -851,6 +894,29 @@ impl Worker {
     ) -> Result<Response<Tracked>, Infallible> {
         let start = Instant::now();
         let live = self.live.load_full();
+        // Only what the line needs, and only with a log: clones of
+        // reference-counted parts, no formatting.
+        let line = self.opts.access_log.as_ref().map(|_| Entry {
+            time: std::time::SystemTime::now(),
+            client: conn.client.addr,
+            host: match req.uri().authority() {
+                Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+                None => req.headers().get(header::HOST).cloned(),
+            },
+            method: req.method().clone(),
+            path: req.uri().path_and_query().cloned(),
+            status: 0,
+            bytes: 0,
+            duration: Duration::ZERO,
+            route: None,
+            backend: None,
+            upstream: None,
+            tls: conn.client.tls,
+            version: req.version(),
+            fault: None,
+        });
+        let mut seen_up = UpstreamSeen::default();
+        let mut fault = None;
         // Both Content-Length and Transfer-Encoding: hyper kept only the
         // latter, so only the wire (h1_guard) can tell.
         let conflicting = seen.as_ref().is_some_and(|v| v.conflicting);
@@ -864,7 +930,8 @@ impl Worker {
             match self.route(&req, conn, &live) {
                 Routing::Answer(result, idx) => (result, idx),
                 Routing::Forward { idx, raw_host } => (
-                    self.forward(req, conn, &live, idx, &raw_host).await,
+                    self.forward(req, conn, &live, idx, &raw_host, &mut seen_up)
+                        .await,
                     Some(idx),
                 ),
             }
@@ -873,6 +940,11 @@ impl Worker {
             Ok(resp) => resp,
             Err(e) => {
                 debug!(error = %e, status = e.status().as_u16(), "request failed");
+                fault = Some(match e.source_of_fault() {
+                    ErrorSource::Downstream => "client",
+                    ErrorSource::Upstream => "backend",
+                    ErrorSource::Internal => "router",
+                });
                 error_response(&e)
             }
         };
@@ -883,6 +955,17 @@ impl Worker {
         if let Some(v) = seen {
             v.answered(resp.status());
         }
+        let log = match (line, &self.opts.access_log) {
+            (Some(mut e), Some(log)) => {
+                e.status = resp.status().as_u16();
+                e.route = stats.map(|i| live.routes[i].log_key.clone());
+                e.backend = seen_up.backend;
+                e.upstream = seen_up.time;
+                e.fault = fault;
+                Some(Box::new((log.clone(), e, start)))
+            }
+            _ => None,
+        };
         let stats = match stats {
             Some(i) => &*live.routes[i].stats,
             None => &self.metrics.unrouted,
@@ -892,6 +975,7 @@ impl Worker {
         Ok(resp.map(|body| Tracked {
             body,
             _active: active,
+            log,
         }))
     }
 
@@ -972,6 +1056,7 @@ impl Worker {
         live: &Live,
         idx: usize,
         raw_host: &str,
+        seen_up: &mut UpstreamSeen,
     ) -> Result<Response<RespBody>, ProxyError> {
         let route = &live.table.routes()[idx];
         let rt = &live.routes[idx];
@@ -1096,6 +1181,8 @@ impl Worker {
 
             brt.requests.fetch_add(1, Relaxed);
             brt.in_flight.fetch_add(1, Relaxed);
+            seen_up.backend = Some(backend.addr);
+            let sent_at = Instant::now();
             let upstream_timeout = self.opts.upstream_timeout;
             let sent = match backend.scheme {
                 Scheme::Http => {
@@ -1114,7 +1201,10 @@ impl Worker {
             };
             brt.in_flight.fetch_sub(1, Relaxed);
             match sent {
-                Ok(Ok(resp)) => break resp,
+                Ok(Ok(resp)) => {
+                    seen_up.time = Some(sent_at.elapsed());
+                    break resp;
+                }
                 Ok(Err(e)) if body_fault.as_ref().is_some_and(|f| f.error().is_some()) => {
                     // The client's fault: no ejection, no retry, a 4xx.
                     let fault = body_fault.as_ref().and_then(|f| f.error());

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use ipnet::IpNet;
 use portless_router::RouterOptions;
+use portless_router::access_log::Target;
 use serde::Deserialize;
 
 use super::ConfigError;
@@ -75,6 +76,11 @@ pub struct RouterOpts {
     /// of its answer. [default: 60000]
     #[arg(long, env = "PORTLESS_SEND_TIMEOUT_MS", value_name = "MS")]
     pub send_timeout_ms: Option<u64>,
+    /// Log every request as one JSON line to this file (created, appended
+    /// to, reopened when rotated away or on SIGHUP), or to standard output
+    /// with `-`. [default: no access log]
+    #[arg(long, env = "PORTLESS_ACCESS_LOG", value_name = "PATH|-")]
+    pub access_log: Option<String>,
     /// Router threads, each with its own listener socket (SO_REUSEPORT)
     /// and backend connection pool. [default: the number of CPUs]
     #[arg(long, env = "PORTLESS_ROUTER_THREADS", value_name = "N")]
@@ -95,6 +101,7 @@ crate::merge_fields!(RouterOpts {
     upstream_timeout_ms,
     eject_ms,
     send_timeout_ms,
+    access_log,
     router_threads,
 });
 
@@ -115,6 +122,7 @@ pub struct RouterConfig {
     pub upstream_timeout: Duration,
     pub eject_for: Duration,
     pub send_timeout: Duration,
+    pub access_log: Option<Target>,
     pub threads: usize,
 }
 
@@ -227,6 +235,11 @@ impl RouterOpts {
                 default_ms(RouterOptions::default().send_timeout),
                 3_600_000,
             )?,
+            access_log: match self.access_log.as_deref() {
+                None => None,
+                Some("") => return Err(ConfigError::new("--access-log: a path, or - for stdout")),
+                Some(s) => Some(Target::parse(s)),
+            },
             threads,
         })
     }
@@ -247,6 +260,7 @@ mod tests {
         assert_eq!(c.max_body_bytes, None);
         assert_eq!(c.upstream_timeout, Duration::from_secs(60));
         assert_eq!(c.send_timeout, Duration::from_secs(60));
+        assert_eq!(c.access_log, None);
     }
 
     #[test]
@@ -276,7 +290,7 @@ mod tests {
     #[test]
     fn toml_table_parses_and_rejects_unknown_keys() {
         let o: RouterOpts = toml::from_str(
-            "http-listen = \"127.0.0.1:8080\"\ntrusted-proxy = [\"10.0.0.0/8\"]\nproxy-protocol = true\nmax-body-bytes = 1048576\nsend-timeout-ms = 5000\n",
+            "http-listen = \"127.0.0.1:8080\"\ntrusted-proxy = [\"10.0.0.0/8\"]\nproxy-protocol = true\nmax-body-bytes = 1048576\nsend-timeout-ms = 5000\naccess-log = \"-\"\n",
         )
         .unwrap();
         let c = o.resolve().unwrap();
@@ -285,6 +299,7 @@ mod tests {
         assert!(c.proxy_protocol);
         assert_eq!(c.max_body_bytes, Some(1_048_576));
         assert_eq!(c.send_timeout, Duration::from_secs(5));
+        assert_eq!(c.access_log, Some(Target::Stdout));
         assert!(toml::from_str::<RouterOpts>("listen = 1").is_err());
     }
 }

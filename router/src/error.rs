@@ -61,6 +61,17 @@ pub enum ErrorKind {
     MethodNotAllowed,
 }
 
+/// Whether a failure of this kind allows sending the request elsewhere.
+pub fn retry_type(kind: ErrorKind) -> RetryType {
+    match kind {
+        ErrorKind::Connect => RetryType::Safe,
+        // RFC 9110 9.2.2: a request idempotent by its method may be
+        // sent again when the connection failed before the answer.
+        ErrorKind::UpstreamClosed | ErrorKind::UpstreamProtocol => RetryType::IdempotentOnly,
+        _ => RetryType::Unsafe,
+    }
+}
+
 /// A proxy failure.
 #[derive(Debug)]
 pub struct ProxyError {
@@ -99,13 +110,7 @@ impl ProxyError {
     }
 
     pub fn retry(&self) -> RetryType {
-        match self.kind {
-            ErrorKind::Connect => RetryType::Safe,
-            // RFC 9110 9.2.2: a request idempotent by its method may be
-            // sent again when the connection failed before the answer.
-            ErrorKind::UpstreamClosed | ErrorKind::UpstreamProtocol => RetryType::IdempotentOnly,
-            _ => RetryType::Unsafe,
-        }
+        retry_type(self.kind)
     }
 
     /// The one mapping from error to status code.

@@ -7,6 +7,7 @@
 //! Layers, pure first:
 //! - [`host`], [`table`]: host normalisation and route matching (no I/O).
 //! - [`balance`]: backend choice (round-robin over health tiers).
+//! - [`policy`]: retry and ejection decisions (pure, time passed in).
 //! - [`proxy_protocol`], [`headers`], [`error`]: wire parsing, header
 //!   rewriting and the error → status mapping.
 //! - [`Router`] (in `proxy`): the hyper shell that serves listeners handed
@@ -38,6 +39,7 @@ pub use h1_guard::fuzzing as h1_guard_fuzzing;
 pub mod headers;
 pub mod host;
 pub mod metrics;
+pub mod policy;
 mod pool;
 pub mod proxy_protocol;
 pub mod table;

@@ -89,12 +89,13 @@ pub fn bind_reuseport(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
 
 use crate::access_log::{AccessLog, Entry};
 use crate::balance::{self, Candidate};
-use crate::error::{ErrorKind, ErrorSource, ProxyError, RetryType};
+use crate::error::{ErrorKind, ErrorSource, ProxyError};
 use crate::h1_guard::{FramingHandle, H1Guard, Verdict};
 use crate::headers::{self, ClientInfo};
 use crate::host::{normalize_authority, same_authority};
 use crate::io::{Prefixed, SendTimeout, read_proxy_header};
 use crate::metrics::{self, Metrics, RouteStats};
+use crate::policy;
 use crate::pool::Http1Pool;
 use crate::proxy_protocol::ProxyHeader;
 use crate::table::{BackendState, RouteKey, RouteSpec, RouteTable, Scheme};
@@ -1091,23 +1092,8 @@ impl Worker {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
         let body_empty = body.is_end_stream();
-        let idempotent = matches!(
-            parts.method,
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::PUT
-                | Method::DELETE
-                | Method::TRACE
-        );
-        // Only a request without a body can be sent again (the body is
-        // streamed, not buffered); which failures allow it depends on the
-        // method (see the retry check below).
-        let max_attempts = if body_empty {
-            route.backends.len().min(3)
-        } else {
-            1
-        };
+        let traits = policy::RequestTraits::of(&parts.method, body_empty);
+        let max_attempts = policy::max_attempts(route.backends.len(), traits);
         let limit = self
             .opts
             .max_body_bytes
@@ -1212,21 +1198,24 @@ impl Worker {
                     return Err(fault.unwrap_or(e));
                 }
                 Ok(Err(e)) => {
+                    let outcome = policy::after_failure(
+                        e.kind,
+                        tried.len() + 1,
+                        max_attempts,
+                        traits,
+                        self.now_ms(),
+                        self.opts.eject_for,
+                    );
                     if e.kind == ErrorKind::Connect {
                         self.metrics.upstream_connect_errors.fetch_add(1, Relaxed);
-                        self.metrics.ejections.fetch_add(1, Relaxed);
                         brt.connect_failures.fetch_add(1, Relaxed);
-                        let until = self.now_ms()
-                            + u64::try_from(self.opts.eject_for.as_millis()).unwrap_or(u64::MAX);
+                    }
+                    if let Some(until) = outcome.eject_until_ms {
+                        self.metrics.ejections.fetch_add(1, Relaxed);
                         brt.ejected_until_ms.store(until, Relaxed);
                         debug!(backend = %backend.id, addr = %backend.addr, error = %e, "backend ejected");
                     }
-                    let may_retry = match e.retry() {
-                        RetryType::Safe => true,
-                        RetryType::IdempotentOnly => idempotent,
-                        RetryType::Unsafe => false,
-                    };
-                    if may_retry && !last_attempt {
+                    if outcome.retry {
                         self.metrics.retries.fetch_add(1, Relaxed);
                         tried.push(bi);
                         last_err = Some(e);

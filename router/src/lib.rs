@@ -30,6 +30,7 @@
 
 pub mod access_log;
 pub mod balance;
+mod body;
 pub mod error;
 mod h1_guard;
 /// For the `h1_framing` fuzz target only (the `fuzzing` feature).
@@ -39,6 +40,7 @@ pub use h1_guard::fuzzing as h1_guard_fuzzing;
 pub mod headers;
 pub mod host;
 pub mod metrics;
+mod options;
 pub mod policy;
 mod pool;
 pub mod proxy_protocol;
@@ -50,7 +52,6 @@ pub mod io;
 mod proxy;
 pub mod tls;
 
-pub use proxy::{
-    BackendStatus, BodyFault, ClientBody, ReqBody, RespBody, RouteStatus, Router, RouterOptions,
-    RouterThreads, bind_reuseport,
-};
+pub use body::{BodyFault, ClientBody, ReqBody, RespBody};
+pub use options::RouterOptions;
+pub use proxy::{BackendStatus, RouteStatus, Router, RouterThreads, bind_reuseport};

@@ -18,8 +18,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::body::ReqBody;
 use crate::error::{ErrorKind, ProxyError};
-use crate::proxy::ReqBody;
 
 type Conns = HashMap<SocketAddr, Vec<(http1::SendRequest<ReqBody>, Instant)>>;
 

@@ -1,0 +1,526 @@
+//! One request: route it, prepare the upstream request, send it (with
+//! retries), finish the response.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme as UriScheme};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{Either, Empty, Full, Limited};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+use super::state::{Active, ConnInfo, Live, OpenConn, Worker};
+use crate::access_log::{AccessLog, Entry};
+use crate::balance::{self, Candidate};
+use crate::body::{BodyFault, ClientBody, ReqBody, RespBody};
+use crate::error::{ErrorKind, ErrorSource, ProxyError};
+use crate::h1_guard::Verdict;
+use crate::headers;
+use crate::host::{normalize_authority, same_authority};
+use crate::policy;
+use crate::table::Scheme;
+
+/// What [`Worker::route`] decided for a request.
+pub(crate) enum Routing {
+    /// Answered without a backend, with the route it matched if any.
+    Answer(Result<Response<RespBody>, ProxyError>, Option<usize>),
+    /// Forward on route `idx`; `raw_host` is the host as the client sent it.
+    Forward { idx: usize, raw_host: String },
+}
+
+/// A response body with its request's [`Active`] mark, and its access log
+/// line when there is a log: sent when hyper is done with the body (or
+/// drops it), with the bytes it took.
+pub(crate) struct Tracked {
+    pub(crate) body: RespBody,
+    pub(crate) _active: Active,
+    pub(crate) log: Option<Box<(AccessLog, Entry, Instant)>>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(l) = self.log.take() {
+            let (log, mut entry, start) = *l;
+            entry.duration = start.elapsed();
+            log.log(entry);
+        }
+    }
+}
+
+/// What `forward` learnt about the backend side, for the access log.
+#[derive(Default)]
+pub(crate) struct UpstreamSeen {
+    pub(crate) backend: Option<SocketAddr>,
+    /// From sending to response headers.
+    pub(crate) time: Option<Duration>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = <RespBody as Body>::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        if let (Some(l), std::task::Poll::Ready(Some(Ok(f)))) = (&mut this.log, &polled)
+            && let Some(d) = f.data_ref()
+        {
+            l.1.bytes += d.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Worker {
+    /// One request. The request path is kept to few levels of futures
+    /// (`handle` awaits `forward`, routing is synchronous, `forward` times
+    /// the pool's future itself): rustc keeps an awaited future beside the
+    /// temporary it was built in, so each level of `async fn` roughly
+    /// doubled the size of the future that hyper moves, and memcpy copies,
+    /// several times per request. It was 17.7 KiB, it is 6.1 KiB; that took
+    /// 38,300 user-space instructions per request to 36,500
+    /// (bench/router_instr.sh).
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        seen: Option<Verdict>,
+        active: Active,
+    ) -> Result<Response<Tracked>, Infallible> {
+        let start = Instant::now();
+        let live = self.live.load_full();
+        // Only what the line needs, and only with a log: clones of
+        // reference-counted parts, no formatting.
+        let line = self.opts.access_log.as_ref().map(|_| Entry {
+            time: std::time::SystemTime::now(),
+            client: conn.client.addr,
+            host: match req.uri().authority() {
+                Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+                None => req.headers().get(header::HOST).cloned(),
+            },
+            method: req.method().clone(),
+            path: req.uri().path_and_query().cloned(),
+            status: 0,
+            bytes: 0,
+            duration: Duration::ZERO,
+            route: None,
+            backend: None,
+            upstream: None,
+            tls: conn.client.tls,
+            version: req.version(),
+            fault: None,
+        });
+        let mut seen_up = UpstreamSeen::default();
+        let mut fault = None;
+        // Both Content-Length and Transfer-Encoding: hyper kept only the
+        // latter, so only the wire (h1_guard) can tell.
+        let conflicting = seen.as_ref().is_some_and(|v| v.conflicting);
+        let (result, stats) = if conflicting {
+            let e = ProxyError::with_cause(
+                ErrorKind::BadRequest,
+                "both Content-Length and Transfer-Encoding",
+            );
+            (Err(e), None)
+        } else {
+            match self.route(&req, conn, &live) {
+                Routing::Answer(result, idx) => (result, idx),
+                Routing::Forward { idx, raw_host } => (
+                    self.forward(req, conn, &live, idx, &raw_host, &mut seen_up)
+                        .await,
+                    Some(idx),
+                ),
+            }
+        };
+        let mut resp = match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                debug!(error = %e, status = e.status().as_u16(), "request failed");
+                fault = Some(match e.source_of_fault() {
+                    ErrorSource::Downstream => "client",
+                    ErrorSource::Upstream => "backend",
+                    ErrorSource::Internal => "router",
+                });
+                error_response(&e)
+            }
+        };
+        if conflicting {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(v) = seen {
+            v.answered(resp.status());
+        }
+        let log = match (line, &self.opts.access_log) {
+            (Some(mut e), Some(log)) => {
+                e.status = resp.status().as_u16();
+                e.route = stats.map(|i| live.routes[i].log_key.clone());
+                e.backend = seen_up.backend;
+                e.upstream = seen_up.time;
+                e.fault = fault;
+                Some(Box::new((log.clone(), e, start)))
+            }
+            _ => None,
+        };
+        let stats = match stats {
+            Some(i) => &*live.routes[i].stats,
+            None => &self.metrics.unrouted,
+        };
+        stats.record(resp.status().as_u16(), start.elapsed());
+        // In progress until hyper is done with the body.
+        Ok(resp.map(|body| Tracked {
+            body,
+            _active: active,
+            log,
+        }))
+    }
+
+    /// Where a request goes: answered here (an error, a redirect) or
+    /// forwarded on a route. The route index comes with an answer too, so
+    /// that it counts against its route.
+    pub(crate) fn route(&self, req: &Request<Incoming>, conn: ConnInfo, live: &Live) -> Routing {
+        use Routing::Answer;
+        if req.method() == Method::CONNECT {
+            return Answer(Err(ProxyError::new(ErrorKind::MethodNotAllowed)), None);
+        }
+        if req.version() == Version::HTTP_2 && h2_header_list_size(req) > self.opts.max_header_bytes
+        {
+            return Answer(Err(ProxyError::new(ErrorKind::HeadersTooLarge)), None);
+        }
+        let bad = |why: &'static str| {
+            Answer(
+                Err(ProxyError::with_cause(ErrorKind::BadRequest, why)),
+                None,
+            )
+        };
+        // One Host at most (RFC 9112 3.2), agreeing with the request
+        // target's authority when both are there (an absolute-form target,
+        // or an HTTP/2 :authority): a proxy and its backend must not see
+        // two different hosts in one request.
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let host_header = hosts.next();
+        if hosts.next().is_some() {
+            return bad("more than one Host");
+        }
+        let host_header = match host_header.map(|h| h.to_str()) {
+            Some(Ok(h)) => Some(h),
+            Some(Err(_)) => return bad("Host is not text"),
+            None => None,
+        };
+        let raw_host = match (req.uri().authority(), host_header) {
+            (Some(a), Some(h)) => {
+                let default_port = if req.uri().scheme() == Some(&UriScheme::HTTPS) {
+                    443
+                } else {
+                    80
+                };
+                if !same_authority(a.as_str(), h, default_port) {
+                    return bad("Host disagrees with the request target");
+                }
+                a.as_str().to_owned()
+            }
+            (Some(a), None) => a.as_str().to_owned(),
+            (None, Some(h)) => h.to_owned(),
+            (None, None) => return bad("no Host"),
+        };
+        let Some(host) = normalize_authority(&raw_host) else {
+            return Answer(Err(ProxyError::new(ErrorKind::BadRequest)), None);
+        };
+        let Some(idx) = live.table.find(&host, req.uri().path()) else {
+            return Answer(Err(ProxyError::new(ErrorKind::NoRoute)), None);
+        };
+        if let (Some(port), false) = (self.opts.redirect_https_port, conn.client.tls) {
+            return Answer(Ok(redirect(&host, port, req.uri())), Some(idx));
+        }
+        if let Some(max) = self.opts.max_body_bytes {
+            let declared = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max) {
+                return Answer(Err(ProxyError::new(ErrorKind::BodyTooLarge)), Some(idx));
+            }
+        }
+        Routing::Forward { idx, raw_host }
+    }
+
+    pub(crate) async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+        live: &Live,
+        idx: usize,
+        raw_host: &str,
+        seen_up: &mut UpstreamSeen,
+    ) -> Result<Response<RespBody>, ProxyError> {
+        let route = &live.table.routes()[idx];
+        let rt = &live.routes[idx];
+        // Only WebSocket is tunnelled; any other Upgrade is removed below
+        // with the hop-by-hop headers, and the request goes as plain HTTP.
+        let upgrade = req.version() == Version::HTTP_11 && headers::wants_websocket(req.headers());
+        let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let te_trailers = headers::te_trailers(req.headers());
+        let (mut parts, body) = req.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers, upgrade);
+        if upgrade {
+            // Not the client's whole offer: the backend may switch to
+            // WebSocket and nothing else.
+            parts
+                .headers
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        if parts.uri.authority().is_some() || !parts.headers.contains_key(header::HOST) {
+            // The host the request was routed by is the one the backend
+            // sees: an HTTP/2 :authority (HTTP/1 backends need it as Host),
+            // or an absolute-form URI's, which overrides Host (RFC 9112
+            // 3.2.2).
+            if let Ok(v) = HeaderValue::from_str(raw_host) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        headers::set_forwarded(&mut parts.headers, &conn.client, raw_host);
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+
+        let body_empty = body.is_end_stream();
+        let traits = policy::RequestTraits::of(&parts.method, body_empty);
+        let max_attempts = policy::max_attempts(route.backends.len(), traits);
+        let limit = self
+            .opts
+            .max_body_bytes
+            .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
+        let mut body = Some(body);
+        // Only requests with a body can go over the limit or break.
+        let body_fault = (!body_empty).then(|| Arc::new(BodyFault::default()));
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last_err: Option<ProxyError> = None;
+
+        let resp = loop {
+            let now = self.now_ms();
+            let pick = balance::pick(
+                route.backends.len(),
+                |i| Candidate {
+                    state: route.backends[i].state,
+                    ejected: rt.backends[i].ejected(now),
+                },
+                rt.rr.fetch_add(1, Relaxed),
+                &tried,
+            );
+            let Some(bi) = pick else {
+                return Err(last_err.unwrap_or_else(|| ProxyError::new(ErrorKind::NoBackend)));
+            };
+            let backend = &route.backends[bi];
+            let brt = &rt.backends[bi];
+            let last_attempt = tried.len() + 1 >= max_attempts;
+
+            let req_body: ReqBody = match body.take() {
+                Some(b) if !body_empty => Either::Left(ClientBody::new(
+                    Limited::new(b, limit),
+                    body_fault.clone().unwrap_or_default(),
+                )),
+                _ => Either::Right(Empty::new()),
+            };
+            let mut up = Request::new(req_body);
+            *up.method_mut() = parts.method.clone();
+            *up.headers_mut() = if last_attempt {
+                std::mem::take(&mut parts.headers)
+            } else {
+                parts.headers.clone()
+            };
+            let authority = match backend.scheme {
+                Scheme::Http => brt.authority.clone(),
+                Scheme::H2c => {
+                    // The backend sees the client's host as :authority.
+                    up.headers_mut().remove(header::HOST);
+                    if te_trailers {
+                        up.headers_mut()
+                            .insert(header::TE, HeaderValue::from_static("trailers"));
+                    }
+                    Authority::try_from(raw_host).unwrap_or_else(|_| brt.authority.clone())
+                }
+            };
+            let mut uri_parts = http::uri::Parts::default();
+            if backend.scheme == Scheme::H2c {
+                // HTTP/2 sends :scheme and :authority from the URI.
+                uri_parts.scheme = Some(UriScheme::HTTP);
+                uri_parts.authority = Some(authority);
+            }
+            // HTTP/1.1: origin-form, the host is in the Host header.
+            uri_parts.path_and_query = Some(path_and_query.clone());
+            *up.uri_mut() = match Uri::from_parts(uri_parts) {
+                Ok(u) => u,
+                Err(e) => return Err(ProxyError::with_cause(ErrorKind::BadRequest, e)),
+            };
+            *up.version_mut() = match backend.scheme {
+                Scheme::Http => Version::HTTP_11,
+                Scheme::H2c => Version::HTTP_2,
+            };
+
+            brt.requests.fetch_add(1, Relaxed);
+            brt.in_flight.fetch_add(1, Relaxed);
+            seen_up.backend = Some(backend.addr);
+            let sent_at = Instant::now();
+            let upstream_timeout = self.opts.upstream_timeout;
+            let sent = match backend.scheme {
+                Scheme::Http => {
+                    tokio::time::timeout(upstream_timeout, self.pool.send(backend.addr, up)).await
+                }
+                // Boxed: only h2c backends take this path, and its large
+                // future would otherwise be part of (and moved with) every
+                // HTTP/1 request's.
+                Scheme::H2c => {
+                    tokio::time::timeout(
+                        upstream_timeout,
+                        Box::pin(self.send_h2(brt, backend.addr, up)),
+                    )
+                    .await
+                }
+            };
+            brt.in_flight.fetch_sub(1, Relaxed);
+            match sent {
+                Ok(Ok(resp)) => {
+                    seen_up.time = Some(sent_at.elapsed());
+                    break resp;
+                }
+                Ok(Err(e)) if body_fault.as_ref().is_some_and(|f| f.error().is_some()) => {
+                    // The client's fault: no ejection, no retry, a 4xx.
+                    let fault = body_fault.as_ref().and_then(|f| f.error());
+                    debug!(error = %e, "client request body failed");
+                    return Err(fault.unwrap_or(e));
+                }
+                Ok(Err(e)) => {
+                    let outcome = policy::after_failure(
+                        e.kind,
+                        tried.len() + 1,
+                        max_attempts,
+                        traits,
+                        self.now_ms(),
+                        self.opts.eject_for,
+                    );
+                    if e.kind == ErrorKind::Connect {
+                        self.metrics.upstream_connect_errors.fetch_add(1, Relaxed);
+                        brt.connect_failures.fetch_add(1, Relaxed);
+                    }
+                    if let Some(until) = outcome.eject_until_ms {
+                        self.metrics.ejections.fetch_add(1, Relaxed);
+                        brt.ejected_until_ms.store(until, Relaxed);
+                        debug!(backend = %backend.id, addr = %backend.addr, error = %e, "backend ejected");
+                    }
+                    if outcome.retry {
+                        self.metrics.retries.fetch_add(1, Relaxed);
+                        tried.push(bi);
+                        last_err = Some(e);
+                        continue;
+                    }
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.metrics.upstream_timeouts.fetch_add(1, Relaxed);
+                    return Err(ProxyError::new(ErrorKind::UpstreamTimeout));
+                }
+            }
+        };
+
+        let mut resp = resp;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(down) = down_upgrade else {
+                return Err(ProxyError::with_cause(
+                    ErrorKind::UpstreamProtocol,
+                    "backend switched protocols unasked",
+                ));
+            };
+            if !headers::wants_websocket(resp.headers()) {
+                return Err(ProxyError::with_cause(
+                    ErrorKind::UpstreamProtocol,
+                    "backend switched to a protocol other than WebSocket",
+                ));
+            }
+            let up = hyper::upgrade::on(&mut resp);
+            self.metrics.websocket_upgrades.fetch_add(1, Relaxed);
+            // The client connection's own count ends when hyper hands the
+            // connection over; the tunnel is counted while it lasts.
+            let open = OpenConn::new(self.shared.clone(), conn.client.tls);
+            tokio::spawn(async move {
+                let _open = open;
+                match tokio::try_join!(up, down) {
+                    Ok((up, down)) => {
+                        let mut up = TokioIo::new(up);
+                        let mut down = TokioIo::new(down);
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                            debug!(error = %e, "upgraded connection ended with an error");
+                        }
+                    }
+                    Err(e) => debug!(error = %e, "upgrade failed"),
+                }
+            });
+        }
+        let (mut rparts, rbody) = resp.into_parts();
+        headers::remove_hop_by_hop(
+            &mut rparts.headers,
+            rparts.status == StatusCode::SWITCHING_PROTOCOLS,
+        );
+        rparts.version = parts.version;
+        Ok(Response::from_parts(rparts, Either::Left(rbody)))
+    }
+}
+
+/// An HTTP/2 request's header list size as RFC 9113 6.5.2 counts it (each
+/// field, pseudo-headers included, plus 32 octets).
+pub(crate) fn h2_header_list_size(req: &Request<Incoming>) -> usize {
+    let uri = req.uri();
+    let pseudo = req.method().as_str().len()
+        + uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri.scheme_str().map_or(0, str::len)
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 32)
+        .sum();
+    pseudo + 4 * 32 + fields
+}
+
+pub(crate) fn error_response(e: &ProxyError) -> Response<RespBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(e.body()))));
+    *resp.status_mut() = e.status();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+pub(crate) fn redirect(host: &str, port: u16, uri: &Uri) -> Response<RespBody> {
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{pq}")
+    } else {
+        format!("https://{host}:{port}{pq}")
+    };
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}

@@ -1,0 +1,70 @@
+//! Upstream connections: the h2c connection cache beside the HTTP/1 pool
+//! (`crate::pool`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::state::{BackendRuntime, Worker};
+use crate::body::ReqBody;
+use crate::error::{ErrorKind, ProxyError};
+
+impl Worker {
+    pub(crate) async fn send_h2(
+        &self,
+        brt: &BackendRuntime,
+        addr: SocketAddr,
+        req: Request<ReqBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let cached = brt.h2.load_full().filter(|s| !s.is_closed());
+        let mut sender = match cached {
+            Some(s) => (*s).clone(),
+            None => self.connect_h2(brt, addr).await?,
+        };
+        if sender.ready().await.is_err() {
+            // The cached connection died between the check and now: the
+            // request was not sent, so a fresh connection is safe.
+            sender = self.connect_h2(brt, addr).await?;
+            sender
+                .ready()
+                .await
+                .map_err(|e| ProxyError::with_cause(ErrorKind::Connect, e))?;
+        }
+        sender
+            .send_request(req)
+            .await
+            .map_err(crate::pool::classify)
+    }
+
+    pub(crate) async fn connect_h2(
+        &self,
+        brt: &BackendRuntime,
+        addr: SocketAddr,
+    ) -> Result<http2::SendRequest<ReqBody>, ProxyError> {
+        let stream = tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ProxyError::with_cause(ErrorKind::Connect, "connect timed out"))?
+            .map_err(|e| ProxyError::with_cause(ErrorKind::Connect, e))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::with_cause(ErrorKind::Connect, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%addr, error = %e, "h2c backend connection ended");
+            }
+        });
+        brt.h2.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
+    }
+}

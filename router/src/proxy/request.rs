@@ -9,22 +9,23 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme as UriScheme};
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{Either, Empty, Full, Limited};
 use hyper::body::{Body, Incoming};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use super::state::{Active, ConnInfo, Live, OpenConn, Worker};
+use super::state::{Active, BackendRuntime, ConnInfo, Live, OpenConn, RouteRuntime, Worker};
 use crate::access_log::{AccessLog, Entry};
 use crate::balance::{self, Candidate};
 use crate::body::{BodyFault, ClientBody, ReqBody, RespBody};
 use crate::error::{ErrorKind, ErrorSource, ProxyError};
 use crate::h1_guard::Verdict;
-use crate::headers;
+use crate::headers::{self, ClientInfo};
 use crate::host::{normalize_authority, same_authority};
 use crate::policy;
-use crate::table::Scheme;
+use crate::table::{Backend, Route, Scheme};
 
 /// What [`Worker::route`] decided for a request.
 pub(crate) enum Routing {
@@ -261,9 +262,12 @@ impl Worker {
         Routing::Forward { idx, raw_host }
     }
 
+    /// Forward on route `idx`: prepare the request once, then pick a
+    /// backend, send, and on failure let the policy say whether to eject
+    /// and try the next; finish the response that came.
     pub(crate) async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         conn: ConnInfo,
         live: &Live,
         idx: usize,
@@ -272,177 +276,102 @@ impl Worker {
     ) -> Result<Response<RespBody>, ProxyError> {
         let route = &live.table.routes()[idx];
         let rt = &live.routes[idx];
-        // Only WebSocket is tunnelled; any other Upgrade is removed below
-        // with the hop-by-hop headers, and the request goes as plain HTTP.
-        let upgrade = req.version() == Version::HTTP_11 && headers::wants_websocket(req.headers());
-        let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let te_trailers = headers::te_trailers(req.headers());
-        let (mut parts, body) = req.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers, upgrade);
-        if upgrade {
-            // Not the client's whole offer: the backend may switch to
-            // WebSocket and nothing else.
-            parts
-                .headers
-                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        }
-        if parts.uri.authority().is_some() || !parts.headers.contains_key(header::HOST) {
-            // The host the request was routed by is the one the backend
-            // sees: an HTTP/2 :authority (HTTP/1 backends need it as Host),
-            // or an absolute-form URI's, which overrides Host (RFC 9112
-            // 3.2.2).
-            if let Ok(v) = HeaderValue::from_str(raw_host) {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
-        headers::set_forwarded(&mut parts.headers, &conn.client, raw_host);
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-
-        let body_empty = body.is_end_stream();
-        let traits = policy::RequestTraits::of(&parts.method, body_empty);
-        let max_attempts = policy::max_attempts(route.backends.len(), traits);
-        let limit = self
-            .opts
-            .max_body_bytes
-            .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
-        let mut body = Some(body);
-        // Only requests with a body can go over the limit or break.
-        let body_fault = (!body_empty).then(|| Arc::new(BodyFault::default()));
+        let (mut prepared, down_upgrade) =
+            Prepared::new(req, &conn.client, raw_host, self.opts.max_body_bytes);
+        let max_attempts = policy::max_attempts(route.backends.len(), prepared.traits);
         let mut tried: Vec<usize> = Vec::new();
         let mut last_err: Option<ProxyError> = None;
-
         let resp = loop {
-            let now = self.now_ms();
-            let pick = balance::pick(
-                route.backends.len(),
-                |i| Candidate {
-                    state: route.backends[i].state,
-                    ejected: rt.backends[i].ejected(now),
-                },
-                rt.rr.fetch_add(1, Relaxed),
-                &tried,
-            );
-            let Some(bi) = pick else {
+            let Some(bi) = self.pick(route, rt, &tried) else {
                 return Err(last_err.unwrap_or_else(|| ProxyError::new(ErrorKind::NoBackend)));
             };
-            let backend = &route.backends[bi];
-            let brt = &rt.backends[bi];
+            let (backend, brt) = (&route.backends[bi], &rt.backends[bi]);
             let last_attempt = tried.len() + 1 >= max_attempts;
-
-            let req_body: ReqBody = match body.take() {
-                Some(b) if !body_empty => Either::Left(ClientBody::new(
-                    Limited::new(b, limit),
-                    body_fault.clone().unwrap_or_default(),
-                )),
-                _ => Either::Right(Empty::new()),
-            };
-            let mut up = Request::new(req_body);
-            *up.method_mut() = parts.method.clone();
-            *up.headers_mut() = if last_attempt {
-                std::mem::take(&mut parts.headers)
-            } else {
-                parts.headers.clone()
-            };
-            let authority = match backend.scheme {
-                Scheme::Http => brt.authority.clone(),
-                Scheme::H2c => {
-                    // The backend sees the client's host as :authority.
-                    up.headers_mut().remove(header::HOST);
-                    if te_trailers {
-                        up.headers_mut()
-                            .insert(header::TE, HeaderValue::from_static("trailers"));
-                    }
-                    Authority::try_from(raw_host).unwrap_or_else(|_| brt.authority.clone())
-                }
-            };
-            let mut uri_parts = http::uri::Parts::default();
-            if backend.scheme == Scheme::H2c {
-                // HTTP/2 sends :scheme and :authority from the URI.
-                uri_parts.scheme = Some(UriScheme::HTTP);
-                uri_parts.authority = Some(authority);
-            }
-            // HTTP/1.1: origin-form, the host is in the Host header.
-            uri_parts.path_and_query = Some(path_and_query.clone());
-            *up.uri_mut() = match Uri::from_parts(uri_parts) {
-                Ok(u) => u,
-                Err(e) => return Err(ProxyError::with_cause(ErrorKind::BadRequest, e)),
-            };
-            *up.version_mut() = match backend.scheme {
-                Scheme::Http => Version::HTTP_11,
-                Scheme::H2c => Version::HTTP_2,
-            };
-
-            brt.requests.fetch_add(1, Relaxed);
-            brt.in_flight.fetch_add(1, Relaxed);
+            let up =
+                prepared.for_backend(backend.scheme, &brt.authority, raw_host, last_attempt)?;
             seen_up.backend = Some(backend.addr);
             let sent_at = Instant::now();
-            let upstream_timeout = self.opts.upstream_timeout;
-            let sent = match backend.scheme {
-                Scheme::Http => {
-                    tokio::time::timeout(upstream_timeout, self.pool.send(backend.addr, up)).await
-                }
-                // Boxed: only h2c backends take this path, and its large
-                // future would otherwise be part of (and moved with) every
-                // HTTP/1 request's.
-                Scheme::H2c => {
-                    tokio::time::timeout(
-                        upstream_timeout,
-                        Box::pin(self.send_h2(brt, backend.addr, up)),
-                    )
-                    .await
-                }
-            };
-            brt.in_flight.fetch_sub(1, Relaxed);
-            match sent {
-                Ok(Ok(resp)) => {
+            match self.send_upstream(backend, brt, up).await {
+                Ok(resp) => {
                     seen_up.time = Some(sent_at.elapsed());
                     break resp;
                 }
-                Ok(Err(e)) if body_fault.as_ref().is_some_and(|f| f.error().is_some()) => {
-                    // The client's fault: no ejection, no retry, a 4xx.
-                    let fault = body_fault.as_ref().and_then(|f| f.error());
-                    debug!(error = %e, "client request body failed");
-                    return Err(fault.unwrap_or(e));
-                }
-                Ok(Err(e)) => {
-                    let outcome = policy::after_failure(
-                        e.kind,
-                        tried.len() + 1,
-                        max_attempts,
-                        traits,
-                        self.now_ms(),
-                        self.opts.eject_for,
-                    );
-                    if e.kind == ErrorKind::Connect {
-                        self.metrics.upstream_connect_errors.fetch_add(1, Relaxed);
-                        brt.connect_failures.fetch_add(1, Relaxed);
+                Err(e) => {
+                    let e = prepared.blame(e);
+                    let attempt = tried.len() + 1;
+                    if !self.judge_failure(&e, backend, brt, attempt, max_attempts, prepared.traits)
+                    {
+                        return Err(e);
                     }
-                    if let Some(until) = outcome.eject_until_ms {
-                        self.metrics.ejections.fetch_add(1, Relaxed);
-                        brt.ejected_until_ms.store(until, Relaxed);
-                        debug!(backend = %backend.id, addr = %backend.addr, error = %e, "backend ejected");
-                    }
-                    if outcome.retry {
-                        self.metrics.retries.fetch_add(1, Relaxed);
-                        tried.push(bi);
-                        last_err = Some(e);
-                        continue;
-                    }
-                    return Err(e);
-                }
-                Err(_) => {
-                    self.metrics.upstream_timeouts.fetch_add(1, Relaxed);
-                    return Err(ProxyError::new(ErrorKind::UpstreamTimeout));
+                    tried.push(bi);
+                    last_err = Some(e);
                 }
             }
         };
+        self.finish_response(resp, down_upgrade, conn, prepared.version)
+    }
 
-        let mut resp = resp;
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+    /// The next backend to try: round-robin over the best health tier,
+    /// skipping ejected ones and those tried.
+    fn pick(&self, route: &Route, rt: &RouteRuntime, tried: &[usize]) -> Option<usize> {
+        let now = self.now_ms();
+        balance::pick(
+            route.backends.len(),
+            |i| Candidate {
+                state: route.backends[i].state,
+                ejected: rt.backends[i].ejected(now),
+            },
+            rt.rr.fetch_add(1, Relaxed),
+            tried,
+        )
+    }
+
+    /// Count a failed attempt and act on the policy's outcome: eject the
+    /// backend if it says so. Whether to try another backend.
+    fn judge_failure(
+        &self,
+        e: &ProxyError,
+        backend: &Backend,
+        brt: &BackendRuntime,
+        attempt: usize,
+        max_attempts: usize,
+        traits: policy::RequestTraits,
+    ) -> bool {
+        let outcome = policy::after_failure(
+            e.kind,
+            attempt,
+            max_attempts,
+            traits,
+            self.now_ms(),
+            self.opts.eject_for,
+        );
+        if e.kind == ErrorKind::Connect {
+            self.metrics.upstream_connect_errors.fetch_add(1, Relaxed);
+            brt.connect_failures.fetch_add(1, Relaxed);
+        }
+        if let Some(until) = outcome.eject_until_ms {
+            self.metrics.ejections.fetch_add(1, Relaxed);
+            brt.ejected_until_ms.store(until, Relaxed);
+            debug!(backend = %backend.id, addr = %backend.addr, error = %e, "backend ejected");
+        }
+        if outcome.retry {
+            self.metrics.retries.fetch_add(1, Relaxed);
+        }
+        outcome.retry
+    }
+
+    /// The backend's answer as the client gets it: a WebSocket switch
+    /// becomes a tunnel (any other switch is refused), hop-by-hop headers
+    /// go, the version is the client's.
+    fn finish_response(
+        &self,
+        mut resp: Response<Incoming>,
+        down_upgrade: Option<OnUpgrade>,
+        conn: ConnInfo,
+        version: Version,
+    ) -> Result<Response<RespBody>, ProxyError> {
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
             let Some(down) = down_upgrade else {
                 return Err(ProxyError::with_cause(
                     ErrorKind::UpstreamProtocol,
@@ -475,12 +404,143 @@ impl Worker {
             });
         }
         let (mut rparts, rbody) = resp.into_parts();
-        headers::remove_hop_by_hop(
-            &mut rparts.headers,
-            rparts.status == StatusCode::SWITCHING_PROTOCOLS,
-        );
-        rparts.version = parts.version;
+        headers::remove_hop_by_hop(&mut rparts.headers, switching);
+        rparts.version = version;
         Ok(Response::from_parts(rparts, Either::Left(rbody)))
+    }
+}
+
+/// A client request made ready for backends once (hop-by-hop headers
+/// removed, Host and forwarding headers set), from which each attempt's
+/// upstream request is cut.
+pub(crate) struct Prepared {
+    method: Method,
+    /// The client's, for the response.
+    pub(crate) version: Version,
+    headers: HeaderMap,
+    path_and_query: PathAndQuery,
+    /// The client's body, until an attempt takes it.
+    body: Option<Incoming>,
+    /// Largest body forwarded.
+    limit: usize,
+    /// Notes the client's body failing; only requests with a body can.
+    body_fault: Option<Arc<BodyFault>>,
+    /// The client asked for trailers (passed on to h2c backends, gRPC).
+    te_trailers: bool,
+    pub(crate) traits: policy::RequestTraits,
+}
+
+impl Prepared {
+    /// Rewrite the client's request for backends; with it, the client
+    /// side of a WebSocket upgrade when it asked for one (the only upgrade
+    /// tunnelled: any other `Upgrade` goes with the hop-by-hop headers,
+    /// and the request as plain HTTP).
+    pub(crate) fn new(
+        mut req: Request<Incoming>,
+        client: &ClientInfo,
+        raw_host: &str,
+        max_body_bytes: Option<u64>,
+    ) -> (Prepared, Option<OnUpgrade>) {
+        let upgrade = req.version() == Version::HTTP_11 && headers::wants_websocket(req.headers());
+        let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let te_trailers = headers::te_trailers(req.headers());
+        let (mut parts, body) = req.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers, upgrade);
+        if upgrade {
+            // Not the client's whole offer: the backend may switch to
+            // WebSocket and nothing else.
+            parts
+                .headers
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        if parts.uri.authority().is_some() || !parts.headers.contains_key(header::HOST) {
+            // The host the request was routed by is the one the backend
+            // sees: an HTTP/2 :authority (HTTP/1 backends need it as Host),
+            // or an absolute-form URI's (which Host agrees with).
+            if let Ok(v) = HeaderValue::from_str(raw_host) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        headers::set_forwarded(&mut parts.headers, client, raw_host);
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let body_empty = body.is_end_stream();
+        let prepared = Prepared {
+            traits: policy::RequestTraits::of(&parts.method, body_empty),
+            method: parts.method,
+            version: parts.version,
+            headers: parts.headers,
+            path_and_query,
+            body: (!body_empty).then_some(body),
+            limit: max_body_bytes.map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX)),
+            body_fault: (!body_empty).then(|| Arc::new(BodyFault::default())),
+            te_trailers,
+        };
+        (prepared, down_upgrade)
+    }
+
+    /// The request for one attempt on a backend of `scheme` at
+    /// `authority`. The body goes with the first attempt (only requests
+    /// without one are tried again); the headers are moved, not copied,
+    /// into the last.
+    pub(crate) fn for_backend(
+        &mut self,
+        scheme: Scheme,
+        authority: &Authority,
+        raw_host: &str,
+        last_attempt: bool,
+    ) -> Result<Request<ReqBody>, ProxyError> {
+        let req_body: ReqBody = match self.body.take() {
+            Some(b) => Either::Left(ClientBody::new(
+                Limited::new(b, self.limit),
+                self.body_fault.clone().unwrap_or_default(),
+            )),
+            None => Either::Right(Empty::new()),
+        };
+        let mut up = Request::new(req_body);
+        *up.method_mut() = self.method.clone();
+        *up.headers_mut() = if last_attempt {
+            std::mem::take(&mut self.headers)
+        } else {
+            self.headers.clone()
+        };
+        let mut uri_parts = http::uri::Parts::default();
+        if scheme == Scheme::H2c {
+            // The backend sees the client's host as :authority (HTTP/2
+            // sends :scheme and :authority from the URI).
+            up.headers_mut().remove(header::HOST);
+            if self.te_trailers {
+                up.headers_mut()
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
+            uri_parts.scheme = Some(UriScheme::HTTP);
+            uri_parts.authority =
+                Some(Authority::try_from(raw_host).unwrap_or_else(|_| authority.clone()));
+        }
+        // HTTP/1.1: origin-form, the host is in the Host header.
+        uri_parts.path_and_query = Some(self.path_and_query.clone());
+        *up.uri_mut() = Uri::from_parts(uri_parts)
+            .map_err(|e| ProxyError::with_cause(ErrorKind::BadRequest, e))?;
+        *up.version_mut() = match scheme {
+            Scheme::Http => Version::HTTP_11,
+            Scheme::H2c => Version::HTTP_2,
+        };
+        Ok(up)
+    }
+
+    /// A failed send is the client's fault when its body broke (413 over
+    /// the limit, 400 otherwise): then no ejection, no retry, a 4xx.
+    pub(crate) fn blame(&self, e: ProxyError) -> ProxyError {
+        match self.body_fault.as_ref().and_then(|f| f.error()) {
+            Some(client) => {
+                debug!(error = %e, "client request body failed");
+                client
+            }
+            None => e,
+        }
     }
 }
 

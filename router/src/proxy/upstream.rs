@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -15,8 +16,37 @@ use tracing::debug;
 use super::state::{BackendRuntime, Worker};
 use crate::body::ReqBody;
 use crate::error::{ErrorKind, ProxyError};
+use crate::table::{Backend, Scheme};
 
 impl Worker {
+    /// Send one attempt to `backend` and wait for its response headers, up
+    /// to the upstream timeout; counted in the backend's requests and in
+    /// flight while it waits.
+    pub(crate) async fn send_upstream(
+        &self,
+        backend: &Backend,
+        brt: &BackendRuntime,
+        up: Request<ReqBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        brt.requests.fetch_add(1, Relaxed);
+        brt.in_flight.fetch_add(1, Relaxed);
+        let timeout = self.opts.upstream_timeout;
+        let sent = match backend.scheme {
+            Scheme::Http => tokio::time::timeout(timeout, self.pool.send(backend.addr, up)).await,
+            // Boxed: only h2c backends take this path, and its large
+            // future would otherwise be part of (and moved with) every
+            // HTTP/1 request's.
+            Scheme::H2c => {
+                tokio::time::timeout(timeout, Box::pin(self.send_h2(brt, backend.addr, up))).await
+            }
+        };
+        brt.in_flight.fetch_sub(1, Relaxed);
+        sent.unwrap_or_else(|_| {
+            self.metrics.upstream_timeouts.fetch_add(1, Relaxed);
+            Err(ProxyError::new(ErrorKind::UpstreamTimeout))
+        })
+    }
+
     pub(crate) async fn send_h2(
         &self,
         brt: &BackendRuntime,

@@ -128,17 +128,17 @@ impl Router {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let mut next = Registry::default();
-        let mut routes = Vec::with_capacity(table.len());
         // Round-robin positions carry over, so that rebuilds (any container
         // event rebuilds the table) do not send the next request of every
         // route to its first backend.
         let old = self.shared.live.load();
         let old_rr: HashMap<&RouteKey, usize> = old
-            .routes
+            .table
+            .routes()
             .iter()
-            .map(|r| (&r.key, r.rr.load(Relaxed)))
+            .map(|r| (&r.payload.key, r.payload.rr.load(Relaxed)))
             .collect();
-        for route in table.routes() {
+        let table = table.with_payload(|route| {
             let key = route.key();
             let stats = reg.routes.get(&key).cloned().unwrap_or_default();
             next.routes.insert(key.clone(), stats.clone());
@@ -157,17 +157,17 @@ impl Router {
                 })
                 .collect();
             let rr = AtomicUsize::new(old_rr.get(&key).copied().unwrap_or(0));
-            routes.push(RouteRuntime {
+            RouteRuntime {
                 log_key: Arc::from(key.0.as_str()),
                 key,
                 stats,
                 backends,
                 rr,
-            });
-        }
+            }
+        });
         *reg = next;
         let n = table.len();
-        self.shared.live.store(Arc::new(Live { table, routes }));
+        self.shared.live.store(Arc::new(Live { table }));
         debug!(routes = n, "route table replaced");
     }
 
@@ -178,7 +178,7 @@ impl Router {
         live.table
             .routes()
             .iter()
-            .zip(&live.routes)
+            .map(|r| (r, &r.payload))
             .map(|(r, rt)| RouteStatus {
                 key: rt.key.0.clone(),
                 host: r.host.to_string(),
@@ -214,7 +214,10 @@ impl Router {
         metrics::render(
             out,
             &self.shared.metrics,
-            live.routes.iter().map(|r| (r.key.0.as_str(), &*r.stats)),
+            live.table
+                .routes()
+                .iter()
+                .map(|r| (r.payload.key.0.as_str(), &*r.payload.stats)),
         );
         if let Some(log) = &self.shared.opts.access_log {
             metrics::render_counter(

@@ -171,7 +171,7 @@ impl Worker {
         let log = match (line, &self.opts.access_log) {
             (Some(mut e), Some(log)) => {
                 e.status = resp.status().as_u16();
-                e.route = stats.map(|i| live.routes[i].log_key.clone());
+                e.route = stats.map(|i| live.table.routes()[i].payload.log_key.clone());
                 e.backend = seen_up.backend;
                 e.upstream = seen_up.time;
                 e.fault = fault;
@@ -180,7 +180,7 @@ impl Worker {
             _ => None,
         };
         let stats = match stats {
-            Some(i) => &*live.routes[i].stats,
+            Some(i) => &*live.table.routes()[i].payload.stats,
             None => &self.metrics.unrouted,
         };
         stats.record(resp.status().as_u16(), start.elapsed());
@@ -275,14 +275,14 @@ impl Worker {
         seen_up: &mut UpstreamSeen,
     ) -> Result<Response<RespBody>, ProxyError> {
         let route = &live.table.routes()[idx];
-        let rt = &live.routes[idx];
+        let rt = &route.payload;
         let (mut prepared, down_upgrade) =
             Prepared::new(req, &conn.client, raw_host, self.opts.max_body_bytes);
         let max_attempts = policy::max_attempts(route.backends.len(), prepared.traits);
         let mut tried: Vec<usize> = Vec::new();
         let mut last_err: Option<ProxyError> = None;
         let resp = loop {
-            let Some(bi) = self.pick(route, rt, &tried) else {
+            let Some(bi) = self.pick(route, &tried) else {
                 return Err(last_err.unwrap_or_else(|| ProxyError::new(ErrorKind::NoBackend)));
             };
             let (backend, brt) = (&route.backends[bi], &rt.backends[bi]);
@@ -313,15 +313,15 @@ impl Worker {
 
     /// The next backend to try: round-robin over the best health tier,
     /// skipping ejected ones and those tried.
-    fn pick(&self, route: &Route, rt: &RouteRuntime, tried: &[usize]) -> Option<usize> {
+    fn pick(&self, route: &Route<RouteRuntime>, tried: &[usize]) -> Option<usize> {
         let now = self.now_ms();
         balance::pick(
             route.backends.len(),
             |i| Candidate {
                 state: route.backends[i].state,
-                ejected: rt.backends[i].ejected(now),
+                ejected: route.payload.backends[i].ejected(now),
             },
-            rt.rr.fetch_add(1, Relaxed),
+            route.payload.rr.fetch_add(1, Relaxed),
             tried,
         )
     }

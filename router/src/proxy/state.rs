@@ -53,6 +53,8 @@ impl BackendRuntime {
     }
 }
 
+/// Runtime state of one route, kept across table rebuilds by its key (its
+/// counters) or carried over (its round-robin position).
 pub(crate) struct RouteRuntime {
     pub(crate) key: RouteKey,
     /// The key again, shared with access log lines.
@@ -62,11 +64,11 @@ pub(crate) struct RouteRuntime {
     pub(crate) rr: AtomicUsize,
 }
 
+/// The table the request path reads, each route carrying its runtime
+/// state.
 #[derive(Default)]
 pub(crate) struct Live {
-    pub(crate) table: RouteTable,
-    /// Parallel to `table.routes()`.
-    pub(crate) routes: Vec<RouteRuntime>,
+    pub(crate) table: RouteTable<RouteRuntime>,
 }
 
 pub(crate) type BackendIdentity = (String, SocketAddr, Scheme);

@@ -16,6 +16,32 @@ pub enum ErrorSource {
     Internal,
 }
 
+impl ErrorSource {
+    /// Every source, in the order of [`ErrorSource::index`].
+    pub const ALL: [ErrorSource; 3] = [
+        ErrorSource::Downstream,
+        ErrorSource::Upstream,
+        ErrorSource::Internal,
+    ];
+
+    /// The name in metrics and the access log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorSource::Downstream => "client",
+            ErrorSource::Upstream => "backend",
+            ErrorSource::Internal => "router",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        match self {
+            ErrorSource::Downstream => 0,
+            ErrorSource::Upstream => 1,
+            ErrorSource::Internal => 2,
+        }
+    }
+}
+
 /// Whether the request may go to another backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryType {

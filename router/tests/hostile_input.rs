@@ -214,6 +214,14 @@ async fn a_malformed_or_aborted_request_body_is_the_clients_fault_not_the_backen
     assert_eq!(st[0].backends[0].state, "healthy");
     assert_eq!(st[0].backends[0].connect_failures, 0);
     assert!(out.contains("portless_router_ejections_total 0"), "{out}");
+    assert!(
+        out.contains("portless_router_failures_total{fault=\"client\"} 2"),
+        "{out}"
+    );
+    assert!(
+        out.contains("portless_router_failures_total{fault=\"backend\"} 0"),
+        "{out}"
+    );
     // And the route still serves.
     assert_eq!(
         curl(&format!("http://a.test:{}/", r.addr.port()), &[])

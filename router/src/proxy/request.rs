@@ -20,7 +20,7 @@ use super::state::{Active, BackendRuntime, ConnInfo, Live, OpenConn, RouteRuntim
 use crate::access_log::{AccessLog, Entry};
 use crate::balance::{self, Candidate};
 use crate::body::{BodyFault, ClientBody, ReqBody, RespBody};
-use crate::error::{ErrorKind, ErrorSource, ProxyError};
+use crate::error::{ErrorKind, ProxyError};
 use crate::h1_guard::Verdict;
 use crate::headers::{self, ClientInfo};
 use crate::host::{normalize_authority, same_authority};
@@ -153,11 +153,9 @@ impl Worker {
             Ok(resp) => resp,
             Err(e) => {
                 debug!(error = %e, status = e.status().as_u16(), "request failed");
-                fault = Some(match e.source_of_fault() {
-                    ErrorSource::Downstream => "client",
-                    ErrorSource::Upstream => "backend",
-                    ErrorSource::Internal => "router",
-                });
+                let source = e.source_of_fault();
+                self.metrics.failures[source.index()].fetch_add(1, Relaxed);
+                fault = Some(source.as_str());
                 error_response(&e)
             }
         };

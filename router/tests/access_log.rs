@@ -106,3 +106,30 @@ async fn every_request_is_one_json_line_and_a_rotated_file_is_reopened() {
     assert_eq!(fresh[0]["path"], "/after");
     assert_eq!(lines(&rotated).len(), 4);
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_before_its_answer_is_logged_as_499() {
+    use tokio::io::AsyncWriteExt;
+    let dir = TempDir::new("access-log-499");
+    let path = dir.0.join("access.log");
+    let be = backend("be").await;
+    let opts = RouterOptions {
+        access_log: Some(AccessLog::open(Target::File(path.clone())).unwrap()),
+        ..Default::default()
+    };
+    let r = router(opts, vec![spec(&["a.test"], "/", vec![b("be", be.addr)])]).await;
+    let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    let l = &wait_lines(&path, 1).await[0];
+    assert_eq!(l["status"], 499, "{l}");
+    assert_eq!(l["fault"], "client", "{l}");
+    assert_eq!(l["path"], "/slow", "{l}");
+    assert_eq!(l["route"], "a.test/", "{l}");
+    assert_eq!(l["backend"], be.addr.to_string(), "{l}");
+    assert_eq!(l["upstream_ms"], serde_json::Value::Null, "{l}");
+    assert!(l["duration_ms"].as_f64().unwrap() < 2000.0, "{l}");
+}

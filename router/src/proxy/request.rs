@@ -20,7 +20,7 @@ use super::state::{Active, BackendRuntime, ConnInfo, Live, OpenConn, RouteRuntim
 use crate::access_log::{AccessLog, Entry};
 use crate::balance::{self, Candidate};
 use crate::body::{BodyFault, ClientBody, ReqBody, RespBody};
-use crate::error::{ErrorKind, ProxyError};
+use crate::error::{ErrorKind, ErrorSource, ProxyError};
 use crate::h1_guard::Verdict;
 use crate::headers::{self, ClientInfo};
 use crate::host::{normalize_authority, same_authority};
@@ -35,23 +35,13 @@ pub(crate) enum Routing {
     Forward { idx: usize, raw_host: String },
 }
 
-/// A response body with its request's [`Active`] mark, and its access log
-/// line when there is a log: sent when hyper is done with the body (or
-/// drops it), with the bytes it took.
+/// A response body with its request's [`Active`] mark and its access log
+/// line, sent when hyper is done with the body (or drops it), with the
+/// bytes it took.
 pub(crate) struct Tracked {
     pub(crate) body: RespBody,
     pub(crate) _active: Active,
-    pub(crate) log: Option<Box<(AccessLog, Entry, Instant)>>,
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if let Some(l) = self.log.take() {
-            let (log, mut entry, start) = *l;
-            entry.duration = start.elapsed();
-            log.log(entry);
-        }
-    }
+    pub(crate) log: LogLine,
 }
 
 /// What `forward` learnt about the backend side, for the access log.
@@ -60,6 +50,75 @@ pub(crate) struct UpstreamSeen {
     pub(crate) backend: Option<SocketAddr>,
     /// From sending to response headers.
     pub(crate) time: Option<Duration>,
+}
+
+/// A request's access log line in the making (nothing without a log),
+/// written when dropped with the time taken. Until an answer is set it
+/// stands for a client that left first: status 499, as nginx logs it.
+pub(crate) struct LogLine {
+    pending: Option<Box<(AccessLog, Entry, Instant)>>,
+    /// Filled by `forward` as it goes.
+    pub(crate) upstream: UpstreamSeen,
+}
+
+impl LogLine {
+    fn new(
+        log: Option<&AccessLog>,
+        req: &Request<Incoming>,
+        conn: ConnInfo,
+        start: Instant,
+    ) -> Self {
+        // Only what the line needs, and only with a log: clones of
+        // reference-counted parts, no formatting.
+        let pending = log.map(|log| {
+            let entry = Entry {
+                time: std::time::SystemTime::now(),
+                client: conn.client.addr,
+                host: match req.uri().authority() {
+                    Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+                    None => req.headers().get(header::HOST).cloned(),
+                },
+                method: req.method().clone(),
+                path: req.uri().path_and_query().cloned(),
+                status: 499,
+                bytes: 0,
+                duration: Duration::ZERO,
+                route: None,
+                backend: None,
+                upstream: None,
+                tls: conn.client.tls,
+                version: req.version(),
+                fault: Some(ErrorSource::Downstream.as_str()),
+            };
+            Box::new((log.clone(), entry, start))
+        });
+        LogLine {
+            pending,
+            upstream: UpstreamSeen::default(),
+        }
+    }
+
+    fn entry(&mut self) -> Option<&mut Entry> {
+        self.pending.as_mut().map(|p| &mut p.1)
+    }
+
+    fn count_bytes(&mut self, n: usize) {
+        if let Some(e) = self.entry() {
+            e.bytes += n as u64;
+        }
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        if let Some(l) = self.pending.take() {
+            let (log, mut entry, start) = *l;
+            entry.duration = start.elapsed();
+            entry.backend = self.upstream.backend;
+            entry.upstream = self.upstream.time;
+            log.log(entry);
+        }
+    }
 }
 
 impl Body for Tracked {
@@ -72,10 +131,10 @@ impl Body for Tracked {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
-        if let (Some(l), std::task::Poll::Ready(Some(Ok(f)))) = (&mut this.log, &polled)
+        if let std::task::Poll::Ready(Some(Ok(f))) = &polled
             && let Some(d) = f.data_ref()
         {
-            l.1.bytes += d.len() as u64;
+            this.log.count_bytes(d.len());
         }
         polled
     }
@@ -107,28 +166,7 @@ impl Worker {
     ) -> Result<Response<Tracked>, Infallible> {
         let start = Instant::now();
         let live = self.live.load_full();
-        // Only what the line needs, and only with a log: clones of
-        // reference-counted parts, no formatting.
-        let line = self.opts.access_log.as_ref().map(|_| Entry {
-            time: std::time::SystemTime::now(),
-            client: conn.client.addr,
-            host: match req.uri().authority() {
-                Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-                None => req.headers().get(header::HOST).cloned(),
-            },
-            method: req.method().clone(),
-            path: req.uri().path_and_query().cloned(),
-            status: 0,
-            bytes: 0,
-            duration: Duration::ZERO,
-            route: None,
-            backend: None,
-            upstream: None,
-            tls: conn.client.tls,
-            version: req.version(),
-            fault: None,
-        });
-        let mut seen_up = UpstreamSeen::default();
+        let mut line = LogLine::new(self.opts.access_log.as_ref(), &req, conn, start);
         let mut fault = None;
         // Both Content-Length and Transfer-Encoding: hyper kept only the
         // latter, so only the wire (h1_guard) can tell.
@@ -142,11 +180,14 @@ impl Worker {
         } else {
             match self.route(&req, conn, &live) {
                 Routing::Answer(result, idx) => (result, idx),
-                Routing::Forward { idx, raw_host } => (
-                    self.forward(req, conn, &live, idx, &raw_host, &mut seen_up)
-                        .await,
-                    Some(idx),
-                ),
+                Routing::Forward { idx, raw_host } => {
+                    // Known before the wait, for a client that leaves.
+                    if let Some(e) = line.entry() {
+                        e.route = Some(live.table.routes()[idx].payload.log_key.clone());
+                    }
+                    let sent = self.forward(req, conn, &live, idx, &raw_host, &mut line.upstream);
+                    (sent.await, Some(idx))
+                }
             }
         };
         let mut resp = match result {
@@ -166,17 +207,11 @@ impl Worker {
         if let Some(v) = seen {
             v.answered(resp.status());
         }
-        let log = match (line, &self.opts.access_log) {
-            (Some(mut e), Some(log)) => {
-                e.status = resp.status().as_u16();
-                e.route = stats.map(|i| live.table.routes()[i].payload.log_key.clone());
-                e.backend = seen_up.backend;
-                e.upstream = seen_up.time;
-                e.fault = fault;
-                Some(Box::new((log.clone(), e, start)))
-            }
-            _ => None,
-        };
+        if let Some(e) = line.entry() {
+            e.status = resp.status().as_u16();
+            e.route = stats.map(|i| live.table.routes()[i].payload.log_key.clone());
+            e.fault = fault;
+        }
         let stats = match stats {
             Some(i) => &*live.table.routes()[i].payload.stats,
             None => &self.metrics.unrouted,
@@ -186,7 +221,7 @@ impl Worker {
         Ok(resp.map(|body| Tracked {
             body,
             _active: active,
-            log,
+            log: line,
         }))
     }
 

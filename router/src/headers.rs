@@ -238,7 +238,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, host: &str) {
 
 /// An address as text, formatted on the stack (IPv4 by hand: `Display`
 /// for `Ipv4Addr` pads and was a visible share of the request path).
-struct IpText {
+pub(crate) struct IpText {
     buf: [u8; 48],
     len: usize,
 }
@@ -253,7 +253,7 @@ impl Default for IpText {
 }
 
 impl IpText {
-    fn format(&mut self, addr: IpAddr) -> &[u8] {
+    pub(crate) fn format(&mut self, addr: IpAddr) -> &[u8] {
         self.len = 0;
         match addr {
             IpAddr::V4(v4) => {

@@ -374,3 +374,26 @@ async fn a_client_that_stops_reading_is_closed_after_the_send_timeout_and_frees_
     s.read_to_string(&mut out).await.unwrap();
     assert!(out.contains("chunk 9"), "{out}");
 }
+
+#[tokio::test]
+async fn an_idle_h2c_backend_connection_closes_on_time_too() {
+    let be = backend("be").await;
+    let opts = RouterOptions {
+        pool_idle_timeout: Duration::from_millis(400),
+        ..Default::default()
+    };
+    let mut h2c = b("be", be.addr);
+    h2c.scheme = portless_router::Scheme::H2c;
+    let r = router(opts, vec![spec(&["a.test"], "/", vec![h2c])]).await;
+    let u = format!("http://a.test:{}/", r.addr.port());
+    let got = curl(&u, &[]).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert!(got.body.contains("version=HTTP/2.0"), "{}", got.body);
+    assert_eq!(be.open.load(Relaxed), 1);
+    assert!(
+        eventually(Duration::from_secs(3), async || be.open.load(Relaxed) == 0).await,
+        "the idle h2c connection is still open"
+    );
+    // The next request opens a new one.
+    assert_eq!(curl(&u, &[]).await.status, 200);
+}

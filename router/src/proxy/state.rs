@@ -32,6 +32,9 @@ pub(crate) struct BackendRuntime {
     pub(crate) authority: Authority,
     /// The shared HTTP/2 connection to an h2c backend.
     pub(crate) h2: ArcSwapOption<http2::SendRequest<ReqBody>>,
+    /// When the h2c connection last started or answered a request (the
+    /// router's clock, ms).
+    pub(crate) h2_used_ms: AtomicU64,
 }
 
 impl BackendRuntime {
@@ -45,6 +48,7 @@ impl BackendRuntime {
             authority: Authority::try_from(addr.to_string().as_str())
                 .unwrap_or_else(|_| Authority::from_static("invalid")),
             h2: ArcSwapOption::empty(),
+            h2_used_ms: AtomicU64::new(0),
         }
     }
 
@@ -115,6 +119,7 @@ impl Worker {
         ));
         // On the worker's own runtime: the pool is its thread's.
         Http1Pool::spawn_sweeper(&pool);
+        Shared::spawn_h2c_sweeper(&shared);
         Worker { shared, pool }
     }
 }
@@ -181,6 +186,47 @@ impl Shared {
         } else {
             &self.metrics.open_http
         }
+    }
+
+    /// Let go of every h2c connection unused for the pool's idle timeout:
+    /// dropping the cached handle closes the connection once the streams
+    /// still on it (a long gRPC stream) end; the next request opens
+    /// another.
+    pub(crate) fn sweep_h2c(&self) {
+        let idle = u64::try_from(self.opts.pool_idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        let now = self.now_ms();
+        let live = self.live.load();
+        for route in live.table.routes() {
+            for brt in &route.payload.backends {
+                if brt.h2.load().is_some()
+                    && now.saturating_sub(brt.h2_used_ms.load(Relaxed)) > idle
+                {
+                    brt.h2.store(None);
+                }
+            }
+        }
+    }
+
+    /// Sweep h2c connections every quarter of the idle timeout, on the
+    /// current runtime, while the router lives. (h2c connections are
+    /// shared by all threads: each worker sweeps, which is harmless.)
+    pub(crate) fn spawn_h2c_sweeper(shared: &Arc<Self>) {
+        let every = (shared.opts.pool_idle_timeout / 4).clamp(
+            std::time::Duration::from_millis(10),
+            std::time::Duration::from_secs(15),
+        );
+        let shared = Arc::downgrade(shared);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match shared.upgrade() {
+                    Some(s) => s.sweep_h2c(),
+                    None => break,
+                }
+            }
+        });
     }
 
     pub(crate) fn now_ms(&self) -> u64 {

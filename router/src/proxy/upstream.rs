@@ -53,6 +53,7 @@ impl Worker {
         addr: SocketAddr,
         req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
+        brt.h2_used_ms.store(self.now_ms(), Relaxed);
         let cached = brt.h2.load_full().filter(|s| !s.is_closed());
         let mut sender = match cached {
             Some(s) => (*s).clone(),
@@ -67,10 +68,12 @@ impl Worker {
                 .await
                 .map_err(|e| ProxyError::with_cause(ErrorKind::Connect, e))?;
         }
-        sender
+        let resp = sender
             .send_request(req)
             .await
-            .map_err(crate::pool::classify)
+            .map_err(crate::pool::classify);
+        brt.h2_used_ms.store(self.now_ms(), Relaxed);
+        resp
     }
 
     pub(crate) async fn connect_h2(

@@ -24,7 +24,8 @@ use crate::error::{ErrorKind, ProxyError};
 type Conns = HashMap<SocketAddr, Vec<(http1::SendRequest<ReqBody>, Instant)>>;
 
 pub(crate) struct Http1Pool {
-    /// Each connection with the time it was last handed a request.
+    /// Each connection with the time it was last seen busy (handed a
+    /// request, or still answering one at a sweep).
     conns: Mutex<Conns>,
     max_per_backend: usize,
     connect_timeout: Duration,
@@ -85,7 +86,7 @@ impl Http1Pool {
         let mut conns = self.lock();
         let list = conns.get_mut(&addr)?;
         // Dropping a sender closes its idle connection.
-        list.retain(|(s, used)| !self.expired(s, *used, now));
+        list.retain_mut(|(s, used)| !self.expired(s, used, now));
         let found = list
             .iter()
             .position(|(s, _)| s.is_ready())
@@ -96,9 +97,19 @@ impl Http1Pool {
         found
     }
 
-    /// Closed, or idle (ready) for longer than the idle timeout.
-    fn expired(&self, s: &http1::SendRequest<ReqBody>, used: Instant, now: Instant) -> bool {
-        s.is_closed() || (s.is_ready() && now.duration_since(used) > self.idle_timeout)
+    /// Closed, or idle (ready) for longer than the idle timeout. A
+    /// connection still busy with an answer (not ready) is marked used
+    /// now, so that its idle time runs from the end of that answer (to
+    /// within a sweep), not from its start.
+    fn expired(&self, s: &http1::SendRequest<ReqBody>, used: &mut Instant, now: Instant) -> bool {
+        if s.is_closed() {
+            return true;
+        }
+        if !s.is_ready() {
+            *used = now;
+            return false;
+        }
+        now.duration_since(*used) > self.idle_timeout
     }
 
     /// Close every connection closed or idle too long, whatever its
@@ -108,7 +119,7 @@ impl Http1Pool {
     pub(crate) fn sweep(&self) {
         let now = Instant::now();
         self.lock().retain(|_, list| {
-            list.retain(|(s, used)| !self.expired(s, *used, now));
+            list.retain_mut(|(s, used)| !self.expired(s, used, now));
             !list.is_empty()
         });
     }

@@ -397,3 +397,24 @@ async fn an_idle_h2c_backend_connection_closes_on_time_too() {
     // The next request opens a new one.
     assert_eq!(curl(&u, &[]).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_pooled_connection_is_idle_from_the_end_of_its_answer_not_its_start() {
+    let be = backend("be").await;
+    let opts = RouterOptions {
+        pool_idle_timeout: Duration::from_millis(600),
+        ..Default::default()
+    };
+    let r = router(opts, vec![spec(&["a.test"], "/", vec![b("be", be.addr)])]).await;
+    // An answer that takes a second, then at once another request: the
+    // connection was busy all along, so it is reused, not closed as idle.
+    let stream = format!("http://a.test:{}/stream", r.addr.port());
+    assert_eq!(curl(&stream, &[]).await.status, 200);
+    assert_eq!(
+        curl(&format!("http://a.test:{}/", r.addr.port()), &[])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(be.accepted.load(Relaxed), 1);
+}

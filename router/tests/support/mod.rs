@@ -30,6 +30,8 @@ pub struct TestBackend {
     pub hits: Arc<AtomicU64>,
     /// Connections open to this backend now.
     pub open: Arc<std::sync::atomic::AtomicI64>,
+    /// Connections accepted, ever.
+    pub accepted: Arc<AtomicU64>,
     stop: tokio::sync::watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -168,6 +170,8 @@ pub async fn backend_with_idle(name: &'static str, idle: Option<Duration>) -> Te
     let h = hits.clone();
     let open = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let open_count = open.clone();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let accepted_count = accepted.clone();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
         // Dropping the set (when this task is aborted) aborts every
@@ -182,6 +186,7 @@ pub async fn backend_with_idle(name: &'static str, idle: Option<Duration>) -> Te
             let h = h.clone();
             let mut stop_conn = stop_rx.clone();
             open_count.fetch_add(1, Ordering::Relaxed);
+            accepted_count.fetch_add(1, Ordering::Relaxed);
             let open_conn = OpenGuard(open_count.clone());
             conns.spawn(async move {
                 let _open = open_conn;
@@ -215,6 +220,7 @@ pub async fn backend_with_idle(name: &'static str, idle: Option<Duration>) -> Te
         addr,
         hits,
         open,
+        accepted,
         stop,
         task,
     }

@@ -418,3 +418,41 @@ async fn a_pooled_connection_is_idle_from_the_end_of_its_answer_not_its_start() 
     );
     assert_eq!(be.accepted.load(Relaxed), 1);
 }
+
+#[tokio::test]
+async fn over_http2_a_host_disagreeing_with_authority_gets_400() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (a, bb) = (backend("a").await, backend("b").await);
+    let r = router(
+        RouterOptions::default(),
+        vec![
+            spec(&["a.example.test"], "/", vec![b("a", a.addr)]),
+            spec(&["b.example.test"], "/", vec![b("b", bb.addr)]),
+        ],
+    )
+    .await;
+    let stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let port = r.addr.port();
+    for (host, want) in [
+        (format!("b.example.test:{port}"), 400),
+        (format!("A.example.test:{port}"), 200),
+    ] {
+        let req = http::Request::builder()
+            .uri(format!("http://a.example.test:{port}/"))
+            .header("host", host.as_str())
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(status, want, "{host}: {}", String::from_utf8_lossy(&body));
+    }
+    assert_eq!(bb.hits.load(Relaxed), 0);
+    assert_eq!(a.hits.load(Relaxed), 1);
+}

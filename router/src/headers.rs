@@ -184,22 +184,35 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, host: &str) {
     let mut ip_buf = IpText::default();
     let ip = ip_buf.format(client.addr);
     drop_spoofable(headers, client.trusted);
+    // The address alone, once: X-Real-IP and (from an untrusted client)
+    // X-Forwarded-For share it.
+    let ip_value = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(ip)).ok();
 
     // As Traefik does: the connection's address, unless a trusted proxy
     // said who its client was.
-    if !(client.trusted && headers.contains_key(&X_REAL_IP)) {
-        set(headers, &X_REAL_IP, ip.to_vec());
+    if !(client.trusted && headers.contains_key(&X_REAL_IP))
+        && let Some(v) = &ip_value
+    {
+        headers.insert(&X_REAL_IP, v.clone());
     }
 
     let prev_xff = client
         .trusted
         .then(|| joined(headers, &X_FORWARDED_FOR))
         .flatten();
-    let xff = match prev_xff {
-        Some(prev) => [prev.as_bytes(), b", ", ip].concat(),
-        None => ip.to_vec(),
-    };
-    set(headers, &X_FORWARDED_FOR, xff);
+    match (prev_xff, ip_value) {
+        (Some(prev), _) => set(
+            headers,
+            &X_FORWARDED_FOR,
+            [prev.as_bytes(), b", ", ip].concat(),
+        ),
+        (None, Some(v)) => {
+            headers.insert(&X_FORWARDED_FOR, v);
+        }
+        (None, None) => {
+            headers.remove(&X_FORWARDED_FOR);
+        }
+    }
 
     if !(client.trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));

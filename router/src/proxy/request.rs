@@ -44,22 +44,11 @@ pub(crate) struct Tracked {
     pub(crate) log: LogLine,
 }
 
-/// What `forward` learnt about the backend side, for the access log.
-#[derive(Default)]
-pub(crate) struct UpstreamSeen {
-    pub(crate) backend: Option<SocketAddr>,
-    /// From sending to response headers.
-    pub(crate) time: Option<Duration>,
-}
-
 /// A request's access log line in the making (nothing without a log),
 /// written when dropped with the time taken. Until an answer is set it
 /// stands for a client that left first: status 499, as nginx logs it.
-pub(crate) struct LogLine {
-    pending: Option<Box<(AccessLog, Entry, Instant)>>,
-    /// Filled by `forward` as it goes.
-    pub(crate) upstream: UpstreamSeen,
-}
+/// One pointer wide: it rides in every response body.
+pub(crate) struct LogLine(Option<Box<(AccessLog, Entry, Instant)>>);
 
 impl LogLine {
     fn new(
@@ -70,7 +59,7 @@ impl LogLine {
     ) -> Self {
         // Only what the line needs, and only with a log: clones of
         // reference-counted parts, no formatting.
-        let pending = log.map(|log| {
+        LogLine(log.map(|log| {
             let entry = Entry {
                 time: std::time::SystemTime::now(),
                 client: conn.client.addr,
@@ -91,15 +80,25 @@ impl LogLine {
                 fault: Some(ErrorSource::Downstream.as_str()),
             };
             Box::new((log.clone(), entry, start))
-        });
-        LogLine {
-            pending,
-            upstream: UpstreamSeen::default(),
-        }
+        }))
     }
 
     fn entry(&mut self) -> Option<&mut Entry> {
-        self.pending.as_mut().map(|p| &mut p.1)
+        self.0.as_mut().map(|p| &mut p.1)
+    }
+
+    /// The backend an attempt goes to (`forward`, as it goes).
+    pub(crate) fn backend(&mut self, addr: SocketAddr) {
+        if let Some(e) = self.entry() {
+            e.backend = Some(addr);
+        }
+    }
+
+    /// The time the backend took to answer with headers.
+    pub(crate) fn upstream_time(&mut self, d: Duration) {
+        if let Some(e) = self.entry() {
+            e.upstream = Some(d);
+        }
     }
 
     fn count_bytes(&mut self, n: usize) {
@@ -111,11 +110,9 @@ impl LogLine {
 
 impl Drop for LogLine {
     fn drop(&mut self) {
-        if let Some(l) = self.pending.take() {
+        if let Some(l) = self.0.take() {
             let (log, mut entry, start) = *l;
             entry.duration = start.elapsed();
-            entry.backend = self.upstream.backend;
-            entry.upstream = self.upstream.time;
             log.log(entry);
         }
     }
@@ -186,7 +183,7 @@ impl Worker {
                     if let Some(e) = line.entry() {
                         e.route = Some(live.table.routes()[idx].payload.log_key.clone());
                     }
-                    let sent = self.forward(req, conn, &live, idx, &raw_host, &mut line.upstream);
+                    let sent = self.forward(req, conn, &live, idx, &raw_host, &mut line);
                     (sent.await, Some(idx))
                 }
             }
@@ -306,7 +303,7 @@ impl Worker {
         live: &Live,
         idx: usize,
         raw_host: &str,
-        seen_up: &mut UpstreamSeen,
+        line: &mut LogLine,
     ) -> Result<Response<RespBody>, ProxyError> {
         let route = &live.table.routes()[idx];
         let rt = &route.payload;
@@ -323,11 +320,11 @@ impl Worker {
             let last_attempt = tried.len() + 1 >= max_attempts;
             let up =
                 prepared.for_backend(backend.scheme, &brt.authority, raw_host, last_attempt)?;
-            seen_up.backend = Some(backend.addr);
+            line.backend(backend.addr);
             let sent_at = Instant::now();
             match self.send_upstream(backend, brt, up).await {
                 Ok(resp) => {
-                    seen_up.time = Some(sent_at.elapsed());
+                    line.upstream_time(sent_at.elapsed());
                     break resp;
                 }
                 Err(e) => {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use portless_router::access_log::AccessLog;
 use portless_router::tls::{self, CertResolver};
 use portless_router::{Router, RouterOptions, RouterThreads, bind_reuseport};
 use serde_json::json;
@@ -129,11 +130,28 @@ async fn run(
         connect_timeout: cfg.connect_timeout,
         upstream_timeout: cfg.upstream_timeout,
         eject_for: cfg.eject_for,
+        send_timeout: cfg.send_timeout,
         trusted_proxies: cfg.trusted_proxies.clone(),
         proxy_protocol: cfg.proxy_protocol,
         ..RouterOptions::default()
     };
     let mut tasks = Vec::new();
+    if let Some(target) = &cfg.access_log {
+        let log = AccessLog::open(target.clone())
+            .with_context(|| format!("opening the access log {target:?}"))?;
+        // SIGHUP reopens the file (after a rotation that kept its name, or
+        // by hand); a file moved away is noticed without it.
+        let hup = log.clone();
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("listening for SIGHUP")?;
+        tasks.push(tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                info!("SIGHUP: reopening the access log");
+                hup.reopen();
+            }
+        }));
+        opts.access_log = Some(log);
+    }
 
     // Certificates before any socket: a bad directory stops start-up.
     let mut tls = None;

@@ -1068,3 +1068,59 @@ fn the_readme_compose_example_two_apps_on_two_domains_through_the_router() {
     }
     assert_eq!(replicas.len(), 3, "{v:#}");
 }
+
+#[test]
+fn the_access_log_flag_writes_json_lines_and_sighup_reopens_the_file() {
+    let cleanup = Cleanup::new();
+    let (net, _) = network(&cleanup, &[]);
+    let c = unique("alog");
+    let h = label("portless.http.host", "alog.test");
+    test_backend(&cleanup, &c, &["--network", &net, "--label", &h]);
+    let dir = std::env::temp_dir().join(unique("portless-access-log-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    cleanup.push(&["rm", "-rf", dir.to_str().unwrap()]);
+    let path = dir.join("access.log");
+    let (p, router) = portless_router(&["--access-log", path.to_str().unwrap()]);
+    let lines = |path: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    wait_until("alog.test to route, logged", WAIT, || {
+        (get(router, "alog.test", "/first").0 == 200).then_some(())?;
+        lines(&path)
+            .iter()
+            .any(|l| l["path"] == "/first" && l["status"] == 200)
+            .then_some(())
+    });
+    let l = lines(&path)
+        .into_iter()
+        .find(|l| l["path"] == "/first")
+        .unwrap();
+    assert_eq!(l["host"], format!("alog.test:{}", router.port()), "{l}");
+    assert_eq!(l["route"], "alog.test/", "{l}");
+    assert!(l["backend"].as_str().unwrap().ends_with(":8080"), "{l}");
+
+    // logrotate's way: move the file, then SIGHUP. portless lives on (no
+    // handler would let SIGHUP kill it) and writes to a new file.
+    let rotated = dir.join("access.log.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    ok("kill", &["-HUP", &p.pid().to_string()]);
+    wait_until("the SIGHUP to be taken", WAIT, || {
+        p.logs().contains("reopening the access log").then_some(())
+    });
+    wait_until("a line in the new file", WAIT, || {
+        (get(router, "alog.test", "/second").0 == 200).then_some(())?;
+        lines(&path)
+            .iter()
+            .any(|l| l["path"] == "/second")
+            .then_some(())
+    });
+    assert!(lines(&rotated).iter().all(|l| l["path"] != "/second"));
+    assert!(
+        p.metrics()
+            .contains("portless_router_access_log_dropped_total 0")
+    );
+}

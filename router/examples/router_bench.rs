@@ -6,7 +6,8 @@
 //! router_bench lookup ROUTES LOOKUPS
 //! ```
 //! `serve` routes HOST to BACKEND (plus EXTRA_ROUTES other routes) and
-//! prints `ready` when listening. `lookup` builds a table of ROUTES routes
+//! prints `ready` when listening; with `PORTLESS_BENCH_ACCESS_LOG=PATH`
+//! (or `-`) it logs every request there. `lookup` builds a table of ROUTES routes
 //! and prints the mean cost of normalising a host and finding its route.
 #![allow(clippy::unwrap_used)]
 
@@ -62,7 +63,18 @@ fn main() -> std::process::ExitCode {
             // As the binary runs it: one thread per core, each with its
             // own runtime, listener (SO_REUSEPORT) and upstream pool.
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let router = Router::new(RouterOptions::default());
+            // PORTLESS_BENCH_ACCESS_LOG=PATH|-: with the access log on, to
+            // measure what it costs (bench/router_instr.sh passes it on).
+            let access_log = std::env::var("PORTLESS_BENCH_ACCESS_LOG").ok().map(|t| {
+                portless_router::access_log::AccessLog::open(
+                    portless_router::access_log::Target::parse(&t),
+                )
+                .unwrap()
+            });
+            let router = Router::new(RouterOptions {
+                access_log,
+                ..RouterOptions::default()
+            });
             let mut specs = routes(extra);
             specs.push(spec(&host, "/", backend, "bench".into()));
             router.update(specs);

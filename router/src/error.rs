@@ -16,6 +16,32 @@ pub enum ErrorSource {
     Internal,
 }
 
+impl ErrorSource {
+    /// Every source, in the order of [`ErrorSource::index`].
+    pub const ALL: [ErrorSource; 3] = [
+        ErrorSource::Downstream,
+        ErrorSource::Upstream,
+        ErrorSource::Internal,
+    ];
+
+    /// The name in metrics and the access log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorSource::Downstream => "client",
+            ErrorSource::Upstream => "backend",
+            ErrorSource::Internal => "router",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        match self {
+            ErrorSource::Downstream => 0,
+            ErrorSource::Upstream => 1,
+            ErrorSource::Internal => 2,
+        }
+    }
+}
+
 /// Whether the request may go to another backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryType {
@@ -49,10 +75,27 @@ pub enum ErrorKind {
     UpstreamProtocol,
     /// The request body is larger than the configured limit.
     BodyTooLarge,
+    /// The client's request body broke while it was being forwarded: bad
+    /// chunked framing, or the client gone mid-upload.
+    ClientBody,
+    /// The request's header list is larger than the configured limit
+    /// (HTTP/2: hyper answers HTTP/1 itself).
+    HeadersTooLarge,
     /// No usable Host, or a request form the router does not forward.
     BadRequest,
     /// A method the router does not forward (CONNECT).
     MethodNotAllowed,
+}
+
+/// Whether a failure of this kind allows sending the request elsewhere.
+pub fn retry_type(kind: ErrorKind) -> RetryType {
+    match kind {
+        ErrorKind::Connect => RetryType::Safe,
+        // RFC 9110 9.2.2: a request idempotent by its method may be
+        // sent again when the connection failed before the answer.
+        ErrorKind::UpstreamClosed | ErrorKind::UpstreamProtocol => RetryType::IdempotentOnly,
+        _ => RetryType::Unsafe,
+    }
 }
 
 /// A proxy failure.
@@ -84,20 +127,16 @@ impl ProxyError {
             | ErrorKind::UpstreamTimeout
             | ErrorKind::UpstreamClosed
             | ErrorKind::UpstreamProtocol => ErrorSource::Upstream,
-            ErrorKind::BodyTooLarge | ErrorKind::BadRequest | ErrorKind::MethodNotAllowed => {
-                ErrorSource::Downstream
-            }
+            ErrorKind::BodyTooLarge
+            | ErrorKind::HeadersTooLarge
+            | ErrorKind::ClientBody
+            | ErrorKind::BadRequest
+            | ErrorKind::MethodNotAllowed => ErrorSource::Downstream,
         }
     }
 
     pub fn retry(&self) -> RetryType {
-        match self.kind {
-            ErrorKind::Connect => RetryType::Safe,
-            // RFC 9110 9.2.2: a request idempotent by its method may be
-            // sent again when the connection failed before the answer.
-            ErrorKind::UpstreamClosed | ErrorKind::UpstreamProtocol => RetryType::IdempotentOnly,
-            _ => RetryType::Unsafe,
-        }
+        retry_type(self.kind)
     }
 
     /// The one mapping from error to status code.
@@ -110,7 +149,8 @@ impl ProxyError {
             }
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::BadRequest | ErrorKind::ClientBody => StatusCode::BAD_REQUEST,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }

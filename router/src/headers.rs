@@ -8,6 +8,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -26,14 +27,21 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 9] {
     ]
 }
 
-/// Whether a message asks for a protocol upgrade (WebSocket): `Connection`
-/// lists `upgrade` and an `Upgrade` header is present.
-pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| connection_tokens(v).any(|t| t.eq_ignore_ascii_case("upgrade")))
+/// Whether a request asks to switch to WebSocket: `Connection` lists
+/// `upgrade` and `Upgrade` offers `websocket`. This is the only upgrade the
+/// router tunnels; any other (`h2c`, `TLS/1.x`, ...) would turn the
+/// connection into a raw stream past routing, header rewriting and limits,
+/// so such a request is forwarded as plain HTTP, its `Upgrade` removed.
+pub fn wants_websocket(headers: &HeaderMap) -> bool {
+    headers.get_all(header::UPGRADE).iter().any(|v| {
+        connection_tokens(v).any(|t| {
+            let name = t.split_once('/').map_or(t, |(n, _)| n);
+            name.eq_ignore_ascii_case("websocket")
+        })
+    }) && headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| connection_tokens(v).any(|t| t.eq_ignore_ascii_case("upgrade")))
 }
 
 /// Whether the client said `TE: trailers` (gRPC needs it passed on over
@@ -115,9 +123,58 @@ pub struct ClientInfo {
     pub tls: bool,
 }
 
-/// Set `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and
-/// `Forwarded` for a request to a backend. `host` is the request's host as
-/// received (port included).
+/// Whether `name` (lower case, as `HeaderName` keeps it) is a client
+/// address header that a backend might believe: `Forwarded`, `X-Real-IP`
+/// or any `X-Forwarded-*`, spelled with dashes (`dashed`) or with some
+/// underscores in their place (which some backends read as the dashed
+/// name: CGI, PHP, WSGI turn both into `HTTP_X_FORWARDED_FOR`).
+fn forwarding_name(name: &str) -> Option<Spelling> {
+    fn same(a: &[u8], b: &[u8]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x == y || (*x == b'_' && *y == b'-'))
+    }
+    let n = name.as_bytes();
+    let hit = same(n, b"forwarded")
+        || same(n, b"x-real-ip")
+        || (n.len() > 12 && same(&n[..12], b"x-forwarded-"));
+    match hit {
+        false => None,
+        true if n.contains(&b'_') => Some(Spelling::Underscored),
+        true => Some(Spelling::Dashed),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spelling {
+    Dashed,
+    Underscored,
+}
+
+/// Drop the client address headers the router does not vouch for: from
+/// anyone, their underscore spellings; from an untrusted client, every
+/// `X-Forwarded-*` too (`-Port`, `-Prefix`, ...: the ones the router sets
+/// are replaced anyway). One pass over the names, no allocation when there
+/// is nothing to drop (the common case).
+fn drop_spoofable(headers: &mut HeaderMap, trusted: bool) {
+    let doomed = |k: &HeaderName| match forwarding_name(k.as_str()) {
+        Some(Spelling::Underscored) => true,
+        Some(Spelling::Dashed) => !trusted,
+        None => false,
+    };
+    if !headers.keys().any(doomed) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|k| doomed(k)).cloned().collect();
+    for n in names {
+        headers.remove(n);
+    }
+}
+
+/// Set `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`,
+/// `Forwarded` and `X-Real-IP` for a request to a backend. `host` is the
+/// request's host as received (port included).
 ///
 /// Once per proxied request: no `format!`, and for an untrusted client
 /// (the common case) one `insert` per header, which also drops whatever
@@ -126,16 +183,36 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, host: &str) {
     let proto: &'static str = if client.tls { "https" } else { "http" };
     let mut ip_buf = IpText::default();
     let ip = ip_buf.format(client.addr);
+    drop_spoofable(headers, client.trusted);
+    // The address alone, once: X-Real-IP and (from an untrusted client)
+    // X-Forwarded-For share it.
+    let ip_value = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(ip)).ok();
+
+    // As Traefik does: the connection's address, unless a trusted proxy
+    // said who its client was.
+    if !(client.trusted && headers.contains_key(&X_REAL_IP))
+        && let Some(v) = &ip_value
+    {
+        headers.insert(&X_REAL_IP, v.clone());
+    }
 
     let prev_xff = client
         .trusted
         .then(|| joined(headers, &X_FORWARDED_FOR))
         .flatten();
-    let xff = match prev_xff {
-        Some(prev) => [prev.as_bytes(), b", ", ip].concat(),
-        None => ip.to_vec(),
-    };
-    set(headers, &X_FORWARDED_FOR, xff);
+    match (prev_xff, ip_value) {
+        (Some(prev), _) => set(
+            headers,
+            &X_FORWARDED_FOR,
+            [prev.as_bytes(), b", ", ip].concat(),
+        ),
+        (None, Some(v)) => {
+            headers.insert(&X_FORWARDED_FOR, v);
+        }
+        (None, None) => {
+            headers.remove(&X_FORWARDED_FOR);
+        }
+    }
 
     if !(client.trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
@@ -174,7 +251,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, host: &str) {
 
 /// An address as text, formatted on the stack (IPv4 by hand: `Display`
 /// for `Ipv4Addr` pads and was a visible share of the request path).
-struct IpText {
+pub(crate) struct IpText {
     buf: [u8; 48],
     len: usize,
 }
@@ -189,7 +266,7 @@ impl Default for IpText {
 }
 
 impl IpText {
-    fn format(&mut self, addr: IpAddr) -> &[u8] {
+    pub(crate) fn format(&mut self, addr: IpAddr) -> &[u8] {
         self.len = 0;
         match addr {
             IpAddr::V4(v4) => {
@@ -294,9 +371,25 @@ mod tests {
     }
 
     #[test]
+    fn only_websocket_is_an_upgrade() {
+        for (conn, up, ws) in [
+            ("Upgrade", "websocket", true),
+            ("keep-alive, upgrade", "WebSocket", true),
+            ("Upgrade", "h2c, websocket/13", true),
+            ("Upgrade, HTTP2-Settings", "h2c", false),
+            ("Upgrade", "TLS/1.2", false),
+            ("keep-alive", "websocket", false),
+        ] {
+            let h = map(&[("connection", conn), ("upgrade", up)]);
+            assert_eq!(wants_websocket(&h), ws, "{conn} / {up}");
+        }
+        assert!(!wants_websocket(&map(&[("connection", "upgrade")])));
+    }
+
+    #[test]
     fn upgrade_survives_when_asked() {
         let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        assert!(wants_upgrade(&h));
+        assert!(wants_websocket(&h));
         remove_hop_by_hop(&mut h, true);
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
@@ -318,6 +411,55 @@ mod tests {
             h["forwarded"],
             "for=192.0.2.7;proto=https;host=\"shop.example.com\""
         );
+    }
+
+    #[test]
+    fn forwarding_names_in_every_spelling() {
+        use Spelling::*;
+        for (name, want) in [
+            ("x-forwarded-for", Some(Dashed)),
+            ("x-forwarded-prefix", Some(Dashed)),
+            ("forwarded", Some(Dashed)),
+            ("x-real-ip", Some(Dashed)),
+            ("x_forwarded_for", Some(Underscored)),
+            ("x-forwarded_host", Some(Underscored)),
+            ("x_real_ip", Some(Underscored)),
+            ("x_forwarded_", None),
+            ("x-forwarded-", None),
+            ("x-forwardedfor", None),
+            ("x-app_id", None),
+            ("forwarded-x", None),
+            ("host", None),
+        ] {
+            assert_eq!(forwarding_name(name), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn untrusted_spellings_and_extras_go_trusted_underscores_go() {
+        let src = [
+            ("x-forwarded-port", "1"),
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-app_id", "kept"),
+        ];
+        let mut h = map(&src);
+        let c = ClientInfo {
+            addr: "192.0.2.7".parse().unwrap(),
+            trusted: false,
+            tls: false,
+        };
+        set_forwarded(&mut h, &c, "a.test");
+        assert_eq!(h["x-real-ip"], "192.0.2.7");
+        assert!(!h.contains_key("x-forwarded-port"));
+        assert!(!h.contains_key("x_forwarded_for"));
+        assert_eq!(h["x-app_id"], "kept");
+        let mut h = map(&src);
+        let c = ClientInfo { trusted: true, ..c };
+        set_forwarded(&mut h, &c, "a.test");
+        assert_eq!(h["x-real-ip"], "6.6.6.6");
+        assert_eq!(h["x-forwarded-port"], "1");
+        assert!(!h.contains_key("x_forwarded_for"));
     }
 
     #[test]

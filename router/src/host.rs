@@ -153,6 +153,29 @@ pub fn normalize_authority(authority: &str) -> Option<Cow<'_, str>> {
     }
 }
 
+/// Whether two authorities (a request target's and a `Host` header's) name
+/// the same host and port: compared as [`normalize_authority`] does, a
+/// missing or empty port standing for `default_port` (the scheme's).
+/// Anything that does not normalise is never the same.
+pub fn same_authority(a: &str, b: &str, default_port: u16) -> bool {
+    let port = |s: &str| -> Option<u16> {
+        let tail = match s.strip_prefix('[') {
+            Some(rest) => &rest[rest.find(']')? + 1..],
+            None => s.rsplit_once(':').map_or("", |(_, p)| p),
+        };
+        let p = tail.strip_prefix(':').unwrap_or(tail);
+        if p.is_empty() {
+            Some(default_port)
+        } else {
+            p.parse().ok()
+        }
+    };
+    match (normalize_authority(a), normalize_authority(b)) {
+        (Some(ha), Some(hb)) => ha == hb && port(a).is_some() && port(a) == port(b),
+        _ => false,
+    }
+}
+
 fn valid_port(p: &str) -> bool {
     // An empty port (`host:`) is allowed by RFC 3986.
     p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
@@ -220,6 +243,19 @@ mod tests {
             normalize_authority("shop.example.com"),
             Some(Cow::Borrowed(_))
         ));
+    }
+
+    #[test]
+    fn authorities_compare_by_host_and_port() {
+        assert!(same_authority("a.test", "A.test.", 80));
+        assert!(same_authority("a.test:80", "a.test", 80));
+        assert!(same_authority("a.test:", "a.test:80", 80));
+        assert!(same_authority("[::1]:443", "[::1]", 443));
+        assert!(!same_authority("a.test", "b.test", 80));
+        assert!(!same_authority("a.test:8080", "a.test", 80));
+        assert!(!same_authority("a.test:443", "a.test", 80));
+        assert!(!same_authority("a.test:99999", "a.test:99999", 80));
+        assert!(!same_authority("u@a.test", "u@a.test", 80));
     }
 
     proptest! {

@@ -1,6 +1,7 @@
 //! Connection plumbing: reading a PROXY header off a fresh connection, and
 //! giving back the bytes read past it.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -119,5 +120,109 @@ pub async fn read_proxy_header<T: AsyncRead + Unpin>(
                 }
             }
         }
+    }
+}
+
+/// A client stream whose writes must make progress: once a write (or
+/// flush) has been waiting on the peer for `timeout` (a client that stopped
+/// reading, its window full), every write fails with `TimedOut`, which ends
+/// the connection and drops whatever answer was being sent, freeing its
+/// backend connection. Reads pass through.
+///
+/// The timer is armed only while a write is blocked, and re-armed by any
+/// progress, so a slow but steady reader is never cut off.
+#[derive(Debug)]
+pub struct SendTimeout<T> {
+    inner: T,
+    timeout: std::time::Duration,
+    /// Allocated on the first blocked write; `armed` says whether it runs.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl<T> SendTimeout<T> {
+    pub fn new(inner: T, timeout: std::time::Duration) -> Self {
+        SendTimeout {
+            inner,
+            timeout,
+            deadline: None,
+            armed: false,
+        }
+    }
+
+    /// What the inner write said, with the clock applied: progress
+    /// disarms it, being blocked arms it (once) and fails once it expires.
+    fn watch<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        if polled.is_ready() {
+            self.armed = false;
+            return polled;
+        }
+        let at = tokio::time::Instant::now() + self.timeout;
+        let sleep = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if !self.armed {
+            sleep.as_mut().reset(at);
+            self.armed = true;
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client took nothing for the send timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SendTimeout<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for SendTimeout<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.watch(cx, polled)
     }
 }

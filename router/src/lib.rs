@@ -7,6 +7,7 @@
 //! Layers, pure first:
 //! - [`host`], [`table`]: host normalisation and route matching (no I/O).
 //! - [`balance`]: backend choice (round-robin over health tiers).
+//! - [`policy`]: retry and ejection decisions (pure, time passed in).
 //! - [`proxy_protocol`], [`headers`], [`error`]: wire parsing, header
 //!   rewriting and the error → status mapping.
 //! - [`Router`] (in `proxy`): the hyper shell that serves listeners handed
@@ -18,13 +19,18 @@
 //!   hyper accepts, dropping the former) gets 400.
 //! - [`tls`]: the rustls SNI certificate resolver over a directory.
 //! - [`metrics`]: lock-free counters, rendered as Prometheus text.
+//! - [`access_log`]: one JSON line per request, queued by the request path
+//!   and written by a thread of its own.
 //!
-//! It does not discover routes or render JSON: the binary does those.
+//! It does not discover routes or render status as JSON: the binary does
+//! those.
 
 // Tests may unwrap: a panic there is a failed test, with its message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod access_log;
 pub mod balance;
+mod body;
 pub mod error;
 mod h1_guard;
 /// For the `h1_framing` fuzz target only (the `fuzzing` feature).
@@ -34,6 +40,8 @@ pub use h1_guard::fuzzing as h1_guard_fuzzing;
 pub mod headers;
 pub mod host;
 pub mod metrics;
+mod options;
+pub mod policy;
 mod pool;
 pub mod proxy_protocol;
 pub mod table;
@@ -44,7 +52,6 @@ pub mod io;
 mod proxy;
 pub mod tls;
 
-pub use proxy::{
-    BackendStatus, LimitFlag, ReqBody, RespBody, RouteStatus, Router, RouterOptions, RouterThreads,
-    bind_reuseport,
-};
+pub use body::{BodyFault, ClientBody, ReqBody, RespBody};
+pub use options::RouterOptions;
+pub use proxy::{BackendStatus, RouteStatus, Router, RouterThreads, bind_reuseport};

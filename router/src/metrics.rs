@@ -6,6 +6,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::error::ErrorSource;
+
 /// Upper bounds of the latency buckets, in seconds.
 pub const LATENCY_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -71,6 +73,8 @@ pub struct Metrics {
     pub upstream_connect_errors: AtomicU64,
     pub upstream_timeouts: AtomicU64,
     pub websocket_upgrades: AtomicU64,
+    /// Requests that failed, by whose fault, at [`ErrorSource::index`].
+    pub failures: [AtomicU64; 3],
 }
 
 fn esc(s: &str) -> String {
@@ -129,6 +133,18 @@ pub(crate) fn render<'a>(
         m.open_http.load(Relaxed),
         m.open_https.load(Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP portless_router_failures_total Requests answered with an error, by whose fault it was.\n# TYPE portless_router_failures_total counter"
+    );
+    for s in ErrorSource::ALL {
+        let _ = writeln!(
+            out,
+            "portless_router_failures_total{{fault=\"{}\"}} {}",
+            s.as_str(),
+            m.failures[s.index()].load(Relaxed)
+        );
+    }
     for (name, help, v) in [
         (
             "connections_total",
@@ -171,12 +187,16 @@ pub(crate) fn render<'a>(
             &m.websocket_upgrades,
         ),
     ] {
-        let _ = writeln!(
-            out,
-            "# HELP portless_router_{name} {help}\n# TYPE portless_router_{name} counter\nportless_router_{name} {}",
-            v.load(Relaxed)
-        );
+        render_counter(out, name, help, v.load(Relaxed));
     }
+}
+
+/// One router-wide counter.
+pub(crate) fn render_counter(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP portless_router_{name} {help}\n# TYPE portless_router_{name} counter\nportless_router_{name} {v}"
+    );
 }
 
 #[cfg(test)]
@@ -200,5 +220,6 @@ mod tests {
             "portless_router_request_duration_seconds_bucket{route=\"a.test/\",le=\"+Inf\"} 2"
         ));
         assert!(out.contains("portless_router_open_connections{listener=\"http\"} 0"));
+        assert!(out.contains("portless_router_failures_total{fault=\"backend\"} 0"));
     }
 }

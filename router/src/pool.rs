@@ -18,25 +18,19 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::body::ReqBody;
 use crate::error::{ErrorKind, ProxyError};
-use crate::proxy::ReqBody;
 
 type Conns = HashMap<SocketAddr, Vec<(http1::SendRequest<ReqBody>, Instant)>>;
 
 pub(crate) struct Http1Pool {
-    /// Each connection with the time it was last handed a request.
+    /// Each connection with the time it was last seen busy (handed a
+    /// request, or still answering one at a sweep).
     conns: Mutex<Conns>,
     max_per_backend: usize,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    /// Check-ins since the last sweep of every backend's list.
-    checkins: std::sync::atomic::AtomicU32,
 }
-
-/// Every this many check-ins, lists of backends no longer asked for are
-/// swept too (their connections closed or idle too long), so that backends
-/// that went away leave nothing behind.
-const SWEEP_EVERY: u32 = 4096;
 
 impl Http1Pool {
     pub(crate) fn new(
@@ -49,7 +43,6 @@ impl Http1Pool {
             max_per_backend,
             connect_timeout,
             idle_timeout,
-            checkins: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -93,7 +86,7 @@ impl Http1Pool {
         let mut conns = self.lock();
         let list = conns.get_mut(&addr)?;
         // Dropping a sender closes its idle connection.
-        list.retain(|(s, used)| !self.expired(s, *used, now));
+        list.retain_mut(|(s, used)| !self.expired(s, used, now));
         let found = list
             .iter()
             .position(|(s, _)| s.is_ready())
@@ -104,9 +97,51 @@ impl Http1Pool {
         found
     }
 
-    /// Closed, or idle (ready) for longer than the idle timeout.
-    fn expired(&self, s: &http1::SendRequest<ReqBody>, used: Instant, now: Instant) -> bool {
-        s.is_closed() || (s.is_ready() && now.duration_since(used) > self.idle_timeout)
+    /// Closed, or idle (ready) for longer than the idle timeout. A
+    /// connection still busy with an answer (not ready) is marked used
+    /// now, so that its idle time runs from the end of that answer (to
+    /// within a sweep), not from its start.
+    fn expired(&self, s: &http1::SendRequest<ReqBody>, used: &mut Instant, now: Instant) -> bool {
+        if s.is_closed() {
+            return true;
+        }
+        if !s.is_ready() {
+            *used = now;
+            return false;
+        }
+        now.duration_since(*used) > self.idle_timeout
+    }
+
+    /// Close every connection closed or idle too long, whatever its
+    /// backend. Run on a timer ([`Http1Pool::spawn_sweeper`]), so that
+    /// idle connections go on time when traffic stops, not at the next
+    /// request that happens to use the pool.
+    pub(crate) fn sweep(&self) {
+        let now = Instant::now();
+        self.lock().retain(|_, list| {
+            list.retain_mut(|(s, used)| !self.expired(s, used, now));
+            !list.is_empty()
+        });
+    }
+
+    /// Sweep the pool every quarter of the idle timeout (so a connection
+    /// goes at most 25% late), on the current runtime, for as long as the
+    /// pool lives.
+    pub(crate) fn spawn_sweeper(pool: &std::sync::Arc<Self>) {
+        let every =
+            (pool.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(15));
+        let pool = std::sync::Arc::downgrade(pool);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match pool.upgrade() {
+                    Some(p) => p.sweep(),
+                    None => break,
+                }
+            }
+        });
     }
 
     fn checkin(&self, addr: SocketAddr, sender: http1::SendRequest<ReqBody>) {
@@ -114,17 +149,7 @@ impl Http1Pool {
             return;
         }
         let now = Instant::now();
-        let sweep = self
-            .checkins
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            .is_multiple_of(SWEEP_EVERY);
         let mut conns = self.lock();
-        if sweep {
-            conns.retain(|_, list| {
-                list.retain(|(s, used)| !self.expired(s, *used, now));
-                !list.is_empty()
-            });
-        }
         let list = conns.entry(addr).or_default();
         if list.len() < self.max_per_backend {
             list.push((sender, now));

@@ -121,16 +121,19 @@ pub fn path_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
-/// One host pattern and path prefix, with every backend that serves it.
+/// One host pattern and path prefix, with every backend that serves it,
+/// and what the table's user keeps per route (`payload`: the router's
+/// runtime state; nothing for a plain table).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
+pub struct Route<T = ()> {
     pub host: HostPattern,
     pub path_prefix: String,
     /// Sorted by id, no duplicates.
     pub backends: Vec<Backend>,
+    pub payload: T,
 }
 
-impl Route {
+impl<T> Route<T> {
     /// `host/prefix`, as used in metrics and status: `shop.example.com/`,
     /// `*.example.com/api`.
     pub fn key(&self) -> RouteKey {
@@ -148,14 +151,25 @@ impl fmt::Display for RouteKey {
     }
 }
 
-/// An immutable, indexed set of routes.
-#[derive(Debug, Default, Clone)]
-pub struct RouteTable {
-    routes: Vec<Route>,
+/// An immutable, indexed set of routes, each carrying a payload of type
+/// `T` (see [`RouteTable::with_payload`]).
+#[derive(Debug, Clone)]
+pub struct RouteTable<T = ()> {
+    routes: Vec<Route<T>>,
     /// Host → route indices, longest prefix first.
     exact: HashMap<String, Vec<usize>>,
     /// Wildcard suffix → route indices, longest prefix first.
     wildcard: HashMap<String, Vec<usize>>,
+}
+
+impl<T> Default for RouteTable<T> {
+    fn default() -> Self {
+        RouteTable {
+            routes: Vec::new(),
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        }
+    }
 }
 
 impl RouteTable {
@@ -181,6 +195,7 @@ impl RouteTable {
                 host,
                 path_prefix,
                 backends: backends.into_values().collect(),
+                payload: (),
             })
             .collect();
         let mut exact: HashMap<String, Vec<usize>> = HashMap::new();
@@ -201,12 +216,36 @@ impl RouteTable {
             wildcard,
         }
     }
+}
 
-    pub fn routes(&self) -> &[Route] {
+impl<T> RouteTable<T> {
+    /// The same table, each route carrying `f(route)` as its payload (the
+    /// index of a route does not change).
+    pub fn with_payload<U>(self, mut f: impl FnMut(&Route<T>) -> U) -> RouteTable<U> {
+        RouteTable {
+            routes: self
+                .routes
+                .into_iter()
+                .map(|r| {
+                    let payload = f(&r);
+                    Route {
+                        host: r.host,
+                        path_prefix: r.path_prefix,
+                        backends: r.backends,
+                        payload,
+                    }
+                })
+                .collect(),
+            exact: self.exact,
+            wildcard: self.wildcard,
+        }
+    }
+
+    pub fn routes(&self) -> &[Route<T>] {
         &self.routes
     }
 
-    pub fn route(&self, index: usize) -> Option<&Route> {
+    pub fn route(&self, index: usize) -> Option<&Route<T>> {
         self.routes.get(index)
     }
 
@@ -275,6 +314,24 @@ mod tests {
     fn found<'a>(t: &'a RouteTable, host: &str, path: &str) -> Option<&'a str> {
         t.find(host, path)
             .map(|i| t.routes()[i].backends[0].id.as_str())
+    }
+
+    #[test]
+    fn payloads_ride_with_their_routes() {
+        let t = RouteTable::build([
+            spec(&["a.test"], "/", &["a"]),
+            spec(&["a.test"], "/api", &["api"]),
+            spec(&["*.test"], "/", &["w"]),
+        ])
+        .with_payload(|r| r.key().0);
+        for (host, path, key) in [
+            ("a.test", "/x", "a.test/"),
+            ("a.test", "/api/v1", "a.test/api"),
+            ("b.test", "/", "*.test/"),
+        ] {
+            let i = t.find(host, path).unwrap();
+            assert_eq!(t.routes()[i].payload, key);
+        }
     }
 
     #[test]

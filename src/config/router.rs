@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Args;
 use ipnet::IpNet;
+use portless_router::RouterOptions;
+use portless_router::access_log::Target;
 use serde::Deserialize;
 
 use super::ConfigError;
@@ -69,6 +71,16 @@ pub struct RouterOpts {
     /// [default: 10000]
     #[arg(long, env = "PORTLESS_EJECT_MS", value_name = "MS")]
     pub eject_ms: Option<u64>,
+    /// A client connection whose writes make no progress for this long (a
+    /// client that stopped reading) is closed, with the backend connection
+    /// of its answer. [default: 60000]
+    #[arg(long, env = "PORTLESS_SEND_TIMEOUT_MS", value_name = "MS")]
+    pub send_timeout_ms: Option<u64>,
+    /// Log every request as one JSON line to this file (created, appended
+    /// to, reopened when rotated away or on SIGHUP), or to standard output
+    /// with `-`. [default: no access log]
+    #[arg(long, env = "PORTLESS_ACCESS_LOG", value_name = "PATH|-")]
+    pub access_log: Option<String>,
     /// Router threads, each with its own listener socket (SO_REUSEPORT)
     /// and backend connection pool. [default: the number of CPUs]
     #[arg(long, env = "PORTLESS_ROUTER_THREADS", value_name = "N")]
@@ -88,6 +100,8 @@ crate::merge_fields!(RouterOpts {
     connect_timeout_ms,
     upstream_timeout_ms,
     eject_ms,
+    send_timeout_ms,
+    access_log,
     router_threads,
 });
 
@@ -107,6 +121,8 @@ pub struct RouterConfig {
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub eject_for: Duration,
+    pub send_timeout: Duration,
+    pub access_log: Option<Target>,
     pub threads: usize,
 }
 
@@ -129,6 +145,11 @@ fn all_addresses(port: u16) -> SocketAddr {
     } else {
         SocketAddr::from(([0, 0, 0, 0], port))
     }
+}
+
+/// A default kept in [`RouterOptions`], in milliseconds.
+fn default_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn millis(name: &str, v: Option<u64>, default: u64, max: u64) -> Result<Duration, ConfigError> {
@@ -208,6 +229,17 @@ impl RouterOpts {
                 3_600_000,
             )?,
             eject_for: millis("eject-ms", self.eject_ms, 10_000, 3_600_000)?,
+            send_timeout: millis(
+                "send-timeout-ms",
+                self.send_timeout_ms,
+                default_ms(RouterOptions::default().send_timeout),
+                3_600_000,
+            )?,
+            access_log: match self.access_log.as_deref() {
+                None => None,
+                Some("") => return Err(ConfigError::new("--access-log: a path, or - for stdout")),
+                Some(s) => Some(Target::parse(s)),
+            },
             threads,
         })
     }
@@ -227,6 +259,8 @@ mod tests {
         assert_eq!(c.https_listen, None);
         assert_eq!(c.max_body_bytes, None);
         assert_eq!(c.upstream_timeout, Duration::from_secs(60));
+        assert_eq!(c.send_timeout, Duration::from_secs(60));
+        assert_eq!(c.access_log, None);
     }
 
     #[test]
@@ -256,7 +290,7 @@ mod tests {
     #[test]
     fn toml_table_parses_and_rejects_unknown_keys() {
         let o: RouterOpts = toml::from_str(
-            "http-listen = \"127.0.0.1:8080\"\ntrusted-proxy = [\"10.0.0.0/8\"]\nproxy-protocol = true\nmax-body-bytes = 1048576\n",
+            "http-listen = \"127.0.0.1:8080\"\ntrusted-proxy = [\"10.0.0.0/8\"]\nproxy-protocol = true\nmax-body-bytes = 1048576\nsend-timeout-ms = 5000\naccess-log = \"-\"\n",
         )
         .unwrap();
         let c = o.resolve().unwrap();
@@ -264,6 +298,8 @@ mod tests {
         assert_eq!(c.trusted_proxies.len(), 1);
         assert!(c.proxy_protocol);
         assert_eq!(c.max_body_bytes, Some(1_048_576));
+        assert_eq!(c.send_timeout, Duration::from_secs(5));
+        assert_eq!(c.access_log, Some(Target::Stdout));
         assert!(toml::from_str::<RouterOpts>("listen = 1").is_err());
     }
 }

@@ -28,6 +28,10 @@ pub struct TestBackend {
     pub name: &'static str,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
+    /// Connections open to this backend now.
+    pub open: Arc<std::sync::atomic::AtomicI64>,
+    /// Connections accepted, ever.
+    pub accepted: Arc<AtomicU64>,
     stop: tokio::sync::watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -164,6 +168,10 @@ pub async fn backend_with_idle(name: &'static str, idle: Option<Duration>) -> Te
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicU64::new(0));
     let h = hits.clone();
+    let open = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let open_count = open.clone();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let accepted_count = accepted.clone();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
         // Dropping the set (when this task is aborted) aborts every
@@ -177,7 +185,11 @@ pub async fn backend_with_idle(name: &'static str, idle: Option<Duration>) -> Te
             };
             let h = h.clone();
             let mut stop_conn = stop_rx.clone();
+            open_count.fetch_add(1, Ordering::Relaxed);
+            accepted_count.fetch_add(1, Ordering::Relaxed);
+            let open_conn = OpenGuard(open_count.clone());
             conns.spawn(async move {
+                let _open = open_conn;
                 let svc = service_fn(move |req| {
                     let h = h.clone();
                     async move { Ok::<_, Infallible>(serve_backend(name, h, req).await) }
@@ -207,8 +219,19 @@ pub async fn backend_with_idle(name: &'static str, idle: Option<Duration>) -> Te
         name,
         addr,
         hits,
+        open,
+        accepted,
         stop,
         task,
+    }
+}
+
+/// Counts a backend connection open until dropped.
+struct OpenGuard(Arc<std::sync::atomic::AtomicI64>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -477,4 +500,26 @@ pub async fn eventually(max: Duration, mut f: impl AsyncFnMut() -> bool) -> bool
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     false
+}
+
+/// Send raw bytes on a new connection and read until `until` has been
+/// seen (or the peer closes, or `wait` passes); the text and the stream.
+pub async fn raw_until(
+    addr: SocketAddr,
+    bytes: &[u8],
+    until: &str,
+    wait: Duration,
+) -> (String, TcpStream) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).contains(until) {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), s)
 }

@@ -116,7 +116,8 @@ pub async fn start(
     // Build the first zone before returning, so that a fixed listener never
     // answers from an empty zone after start-up.
     let mut builder = ZoneBuilder {
-        cfg,
+        cfg: Arc::new(cfg),
+        worker: BuildThread::start()?,
         zone,
         listeners,
         listeners_tx,
@@ -134,7 +135,8 @@ pub async fn start(
 }
 
 struct ZoneBuilder {
-    cfg: DnsConfig,
+    cfg: Arc<DnsConfig>,
+    worker: BuildThread,
     zone: ZoneHandle,
     listeners: Listeners,
     listeners_tx: watch::Sender<Vec<SocketAddr>>,
@@ -176,17 +178,36 @@ impl ZoneBuilder {
     }
 
     async fn rebuild(&mut self, snapshot: &Snapshot, static_hosts: &StaticHosts) {
-        let mut input = zone_input(&self.cfg, &snapshot.catalog, static_hosts, host_addrs(), 0);
-        let hash = {
-            use std::hash::{BuildHasher, BuildHasherDefault};
-            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .hash_one(&input)
-        };
-        if self.last_input != Some(hash) {
-            self.serial = self.serial.wrapping_add(1);
-            input.serial = self.serial;
-            self.zone.store(Arc::new(Zone::build(&input)));
-            self.last_input = Some(hash);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let (cfg, catalog, statics) = (
+            self.cfg.clone(),
+            snapshot.catalog.clone(),
+            static_hosts.clone(),
+        );
+        let (last, serial) = (self.last_input, self.serial.wrapping_add(1));
+        self.worker.run(Box::new(move || {
+            let mut input = zone_input(&cfg, &catalog, &statics, host_addrs(), 0);
+            let hash = {
+                use std::hash::{BuildHasher, BuildHasherDefault};
+                BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                    .hash_one(&input)
+            };
+            let built = (last != Some(hash)).then(|| {
+                input.serial = serial;
+                Arc::new(Zone::build(&input))
+            });
+            let _ = done_tx.send((hash, built));
+        }));
+        match done_rx.await {
+            Ok((hash, Some(zone))) => {
+                self.serial = serial;
+                self.last_input = Some(hash);
+                let old = self.zone.swap(zone);
+                // Freed where it was made, unless a query still holds it.
+                self.worker.run(Box::new(move || drop(old)));
+            }
+            Ok((_, None)) => {}
+            Err(_) => tracing::error!("the zone build failed; answering from the previous zone"),
         }
         // Each event once: later rebuilds see the same snapshot again.
         if let Some(ns) = snapshot.event_time_ns
@@ -233,6 +254,41 @@ impl ZoneBuilder {
             tracing::warn!(%addr, error = %e, "cannot listen for DNS on a gateway address (will retry on the next change)");
         }
         self.listeners_tx.send_replace(self.listeners.addrs());
+    }
+}
+
+/// Zone builds run on a thread of their own. A build of a large cluster
+/// (100,000 records) takes most of a second of CPU: on a runtime worker it
+/// would stall the tasks sharing that worker, and building and freeing
+/// zones on one thread lets the allocator reuse the same pages instead of
+/// keeping freed ones on whichever worker ran the last build.
+struct BuildThread {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+impl BuildThread {
+    fn start() -> anyhow::Result<BuildThread> {
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("zone-build".into())
+            .spawn(move || {
+                for job in rx {
+                    // A panicking build loses that build (its caller keeps
+                    // the previous zone), not the thread.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            })
+            .context("starting the zone build thread")?;
+        Ok(BuildThread { jobs })
+    }
+
+    /// Run `job` on the build thread (here, should that thread be gone).
+    fn run(&self, job: Job) {
+        if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
+            job();
+        }
     }
 }
 

@@ -27,6 +27,7 @@ have openssl || need+=(openssl)
 have ping || need+=(iputils-ping)
 have iperf3 || need+=(iperf3)
 have file || need+=(file)
+have promtool || need+=(prometheus)
 # The deployment tests: the image (deploy/image-rootfs.sh strips the binary
 # and copies the CA roots), the systemd unit, the chart's Python tools.
 have strip || need+=(binutils)

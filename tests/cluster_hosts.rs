@@ -421,6 +421,79 @@ fn draining_crosses_hosts(w: &World) -> Result<(), Failed> {
     Ok(())
 }
 
+/// `/metrics` of a portless running every part (DNS, router, cluster) is
+/// valid Prometheus text by `promtool check metrics`, and every metric the
+/// Grafana dashboard (docs/grafana-dashboard.json) queries is in it.
+fn metrics_pass_promtool_and_the_dashboard_queries_exist(w: &World) -> Result<(), Failed> {
+    use std::io::Write;
+    let out =
+        w.e.in_ns('A', &["curl", "-s", "http://127.0.0.1:9053/metrics"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    check(
+        text.contains("portless_netplane_peers"),
+        "no cluster metrics",
+    )?;
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            format!("promtool (Debian's prometheus package; ./test.sh installs it): {e}")
+        })?;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let res = promtool.wait_with_output().unwrap();
+    check(
+        res.status.success(),
+        format!(
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&res.stdout),
+            String::from_utf8_lossy(&res.stderr)
+        ),
+    )?;
+    let dash = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/grafana-dashboard.json"
+    ))
+    .unwrap();
+    let declared: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let mut queried = std::collections::BTreeSet::new();
+    for (i, _) in dash.match_indices("portless_") {
+        let name: String = dash[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name)
+            .to_owned();
+        queried.insert(base);
+    }
+    check(
+        queried.len() >= 15,
+        format!("only {} metrics queried", queried.len()),
+    )?;
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|q| !declared.contains(q.as_str()))
+        .collect();
+    check(
+        missing.is_empty(),
+        format!("the dashboard queries metrics /metrics does not have: {missing:?}"),
+    )
+}
+
 fn forged_records_are_refused(w: &World) -> Result<(), Failed> {
     let b = w.e.addr('B').to_string();
     let out =
@@ -906,7 +979,7 @@ fn main() {
 type Scenario = fn(&World) -> Result<(), Failed>;
 
 fn scenarios(w: Option<Arc<World>>) -> Vec<Trial> {
-    let list: [(&str, Scenario); 11] = [
+    let list: [(&str, Scenario); 12] = [
         (
             "a_container_on_a_resolves_containers_on_b_by_every_name",
             names_cross_hosts,
@@ -922,6 +995,10 @@ fn scenarios(w: Option<Arc<World>>) -> Vec<Trial> {
         (
             "forged_records_are_refused_counted_and_never_answered",
             forged_records_are_refused,
+        ),
+        (
+            "metrics_pass_promtool_and_the_dashboard_queries_exist",
+            metrics_pass_promtool_and_the_dashboard_queries_exist,
         ),
         (
             "a_removed_cluster_network_is_made_again",

@@ -630,3 +630,47 @@ fn checkov_findings_are_the_ones_the_chart_readme_explains() {
         "the chart README explains findings checkov no longer reports: {stale:?}"
     );
 }
+
+/// The Grafana dashboard ships with the chart (a ConfigMap for Grafana's
+/// sidecar, when asked for) exactly as it is in docs/, and is a dashboard:
+/// every panel queries through the data source variable.
+#[test]
+fn the_grafana_dashboard_ships_with_the_chart_as_in_docs() {
+    let docs = std::fs::read_to_string(root().join("docs/grafana-dashboard.json")).unwrap();
+    let dash: Value = serde_json::from_str(&docs).expect("the dashboard is JSON");
+    let panels = dash["panels"].as_array().expect("panels");
+    let queries: Vec<&Value> = panels
+        .iter()
+        .filter(|p| p["type"] != "row")
+        .flat_map(|p| p["targets"].as_array().expect("targets"))
+        .collect();
+    assert!(queries.len() >= 10, "{} queries", queries.len());
+    for q in &queries {
+        assert_eq!(q["datasource"]["uid"], "${datasource}", "{q}");
+        assert!(
+            q["expr"].as_str().is_some_and(|e| e.contains("portless_")),
+            "{q}"
+        );
+    }
+    // Off by default; on, the ConfigMap carries the same JSON.
+    assert!(!render(None).iter().any(|o| {
+        o["kind"] == "ConfigMap"
+            && o["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("-dashboard"))
+    }));
+    let objects = render(Some("grafanaDashboard:\n  enabled: true\n"));
+    let cm = objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "ConfigMap"
+                && o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with("-dashboard"))
+        })
+        .expect("no dashboard ConfigMap rendered");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1", "{cm}");
+    let shipped: Value =
+        serde_json::from_str(cm["data"]["portless.json"].as_str().unwrap()).unwrap();
+    assert_eq!(shipped, dash);
+}

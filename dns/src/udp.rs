@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::handler::{Decision, Handler, formerr};
 use crate::metrics::Outcome;
 use crate::rrl::Verdict;
+use crate::wire;
 
 /// Largest datagram we read; anything longer is not a query we answer.
 const MAX_DATAGRAM: usize = 4096;
@@ -102,6 +103,18 @@ fn answer(
     if src.port() == 0 {
         return;
     }
+    // The common query: answered on the wire, or left to the full path
+    // below, with the rate verdict already taken.
+    let mut verdict = None;
+    let (bytes, out, key) = batch.split(i);
+    if let Some(query) = wire::Query::parse(bytes) {
+        let v = handler.rate_verdict(src.ip());
+        if v == Verdict::Answer && handler.answer_wire(&query, src.ip(), key, out) {
+            return;
+        }
+        verdict = Some(v);
+    }
+    batch.unqueue();
     let bytes = batch.datagram(i);
     let request = match Request::from_bytes(bytes.to_vec(), src, Protocol::Udp) {
         Ok(r) => r,
@@ -119,7 +132,7 @@ fn answer(
     if request.metadata.message_type != MessageType::Query {
         return;
     }
-    match handler.rate_verdict(src.ip()) {
+    match verdict.unwrap_or_else(|| handler.rate_verdict(src.ip())) {
         Verdict::Answer => {}
         Verdict::Slip => {
             let slip = handler.slip(&request);
@@ -176,6 +189,8 @@ struct Batch {
     queued: usize,
     reply_of: [usize; BATCH],
     replies: Vec<Vec<u8>>,
+    /// Scratch space for a name's text.
+    key: String,
 }
 
 // The one place of the crate with unsafe code: recvmmsg and sendmmsg
@@ -195,6 +210,7 @@ impl Batch {
             queued: 0,
             reply_of: [0; BATCH],
             replies: (0..BATCH).map(|_| Vec::with_capacity(512)).collect(),
+            key: String::with_capacity(256),
         }
     }
 
@@ -276,6 +292,18 @@ impl Batch {
         let out = &mut self.replies[slot];
         out.clear();
         out
+    }
+
+    /// Datagram `i`, a reply to it queued (as [`Self::reply_to`]), and the
+    /// scratch string, at once.
+    fn split(&mut self, i: usize) -> (&[u8], &mut Vec<u8>, &mut String) {
+        let slot = self.queued;
+        self.queued += 1;
+        self.reply_of[slot] = i;
+        let out = &mut self.replies[slot];
+        out.clear();
+        let bytes = &self.input[i * MAX_DATAGRAM..i * MAX_DATAGRAM + self.lengths[i]];
+        (bytes, out, &mut self.key)
     }
 
     /// Take back the reply last queued (it could not be encoded).

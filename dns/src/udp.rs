@@ -12,7 +12,8 @@
 //! see [`crate::listener`]): each takes whatever datagrams are queued when
 //! it asks, so the load spreads over them whatever the clients' ports.
 //!
-//! Decoding and encoding are hickory's (`Request::from_bytes`,
+//! The common query is answered on the wire ([`crate::wire`]); the rest is
+//! decoded and encoded by hickory (`Request::from_bytes`,
 //! `MessageResponse`), the same as on the TCP path, so both transports give
 //! the same answers; only the I/O differs.
 
@@ -194,9 +195,9 @@ struct Batch {
 }
 
 // The one place of the crate with unsafe code: recvmmsg and sendmmsg
-// through libc, on buffers this struct owns. nix's safe wrappers read
-// uninitialized addresses when the results of a sendmmsg are counted, and
-// allocate per call.
+// through libc, on buffers this struct owns. nix's wrappers would do, but
+// counting the results of its sendmmsg reads addresses it never
+// initialized.
 #[allow(unsafe_code)]
 impl Batch {
     fn new() -> Self {

@@ -2,6 +2,8 @@
 # DNS benchmark: portless against knot, dnsmasq and unbound, in one run.
 #
 #   bench/dns.sh                   throughput (dnsperf) + resident memory
+#   bench/dns.sh --unpinned        throughput as users run it: nothing pinned
+#                                  or niced, every server on every core
 #   bench/dns.sh --event-latency   container start event -> name answering
 #
 # Run as root from anywhere; see docs/BENCHMARKS.md (## DNS) for what is
@@ -15,10 +17,11 @@ ROOT=$(cd "$HERE/.." && pwd)
 source "$HERE/dns/lib.sh"
 
 MODE=throughput
+PINNED=1
 LENGTH=15       # seconds per dnsperf run
 ROUNDS=3        # rounds; each round runs every server once, order rotated
-CLIENTS=8       # dnsperf -c: UDP sockets (source ports)
-OUTSTANDING=100 # dnsperf -q: queries in flight at most
+CLIENTS=""      # dnsperf -c: UDP sockets (source ports); 8 pinned, 4 unpinned
+OUTSTANDING=""  # dnsperf -q: queries in flight at most; 100 pinned, 200 unpinned
 TIMEOUT=2       # dnsperf -t: seconds after which a query counts as lost
 NAMES=10000
 CONTAINERS=100
@@ -34,10 +37,14 @@ usage() {
     cat <<EOF
 usage: bench/dns.sh [options]
   --event-latency   measure container start -> DNS answer instead of throughput
+  --unpinned        throughput with nothing pinned or niced, every server with
+                    one worker per CPU (knot udp-workers, unbound num-threads)
+  --load-fraction F with --event-latency: meanwhile keep portless at F (0..1)
+                    of its peak queries/s (measured first), e.g. 0.5
   --length S        seconds per dnsperf run (default $LENGTH)
   --rounds N        rounds over all servers, order rotated (default $ROUNDS)
-  --clients N       dnsperf -c (default $CLIENTS)
-  --outstanding N   dnsperf -q (default $OUTSTANDING)
+  --clients N       dnsperf -c (default 8 pinned, 4 unpinned)
+  --outstanding N   dnsperf -q (default 100 pinned, 200 unpinned)
   --names N         names served (default $NAMES)
   --containers N    containers started with --event-latency (default $CONTAINERS)
   --samples N       of which timed from outside with DNS queries (default $SAMPLES)
@@ -45,14 +52,19 @@ usage: bench/dns.sh [options]
   --no-build        do not run cargo build --release
   --peers-only      leave portless out (throughput mode only)
   --keep            keep the work directory
-Environment: PORTLESS_BIN (default target/release/portless)
+Environment: PORTLESS_BIN (default target/release/portless);
+  PORTLESS_BASE_BIN: another portless binary (an older build, say) measured
+  in the same run as server "pl-base", for a before/after comparison
 EOF
 }
 
 KEEP=0
+LOAD_FRACTION=""
 while (($#)); do
     case $1 in
     --event-latency) MODE=events ;;
+    --unpinned) PINNED=0 ;;
+    --load-fraction) LOAD_FRACTION=$2; shift ;;
     --length) LENGTH=$2; shift ;;
     --rounds) ROUNDS=$2; shift ;;
     --clients) CLIENTS=$2; shift ;;
@@ -70,8 +82,23 @@ while (($#)); do
     shift
 done
 
-[[ $EUID -eq 0 ]] || die "run as root (installs packages, pins CPUs, talks to Docker)"
+if ((PINNED)); then
+    CLIENTS=${CLIENTS:-8} OUTSTANDING=${OUTSTANDING:-100}
+else
+    CLIENTS=${CLIENTS:-4} OUTSTANDING=${OUTSTANDING:-200}
+fi
+WORKERS=1 # threads per server: one core each when pinned
+((PINNED)) || WORKERS=$(nproc)
 (($(nproc) >= 2)) || { SERVER_CPU=0; CLIENT_CPU=0; log "one CPU only: no pinning apart"; }
+# How servers and dnsperf are started: command prefixes, which exec the
+# program in the same process (its pid is the one measured).
+SERVER_PREFIX=(env) CLIENT_PREFIX=(env)
+if ((PINNED)); then
+    SERVER_PREFIX=(nice -n "$NICE" taskset -c "$SERVER_CPU")
+    CLIENT_PREFIX=(nice -n "$NICE" taskset -c "$CLIENT_CPU")
+fi
+
+[[ $EUID -eq 0 ]] || die "run as root (installs packages, pins CPUs, talks to Docker)"
 
 WORK=$(mktemp -d /tmp/portless-dns-bench.XXXXXX)
 PIDS=()
@@ -115,12 +142,13 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# start NAME LOGFILE CMD...: start a server pinned to SERVER_CPU; its pid
+# start NAME LOGFILE CMD...: start a server (pinned to SERVER_CPU unless
+# --unpinned); its pid
 # goes to PID_NAME.
 start() {
     local name=$1 logf=$2
     shift 2
-    nice -n "$NICE" taskset -c "$SERVER_CPU" "$@" >"$logf" 2>&1 &
+    "${SERVER_PREFIX[@]}" "$@" >"$logf" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     eval "PID_$name=$pid"
@@ -171,7 +199,8 @@ throughput() {
     local data=$WORK/data
     local servers=(knot dnsmasq unbound)
 
-    # knot: one UDP and one TCP worker, as the server gets one core.
+    # knot: one UDP and one TCP worker when the server gets one core; one
+    # UDP worker per CPU otherwise.
     local PORT_knot
     PORT_knot=$(free_port)
     mkdir -p "$WORK/knot/run" "$WORK/knot/db"
@@ -179,7 +208,7 @@ throughput() {
 server:
     rundir: "$WORK/knot/run"
     listen: 127.0.0.1@$PORT_knot
-    udp-workers: 1
+    udp-workers: $WORKERS
     tcp-workers: 1
     background-workers: 1
 log:
@@ -224,7 +253,8 @@ server:
     use-syslog: no
     logfile: ""
     verbosity: 0
-    num-threads: 1
+    num-threads: $WORKERS
+    so-reuseport: yes
     module-config: "iterator"
     access-control: 127.0.0.0/8 allow
     local-zone: "bench.test." static
@@ -234,7 +264,7 @@ remote-control:
 EOF
     start unbound "$WORK/unbound.log" unbound -d -c "$WORK/unbound/unbound.conf"
 
-    local portless_note="" PORT_portless="" ADMIN_portless=""
+    local portless_note="" PORT_portless="" ADMIN_portless="" PORT_pl_base=""
     if ((WITH_PORTLESS)); then
         if portless_ready; then
             PORTLESS_VERSION=$(portless_version)
@@ -243,8 +273,16 @@ EOF
             start portless "$WORK/portless.log" "$PORTLESS_BIN" run --docker-host none \
                 --dns-port 0 --dns-listen "127.0.0.1:$PORT_portless" \
                 --hosts-file "$data/hosts" --admin-listen "127.0.0.1:$ADMIN_portless" \
-                --upstream 127.0.0.1:9 --domain bench.test --log warn
+                --upstream 127.0.0.1:9 --domain bench.test --log warn --no-router
             servers+=(portless)
+            if [[ -n ${PORTLESS_BASE_BIN:-} ]]; then
+                PORT_pl_base=$(free_port)
+                start pl_base "$WORK/pl_base.log" "$PORTLESS_BASE_BIN" run --docker-host none \
+                    --dns-port 0 --dns-listen "127.0.0.1:$PORT_pl_base" \
+                    --hosts-file "$data/hosts" --admin-listen "127.0.0.1:$(free_port)" \
+                    --upstream 127.0.0.1:9 --domain bench.test --log warn --no-router
+                servers+=(pl_base)
+            fi
         else
             portless_note="NOT RUN: no usable portless binary"
         fi
@@ -287,7 +325,12 @@ EOF
         [[ ${ok[$s]} == ok ]] || [[ $s == portless ]] || die "$s does not serve the same data as knot"
     done
 
-    log "dnsperf: $ROUNDS round(s) x ${#up[@]} servers x ${LENGTH}s, -c $CLIENTS -T 1 -q $OUTSTANDING -t $TIMEOUT; server on CPU $SERVER_CPU, dnsperf on CPU $CLIENT_CPU"
+    local shape="server on CPU $SERVER_CPU, dnsperf on CPU $CLIENT_CPU" busy_cpu=$CLIENT_CPU
+    if ((!PINNED)); then
+        shape="nothing pinned or niced, $WORKERS worker(s) per server"
+        busy_cpu="" # the whole machine: the client has no core of its own
+    fi
+    log "dnsperf: $ROUNDS round(s) x ${#up[@]} servers x ${LENGTH}s, -c $CLIENTS -T 1 -q $OUTSTANDING -t $TIMEOUT; $shape"
     : >"$WORK/rounds.tsv"
     local load0 load1
     load0=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -299,16 +342,16 @@ EOF
             eval "pid=\$PID_$s port=\$PORT_$s"
             local out="$WORK/dnsperf-$s-$r.txt" t0 t1 c0 c1 k0 k1 w0 w1 d0 d1
             c0=$(cpu_ticks "$pid")
-            k0=$(core_busy_ticks "$CLIENT_CPU")
+            k0=$(core_busy_ticks "$busy_cpu")
             w0=$(sleeps "$pid")
             d0=$(udp_drops)
             t0=$(date +%s.%N)
-            nice -n "$NICE" taskset -c "$CLIENT_CPU" dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/data/queries" \
+            "${CLIENT_PREFIX[@]}" dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/data/queries" \
                 -l "$LENGTH" -c "$CLIENTS" -T 1 -q "$OUTSTANDING" -t "$TIMEOUT" >"$out" 2>&1 ||
                 { cat "$out" >&2; die "dnsperf against $s failed"; }
             t1=$(date +%s.%N)
             c1=$(cpu_ticks "$pid")
-            k1=$(core_busy_ticks "$CLIENT_CPU")
+            k1=$(core_busy_ticks "$busy_cpu")
             w1=$(sleeps "$pid")
             d1=$(udp_drops)
             local sent completed lost qps avg min max cpu ccpu us wq
@@ -323,7 +366,7 @@ EOF
             wq=$(awk -v w="$((w1 - w0))" -v n="$completed" 'BEGIN {printf "%.3f", n ? w / n : 0}')
             printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$r" "$sent" "$completed" \
                 "$lost" "$qps" "$avg" "$min" "$max" "$cpu" "$ccpu" "$us" "$wq" "$((d1 - d0))" >>"$WORK/rounds.tsv"
-            log "round $r $s: $qps qps, lost $lost/$sent (kernel UDP drops on the host: $((d1 - d0))), avg ${avg}s max ${max}s, server CPU $cpu% (${us} us/query, $wq sleeps/query), client core busy $ccpu%"
+            log "round $r $s: $qps qps, lost $lost/$sent (kernel UDP drops on the host: $((d1 - d0))), avg ${avg}s max ${max}s, server CPU $cpu% (${us} us/query, $wq sleeps/query), $( ((PINNED)) && echo "client core" || echo "machine (all cores)") busy $ccpu%"
         done
     done
 
@@ -344,7 +387,7 @@ EOF
     echo "== portless DNS benchmark: throughput and memory =="
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  host: $(nproc) CPUs, $(awk -F': *' '/model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "names: $NAMES under bench.test; queries: 90% existing, 10% missing (NXDOMAIN), type A, $(wc -l <"$WORK/data/queries") lines shuffled"
-    echo "dnsperf $(dnsperf -h 2>&1 | awk '/^Version/ {print $2}'): -l $LENGTH -c $CLIENTS -T 1 -q $OUTSTANDING -t $TIMEOUT, $ROUNDS round(s), server pinned to CPU $SERVER_CPU, dnsperf to CPU $CLIENT_CPU, both at nice $NICE"
+    echo "dnsperf $(dnsperf -h 2>&1 | awk '/^Version/ {print $2}'): -l $LENGTH -c $CLIENTS -T 1 -q $OUTSTANDING -t $TIMEOUT, $ROUNDS round(s), $( ((PINNED)) && echo "server pinned to CPU $SERVER_CPU, dnsperf to CPU $CLIENT_CPU, both at nice $NICE" || echo "nothing pinned or niced, $WORKERS worker(s) per server (cli core% is then the whole machine's busy share, up to $((100 * WORKERS))%)")"
     echo "load average (1/5/15 min) before the rounds: $load0; after: $load1 (other work on the machine)"
     echo "versions: knot $(knotd --version | awk '{print $NF}'), dnsmasq $(dnsmasq --version | awk 'NR==1 {print $3}'), unbound $(unbound -V | awk '/^Version/ {print $2}')${PORT_portless:+, portless $PORTLESS_VERSION}"
     echo
@@ -386,9 +429,20 @@ events() {
     local port admin
     port=$(free_port)
     admin=$(free_port)
+    # Under load: names under portless's domain that no container has
+    # (NXDOMAIN from the zone, the same UDP path as any answer), so that
+    # the zone rebuilt on every event holds only the containers, as in
+    # the run without load (a hosts file of 10,000 names would make every
+    # rebuild cost more and measure that instead).
+    if [[ -n $LOAD_FRACTION ]]; then
+        ensure_packages dnsperf
+        mkdir -p "$WORK/data"
+        awk -v n="$NAMES" 'BEGIN {for (i = 0; i < n; i++) printf "x%05d.docker.internal A\n", i}' \
+            >"$WORK/data/queries-load"
+    fi
     start portless "$WORK/portless.log" "$PORTLESS_BIN" run --dns-port 0 \
         --dns-listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-        --upstream 127.0.0.1:9 --log warn
+        --upstream 127.0.0.1:9 --log warn --no-router
     # Wait for the admin API (metrics) and the DNS listener.
     local i
     for i in $(seq 1 100); do
@@ -399,9 +453,28 @@ events() {
     ((i < 100)) || { tail -20 "$WORK/portless.log" >&2; die "portless admin API not up on 127.0.0.1:$admin"; }
     log "portless up: pid $PID_portless, dns 127.0.0.1:$port, admin 127.0.0.1:$admin"
 
+    local load_note="none"
+    if [[ -n $LOAD_FRACTION ]]; then
+        # Peak first (10 s, dnsperf started as in the throughput run),
+        # then a rate-limited dnsperf for the whole run at the fraction.
+        local peak rate
+        "${CLIENT_PREFIX[@]}" dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/data/queries-load" -l 10 \
+            -c "$CLIENTS" -T 1 -q "$OUTSTANDING" -t "$TIMEOUT" >"$WORK/dnsperf-peak.txt" 2>&1 ||
+            { cat "$WORK/dnsperf-peak.txt" >&2; die "dnsperf (peak) failed"; }
+        peak=$(awk '/Queries per second:/ {printf "%d", $4}' "$WORK/dnsperf-peak.txt")
+        rate=$(awk -v p="$peak" -v f="$LOAD_FRACTION" 'BEGIN {printf "%d", p * f}')
+        log "portless peak: $peak qps; holding $rate qps ($LOAD_FRACTION) during the run"
+        "${CLIENT_PREFIX[@]}" dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/data/queries-load" -l 3600 \
+            -c "$CLIENTS" -T 1 -q "$OUTSTANDING" -t "$TIMEOUT" -Q "$rate" >"$WORK/dnsperf-load.txt" 2>&1 &
+        PIDS+=("$!")
+        load_note="dnsperf -Q $rate ($LOAD_FRACTION of a measured peak of $peak qps, -c $CLIENTS -q $OUTSTANDING, $( ((PINNED)) && echo "portless on CPU $SERVER_CPU, dnsperf on CPU $CLIENT_CPU" || echo "nothing pinned"))"
+        sleep 1
+    fi
+
     echo
     echo "== portless DNS benchmark: container start event -> answer =="
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  host: $(nproc) CPUs; docker $(docker version -f '{{.Server.Version}}' 2>/dev/null); portless $PORTLESS_VERSION"
+    echo "load average (1/5/15 min) at the start: $(cut -d' ' -f1-3 /proc/loadavg); query load on portless meanwhile: $load_note"
     python3 "$HERE/dns/events.py" --dns-port "$port" --admin "127.0.0.1:$admin" \
         --network "$net" --image "$image" --containers "$CONTAINERS" --samples "$SAMPLES" \
         --pid "$PID_portless"

@@ -45,7 +45,9 @@ def main():
         f = line.rstrip("\n").split("\t")
         facts[f[0]] = dict(rss=int(f[1] or 0), ok=f[2], note=f[3] if len(f) > 3 else "")
 
+    # Other portless builds to compare (bench/dns.sh PORTLESS_BASE_BIN) last.
     order = PEERS + ["portless"]
+    order += sorted(s for s in set(rows) | set(facts) if s not in order)
     hdr = (
         f"{'server':<9} {'qps(median)':>12} {'qps(min..max)':>19} {'sent':>10} "
         f"{'lost':>7} {'lost%':>7} {'UDP drops':>9} {'avg lat ms':>10} {'max lat ms':>10} "

@@ -21,6 +21,7 @@ use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Quer
 use crate::forward::Forwarder;
 use crate::metrics::{Metrics, Outcome};
 use crate::rrl::{RateLimit, RateLimiter, Verdict};
+use crate::wire;
 use crate::zone::{Answer, Zone, ZoneHandle};
 
 /// Answers from the live zone, forwards the rest.
@@ -261,6 +262,55 @@ impl Handler {
         metadata.truncation = true;
         metadata.recursion_available = true;
         Reply::empty(metadata, None, 512)
+    }
+
+    /// The UDP fast path ([`crate::wire`]): when the zone answers `query`
+    /// with addresses, NODATA or NXDOMAIN, the reply is written into `out`
+    /// (as [`Self::decide`] and [`Reply::encode_udp`] would write it) and
+    /// true returned; false for anything else, to be asked of
+    /// [`Self::decide`]. `key` is scratch space for the name's text.
+    pub fn answer_wire(
+        &self,
+        query: &wire::Query<'_>,
+        client: IpAddr,
+        key: &mut String,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        query.key_into(key);
+        let zone = self.zone.load();
+        let qtype = RecordType::from(query.qtype);
+        let Some(answer) = zone.answer_text(client, key, qtype) else {
+            return false;
+        };
+        let (rcode, addrs, outcome) = match &answer {
+            Answer::Addrs(addrs) => (wire::Rcode::NoError, addrs.as_slice(), Outcome::Answer),
+            Answer::NoData => (wire::Rcode::NoError, &[][..], Outcome::NoData),
+            Answer::NxDomain => (wire::Rcode::NxDomain, &[][..], Outcome::NxDomain),
+            _ => return false,
+        };
+        let ttl = zone.ttl();
+        // As in decide: negative answers carry our SOA only for names
+        // under our domain.
+        let soa = (addrs.is_empty() && zone.in_domain(key)).then(|| wire::Soa {
+            labels: usize::from(zone.domain().num_labels()),
+            ttl,
+            serial: zone.serial(),
+        });
+        let limit = query.udp_limit(MAX_UDP_REPLY);
+        if !wire::write_reply(
+            query,
+            rcode,
+            addrs,
+            ttl,
+            soa.as_ref(),
+            OUR_UDP_PAYLOAD,
+            limit,
+            out,
+        ) {
+            return false;
+        }
+        self.metrics.record(qtype, outcome);
+        true
     }
 
     /// Answer from the zone, or say that the question goes upstream.

@@ -13,6 +13,8 @@
 //!   come and go.
 //! - [`rrl`]: response rate limiting per client address over UDP.
 //! - [`udp`], [`tcp`]: the serving loops.
+//! - [`wire`]: the UDP fast path: the common query read, and its answer
+//!   written, straight on the wire.
 //!
 //! It does not know Docker: the binary turns its catalog into a
 //! [`ZoneInput`] and swaps the built [`Zone`] into the [`ZoneHandle`].
@@ -25,6 +27,7 @@ pub mod metrics;
 pub mod rrl;
 pub mod tcp;
 pub mod udp;
+pub mod wire;
 pub mod zone;
 
 pub use forward::{ForwardError, Forwarder};

@@ -4,11 +4,19 @@
 //! listener (served by [`crate::tcp`]) of its own, so one address can be
 //! added or removed without touching the others (Docker networks come and
 //! go while we run).
+//!
+//! UDP is served by threads of its own, one per CPU this process may run
+//! on, each with a single-threaded runtime: every UDP socket is served by
+//! a loop on each of them, so queries to one address use every core (one
+//! loop on the shared runtime held UDP to one core while the peers used
+//! all). TCP and forwarded queries stay on the runtime `Listeners` was
+//! made on.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -18,18 +26,89 @@ pub struct Listeners {
     handler: Handler,
     /// TCP connections open at once, over every address.
     tcp_slots: Arc<Semaphore>,
-    /// Per address: stops its UDP loop, its TCP loop and its connections.
+    /// Per address: stops its UDP loops, its TCP loop and its connections.
     active: BTreeMap<SocketAddr, CancellationToken>,
+    udp: UdpThreads,
+    /// Where TCP and forwarded queries run.
+    runtime: Handle,
+}
+
+/// The threads that serve UDP, each running a single-threaded runtime
+/// until the `Listeners` is dropped.
+struct UdpThreads {
+    runtimes: Vec<Handle>,
+    stop: CancellationToken,
+}
+
+impl UdpThreads {
+    /// `n` threads; fewer if the system refuses more (none: UDP is then
+    /// served on the caller's runtime).
+    fn start(n: usize) -> Self {
+        let stop = CancellationToken::new();
+        let mut runtimes = Vec::with_capacity(n);
+        for i in 0..n {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a DNS UDP runtime");
+                    break;
+                }
+            };
+            let handle = rt.handle().clone();
+            let stop = stop.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("dns-udp-{i}"))
+                // The loops keep their buffers on the heap.
+                .stack_size(256 << 10)
+                .spawn(move || rt.block_on(stop.cancelled()));
+            match spawned {
+                Ok(_) => runtimes.push(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a DNS UDP thread");
+                    break;
+                }
+            }
+        }
+        UdpThreads { runtimes, stop }
+    }
+}
+
+impl Drop for UdpThreads {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// UDP threads, unless configured: one per CPU this process may run on
+/// (its affinity: a server pinned to one core gets one).
+pub fn default_udp_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl Listeners {
     /// `max_tcp_connections`: open TCP connections at once, over every
     /// address ([`crate::tcp::DEFAULT_MAX_CONNECTIONS`] is a sound value).
+    /// UDP gets [`default_udp_threads`] threads. Must be called within a
+    /// tokio runtime: TCP and forwarding run there.
     pub fn new(handler: Handler, max_tcp_connections: usize) -> Self {
+        Self::with_udp_threads(handler, max_tcp_connections, default_udp_threads())
+    }
+
+    /// [`Self::new`] with `udp_threads` threads serving UDP (at least 1).
+    pub fn with_udp_threads(
+        handler: Handler,
+        max_tcp_connections: usize,
+        udp_threads: usize,
+    ) -> Self {
         Self {
             handler,
             tcp_slots: Arc::new(Semaphore::new(max_tcp_connections)),
             active: BTreeMap::new(),
+            udp: UdpThreads::start(udp_threads.max(1)),
+            runtime: Handle::current(),
         }
     }
 
@@ -55,8 +134,8 @@ impl Listeners {
         let (udp, tcp) = bind_pair(addr, freebind).await?;
         let bound = udp.local_addr()?;
         let stop = CancellationToken::new();
-        tokio::spawn(crate::udp::serve(udp, self.handler.clone(), stop.clone()));
-        tokio::spawn(crate::tcp::serve(
+        self.serve_udp(udp, &stop)?;
+        self.runtime.spawn(crate::tcp::serve(
             tcp,
             self.handler.clone(),
             self.tcp_slots.clone(),
@@ -65,6 +144,30 @@ impl Listeners {
         self.active.insert(bound, stop);
         tracing::info!(addr = %bound, "dns listening");
         Ok(bound)
+    }
+
+    /// A UDP loop on every UDP thread, each on its own descriptor of the
+    /// one socket.
+    fn serve_udp(&self, udp: std::net::UdpSocket, stop: &CancellationToken) -> std::io::Result<()> {
+        let mut runtimes = self.udp.runtimes.iter();
+        let first = runtimes.next().unwrap_or(&self.runtime);
+        for rt in runtimes {
+            self.spawn_udp(rt, udp.try_clone()?, stop);
+        }
+        self.spawn_udp(first, udp, stop);
+        Ok(())
+    }
+
+    fn spawn_udp(&self, rt: &Handle, udp: std::net::UdpSocket, stop: &CancellationToken) {
+        let (handler, forwarding, stop) =
+            (self.handler.clone(), self.runtime.clone(), stop.clone());
+        rt.spawn(async move {
+            // Registered with the runtime of the thread that serves it.
+            match tokio::net::UdpSocket::from_std(udp) {
+                Ok(udp) => crate::udp::serve(udp, handler, forwarding, stop).await,
+                Err(e) => tracing::warn!(error = %e, "cannot serve a DNS UDP socket"),
+            }
+        });
     }
 
     /// Stop serving on `addr`.
@@ -110,6 +213,14 @@ impl Drop for Listeners {
 }
 
 async fn bind_pair(
+    addr: SocketAddr,
+    freebind: bool,
+) -> std::io::Result<(std::net::UdpSocket, tokio::net::TcpListener)> {
+    let (udp, tcp) = bind_pair_tokio(addr, freebind).await?;
+    Ok((udp.into_std()?, tcp))
+}
+
+async fn bind_pair_tokio(
     addr: SocketAddr,
     freebind: bool,
 ) -> std::io::Result<(tokio::net::UdpSocket, tokio::net::TcpListener)> {

@@ -425,6 +425,35 @@ impl Zone {
 
     /// Answer `qtype` for `qname` as seen by `client`.
     pub fn answer(&self, client: IpAddr, qname: &LowerName, qtype: RecordType) -> Answer {
+        let key = lookup_key(qname);
+        self.answer_with(client, &key, Some(qname), qtype)
+            .unwrap_or(Answer::Forward)
+    }
+
+    /// [`Self::answer`] for a name given as its lookup text: labels joined
+    /// by dots, no final dot, ASCII lowercased, other bytes U+FFFD (what
+    /// [`lookup_key`] makes of a name). For the UDP fast path, which reads
+    /// names off the wire without making a `Name`. None for a reverse
+    /// name (`.in-addr.arpa`, `.ip6.arpa`): ask [`Self::answer`].
+    pub fn answer_text(&self, client: IpAddr, key: &str, qtype: RecordType) -> Option<Answer> {
+        self.answer_with(client, key, None, qtype)
+    }
+
+    /// Whether `key` (as for [`Self::answer_text`]) is the domain or under it.
+    pub fn in_domain(&self, key: &str) -> bool {
+        key == self.domain
+            || key
+                .strip_suffix(self.domain.as_str())
+                .is_some_and(|r| r.ends_with('.'))
+    }
+
+    fn answer_with(
+        &self,
+        client: IpAddr,
+        key: &str,
+        qname: Option<&LowerName>,
+        qtype: RecordType,
+    ) -> Option<Answer> {
         // An IPv4 client of a dual-stack socket arrives as ::ffff:a.b.c.d.
         let client = client.to_canonical();
         let container_nets = match self.clients.get(&client) {
@@ -433,18 +462,21 @@ impl Zone {
             None if self.is_host_client(client) => None,
             None => match self.subnet_scope(client) {
                 Some(nets) => Some(nets),
-                None => return Answer::Refused,
+                None => return Some(Answer::Refused),
             },
         };
-        match self.lookup(client, container_nets, qname, qtype) {
-            // Every network of the client is internal: nothing from outside.
-            Answer::Forward
-                if container_nets.is_some_and(|nets| nets.iter().all(|&n| self.is_internal(n))) =>
-            {
-                Answer::Refused
-            }
-            answer => answer,
-        }
+        Some(
+            match self.lookup(client, container_nets, key, qname, qtype)? {
+                // Every network of the client is internal: nothing from outside.
+                Answer::Forward
+                    if container_nets
+                        .is_some_and(|nets| nets.iter().all(|&n| self.is_internal(n))) =>
+                {
+                    Answer::Refused
+                }
+                answer => answer,
+            },
+        )
     }
 
     /// A compose client asking for a bare service name its own project has
@@ -467,19 +499,28 @@ impl Zone {
 
     /// The answer for a client allowed to ask: a container client seeing
     /// `container_nets`, or a host-side client (None).
+    /// None: a reverse name, and no `qname` to answer it from.
     fn lookup(
         &self,
         client: IpAddr,
         container_nets: Option<&[u32]>,
-        qname: &LowerName,
+        name: &str,
+        qname: Option<&LowerName>,
+        qtype: RecordType,
+    ) -> Option<Answer> {
+        if name.ends_with(".in-addr.arpa") || name.ends_with(".ip6.arpa") {
+            return Some(self.reverse(container_nets, qname?, qtype));
+        }
+        Some(self.lookup_forward(client, container_nets, name, qtype))
+    }
+
+    fn lookup_forward(
+        &self,
+        client: IpAddr,
+        container_nets: Option<&[u32]>,
+        name: &str,
         qtype: RecordType,
     ) -> Answer {
-        let text = lookup_key(qname);
-        let name = text.as_str();
-
-        if name.ends_with(".in-addr.arpa") || name.ends_with(".ip6.arpa") {
-            return self.reverse(container_nets, qname, qtype);
-        }
         if let Some(addrs) = self.statics.get(name) {
             return addresses(addrs.iter().copied(), qtype);
         }
@@ -596,7 +637,7 @@ fn live_addrs(targets: &[&Target]) -> Vec<IpAddr> {
 /// `LowerName` is lower case already. Bytes outside ASCII become U+FFFD, so
 /// such names match no key (every key is checked ASCII when built). This
 /// is the per-query hot path: no `fmt` machinery.
-fn lookup_key(name: &LowerName) -> String {
+pub(crate) fn lookup_key(name: &LowerName) -> String {
     let mut key = String::with_capacity(name.len().max(1));
     for (i, label) in name.iter().enumerate() {
         if i > 0 {

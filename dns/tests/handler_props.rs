@@ -187,3 +187,154 @@ proptest! {
         }
     }
 }
+
+/// The UDP fast path's reply and the full path's (hickory's decoder and
+/// encoder), for the same datagram from the same client: both None when
+/// the fast path leaves it to the full one.
+fn both_paths(h: &Handler, bytes: &[u8], src: SocketAddr) -> (Option<Message>, Option<Message>) {
+    use hickory_server::net::xfer::Protocol;
+    use hickory_server::server::Request;
+    use portless_dns::handler::Decision;
+    let fast = portless_dns::wire::Query::parse(bytes).and_then(|q| {
+        let (mut key, mut out) = (String::new(), Vec::new());
+        h.answer_wire(&q, src.ip(), &mut key, &mut out)
+            .then(|| Message::from_vec(&out).unwrap())
+    });
+    if fast.is_none() {
+        return (None, None);
+    }
+    let full = Request::from_bytes(bytes.to_vec(), src, Protocol::Udp)
+        .ok()
+        .and_then(|request| match h.decide(&request, src.ip()) {
+            Decision::Reply(reply) => {
+                let mut out = Vec::new();
+                reply.encode_udp(&request.queries, &mut out).unwrap();
+                Some(Message::from_vec(&out).unwrap())
+            }
+            Decision::Forward(_) => None,
+        });
+    // Addresses come in a fresh random order each time.
+    let sorted = |m: Option<Message>| {
+        m.map(|mut m| {
+            m.answers.sort_by_key(|r| r.data.to_string());
+            m
+        })
+    };
+    (sorted(fast), sorted(full))
+}
+
+fn query_with(
+    name: &str,
+    t: RecordType,
+    id: u16,
+    edns: Option<(u16, bool)>,
+    rd: bool,
+    cd: bool,
+) -> Vec<u8> {
+    let mut m = Message::query();
+    m.metadata.id = id;
+    m.metadata.recursion_desired = rd;
+    m.metadata.checking_disabled = cd;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+    if let Some((payload, dnssec_ok)) = edns {
+        let mut e = hickory_proto::op::Edns::new();
+        e.set_max_payload(payload);
+        e.set_dnssec_ok(dnssec_ok);
+        m.set_edns(e);
+    }
+    m.to_vec().unwrap()
+}
+
+#[test]
+fn the_fast_path_answers_the_common_queries() {
+    let h = handler();
+    let host: SocketAddr = HOST.parse().unwrap();
+    let container: SocketAddr = CONTAINER.parse().unwrap();
+    for (name, src) in [
+        ("static.test", host),
+        ("STATIC.test", host),
+        ("b", container),
+        ("b.docker.internal", container),
+        ("nosuch.docker.internal", container),
+        ("nosuch.docker.internal", host),
+    ] {
+        for edns in [None, Some((1232, false)), Some((4096, true))] {
+            let q = query_with(name, RecordType::A, 7, edns, true, false);
+            let (fast, full) = both_paths(&h, &q, src);
+            assert!(
+                fast.is_some(),
+                "{name} from {src} ({edns:?}) not on the fast path"
+            );
+            assert_eq!(fast, full, "{name} from {src} ({edns:?})");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Whatever the fast path answers, the full path answers the same
+    /// (header, question, records, OPT).
+    #[test]
+    fn the_fast_path_answers_as_the_full_path(
+        name in prop_oneof![
+            Just("static.test".to_string()),
+            Just("Static.Test".to_string()),
+            Just("a".to_string()),
+            Just("b.docker.internal".to_string()),
+            Just("alias".to_string()),
+            Just("svc".to_string()),
+            Just("svc.proj.docker.internal".to_string()),
+            Just("docker.internal".to_string()),
+            Just("x.apps.test".to_string()),
+            Just("2.0.0.10.in-addr.arpa".to_string()),
+            "[a-z]{1,8}(\\.[a-z]{1,8}){0,2}(\\.docker\\.internal)?",
+        ],
+        t in prop_oneof![
+            Just(RecordType::A), Just(RecordType::AAAA), Just(RecordType::ANY),
+            Just(RecordType::SOA), Just(RecordType::MX), Just(RecordType::PTR),
+        ],
+        edns in proptest::option::of((0u16..5000, any::<bool>())),
+        rd in any::<bool>(),
+        cd in any::<bool>(),
+        id in any::<u16>(),
+        from in 0usize..3,
+    ) {
+        let h = handler();
+        let src: SocketAddr = [HOST, CONTAINER, STRANGER][from].parse().unwrap();
+        let q = query_with(&name, t, id, edns, rd, cd);
+        let (fast, full) = both_paths(&h, &q, src);
+        if fast.is_some() {
+            prop_assert_eq!(fast, full);
+        }
+    }
+
+    /// Mangled datagrams (bytes overwritten, cut or appended, EDNS or
+    /// not): whatever the fast path accepts and answers, the full path
+    /// answers the same; it never panics on the rest.
+    #[test]
+    fn the_fast_path_agrees_on_mangled_queries(
+        flips in proptest::collection::vec((0usize..80, any::<u8>()), 0..4),
+        cut in proptest::option::of(0usize..80),
+        extra in proptest::collection::vec(any::<u8>(), 0..3),
+        name in prop_oneof![Just("static.test".to_string()), Just("b".to_string()), "[a-z]{1,6}(\\.docker\\.internal)?"],
+        edns in proptest::option::of((0u16..5000, any::<bool>())),
+        from in 0usize..3,
+    ) {
+        let h = handler();
+        let src: SocketAddr = [HOST, CONTAINER, STRANGER][from].parse().unwrap();
+        let mut bytes = query_with(&name, RecordType::A, 0x4242, edns, true, false);
+        for (i, b) in flips {
+            let len = bytes.len();
+            bytes[i % len] = b;
+        }
+        if let Some(cut) = cut {
+            bytes.truncate(cut);
+        }
+        bytes.extend_from_slice(&extra);
+        let (fast, full) = both_paths(&h, &bytes, src);
+        if fast.is_some() {
+            prop_assert_eq!(fast, full);
+        }
+    }
+}

@@ -414,7 +414,7 @@ async fn list_networks(docker: &Docker) -> anyhow::Result<BTreeMap<String, Netwo
                 .as_ref()
                 .and_then(|o| o.get("com.docker.network.bridge.name").cloned())
                 .unwrap_or_else(|| format!("br-{}", id.chars().take(12).collect::<String>()));
-            for a in interface_addrs(&dev) {
+            for a in crate::ifaddrs::addrs(Some(&dev)) {
                 if !gateways.contains(&a) && subnets.iter().any(|s| s.contains(&a)) {
                     gateways.push(a);
                 }
@@ -433,22 +433,6 @@ async fn list_networks(docker: &Docker) -> anyhow::Result<BTreeMap<String, Netwo
         );
     }
     Ok(out)
-}
-
-/// Addresses of one network interface.
-fn interface_addrs(name: &str) -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addrs
-        .filter(|ifa| ifa.interface_name == name)
-        .filter_map(|ifa| ifa.address)
-        .filter_map(|a| match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
-            (Some(v4), _) => Some(IpAddr::V4(v4.ip())),
-            (_, Some(v6)) => Some(IpAddr::V6(v6.ip())),
-            _ => None,
-        })
-        .collect()
 }
 
 /// A running container from its inspect output; None when it is not

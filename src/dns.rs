@@ -368,19 +368,7 @@ fn zone_input(
 
 /// The host's own interface addresses: clients from them are host-side.
 fn host_addrs() -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addrs
-        .filter_map(|ifa| ifa.address)
-        .filter_map(|a| {
-            if let Some(v4) = a.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
-        .collect()
+    crate::ifaddrs::addrs(None)
 }
 
 fn read_hosts(path: &Path) -> anyhow::Result<BTreeMap<String, Vec<IpAddr>>> {

@@ -8,6 +8,7 @@ mod cluster;
 mod config;
 mod discovery;
 mod dns;
+mod ifaddrs;
 mod metrics;
 mod namespace;
 mod router_task;

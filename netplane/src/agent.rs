@@ -668,6 +668,19 @@ fn host_status(spec: &LocalSpec, lease_id: i64, lease_ttl: i64) -> HostStatus {
     }
 }
 
+/// A planned peer as the status shows it, with its host record if known.
+fn peer_status(pp: &plan::PeerPlan, rec: Option<&HostRecord>, in_place: bool) -> PeerStatus {
+    PeerStatus {
+        id: pp.id.clone(),
+        hostname: rec.map(|r| r.hostname.clone()).unwrap_or_default(),
+        subnet: pp.subnet,
+        underlay: pp.underlay,
+        mode: rec.map(|r| r.mode).unwrap_or(Mode::Vxlan),
+        transport: pp.transport,
+        in_place,
+    }
+}
+
 fn peer_statuses(
     p: &plan::Plan,
     peers: &[HostRecord],
@@ -677,16 +690,11 @@ fn peer_statuses(
     p.peers
         .iter()
         .map(|pp| {
-            let rec = by_id.get(pp.id.as_str());
-            PeerStatus {
-                id: pp.id.clone(),
-                hostname: rec.map(|r| r.hostname.clone()).unwrap_or_default(),
-                subnet: pp.subnet,
-                underlay: pp.underlay,
-                mode: rec.map(|r| r.mode).unwrap_or(Mode::Vxlan),
-                transport: pp.transport,
-                in_place: plan::peer_in_place(pp, observed),
-            }
+            peer_status(
+                pp,
+                by_id.get(pp.id.as_str()).copied(),
+                plan::peer_in_place(pp, observed),
+            )
         })
         .collect()
 }
@@ -975,19 +983,14 @@ impl Driver {
                         .peers
                         .iter()
                         .map(|pp| {
-                            let rec = by_id.get(pp.id.as_str()).copied();
-                            PeerStatus {
-                                id: pp.id.clone(),
-                                hostname: rec.map(|r| r.hostname.clone()).unwrap_or_default(),
-                                subnet: pp.subnet,
-                                underlay: pp.underlay,
-                                mode: rec.map(|r| r.mode).unwrap_or(Mode::Vxlan),
-                                transport: pp.transport,
-                                in_place: in_place
+                            peer_status(
+                                pp,
+                                by_id.get(pp.id.as_str()).copied(),
+                                in_place
                                     .and_then(|m| m.get(&pp.id))
                                     .copied()
                                     .unwrap_or(false),
-                            }
+                            )
                         })
                         .collect();
                     self.peers = (key, peers);

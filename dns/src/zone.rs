@@ -27,6 +27,7 @@ use arc_swap::ArcSwap;
 use hickory_proto::rr::{LowerName, Name, RecordType};
 use ipnet::IpNet;
 use rand::seq::SliceRandom;
+use smallvec::SmallVec;
 
 /// Keys are our own names; a seeded fast hasher keeps lookups cheap
 /// without making collisions predictable.
@@ -129,7 +130,8 @@ pub enum Answer {
 #[derive(Debug, Clone)]
 struct Target {
     id: u32,
-    addrs: Vec<IpAddr>,
+    /// Its addresses under this name: mostly one, kept inline.
+    addrs: SmallVec<[IpAddr; 1]>,
     /// [`Health::rank`]: lower is better.
     rank: u8,
     /// Matched only as the bare service name of this compose project
@@ -138,7 +140,10 @@ struct Target {
     service_of: Option<u32>,
 }
 
-type Names = HashMap<Box<str>, Vec<Target>>;
+/// Most names have one target, kept inline: a `Vec` per name (a heap
+/// block each) was the zone's largest cost at 100,000 records.
+type Targets = SmallVec<[Target; 1]>;
+type Names = HashMap<Box<str>, Targets>;
 
 /// A built, immutable zone.
 #[derive(Debug, Default)]
@@ -181,11 +186,7 @@ pub type ZoneHandle = Arc<ArcSwap<Zone>>;
 /// list here would make names shared by many containers (a compose
 /// service in many projects) cost quadratic time.
 fn push_target(names: &mut Names, key: String, target: &Target) {
-    // Most names have one target: room for exactly one (a growing Vec
-    // would reserve four, the zone's largest cost at 100,000 records).
-    let targets = names
-        .entry(key.into_boxed_str())
-        .or_insert_with(|| Vec::with_capacity(1));
+    let targets = names.entry(key.into_boxed_str()).or_default();
     match targets.last_mut() {
         Some(t) if t.id == target.id => merge_into(t, target),
         _ => targets.push(target.clone()),
@@ -212,7 +213,7 @@ fn merge_repeats(names: &mut Names) {
             continue;
         }
         targets.sort_by_key(|t| t.id);
-        let mut out: Vec<Target> = Vec::with_capacity(targets.len());
+        let mut out = Targets::with_capacity(targets.len());
         for t in targets.drain(..) {
             match out.last_mut() {
                 Some(last) if last.id == t.id => merge_into(last, &t),
@@ -275,7 +276,7 @@ impl Zone {
                 let id = *ids.entry(m.id.as_str()).or_insert(next);
                 let target = Target {
                     id,
-                    addrs: m.addrs.clone(),
+                    addrs: m.addrs.iter().copied().collect(),
                     rank: m.health.rank(),
                     service_of: None,
                 };
@@ -730,6 +731,17 @@ mod tests {
             private_ranges: vec!["10.0.0.0/8".parse().unwrap()],
             ..ZoneInput::default()
         })
+    }
+
+    #[test]
+    fn a_name_with_one_target_needs_no_heap_block_of_its_own() {
+        // The zone's size at 100,000 records is mostly per-name entries.
+        assert!(
+            std::mem::size_of::<Targets>() <= 64,
+            "{}",
+            std::mem::size_of::<Targets>()
+        );
+        assert!(!Targets::new().spilled());
     }
 
     #[test]

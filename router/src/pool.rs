@@ -81,16 +81,36 @@ impl Http1Pool {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A ready connection to `addr`, newest first. Only the connections
+    /// looked at are checked for expiry (the sweeper does the rest): a
+    /// pass over the whole list cost a clock subtraction per pooled
+    /// connection on every request.
     fn checkout(&self, addr: SocketAddr) -> Option<http1::SendRequest<ReqBody>> {
-        let now = Instant::now();
+        let mut now = None;
         let mut conns = self.lock();
         let list = conns.get_mut(&addr)?;
-        // Dropping a sender closes its idle connection.
-        list.retain_mut(|(s, used)| !self.expired(s, used, now));
-        let found = list
-            .iter()
-            .position(|(s, _)| s.is_ready())
-            .map(|i| list.swap_remove(i).0);
+        let mut i = list.len();
+        let found = loop {
+            if i == 0 {
+                break None;
+            }
+            i -= 1;
+            let s = &list[i].0;
+            if s.is_closed() {
+                list.swap_remove(i);
+                continue;
+            }
+            if !s.is_ready() {
+                continue;
+            }
+            let now = *now.get_or_insert_with(Instant::now);
+            // Dropping a sender closes its idle connection.
+            let (s, used) = list.swap_remove(i);
+            if now.duration_since(used) <= self.idle_timeout {
+                break Some(s);
+            }
+            drop(s);
+        };
         if list.is_empty() {
             conns.remove(&addr);
         }

@@ -1184,7 +1184,12 @@ mod tests {
             b"GET / HTTP/2.0\r\n\r\n",
         ] {
             let f = fed(&[bad]);
-            assert_eq!((f.heads, f.parsed), (1, 0), "{}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                (f.heads, f.parsed),
+                (1, 0),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -38,6 +38,8 @@
 # CPU is saturated and the proxy's is not, requests per second measure the
 # load side, not the proxy: then CPU per request (the proxy's user+system
 # time from /proc/PID/stat over the run, divided by the requests) decides.
+# Without --pinned the two busy figures are still CPU 0 ("load") and CPU 1
+# ("proxy"), but every process runs on both.
 #
 # CPU time per request (utime+stime from /proc over a wrk run, divided by the
 # requests wrk counted) is the cost of the processes doing that target's own

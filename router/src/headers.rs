@@ -192,6 +192,9 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, host: &str) {
     let mut ip_buf = IpText::default();
     let ip = ip_buf.format(client.addr);
     drop_spoofable(headers, client.trusted);
+    // Room for the six set below at once: the map hyper built holds about
+    // the client's headers only, and grew (rehashing) on the way.
+    headers.reserve(6);
     // The address alone, once: X-Real-IP and (from an untrusted client)
     // X-Forwarded-For share it.
     let ip_value = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(ip)).ok();

@@ -7,7 +7,7 @@
 #
 # Usage: sudo bench/router.sh [--duration S] [--rounds N] [--connections N]
 #                             [--threads N] [--no-build] [--keep]
-#                             [--targets LIST]
+#                             [--targets LIST] [--pinned]
 #
 # The backend is a real container: a local image (portless-bench-nginx:local,
 # made with `docker import` from the host's own /usr/sbin/nginx, the libraries
@@ -27,6 +27,20 @@
 # The ratio lines compare `portless` (the product) with the better of nginx
 # and haproxy on each measure (req/s, p99, CPU per request).
 #
+# --pinned: the proxy alone on CPU 1, wrk and the backend container on CPU 0
+# (taskset; the container with --cpuset-cpus). Each proxy gets one CPU's
+# worth of workers: portless run --router-threads 1, router_bench with one
+# thread (its thread count follows the CPUs it may use), nginx 1 worker,
+# haproxy nbthread 1, caddy GOMAXPROCS=1; wrk runs with one thread unless
+# --threads says otherwise. Default targets: nginx, haproxy, portless,
+# portless-lib. Each run also reports how busy each of the two CPUs was
+# (/proc/stat, all processes: the machine is shared). When the load side's
+# CPU is saturated and the proxy's is not, requests per second measure the
+# load side, not the proxy: then CPU per request (the proxy's user+system
+# time from /proc/PID/stat over the run, divided by the requests) decides.
+# Without --pinned the two busy figures are still CPU 0 ("load") and CPU 1
+# ("proxy"), but every process runs on both.
+#
 # CPU time per request (utime+stime from /proc over a wrk run, divided by the
 # requests wrk counted) is the cost of the processes doing that target's own
 # work: for `direct` the backend container's nginx processes (what serving the
@@ -44,8 +58,8 @@
 #
 # Traffic goes to 127.0.0.1 and the bench's own container only. Every host
 # process runs from a mktemp -d directory and is stopped on exit; the
-# container, network and image (labels portless-bench=1 and
-# portless-bench.router=1) are removed on exit, failure and Ctrl-C included,
+# container, network and image (label portless-bench.router=1) are
+# removed on exit, failure and Ctrl-C included,
 # and leftovers of an earlier killed run at start. One run at a time (flock).
 # --keep keeps the mktemp directory (configs, logs, raw results, each wrk
 # output). --targets runs only some targets (comma-separated names from the
@@ -60,15 +74,18 @@ THREADS=2
 BUILD=1
 KEEP=0
 TARGETS=""
+PINNED=0
+THREADS_SET=0
 while (($#)); do
     case $1 in
         --duration) DURATION=$2; shift 2 ;;
         --rounds) ROUNDS=$2; shift 2 ;;
         --connections) CONNS=$2; shift 2 ;;
-        --threads) THREADS=$2; shift 2 ;;
+        --threads) THREADS=$2; THREADS_SET=1; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --keep) KEEP=1; shift ;;
         --targets) TARGETS=$2; shift 2 ;;
+        --pinned) PINNED=1; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 64 ;;
     esac
@@ -78,13 +95,33 @@ log() { printf '[router-bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 ((EUID == 0)) || die "run as root (sudo $0)"
+# --pinned: the CPU of the proxy, and the CPU of wrk and the backend.
+PROXY_CPU=1
+LOAD_CPU=0
+PIN_PROXY=()
+PIN_LOAD=()
+CPUSET=()
+PROXY_WORKERS=2
+RUN_THREADS=()
+if ((PINNED)); then
+    RUN_THREADS=(--router-threads 1)
+    (($(nproc) >= 2)) || die "--pinned needs 2 CPUs"
+    PIN_PROXY=(taskset -c "$PROXY_CPU")
+    PIN_LOAD=(taskset -c "$LOAD_CPU")
+    CPUSET=(--cpuset-cpus "$LOAD_CPU")
+    PROXY_WORKERS=1
+    ((THREADS_SET)) || THREADS=1
+fi
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HOST=bench.test
 BODY="hello from the backend"
 IMAGE=portless-bench-nginx:local
 NET=portless-bench-router
 CTR=portless-bench-router-backend
-LABELS=(--label portless-bench=1 --label portless-bench.router=1)
+# Not the shared label portless-bench=1: bench/dns.sh removes every
+# container and network with that label at its start and end, and took this
+# run's backend away in the middle of a round when both ran at once.
+LABELS=(--label portless-bench.router=1)
 MINE=label=portless-bench.router=1
 # The caller's PORTLESS_* settings must not change what is measured.
 while read -r v; do unset "$v"; done < <(compgen -e | grep '^PORTLESS_' || true)
@@ -141,6 +178,11 @@ cpu_ticks() {
     echo "$u $s"
 }
 TICK=$(getconf CLK_TCK)
+# Busy ticks of one CPU, all processes (user, nice, system, irq, softirq,
+# steal from /proc/stat): "BUSY TOTAL".
+core_ticks() {
+    awk -v c="cpu$1" '$1 == c {b = $2 + $3 + $4 + $7 + $8 + $9; print b, b + $5 + $6}' /proc/stat
+}
 # User+system seconds of this shell's reaped descendants (the second line of
 # bash's `times`), to time wrk itself: it runs, and is reaped, between two
 # calls. `times` must run in this shell, not in a $(...) subshell, whose
@@ -244,9 +286,9 @@ http {
 EOF
 tar -C "$R" --numeric-owner --owner=0 --group=0 -c . |
     docker import -c 'ENTRYPOINT ["/usr/sbin/nginx", "-c", "/etc/nginx/nginx.conf"]' -c 'EXPOSE 80' \
-        -c 'LABEL portless-bench=1 portless-bench.router=1' - "$IMAGE" >/dev/null
+        -c 'LABEL portless-bench.router=1' - "$IMAGE" >/dev/null
 docker network create "${LABELS[@]}" "$NET" >/dev/null # Docker picks a free subnet
-docker run -d --name "$CTR" "${LABELS[@]}" --network "$NET" \
+docker run -d --name "$CTR" "${LABELS[@]}" "${CPUSET[@]}" --network "$NET" \
     --label "portless.http.host=$HOST" --label portless.http.port=80 "$IMAGE" >/dev/null
 BACKEND_PID=$(docker inspect -f '{{.State.Pid}}' "$CTR")
 BIP=$(docker inspect -f "{{(index .NetworkSettings.Networks \"$NET\").IPAddress}}" "$CTR")
@@ -261,7 +303,7 @@ log "backend container $CTR at $BACKEND (network $NET $(docker network inspect -
 NP=$(free_port)
 mkdir -p "$WORK/nginx"
 cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes 2;
+worker_processes $PROXY_WORKERS;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log warn;
 events { worker_connections 4096; }
@@ -285,14 +327,14 @@ http {
     server { listen 127.0.0.1:$NP default_server; return 404; }
 }
 EOF
-nginx -c "$WORK/nginx/nginx.conf" -g 'daemon off;' 9>&- &
+"${PIN_PROXY[@]}" nginx -c "$WORK/nginx/nginx.conf" -g 'daemon off;' 9>&- &
 PIDS+=($!); NGINX_PID=$!
 
 # --- haproxy ---------------------------------------------------------------
 HP=$(free_port)
 cat >"$WORK/haproxy.cfg" <<EOF
 global
-    nbthread 2
+    nbthread $PROXY_WORKERS
     maxconn 4096
 defaults
     mode http
@@ -309,7 +351,7 @@ frontend fe
 backend be
     server s1 $BACKEND
 EOF
-haproxy -f "$WORK/haproxy.cfg" -db 9>&- &
+"${PIN_PROXY[@]}" haproxy -f "$WORK/haproxy.cfg" -db 9>&- &
 PIDS+=($!); HAPROXY_PID=$!
 
 # --- caddy -----------------------------------------------------------------
@@ -324,7 +366,7 @@ http://$HOST:$CP {
     reverse_proxy $BACKEND
 }
 EOF
-XDG_DATA_HOME=$WORK XDG_CONFIG_HOME=$WORK HOME=$WORK caddy run --config "$WORK/Caddyfile" --adapter caddyfile >"$WORK/caddy.log" 2>&1 9>&- &
+GOMAXPROCS=$PROXY_WORKERS XDG_DATA_HOME=$WORK XDG_CONFIG_HOME=$WORK HOME=$WORK "${PIN_PROXY[@]}" caddy run --config "$WORK/Caddyfile" --adapter caddyfile >"$WORK/caddy.log" 2>&1 9>&- &
 PIDS+=($!); CADDY_PID=$!
 
 # --- portless: the product, routes from Docker labels -------------------------
@@ -332,16 +374,17 @@ PP=$(free_port)
 AP=$(free_port)
 # DNS off: no listener on the gateways (--dns-port 0), none fixed; the
 # upstream is never asked. HTTPS stays off without --cert-dir.
-"$PORTLESS" run --http-listen "127.0.0.1:$PP" --admin-listen "127.0.0.1:$AP" \
+"${PIN_PROXY[@]}" "$PORTLESS" run --http-listen "127.0.0.1:$PP" --admin-listen "127.0.0.1:$AP" \
+    "${RUN_THREADS[@]}" \
     --dns-port 0 --upstream 127.0.0.1:9 >"$WORK/portless.log" 2>&1 9>&- &
 PIDS+=($!); PORTLESS_PID=$!
 
 # --- the router library (1 route, and 10,000 more) ---------------------------
 PL=$(free_port)
-"$BIN" serve "127.0.0.1:$PL" "$HOST" "$BACKEND" 0 >"$WORK/portless-lib.out" 2>&1 9>&- &
+"${PIN_PROXY[@]}" "$BIN" serve "127.0.0.1:$PL" "$HOST" "$BACKEND" 0 >"$WORK/portless-lib.out" 2>&1 9>&- &
 PIDS+=($!); LIB_PID=$!
 PL10K=$(free_port)
-"$BIN" serve "127.0.0.1:$PL10K" "$HOST" "$BACKEND" 10000 >"$WORK/portless-10k.out" 2>&1 9>&- &
+"${PIN_PROXY[@]}" "$BIN" serve "127.0.0.1:$PL10K" "$HOST" "$BACKEND" 10000 >"$WORK/portless-10k.out" 2>&1 9>&- &
 PIDS+=($!); LIB10K_PID=$!
 
 wait_http "127.0.0.1:$NP" "$NGINX_PID" || die "nginx did not start: $(cat "$WORK/nginx/error.log")"
@@ -368,7 +411,8 @@ for a in "127.0.0.1:"{"$NP","$HP","$PP","$PL","$PL10K"}; do
     [[ $code == 404 || $code == 503 ]] || die "$a routed an unknown host ($code)"
 done
 
-log "machine: $(nproc) cores, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB; wrk -t$THREADS -c$CONNS -d${DURATION}s, $ROUNDS rounds"
+log "machine: $(nproc) cores, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB; wrk -t$THREADS -c$CONNS -d${DURATION}s, $ROUNDS rounds; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+((PINNED)) && log "pinned: proxies on CPU $PROXY_CPU; wrk and the backend on CPU $LOAD_CPU"
 declare -A TARGET=([direct]=$BACKEND [nginx]=127.0.0.1:$NP [haproxy]=127.0.0.1:$HP [caddy]=127.0.0.1:$CP
     [portless]=127.0.0.1:$PP [portless-lib]=127.0.0.1:$PL [portless-10k]=127.0.0.1:$PL10K)
 # The processes doing each target's work (see the header), for CPU time per
@@ -378,6 +422,7 @@ NGINX_WORKERS=$(pgrep -P "$NGINX_PID" | tr '\n' ' ')
 declare -A PROCS=([direct]="$BACKEND_PROCS" [nginx]="$NGINX_WORKERS" [haproxy]=$HAPROXY_PID [caddy]=$CADDY_PID
     [portless]=$PORTLESS_PID [portless-lib]=$LIB_PID [portless-10k]=$LIB10K_PID)
 ORDER=(direct nginx haproxy caddy portless portless-lib portless-10k)
+((PINNED)) && ORDER=(nginx haproxy portless portless-lib)
 if [[ -n $TARGETS ]]; then
     IFS=, read -r -a ORDER <<<"$TARGETS"
     for name in "${ORDER[@]}"; do
@@ -411,7 +456,9 @@ for round in $(seq 1 "$ROUNDS"); do
         # shellcheck disable=SC2086
         b0=$(cpu_ticks $BACKEND_PROCS)
         children_cpu >"$WORK/w0"
-        out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "Host: $HOST" "http://$addr/" 2>&1)
+        k0=$(core_ticks "$LOAD_CPU"); q0=$(core_ticks "$PROXY_CPU")
+        out=$("${PIN_LOAD[@]}" wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "Host: $HOST" "http://$addr/" 2>&1)
+        k1=$(core_ticks "$LOAD_CPU"); q1=$(core_ticks "$PROXY_CPU")
         children_cpu >"$WORK/w1"
         w0=$(<"$WORK/w0"); w1=$(<"$WORK/w1")
         # shellcheck disable=SC2086
@@ -433,11 +480,24 @@ PY
 )
         rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
         p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+        p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+        # How busy the load side's CPU and the proxy's CPU were (percent).
+        read -r kb qb < <(python3 - "$k0" "$k1" "$q0" "$q1" <<'PY'
+import sys
+k0, k1, q0, q1 = ([int(x) for x in a.split()] for a in sys.argv[1:5])
+pct = lambda a, b: round(100 * (b[0] - a[0]) / max(1, b[1] - a[1]), 1)
+print(pct(k0, k1), pct(q0, q1))
+PY
+)
         errs=$(awk '/Non-2xx|Socket errors/ {printf "%s ", $0}' <<<"$out")
         [[ -n $rps && -n $p99 ]] || die "wrk against $name failed: $out"
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p99" "${errs:-none}" \
-            "$cpu_us" "$user_us" "$sys_us" "$wrk_us" "$backend_us" >>"$RESULTS"
-        log "round $round $name: $rps req/s, p99 $p99, $cpu_us us CPU/request (user $user_us, sys $sys_us; wrk $wrk_us, backend $backend_us) ${errs}"
+        # A backend gone mid-run (removed from outside) makes every figure
+        # of the run meaningless: stop rather than report them.
+        [[ $errs != *Non-2xx* ]] || [[ $(docker inspect -f '{{.State.Running}}' "$CTR" 2>/dev/null) == true ]] ||
+            die "the backend container is gone (round $round, $name): $errs"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p99" "${errs:-none}" \
+            "$cpu_us" "$user_us" "$sys_us" "$wrk_us" "$backend_us" "$p50" "$kb" "$qb" >>"$RESULTS"
+        log "round $round $name: $rps req/s, p50 $p50, p99 $p99, $cpu_us us CPU/request (user $user_us, sys $sys_us; wrk $wrk_us, backend $backend_us), CPU $LOAD_CPU busy $kb%, CPU $PROXY_CPU busy $qb% ${errs}"
     done
 done
 
@@ -447,7 +507,7 @@ RSS_10K=$(rss_kib "$LIB10K_PID")
 LOOKUP=$("$BIN" lookup 10000 5000000)
 LOOKUP1=$("$BIN" lookup 1 5000000)
 
-python3 - "$RESULTS" "$RSS_RUN" "$RSS_LIB" "$RSS_10K" "$LOOKUP" "$LOOKUP1" <<'EOF'
+python3 - "$RESULTS" "$RSS_RUN" "$RSS_LIB" "$RSS_10K" "$LOOKUP" "$LOOKUP1" "$PINNED" <<'EOF'
 import sys, statistics
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 def ms(v):
@@ -462,6 +522,8 @@ for r in rows:
         names.append(r[1])
 med = {}
 split = {}
+extra = {}
+pinned = sys.argv[7] == "1"
 for n in names:
     rs = [float(r[2]) for r in rows if r[1] == n]
     ps = [ms(r[3]) for r in rows if r[1] == n]
@@ -470,10 +532,16 @@ for n in names:
     med[n] = (statistics.median(rs), statistics.median(ps), errs, cpu)
     # user, sys, wrk, backend: microseconds of CPU per request
     split[n] = tuple(statistics.median(float(r[i]) for r in rows if r[1] == n) for i in range(6, 10))
+    # p50 ms, load CPU busy %, proxy CPU busy %
+    extra[n] = (statistics.median(ms(r[10]) for r in rows if r[1] == n),
+                statistics.median(float(r[11]) for r in rows if r[1] == n),
+                statistics.median(float(r[12]) for r in rows if r[1] == n))
 peers = [n for n in ("nginx", "haproxy") if n in med]
-print(f"{'target':<14}{'req/s (median)':>16}{'p99 ms (median)':>17}{'CPU us/req':>12}  errors")
+print(f"{'target':<14}{'req/s (median)':>16}{'p50 ms':>8}{'p99 ms (median)':>17}{'CPU us/req':>12}"
+      f"{'user':>7}{'sys':>7}{'load CPU %':>11}{'proxy CPU %':>12}  errors")
 for n in names:
-    print(f"{n:<14}{med[n][0]:>16.0f}{med[n][1]:>17.2f}{med[n][3]:>12.2f}  {' '.join(med[n][2])}")
+    print(f"{n:<14}{med[n][0]:>16.0f}{extra[n][0]:>8.2f}{med[n][1]:>17.2f}{med[n][3]:>12.2f}"
+          f"{split[n][0]:>7.2f}{split[n][1]:>7.2f}{extra[n][1]:>11.1f}{extra[n][2]:>12.1f}  {' '.join(med[n][2])}")
 if peers:
     best_rps = max(peers, key=lambda n: med[n][0])
     best_p99 = min(peers, key=lambda n: med[n][1])
@@ -484,6 +552,16 @@ if peers:
         print(f"{n} / best of {'+'.join(peers)}: req/s x{med[n][0] / med[best_rps][0]:.2f} ({best_rps}), "
               f"p99 {med[n][1]:.2f} ms vs {med[best_p99][1]:.2f} ms ({best_p99}), "
               f"CPU/request x{med[n][3] / med[best_cpu][3]:.2f} ({best_cpu})")
+    if pinned:
+        # The load side saturates first when its CPU is (nearly) fully busy
+        # while the proxy's is not: then req/s is the load side's limit.
+        load_sat = [n for n in names if extra[n][1] >= 95 and extra[n][2] < 95]
+        print(f"pinned: load CPU saturated before the proxy's for: {', '.join(load_sat) or 'none'}; "
+              f"proxy CPU saturated for: {', '.join(n for n in names if extra[n][2] >= 95) or 'none'}")
+        if "portless" in med:
+            r = med["portless"][3] / med[best_cpu][3]
+            print(f"goal (CPU per request, portless / {best_cpu}): x{r:.2f}: "
+                  f"<= 1.0 {'met' if r <= 1.0 else 'NOT met'}, <= 0.9 {'met' if r <= 0.9 else 'NOT met'}")
 # Where the CPU of a request goes (medians, microseconds per request), and
 # what that allows. wrk, the backend and the proxy share the machine's CPUs,
 # so a proxy's requests per second are about

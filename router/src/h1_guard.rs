@@ -249,6 +249,12 @@ impl Framing {
         if self.heads == 0 && bytes.starts_with(H2_PREFACE_LINE) {
             return HeadStep::Off;
         }
+        if let Some(len) = plain_head(bytes, self.max_head, self.max_headers) {
+            // No framing header, no upgrade: a head with no body.
+            self.heads += 1;
+            self.message_end();
+            return HeadStep::Read(len);
+        }
         let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
         let mut heap;
         let slots = if self.max_headers <= STACK_HEADERS {
@@ -394,6 +400,67 @@ fn head_end_hint(held: &[u8], data: &[u8]) -> Option<usize> {
             && (at(i, 1) == Some(b'\n') || (at(i, 1) == Some(b'\r') && at(i, 2) == Some(b'\n')));
         end.then_some(i + 1)
     })
+}
+
+/// The length of the head that starts `bytes` when it is a complete head
+/// whose framing needs no parser: no line starts with the name
+/// `Content-Length`, `Transfer-Encoding` or `Upgrade` (any case), the method
+/// is not CONNECT, the head starts with no empty line, and it is within
+/// `max_head` bytes and `max_headers` lines. Such a head, if hyper accepts
+/// it, has no body and no upgrade; if hyper refuses it, hyper closes the
+/// connection and what follows does not matter. `None`: not known here,
+/// [`Framing::head`] parses it (a partial head, a body, an upgrade).
+///
+/// This is the guard's cost on nearly every request: one pass over the
+/// head's bytes looking at line starts, instead of the full parse.
+fn plain_head(bytes: &[u8], max_head: usize, max_headers: usize) -> Option<usize> {
+    const NAMES: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"upgrade"];
+    match bytes.first() {
+        None | Some(b'\r' | b'\n') => return None,
+        Some(b'C') if bytes.starts_with(b"CONNECT") => return None,
+        Some(_) => {}
+    }
+    let mut at = 0;
+    let mut lines = 0usize;
+    loop {
+        let nl = at + bytes.get(at..)?.iter().position(|&b| b == b'\n')?;
+        let start = nl + 1;
+        if start > max_head {
+            return None;
+        }
+        let rest = &bytes[start..];
+        match rest.first() {
+            // An empty line (`\n` or `\r\n`): the head ends after it.
+            Some(b'\n') => return Some(start + 1).filter(|&n| n <= max_head),
+            Some(b'\r') if rest.get(1) == Some(&b'\n') => {
+                return Some(start + 2).filter(|&n| n <= max_head);
+            }
+            Some(b'\r') => return None,
+            Some(&c) if matches!(c | 0x20, b'c' | b't' | b'u') => {
+                for name in NAMES {
+                    // Shorter: another name, or a line not ended yet (and
+                    // then no empty line follows: `None` below).
+                    let Some(prefix) = rest.get(..name.len()) else {
+                        continue;
+                    };
+                    if prefix.eq_ignore_ascii_case(name) {
+                        // Another name only if it goes on (`Upgrade-Insecure-Requests`).
+                        match rest.get(name.len()) {
+                            Some(&b) if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' => {}
+                            _ => return None,
+                        }
+                    }
+                }
+            }
+            Some(_) => {}
+            None => return None,
+        }
+        lines += 1;
+        if lines > max_headers {
+            return None;
+        }
+        at = start;
+    }
 }
 
 /// A Content-Length value as hyper reads it: ASCII digits only, no sign,
@@ -784,6 +851,101 @@ mod tests {
         f.feed(rest);
     }
 
+    /// Head lines that `plain_head` must tell apart.
+    fn head_line() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            Just("Host: a.test"),
+            Just("Content-Length: 3"),
+            Just("content-LENGTH: 0"),
+            Just("Content-Length : 3"),
+            Just("Content-Lengthy: 3"),
+            Just("Content-Length"),
+            Just("Transfer-Encoding: chunked"),
+            Just("TRANSFER-ENCODING: gzip, chunked"),
+            Just("Transfer-Encoding-X: chunked"),
+            Just("TE: trailers"),
+            Just("Upgrade: websocket"),
+            Just("upgrade:h2c"),
+            Just("Upgrade-Insecure-Requests: 1"),
+            Just("Cookie: a=b"),
+            Just("Connection: close"),
+            Just("User-Agent: x"),
+            Just(" folded"),
+            Just("Bad Name: x"),
+            Just("C"),
+            Just(""),
+        ]
+    }
+
+    fn head_bytes() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop_oneof![
+                Just("GET / HTTP/1.1"),
+                Just("POST /p HTTP/1.1"),
+                Just("CONNECT a:1 HTTP/1.1"),
+                Just("GET / HTTP/1.0"),
+                Just("get / HTTP/1.1"),
+                Just("TRACE / HTTP/1.1"),
+                Just(""),
+            ],
+            proptest::collection::vec(head_line(), 0..6),
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..8),
+        )
+            .prop_map(|(first, lines, crlf, tail)| {
+                let eol: &[u8] = if crlf { b"\r\n" } else { b"\n" };
+                // An empty line among `lines` ends the head where it falls.
+                let mut out = first.as_bytes().to_vec();
+                out.extend_from_slice(eol);
+                for l in lines {
+                    out.extend_from_slice(l.as_bytes());
+                    out.extend_from_slice(eol);
+                }
+                out.extend_from_slice(eol);
+                out.extend(tail);
+                out
+            })
+    }
+
+    proptest! {
+        /// Whatever `plain_head` takes without the parser, the parser reads
+        /// as the same head with no framing header, no upgrade, or refuses.
+        #[test]
+        fn plain_heads_are_what_the_parser_reads(head in head_bytes(), cut in 0usize..200) {
+            let head = &head[..cut.min(head.len())];
+            let Some(n) = plain_head(head, MAX_HEAD, 100) else {
+                return Ok(());
+            };
+            let mut slots = [httparse::EMPTY_HEADER; 100];
+            let mut req = httparse::Request::new(&mut slots);
+            match req.parse(head) {
+                Ok(httparse::Status::Complete(len)) => {
+                    prop_assert_eq!(len, n);
+                    prop_assert_ne!(req.method, Some("CONNECT"));
+                    for h in req.headers.iter() {
+                        for name in ["content-length", "transfer-encoding", "upgrade"] {
+                            prop_assert!(!h.name.eq_ignore_ascii_case(name), "{}", h.name);
+                        }
+                    }
+                }
+                Ok(httparse::Status::Partial) => prop_assert!(false, "partial, taken as {n}"),
+                Err(_) => {}
+            }
+        }
+    }
+
+    #[test]
+    fn plain_heads_skip_the_parser() {
+        let mut f = fed(&[
+            b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade-Insecure-Requests: 1\r\nCookie: c\r\n\r\n",
+            b"GET / HTTP/1.1\nhost: a\n\n",
+        ]);
+        assert_eq!((f.parsed, f.heads, f.state), (0, 2, State::Head));
+        f.feed(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nab");
+        assert!(f.parsed > 0);
+        assert_eq!((f.heads, f.state), (3, State::Head));
+    }
+
     #[test]
     fn both_lengths_in_either_order_are_flagged() {
         for head in [
@@ -1008,11 +1170,26 @@ mod tests {
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;a\nb\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nab",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000000\r\n",
-            b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
-            b"GET / HTTP/2.0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nBad Name: x\r\nContent-Length: 1\r\n\r\n",
+            b"POST / HTTP/2.0\r\nContent-Length: 1\r\n\r\n",
         ] {
             let f = fed(&[bad]);
             assert!(f.is_off(), "{}", String::from_utf8_lossy(bad));
+        }
+        // Heads with no framing header are taken without the parser
+        // (`plain_head`), malformed or not: hyper refuses these and closes,
+        // so what the framing makes of the rest never matters.
+        for bad in [
+            &b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"[..],
+            b"GET / HTTP/2.0\r\n\r\n",
+        ] {
+            let f = fed(&[bad]);
+            assert_eq!(
+                (f.heads, f.parsed),
+                (1, 0),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -21,7 +21,9 @@ use tracing::debug;
 use crate::body::ReqBody;
 use crate::error::{ErrorKind, ProxyError};
 
-type Conns = HashMap<SocketAddr, Vec<(http1::SendRequest<ReqBody>, Instant)>>;
+/// foldhash: looked up twice per request, keyed by backend addresses.
+type Conns =
+    HashMap<SocketAddr, Vec<(http1::SendRequest<ReqBody>, Instant)>, foldhash::fast::RandomState>;
 
 pub(crate) struct Http1Pool {
     /// Each connection with the time it was last seen busy (handed a
@@ -39,7 +41,7 @@ impl Http1Pool {
         idle_timeout: Duration,
     ) -> Self {
         Http1Pool {
-            conns: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::default()),
             max_per_backend,
             connect_timeout,
             idle_timeout,
@@ -81,16 +83,35 @@ impl Http1Pool {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A ready connection to `addr`. Only the connections looked at are
+    /// checked for expiry (the sweeper does the rest): a pass over the
+    /// whole list cost a clock subtraction per pooled connection on every
+    /// request.
     fn checkout(&self, addr: SocketAddr) -> Option<http1::SendRequest<ReqBody>> {
-        let now = Instant::now();
+        let mut now = None;
         let mut conns = self.lock();
         let list = conns.get_mut(&addr)?;
-        // Dropping a sender closes its idle connection.
-        list.retain_mut(|(s, used)| !self.expired(s, used, now));
-        let found = list
-            .iter()
-            .position(|(s, _)| s.is_ready())
-            .map(|i| list.swap_remove(i).0);
+        let mut i = 0;
+        let found = loop {
+            let Some((s, _)) = list.get(i) else {
+                break None;
+            };
+            if s.is_closed() {
+                list.swap_remove(i);
+                continue;
+            }
+            if !s.is_ready() {
+                i += 1;
+                continue;
+            }
+            let now = *now.get_or_insert_with(Instant::now);
+            // Dropping a sender closes its idle connection.
+            let (s, used) = list.swap_remove(i);
+            if now.duration_since(used) <= self.idle_timeout {
+                break Some(s);
+            }
+            drop(s);
+        };
         if list.is_empty() {
             conns.remove(&addr);
         }

@@ -153,21 +153,26 @@ impl fmt::Display for RouteKey {
 
 /// An immutable, indexed set of routes, each carrying a payload of type
 /// `T` (see [`RouteTable::with_payload`]).
+/// Names to route indices. foldhash, not SipHash: looked up once or more
+/// on every request; its seed is random per process, and only the
+/// operator's routes are inserted (clients only look up).
+type Names = HashMap<String, Vec<usize>, foldhash::fast::RandomState>;
+
 #[derive(Debug, Clone)]
 pub struct RouteTable<T = ()> {
     routes: Vec<Route<T>>,
     /// Host → route indices, longest prefix first.
-    exact: HashMap<String, Vec<usize>>,
+    exact: Names,
     /// Wildcard suffix → route indices, longest prefix first.
-    wildcard: HashMap<String, Vec<usize>>,
+    wildcard: Names,
 }
 
 impl<T> Default for RouteTable<T> {
     fn default() -> Self {
         RouteTable {
             routes: Vec::new(),
-            exact: HashMap::new(),
-            wildcard: HashMap::new(),
+            exact: Names::default(),
+            wildcard: Names::default(),
         }
     }
 }
@@ -198,8 +203,8 @@ impl RouteTable {
                 payload: (),
             })
             .collect();
-        let mut exact: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut wildcard: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut exact = Names::default();
+        let mut wildcard = Names::default();
         for (i, r) in routes.iter().enumerate() {
             let (map, name) = match &r.host {
                 HostPattern::Exact(n) => (&mut exact, n),

@@ -322,7 +322,11 @@ impl Worker {
                 prepared.for_backend(backend.scheme, &brt.authority, raw_host, last_attempt)?;
             line.backend(backend.addr);
             let sent_at = Instant::now();
-            match self.send_upstream(backend, brt, up).await {
+            // Boxed: the upstream wait (the pool's future in a `Timeout`)
+            // is the largest state of the request's future, which hyper
+            // moves and memcpy copies whole; one allocation costs less
+            // (bench/router_instr.sh: -340 instructions per request).
+            match Box::pin(self.send_upstream(backend, brt, up)).await {
                 Ok(resp) => {
                     line.upstream_time(sent_at.elapsed());
                     break resp;

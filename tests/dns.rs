@@ -43,9 +43,10 @@ fn static_portless(extra: &[&str]) -> (Portless, String) {
     (static_portless_on(&listen, extra), listen)
 }
 
-/// portless without Docker, with one DNS listener on `listen`.
-fn static_portless_on(listen: &str, extra: &[&str]) -> Portless {
-    let mut args = vec![
+/// The flags of a portless without Docker or router, with one DNS
+/// listener on `listen`.
+fn static_args(listen: &str) -> Vec<&str> {
+    vec![
         "--no-router=true",
         "--docker-host",
         "none",
@@ -53,7 +54,12 @@ fn static_portless_on(listen: &str, extra: &[&str]) -> Portless {
         "0",
         "--dns-listen",
         listen,
-    ];
+    ]
+}
+
+/// portless without Docker, with one DNS listener on `listen`.
+fn static_portless_on(listen: &str, extra: &[&str]) -> Portless {
+    let mut args = static_args(listen);
     args.extend_from_slice(extra);
     Portless::start(&args)
 }
@@ -1022,17 +1028,7 @@ fn the_default_log_level_writes_nothing_per_query() {
     let listen = format!("127.0.0.1:{}", free_port([127, 0, 0, 1].into()));
     // No --log: the default filter, as users run it.
     let p = Portless::start_logging(
-        &[
-            "--no-router=true",
-            "--docker-host",
-            "none",
-            "--dns-port",
-            "0",
-            "--dns-listen",
-            &listen,
-            "--upstream",
-            "127.0.0.1:9",
-        ],
+        &[static_args(&listen), vec!["--upstream", "127.0.0.1:9"]].concat(),
         &[],
         None,
     );
@@ -1784,18 +1780,7 @@ fn a_new_ipv6_networks_gateway_gets_its_listener_at_once() {
 #[test]
 fn logs_have_no_colour_codes_off_a_terminal_and_json_lines_parse() {
     let listen = format!("127.0.0.1:{}", free_port([127, 0, 0, 1].into()));
-    let base = [
-        "--no-router=true",
-        "--docker-host",
-        "none",
-        "--dns-port",
-        "0",
-        "--dns-listen",
-        &listen,
-        "--upstream",
-        "127.0.0.1:9",
-    ];
-    let text = Portless::start_logging(&base, &[], None);
+    let text = Portless::start_logging(&static_args(&listen), &[], None);
     let logs = text.logs();
     assert!(
         logs.contains("portless running"),
@@ -1808,10 +1793,12 @@ fn logs_have_no_colour_codes_off_a_terminal_and_json_lines_parse() {
     drop(text);
 
     let listen = format!("127.0.0.1:{}", free_port([127, 0, 0, 1].into()));
-    let mut args = base.to_vec();
-    args[6] = &listen;
     // Also through the environment, as a container would set it.
-    let json = Portless::start_logging(&args, &[("PORTLESS_LOG_FORMAT", "json")], None);
+    let json = Portless::start_logging(
+        &static_args(&listen),
+        &[("PORTLESS_LOG_FORMAT", "json")],
+        None,
+    );
     let logs = json.logs();
     let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(!lines.is_empty(), "no log lines at all");

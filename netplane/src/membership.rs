@@ -1000,6 +1000,22 @@ mod tests {
         assert_eq!(m.summary().writes, 1);
     }
 
+    /// etcd's listing after a restart: this host alone (lease 1) and
+    /// `records`, its records from before.
+    fn listed_alone(records: Vec<RawRecord>) -> Input {
+        Input::Listed(Listing {
+            hosts: BTreeMap::from([(
+                ME.to_owned(),
+                LiveHost {
+                    record: host_record(ME, 1),
+                    lease: 1,
+                },
+            )]),
+            records,
+            revision: 3,
+        })
+    }
+
     #[test]
     fn records_in_etcd_stand_until_the_host_says_what_it_runs() {
         // After a restart the listing can come before discovery's first
@@ -1011,20 +1027,7 @@ mod tests {
             drain(&mut m);
             let (a, b) = (rec(ME, 1, 1), rec(ME, 1, 2));
             m.handle(Input::Claimed(lease(1)), t0);
-            m.handle(
-                Input::Listed(Listing {
-                    hosts: BTreeMap::from([(
-                        ME.to_owned(),
-                        LiveHost {
-                            record: host_record(ME, 1),
-                            lease: 1,
-                        },
-                    )]),
-                    records: vec![raw(&a, 1), raw(&b, 1)],
-                    revision: 3,
-                }),
-                t0,
-            );
+            m.handle(listed_alone(vec![raw(&a, 1), raw(&b, 1)]), t0);
             let early = drain(&mut m);
             assert!(
                 !early.iter().any(|x| matches!(x, Action::Publish { .. })),
@@ -1075,20 +1078,7 @@ mod tests {
                 .iter()
                 .any(|x| matches!(x, Action::Publish { .. }))
         );
-        m.handle(
-            Input::Listed(Listing {
-                hosts: BTreeMap::from([(
-                    ME.to_owned(),
-                    LiveHost {
-                        record: host_record(ME, 1),
-                        lease: 1,
-                    },
-                )]),
-                records: vec![raw(&a, 1), raw(&b, 1)],
-                revision: 3,
-            }),
-            t0,
-        );
+        m.handle(listed_alone(vec![raw(&a, 1), raw(&b, 1)]), t0);
         let publish: Vec<_> = drain(&mut m)
             .into_iter()
             .filter_map(|x| match x {

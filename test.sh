@@ -28,6 +28,8 @@ have ping || need+=(iputils-ping)
 have iperf3 || need+=(iperf3)
 have file || need+=(file)
 have promtool || need+=(prometheus)
+# The ACME tests: a real ACME server (pebble, and pebble-challtestsrv as its DNS).
+have pebble || need+=(pebble)
 # The deployment tests: the image (deploy/image-rootfs.sh strips the binary
 # and copies the CA roots), the systemd unit, the chart's Python tools.
 have strip || need+=(binutils)

@@ -17,7 +17,10 @@
 //! - `h1_guard`: follows HTTP/1 request framing on the wire, so that a
 //!   request with both `Content-Length` and `Transfer-Encoding` (which
 //!   hyper accepts, dropping the former) gets 400.
-//! - [`tls`]: the rustls SNI certificate resolver over a directory.
+//! - [`tls`]: the rustls SNI certificate resolver over a directory (and
+//!   ACME's certificates).
+//! - [`acme`]: automatic HTTPS: certificates ordered and renewed from an
+//!   ACME server for the table's exact hosts.
 //! - [`metrics`]: lock-free counters, rendered as Prometheus text.
 //! - [`access_log`]: one JSON line per request, queued by the request path
 //!   and written by a thread of its own.
@@ -29,6 +32,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod access_log;
+pub mod acme;
 pub mod balance;
 mod body;
 pub mod error;

@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use std::sync::Arc;
+
 use crate::access_log::AccessLog;
+use crate::acme::AcmeState;
 
 /// Tunables, all with safe defaults.
 #[derive(Debug, Clone)]
@@ -46,6 +49,10 @@ pub struct RouterOptions {
     pub send_timeout: Duration,
     /// Where each request is logged, when at all.
     pub access_log: Option<AccessLog>,
+    /// With automatic HTTPS: the HTTP-01 answers (a step of the request
+    /// path) and the hosts still waiting for a certificate (not
+    /// redirected to https).
+    pub acme: Option<Arc<AcmeState>>,
 }
 
 impl Default for RouterOptions {
@@ -65,6 +72,7 @@ impl Default for RouterOptions {
             pool_max_idle_per_backend: 256,
             send_timeout: Duration::from_secs(60),
             access_log: None,
+            acme: None,
         }
     }
 }

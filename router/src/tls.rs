@@ -27,6 +27,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tracing::{info, warn};
 
+use crate::acme::AcmeState;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read certificate directory {0}: {1}")]
@@ -66,21 +68,47 @@ impl CertStore {
         self.default.clone()
     }
 
+    /// Whether an exact or wildcard certificate covers `name` (lower
+    /// case, no trailing dot); the default does not count.
+    pub fn covers(&self, name: &str) -> bool {
+        self.exact.contains_key(name)
+            || name
+                .split_once('.')
+                .is_some_and(|(_, parent)| self.wildcard.contains_key(parent))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.exact.is_empty() && self.wildcard.is_empty() && self.default.is_none()
     }
 }
 
-/// The rustls resolver: reads the current [`CertStore`] per handshake.
+/// The rustls resolver: reads the current [`CertStore`] per handshake, and
+/// with ACME on, the issued certificates and the TLS-ALPN-01 challenge
+/// certificates.
 #[derive(Debug, Default)]
 pub struct CertResolver {
     store: ArcSwap<CertStore>,
+    acme: Option<Arc<AcmeState>>,
 }
+
+/// The ALPN protocol of TLS-ALPN-01 (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 impl CertResolver {
     pub fn new(store: CertStore) -> Self {
         CertResolver {
             store: ArcSwap::from_pointee(store),
+            acme: None,
+        }
+    }
+
+    /// Also serve ACME's certificates: a name a `--cert-dir` file covers
+    /// (exactly or by wildcard) gets that file; then ACME's certificate;
+    /// then the directory's default.
+    pub fn with_acme(store: CertStore, acme: Arc<AcmeState>) -> Self {
+        CertResolver {
+            store: ArcSwap::from_pointee(store),
+            acme: Some(acme),
         }
     }
 
@@ -91,11 +119,40 @@ impl CertResolver {
     pub fn names(&self) -> Vec<(String, PathBuf)> {
         self.store.load().names.clone()
     }
+
+    /// Whether a `--cert-dir` file covers `name` (exactly or by wildcard):
+    /// ACME orders nothing for it.
+    pub fn dir_covers(&self, name: &str) -> bool {
+        self.store.load().covers(name)
+    }
+
+    /// The certificate a handshake for `sni` gets (no challenge).
+    pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let store = self.store.load();
+        if let (Some(acme), Some(name)) = (&self.acme, sni) {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if !store.covers(&name)
+                && let Some(k) = acme.certificate(&name)
+            {
+                return Some(k);
+            }
+        }
+        store.lookup(sni)
+    }
 }
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.store.load().lookup(hello.server_name())
+        if let Some(acme) = &self.acme
+            && let Some(mut alpn) = hello.alpn()
+            && alpn.any(|p| p == ACME_TLS_ALPN)
+        {
+            // A validation handshake: only the challenge certificate (RFC
+            // 8737 3: the server offers acme-tls/1 alone).
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return acme.alpn_certificate(&name);
+        }
+        self.lookup(hello.server_name())
     }
 }
 
@@ -103,13 +160,18 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A server config over `resolver`, offering h2 and http/1.1 by ALPN.
+/// A server config over `resolver`, offering h2 and http/1.1 by ALPN (and
+/// acme-tls/1 when the resolver serves ACME challenges).
 pub fn server_config(resolver: Arc<CertResolver>) -> Result<Arc<ServerConfig>, TlsError> {
+    let acme = resolver.acme.is_some();
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if acme {
+        cfg.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
     Ok(Arc::new(cfg))
 }
 
@@ -192,10 +254,15 @@ fn load_one(
 type PemContents = (Vec<CertificateDer<'static>>, Option<PrivateKeyDer<'static>>);
 
 fn read_pem(path: &Path) -> Result<PemContents, String> {
-    let file = fs::File::open(path).map_err(|e| e.to_string())?;
+    let bytes = fs::read(path).map_err(|e| e.to_string())?;
+    read_pem_bytes(&bytes)
+}
+
+/// Certificates (in order) and the first private key of a PEM text.
+pub(crate) fn read_pem_bytes(pem: &[u8]) -> Result<PemContents, String> {
     let mut certs = Vec::new();
     let mut key = None;
-    for item in rustls_pemfile::read_all(&mut BufReader::new(file)) {
+    for item in rustls_pemfile::read_all(&mut BufReader::new(pem)) {
         match item.map_err(|e| e.to_string())? {
             rustls_pemfile::Item::X509Certificate(c) => certs.push(c),
             rustls_pemfile::Item::Pkcs1Key(k) if key.is_none() => key = Some(k.into()),

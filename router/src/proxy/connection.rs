@@ -21,6 +21,7 @@ use crate::headers::ClientInfo;
 use crate::io::{Prefixed, SendTimeout, read_proxy_header};
 use crate::options::max_head;
 use crate::proxy_protocol::ProxyHeader;
+use crate::tls::ACME_TLS_ALPN;
 
 impl Worker {
     pub(crate) async fn connection(
@@ -78,7 +79,14 @@ impl Worker {
             Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(io)).await {
                 Ok(Ok(tls_stream)) => {
                     conn.client.tls = true;
-                    let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let alpn = tls_stream.get_ref().1.alpn_protocol();
+                    if alpn == Some(ACME_TLS_ALPN) {
+                        // A TLS-ALPN-01 validation: the handshake was the
+                        // answer (RFC 8737 3); no HTTP follows.
+                        debug!(%peer, "ACME TLS-ALPN-01 handshake answered");
+                        return;
+                    }
+                    let h2 = alpn == Some(b"h2");
                     self.serve_conn(tls_stream, conn, !h2).await
                 }
                 Ok(Err(e)) => {

@@ -19,7 +19,7 @@
 //!   watch, the send timeout).
 //! - `serve`: serving threads and listeners.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tracing::debug;
 
+use crate::host::HostPattern;
 use crate::metrics::{self, Metrics};
 use crate::options::{RouterOptions, h2_decoder_limit, max_head};
 use crate::table::{BackendState, RouteKey, RouteSpec, RouteTable, Scheme};
@@ -111,6 +112,7 @@ impl Router {
                 server,
                 metrics: Metrics::default(),
                 epoch: Instant::now(),
+                hosts: tokio::sync::watch::Sender::new(Arc::default()),
             }),
         }
     }
@@ -166,9 +168,30 @@ impl Router {
             }
         });
         *reg = next;
+        let hosts: BTreeSet<String> = table
+            .routes()
+            .iter()
+            .filter_map(|r| match &r.host {
+                HostPattern::Exact(h) => Some(h.clone()),
+                HostPattern::Wildcard(_) => None,
+            })
+            .collect();
+        self.shared.hosts.send_if_modified(|old| {
+            let changed = **old != hosts;
+            if changed {
+                *old = Arc::new(hosts);
+            }
+            changed
+        });
         let n = table.len();
         self.shared.live.store(Arc::new(Live { table }));
         debug!(routes = n, "route table replaced");
+    }
+
+    /// The exact hosts of the table, now and as they change: the names ACME
+    /// orders certificates for (and no others).
+    pub fn hosts(&self) -> tokio::sync::watch::Receiver<Arc<BTreeSet<String>>> {
+        self.shared.hosts.subscribe()
     }
 
     /// Every route with its backends, for status.

@@ -18,6 +18,7 @@ use tracing::debug;
 
 use super::state::{Active, BackendRuntime, ConnInfo, Live, OpenConn, RouteRuntime, Worker};
 use crate::access_log::{AccessLog, Entry};
+use crate::acme::HTTP01_PREFIX;
 use crate::balance::{self, Candidate};
 use crate::body::{BodyFault, ClientBody, ReqBody, RespBody};
 use crate::error::{ErrorKind, ErrorSource, ProxyError};
@@ -223,8 +224,8 @@ impl Worker {
         }))
     }
 
-    /// Where a request goes: answered here (an error, a redirect) or
-    /// forwarded on a route. The route index comes with an answer too, so
+    /// Where a request goes: answered here (an error, an ACME challenge, a
+    /// redirect) or forwarded on a route. The route index comes with an answer too, so
     /// that it counts against its route.
     pub(crate) fn route(&self, req: &Request<Incoming>, conn: ConnInfo, live: &Live) -> Routing {
         use Routing::Answer;
@@ -274,10 +275,15 @@ impl Worker {
         let Some(host) = normalize_authority(&raw_host) else {
             return Answer(Err(ProxyError::new(ErrorKind::BadRequest)), None);
         };
+        if let Some(answer) = self.acme_challenge(req, &host, conn) {
+            return Answer(Ok(answer), None);
+        }
         let Some(idx) = live.table.find(&host, req.uri().path()) else {
             return Answer(Err(ProxyError::new(ErrorKind::NoRoute)), None);
         };
-        if let (Some(port), false) = (self.opts.redirect_https_port, conn.client.tls) {
+        if let (Some(port), false) = (self.opts.redirect_https_port, conn.client.tls)
+            && !self.opts.acme.as_ref().is_some_and(|a| a.is_pending(&host))
+        {
             return Answer(Ok(redirect(&host, port, req.uri())), Some(idx));
         }
         if let Some(max) = self.opts.max_body_bytes {
@@ -291,6 +297,32 @@ impl Worker {
             }
         }
         Routing::Forward { idx, raw_host }
+    }
+
+    /// The ACME HTTP-01 step: a plain-HTTP GET for a token the issuer is
+    /// answering now, for the host it is answering it for, gets the key
+    /// authorization (RFC 8555 8.3). Anything else goes on to routing, so
+    /// a path under `/.well-known/acme-challenge/` that is no live token
+    /// reaches the backend as before.
+    fn acme_challenge(
+        &self,
+        req: &Request<Incoming>,
+        host: &str,
+        conn: ConnInfo,
+    ) -> Option<Response<RespBody>> {
+        let acme = self.opts.acme.as_ref()?;
+        if conn.client.tls || req.method() != Method::GET {
+            return None;
+        }
+        let token = req.uri().path().strip_prefix(HTTP01_PREFIX)?;
+        let answer = acme.http01_answer(host, token)?;
+        debug!(%host, "ACME HTTP-01 challenge answered");
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(answer))));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        Some(resp)
     }
 
     /// Forward on route `idx`: prepare the request once, then pick a

@@ -2,7 +2,7 @@
 //! backend's runtime state, the router-wide state, one thread's worker,
 //! and the marks that count connections and requests in progress.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -90,6 +90,8 @@ pub(crate) struct Shared {
     pub(crate) server: auto::Builder<TokioExecutor>,
     pub(crate) metrics: Metrics,
     pub(crate) epoch: Instant,
+    /// The table's exact hosts, for the ACME issuer.
+    pub(crate) hosts: tokio::sync::watch::Sender<Arc<BTreeSet<String>>>,
 }
 
 /// One accept loop's view of the router: the shared table plus its own

@@ -2,6 +2,8 @@
 //! 127.0.0.1:0, and real clients (curl, raw TCP, hyper's HTTP/2 client).
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod pebble;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

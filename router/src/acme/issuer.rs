@@ -1,0 +1,372 @@
+//! The issuer: one task that follows the route table's exact hosts, orders
+//! a certificate for each that has none (or whose renewal is due), answers
+//! the challenges through [`AcmeState`], stores and installs what it gets,
+//! and retries failures with backoff. Orders run one at a time: a host
+//! with many names never bursts the server.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, Identifier, NewAccount, NewOrder,
+    OrderStatus, RetryPolicy,
+};
+use rcgen::{CertificateParams, CustomExtension, DistinguishedName, KeyPair};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::sign::CertifiedKey;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::client::AcmeHttp;
+use super::schedule::{renew_at, retry_delay};
+use super::state::{AcmeState, CertPhase, CertStatus};
+use super::store::{Store, StoredCert};
+use super::{AcmeError, AcmeOptions, ChallengeKind};
+use crate::tls::CertResolver;
+
+/// How often the wanted names are looked at again even without a change
+/// of routes (a `--cert-dir` file may have come to cover one).
+const RECHECK: Duration = Duration::from_secs(30);
+
+/// The ACME task's state. Build with [`Issuer::new`] (loads what is
+/// stored, so a restart serves at once), then [`Issuer::run`].
+pub struct Issuer {
+    opts: AcmeOptions,
+    state: Arc<AcmeState>,
+    resolver: Arc<CertResolver>,
+    store: Store,
+    http: AcmeHttp,
+    account: Option<Account>,
+    /// Certificates served, by host.
+    held: HashMap<String, StoredCert>,
+}
+
+impl Issuer {
+    /// Open the store, load the stored certificates into `state`, and
+    /// prepare the transport. Fails on an unusable `--acme-dir` or
+    /// `--acme-ca`.
+    pub fn new(
+        opts: AcmeOptions,
+        state: Arc<AcmeState>,
+        resolver: Arc<CertResolver>,
+    ) -> Result<Self, AcmeError> {
+        let store = Store::open(&opts.dir, &opts.directory)?;
+        let http = AcmeHttp::new(opts.ca_file.as_deref())?;
+        let (certs, problems) = store.load_certs();
+        for p in problems {
+            warn!(error = %p, "stored certificate unusable; it will be ordered again");
+        }
+        let mut held = HashMap::new();
+        for (host, cert) in certs {
+            state.put_certificate(&host, cert.key.clone());
+            held.insert(host, cert);
+        }
+        if !held.is_empty() {
+            info!(certificates = held.len(), "stored ACME certificates loaded");
+        }
+        Ok(Issuer {
+            opts,
+            state,
+            resolver,
+            store,
+            http,
+            account: None,
+            held,
+        })
+    }
+
+    /// Follow `hosts` (the route table's exact hosts) until the sender is
+    /// gone.
+    pub async fn run(mut self, mut hosts: watch::Receiver<Arc<BTreeSet<String>>>) {
+        loop {
+            let wanted: BTreeSet<String> = hosts
+                .borrow_and_update()
+                .iter()
+                .filter(|h| !self.resolver.dir_covers(h))
+                .cloned()
+                .collect();
+            let now = SystemTime::now();
+            self.sync_status(&wanted, now);
+            let due = self.state.with_status(|st| {
+                st.values()
+                    .filter(|s| s.next_attempt.is_some_and(|t| t <= now))
+                    .min_by_key(|s| s.next_attempt)
+                    .map(|s| s.host.clone())
+            });
+            if let Some(host) = due {
+                self.attempt(&host).await;
+                continue;
+            }
+            let next = self
+                .state
+                .with_status(|st| st.values().filter_map(|s| s.next_attempt).min());
+            let wait = next
+                .and_then(|t| t.duration_since(now).ok())
+                .unwrap_or(RECHECK)
+                .min(RECHECK);
+            tokio::select! {
+                changed = hosts.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Status entries for exactly the wanted hosts; the pending set.
+    fn sync_status(&self, wanted: &BTreeSet<String>, now: SystemTime) {
+        self.state.with_status(|st| {
+            st.retain(|h, _| wanted.contains(h));
+            for h in wanted {
+                st.entry(h.clone()).or_insert_with(|| {
+                    let mut s = CertStatus::new(h);
+                    match self.held.get(h) {
+                        Some(c) if c.not_after > now => {
+                            s.phase = CertPhase::Valid;
+                            s.not_after = Some(c.not_after);
+                            s.next_attempt = Some(renew_at(c.not_before, c.not_after));
+                        }
+                        _ => s.next_attempt = Some(now),
+                    }
+                    s
+                });
+            }
+        });
+        let pending: HashSet<String> = wanted
+            .iter()
+            .filter(|h| self.held.get(*h).is_none_or(|c| c.not_after <= now))
+            .cloned()
+            .collect();
+        self.state.set_pending(pending);
+    }
+
+    async fn attempt(&mut self, host: &str) {
+        self.state.with_status(|st| {
+            if let Some(s) = st.get_mut(host) {
+                s.orders += 1;
+            }
+        });
+        let result = self.order(host).await;
+        let now = SystemTime::now();
+        match result {
+            Ok(cert) => {
+                info!(%host, not_after = ?cert.not_after, "certificate issued");
+                self.state.put_certificate(host, cert.key.clone());
+                self.state.with_status(|st| {
+                    if let Some(s) = st.get_mut(host) {
+                        s.phase = CertPhase::Valid;
+                        s.not_after = Some(cert.not_after);
+                        s.next_attempt = Some(renew_at(cert.not_before, cert.not_after));
+                        s.last_error = None;
+                        s.failures = 0;
+                    }
+                });
+                self.held.insert(host.to_owned(), cert);
+            }
+            Err(e) => {
+                let retry_after = self.http.take_retry_after();
+                let failures = self
+                    .state
+                    .with_status(|st| st.get(host).map_or(0, |s| s.failures))
+                    + 1;
+                let delay = retry_delay(
+                    failures,
+                    self.opts.retry_base,
+                    self.opts.retry_max,
+                    retry_after,
+                    now,
+                );
+                warn!(%host, error = %e, failures, retry_in = ?delay, "certificate order failed");
+                self.state.with_status(|st| {
+                    if let Some(s) = st.get_mut(host) {
+                        s.phase = CertPhase::Failed;
+                        s.last_error = Some(e.to_string());
+                        s.failures = failures;
+                        s.next_attempt = Some(now + delay);
+                    }
+                });
+            }
+        }
+    }
+
+    async fn account(&mut self) -> Result<Account, AcmeError> {
+        if let Some(a) = &self.account {
+            return Ok(a.clone());
+        }
+        let builder = || Account::builder_with_http(Box::new(self.http.clone()));
+        let account = match self.store.read_account()? {
+            Some(bytes) => {
+                let creds: AccountCredentials = serde_json::from_slice(&bytes).map_err(|e| {
+                    AcmeError::Certificate(self.store.account_path(), e.to_string())
+                })?;
+                builder().from_credentials(creds).await?
+            }
+            None => {
+                let contact = self.opts.email.as_ref().map(|e| format!("mailto:{e}"));
+                let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+                let (account, creds) = builder()
+                    .create(
+                        &NewAccount {
+                            contact: &contacts,
+                            terms_of_service_agreed: true,
+                            only_return_existing: false,
+                        },
+                        self.opts.directory.clone(),
+                        None,
+                    )
+                    .await?;
+                let bytes = serde_json::to_vec(&creds)
+                    .map_err(|e| AcmeError::Acme(format!("account credentials: {e}")))?;
+                self.store.write_account(&bytes)?;
+                info!(directory = %self.opts.directory, "ACME account created");
+                account
+            }
+        };
+        self.account = Some(account.clone());
+        Ok(account)
+    }
+
+    /// One order for `host`, start to end.
+    async fn order(&mut self, host: &str) -> Result<StoredCert, AcmeError> {
+        let account = self.account().await?;
+        let ids = [Identifier::Dns(host.to_owned())];
+        let mut order = account.new_order(&NewOrder::new(&ids)).await?;
+        // Challenge answers are withdrawn however the order ends.
+        let mut answers = Answers {
+            state: self.state.clone(),
+            tokens: Vec::new(),
+            alpn: Vec::new(),
+        };
+        {
+            let mut authzs = order.authorizations();
+            while let Some(a) = authzs.next().await {
+                let mut a = a?;
+                match a.status {
+                    AuthorizationStatus::Pending => {}
+                    AuthorizationStatus::Valid => continue,
+                    s => return Err(AcmeError::Order(format!("authorization is {s:?}"))),
+                }
+                let offered: Vec<_> = a.challenges.iter().map(|c| c.r#type.clone()).collect();
+                let Some(kind) = self
+                    .opts
+                    .challenges
+                    .iter()
+                    .copied()
+                    .find(|k| offered.contains(&k.acme_type()))
+                else {
+                    return Err(AcmeError::Order(format!(
+                        "the server offers {offered:?}, none of the challenges configured"
+                    )));
+                };
+                let mut ch = a
+                    .challenge(kind.acme_type())
+                    .ok_or_else(|| AcmeError::Order("challenge vanished".into()))?;
+                let ka = ch.key_authorization();
+                match kind {
+                    ChallengeKind::Http01 => {
+                        self.state.put_token(&ch.token, host, ka.as_str());
+                        answers.tokens.push(ch.token.clone());
+                    }
+                    ChallengeKind::TlsAlpn01 => {
+                        let cert = alpn_certificate(host, ka.digest().as_ref())?;
+                        self.state.put_alpn(host, Some(cert));
+                        answers.alpn.push(host.to_owned());
+                    }
+                }
+                info!(%host, challenge = kind.as_str(), "answering ACME challenge");
+                ch.set_ready().await?;
+            }
+        }
+        let polled = order
+            .poll_ready(&RetryPolicy::new().timeout(Duration::from_secs(90)))
+            .await;
+        let ready = matches!(polled, Ok(OrderStatus::Ready));
+        if !ready {
+            let mut why = match polled {
+                Ok(s) => format!("order is {s:?}"),
+                Err(e) => e.to_string(),
+            };
+            // The problem documents are on the challenges.
+            let mut authzs = order.authorizations();
+            while let Some(Ok(mut a)) = authzs.next().await {
+                if let Ok(state) = a.refresh().await {
+                    for c in state.challenges.iter().filter(|c| c.error.is_some()) {
+                        if let Some(p) = &c.error {
+                            why.push_str(&format!(
+                                "; {}: {}",
+                                serde_json_type(&c.r#type),
+                                problem_text(p)
+                            ));
+                        }
+                    }
+                }
+            }
+            return Err(AcmeError::Order(why));
+        }
+        drop(answers);
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![host.to_owned()])?;
+        params.distinguished_name = DistinguishedName::new();
+        let csr = params.serialize_request(&key)?;
+        order.finalize_csr(csr.der()).await?;
+        let chain = order
+            .poll_certificate(&RetryPolicy::new().timeout(Duration::from_secs(90)))
+            .await?;
+        self.store.write_cert(host, &chain, &key.serialize_pem())
+    }
+}
+
+/// A problem document as one line: type, detail, status.
+fn problem_text(p: &instant_acme::Problem) -> String {
+    format!(
+        "{} ({}, status {})",
+        p.detail.as_deref().unwrap_or("no detail"),
+        p.r#type.as_deref().unwrap_or("no type"),
+        p.status.map_or_else(|| "-".to_owned(), |s| s.to_string())
+    )
+}
+
+fn serde_json_type(t: &instant_acme::ChallengeType) -> String {
+    match t {
+        instant_acme::ChallengeType::Http01 => "http-01".into(),
+        instant_acme::ChallengeType::TlsAlpn01 => "tls-alpn-01".into(),
+        instant_acme::ChallengeType::Dns01 => "dns-01".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The TLS-ALPN-01 certificate (RFC 8737 3): self-signed for `host`, with
+/// the critical acmeIdentifier extension holding the key authorization's
+/// digest.
+fn alpn_certificate(host: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, AcmeError> {
+    let mut params = CertificateParams::new(vec![host.to_owned()])?;
+    params.custom_extensions = vec![CustomExtension::new_acme_identifier(digest)];
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signing = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| AcmeError::Key(e.to_string()))?;
+    Ok(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        signing,
+    )))
+}
+
+/// The challenge answers of one order, withdrawn when dropped.
+struct Answers {
+    state: Arc<AcmeState>,
+    tokens: Vec<String>,
+    alpn: Vec<String>,
+}
+
+impl Drop for Answers {
+    fn drop(&mut self) {
+        for t in &self.tokens {
+            self.state.drop_token(t);
+        }
+        for h in &self.alpn {
+            self.state.put_alpn(h, None);
+        }
+    }
+}

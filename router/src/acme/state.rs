@@ -1,0 +1,178 @@
+//! What the ACME issuer shares with the request path and the TLS resolver:
+//! the HTTP-01 answers, the TLS-ALPN-01 certificates, the issued
+//! certificates, the hosts still waiting for one, and each host's state for
+//! status. The request path only loads `ArcSwap`s; the issuer writes them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use rustls::sign::CertifiedKey;
+
+/// Where a host's certificate stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertPhase {
+    /// No certificate yet; an order is due or running.
+    Pending,
+    /// A certificate is served.
+    Valid,
+    /// The last order failed (a certificate may still be served, when a
+    /// renewal failed).
+    Failed,
+}
+
+impl CertPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertPhase::Pending => "pending",
+            CertPhase::Valid => "valid",
+            CertPhase::Failed => "failed",
+        }
+    }
+}
+
+/// One host's certificate, as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertStatus {
+    pub host: String,
+    pub phase: CertPhase,
+    /// The served certificate's end of validity.
+    pub not_after: Option<SystemTime>,
+    /// When the next order (first, renewal or retry) is due.
+    pub next_attempt: Option<SystemTime>,
+    /// The last order's error, with the server's problem document.
+    pub last_error: Option<String>,
+    /// Orders failed in a row.
+    pub failures: u32,
+    /// Orders made for this host since the start (each is one new-order
+    /// request to the server).
+    pub orders: u64,
+}
+
+impl CertStatus {
+    pub(crate) fn new(host: &str) -> Self {
+        CertStatus {
+            host: host.to_owned(),
+            phase: CertPhase::Pending,
+            not_after: None,
+            next_attempt: None,
+            last_error: None,
+            failures: 0,
+            orders: 0,
+        }
+    }
+}
+
+type Certs = HashMap<String, Arc<CertifiedKey>>;
+
+/// Shared ACME state; one per router.
+#[derive(Default)]
+pub struct AcmeState {
+    /// HTTP-01: token → (host, key authorization).
+    tokens: ArcSwap<HashMap<String, (String, String)>>,
+    /// TLS-ALPN-01: host → the self-signed challenge certificate.
+    alpn: ArcSwap<Certs>,
+    /// Issued certificates, by host.
+    certs: ArcSwap<Certs>,
+    /// Hosts ACME should cover that have no certificate yet: plain HTTP is
+    /// not redirected to https for them.
+    pending: ArcSwap<HashSet<String>>,
+    status: Mutex<BTreeMap<String, CertStatus>>,
+    /// Writers are the issuer task only; the lock keeps their
+    /// read-modify-write of the maps whole.
+    write: Mutex<()>,
+}
+
+impl fmt::Debug for AcmeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AcmeState")
+            .field("certs", &self.certs.load().len())
+            .field("pending", &self.pending.load().len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain maps: a panic half-way leaves nothing inconsistent to fear.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl AcmeState {
+    /// The HTTP-01 answer for `token` when `host` asked for it.
+    pub fn http01_answer(&self, host: &str, token: &str) -> Option<String> {
+        let tokens = self.tokens.load();
+        let (h, ka) = tokens.get(token)?;
+        (h == host).then(|| ka.clone())
+    }
+
+    /// The TLS-ALPN-01 certificate for `host`, while its challenge runs.
+    pub fn alpn_certificate(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        self.alpn.load().get(host).cloned()
+    }
+
+    /// The issued certificate for `host`.
+    pub fn certificate(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        self.certs.load().get(host).cloned()
+    }
+
+    /// Whether `host` is waiting for its first certificate.
+    pub fn is_pending(&self, host: &str) -> bool {
+        self.pending.load().contains(host)
+    }
+
+    /// Every host's certificate state, by host.
+    pub fn status(&self) -> Vec<CertStatus> {
+        lock(&self.status).values().cloned().collect()
+    }
+
+    pub(crate) fn with_status<R>(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<String, CertStatus>) -> R,
+    ) -> R {
+        f(&mut lock(&self.status))
+    }
+
+    pub(crate) fn put_token(&self, token: &str, host: &str, key_authorization: &str) {
+        let _w = lock(&self.write);
+        let mut next = HashMap::clone(&self.tokens.load());
+        next.insert(
+            token.to_owned(),
+            (host.to_owned(), key_authorization.to_owned()),
+        );
+        self.tokens.store(Arc::new(next));
+    }
+
+    pub(crate) fn drop_token(&self, token: &str) {
+        let _w = lock(&self.write);
+        let mut next = HashMap::clone(&self.tokens.load());
+        next.remove(token);
+        self.tokens.store(Arc::new(next));
+    }
+
+    pub(crate) fn put_alpn(&self, host: &str, key: Option<Arc<CertifiedKey>>) {
+        let _w = lock(&self.write);
+        let mut next = Certs::clone(&self.alpn.load());
+        match key {
+            Some(k) => next.insert(host.to_owned(), k),
+            None => next.remove(host),
+        };
+        self.alpn.store(Arc::new(next));
+    }
+
+    /// Serve `key` for `host` from now on: new handshakes get it, open
+    /// connections keep the one they were made with.
+    pub(crate) fn put_certificate(&self, host: &str, key: Arc<CertifiedKey>) {
+        let _w = lock(&self.write);
+        let mut next = Certs::clone(&self.certs.load());
+        next.insert(host.to_owned(), key);
+        self.certs.store(Arc::new(next));
+    }
+
+    pub(crate) fn set_pending(&self, pending: HashSet<String>) {
+        if **self.pending.load() != pending {
+            self.pending.store(Arc::new(pending));
+        }
+    }
+}

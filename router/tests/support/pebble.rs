@@ -1,0 +1,195 @@
+//! A real ACME server for tests: Debian's `pebble` on free loopback ports,
+//! with its own listener certificate (from a [`TestCa`]) and with
+//! `pebble-challtestsrv` (same package) as its DNS server, answering every
+//! name with 127.0.0.1, so that pebble validates challenges against the
+//! router under test. Both are killed when the value is dropped. A missing
+//! pebble fails the test with the reason, never skips it.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{TempDir, TestCa};
+
+/// What pebble validates against and how it behaves.
+#[derive(Debug, Clone)]
+pub struct PebbleConfig {
+    /// The port pebble sends HTTP-01 validations to (on 127.0.0.1).
+    pub http_port: u16,
+    /// The port pebble sends TLS-ALPN-01 validations to.
+    pub tls_port: u16,
+    /// Lifetime of the certificates it issues, in seconds (pebble's
+    /// default is five years).
+    pub validity_secs: Option<u64>,
+    /// A DNS server of the test's own for pebble (`-dnsserver`); without
+    /// it, pebble-challtestsrv answers every name with 127.0.0.1.
+    pub dns_server: Option<SocketAddr>,
+}
+
+pub struct Pebble {
+    pub dir: TempDir,
+    /// The ACME directory URL.
+    pub directory: String,
+    /// The CA that signed pebble's own HTTPS certificate (for `--acme-ca`).
+    pub listener_ca: PathBuf,
+    /// Where pebble writes its log.
+    pub log: PathBuf,
+    management: SocketAddr,
+    children: Vec<Child>,
+    _ca: TestCa,
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A port free on 127.0.0.1 now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn need(bin: &str) -> PathBuf {
+    let path = PathBuf::from("/usr/bin").join(bin);
+    assert!(
+        path.exists(),
+        "{bin} is missing: install Debian's `pebble` package (./test.sh does)"
+    );
+    path
+}
+
+impl Pebble {
+    pub async fn start(cfg: PebbleConfig) -> Pebble {
+        let pebble_bin = need("pebble");
+        let challtestsrv = need("pebble-challtestsrv");
+        let dir = TempDir::new("pebble");
+        let ca = TestCa::new();
+        ca.issue(&dir.0, "listener", &["localhost"]);
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let management = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut children = Vec::new();
+        let dns = match cfg.dns_server {
+            Some(d) => d,
+            None => {
+                let dns = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                let child = Command::new(challtestsrv)
+                    .args(["-dns01", &dns.to_string()])
+                    .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+                    .args(["-management", &format!("127.0.0.1:{}", free_port())])
+                    .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("pebble-challtestsrv starts");
+                children.push(child);
+                dns
+            }
+        };
+        let mut pcfg = serde_json::json!({
+            "listenAddress": listen.to_string(),
+            "managementListenAddress": management.to_string(),
+            "certificate": dir.0.join("listener.pem"),
+            "privateKey": dir.0.join("listener.key"),
+            "httpPort": cfg.http_port,
+            "tlsPort": cfg.tls_port,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+        });
+        if let Some(v) = cfg.validity_secs {
+            pcfg["certificateValidityPeriod"] = v.into();
+        }
+        let config = dir.0.join("pebble.json");
+        std::fs::write(
+            &config,
+            serde_json::to_vec(&serde_json::json!({ "pebble": pcfg })).unwrap(),
+        )
+        .unwrap();
+        let log = dir.0.join("pebble.log");
+        let logf = std::fs::File::create(&log).unwrap();
+        let child = Command::new(pebble_bin)
+            .args(["-config", config.to_str().unwrap()])
+            .args(["-dnsserver", &dns.to_string()])
+            .args(["-strict", "false"])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_VA_ALWAYS_VALID", "0")
+            // Every order validates afresh, and no nonce is refused on
+            // purpose: the tests count orders.
+            .env("PEBBLE_AUTHZREUSE", "0")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("pebble starts");
+        children.push(child);
+        let listener_ca = ca.ca_path();
+        let p = Pebble {
+            dir,
+            directory: format!("https://localhost:{}/dir", listen.port()),
+            listener_ca,
+            log,
+            management,
+            children,
+            _ca: ca,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if p.get(&p.directory).await.is_some() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pebble did not come up; its log:\n{}",
+                std::fs::read_to_string(&p.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        p
+    }
+
+    /// GET with curl, trusting pebble's listener CA; the body on 200.
+    async fn get(&self, url: &str) -> Option<String> {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "5", "--cacert"])
+            .arg(&self.listener_ca)
+            .arg(url)
+            .output()
+            .await
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The root of the certificates pebble issues (new with every start),
+    /// written to a file for `curl --cacert`.
+    pub async fn issuing_root(&self) -> PathBuf {
+        let pem = self
+            .get(&format!(
+                "https://localhost:{}/roots/0",
+                self.management.port()
+            ))
+            .await
+            .expect("pebble's management interface serves its root");
+        let path = self.dir.0.join("issuing-root.pem");
+        std::fs::write(&path, pem).unwrap();
+        path
+    }
+
+    /// How many orders pebble was asked for so far (from its log).
+    pub fn orders(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("POST /order-plz"))
+            .count()
+    }
+}

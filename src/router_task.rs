@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use portless_router::access_log::AccessLog;
+use portless_router::acme::{AcmeState, Issuer};
 use portless_router::tls::{self, CertResolver};
 use portless_router::{Router, RouterOptions, RouterThreads, bind_reuseport};
 use serde_json::json;
@@ -29,6 +30,8 @@ pub struct RouterHandle {
     router: Router,
     state: Arc<ArcSwap<PlanState>>,
     certs: Option<Arc<CertResolver>>,
+    /// With automatic HTTPS: each host's certificate state.
+    acme: Option<Arc<AcmeState>>,
     /// The bound plain-HTTP address (useful with port 0).
     pub http_addr: SocketAddr,
     /// The bound HTTPS address, when certificates are configured.
@@ -89,6 +92,22 @@ impl RouterHandle {
             .into_iter()
             .map(|(name, file)| json!({ "name": name, "file": file.display().to_string() }))
             .collect();
+        let acme: Option<Vec<_>> = self.acme.as_ref().map(|a| {
+            a.status()
+                .into_iter()
+                .map(|c| {
+                    json!({
+                        "host": c.host,
+                        "state": c.phase.as_str(),
+                        "not_after": c.not_after.map(unix_secs),
+                        "next_attempt": c.next_attempt.map(unix_secs),
+                        "last_error": c.last_error,
+                        "failures": c.failures,
+                        "orders": c.orders,
+                    })
+                })
+                .collect()
+        });
         json!({
             "http_listen": self.http_addr.to_string(),
             "https_listen": self.https_addr.map(|a| a.to_string()),
@@ -96,6 +115,7 @@ impl RouterHandle {
             "addresses": state.choices,
             "not_routed": state.problems,
             "certificates": certificates,
+            "acme": acme,
         })
     }
 
@@ -103,6 +123,12 @@ impl RouterHandle {
     pub fn render_metrics(&self, out: &mut String) {
         self.router.render_metrics(out);
     }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_secs(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Start the router unless `--no-router`: load certificates, bind its
@@ -155,18 +181,43 @@ async fn run(
 
     // Certificates before any socket: a bad directory stops start-up.
     let mut tls = None;
-    if let (Some(dir), Some(addr)) = (&cfg.cert_dir, cfg.https_listen) {
-        let (store, problems) = tls::load_cert_dir(dir)
-            .with_context(|| format!("loading certificates from {}", dir.display()))?;
-        for p in &problems {
-            warn!(error = %p, "certificate skipped");
-        }
-        if store.is_empty() {
-            warn!(dir = %dir.display(), "no usable certificate yet; HTTPS handshakes fail until one appears");
-        }
-        let resolver = Arc::new(CertResolver::new(store));
+    let acme_state = cfg.acme.as_ref().map(|_| Arc::new(AcmeState::default()));
+    if let Some(addr) = cfg.https_listen {
+        let store = match &cfg.cert_dir {
+            Some(dir) => {
+                let (store, problems) = tls::load_cert_dir(dir)
+                    .with_context(|| format!("loading certificates from {}", dir.display()))?;
+                for p in &problems {
+                    warn!(error = %p, "certificate skipped");
+                }
+                if store.is_empty() && acme_state.is_none() {
+                    warn!(dir = %dir.display(), "no usable certificate yet; HTTPS handshakes fail until one appears");
+                }
+                store
+            }
+            None => tls::CertStore::default(),
+        };
+        let resolver = Arc::new(match &acme_state {
+            Some(acme) => CertResolver::with_acme(store, acme.clone()),
+            None => CertResolver::new(store),
+        });
         let config = tls::server_config(resolver.clone()).context("TLS configuration")?;
         tls = Some((addr, resolver, config));
+    }
+    // The ACME store (and the certificates kept in it) before any socket
+    // too: an unusable --acme-dir or --acme-ca stops start-up, and a
+    // restart serves the stored certificates from its first handshake.
+    let mut issuer = None;
+    if let (Some(acme_cfg), Some(state), Some((_, resolver, _))) = (&cfg.acme, &acme_state, &tls) {
+        issuer = Some(
+            Issuer::new(acme_cfg.clone(), state.clone(), resolver.clone()).with_context(|| {
+                format!(
+                    "automatic HTTPS: the ACME store in {}",
+                    acme_cfg.dir.display()
+                )
+            })?,
+        );
+        opts.acme = Some(state.clone());
     }
 
     // One listening socket per thread (SO_REUSEPORT): the kernel spreads
@@ -200,6 +251,10 @@ async fn run(
     let threads = router
         .spawn_threads(http, https, tls_config)
         .context("starting the router's threads")?;
+    if let Some(issuer) = issuer {
+        // Ordered only for the names the route table claims.
+        tasks.push(tokio::spawn(issuer.run(router.hosts())));
+    }
 
     let state = Arc::new(ArcSwap::from_pointee(PlanState::default()));
     let sync_router = router.clone();
@@ -248,6 +303,7 @@ async fn run(
         router,
         state,
         certs,
+        acme: acme_state,
         http_addr,
         https_addr,
         tasks,

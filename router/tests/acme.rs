@@ -116,7 +116,7 @@ async fn issued_for_with(kind: ChallengeKind) {
         ],
     )
     .await;
-    let pebble = Pebble::start(pebble_for(&ar)).await;
+    let pebble = Pebble::start(pebble_for(&ar));
     let dir = TempDir::new("acme");
     ar.start_issuer(acme_opts(&pebble, &dir.0, &[kind]));
     // A stranger asks for names no route claims, over both listeners.
@@ -136,7 +136,7 @@ async fn issued_for_with(kind: ChallengeKind) {
         .await;
     assert!(st.not_after.unwrap() > SystemTime::now());
     assert_eq!(st.orders, 1);
-    let root = pebble.issuing_root().await;
+    let root = pebble.issuing_root();
     let got = https_get(&ar, "shop.example.test", &root).await;
     assert_eq!(got.status, 200, "{got:?}");
     assert_eq!(got.header("x-backend").as_deref(), Some("shop"));
@@ -192,7 +192,7 @@ async fn a_restart_serves_the_stored_certificate_without_a_new_order() {
     let routes = || vec![spec(&["shop.example.test"], "/", vec![b("be", be.addr)])];
     let dir = TempDir::new("acme");
     let mut ar = acme_router(RouterOptions::default(), routes()).await;
-    let pebble = Pebble::start(pebble_for(&ar)).await;
+    let pebble = Pebble::start(pebble_for(&ar));
     let opts = acme_opts(&pebble, &dir.0, &[ChallengeKind::Http01]);
     ar.start_issuer(opts.clone());
     let first = ar
@@ -219,7 +219,7 @@ async fn a_restart_serves_the_stored_certificate_without_a_new_order() {
     assert_eq!(again.not_after, first.not_after);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(pebble.orders(), 1);
-    let root = pebble.issuing_root().await;
+    let root = pebble.issuing_root();
     let got = https_get(&ar, "shop.example.test", &root).await;
     assert_eq!(got.status, 200, "{got:?}");
 }
@@ -299,8 +299,7 @@ async fn a_short_lived_certificate_is_renewed_without_dropping_open_connections(
     let pebble = Pebble::start(PebbleConfig {
         validity_secs: Some(15),
         ..pebble_for(&ar)
-    })
-    .await;
+    });
     let dir = TempDir::new("acme");
     ar.start_issuer(acme_opts(&pebble, &dir.0, &[ChallengeKind::Http01]));
     let first = ar
@@ -310,7 +309,7 @@ async fn a_short_lived_certificate_is_renewed_without_dropping_open_connections(
             Duration::from_secs(60),
         )
         .await;
-    let root = pebble.issuing_root().await;
+    let root = pebble.issuing_root();
     // A new client config per connection: no TLS session resumption, so
     // every handshake shows the certificate served now.
     let mut open = tls_connect(ar.https, "shop.example.test", client_config(&root)).await;
@@ -357,8 +356,7 @@ async fn a_failing_order_is_reported_retried_with_backoff_and_not_redirected() {
     let pebble = Pebble::start(PebbleConfig {
         http_port: dead_addr().await.port(),
         ..pebble_for(&ar)
-    })
-    .await;
+    });
     let dir = TempDir::new("acme");
     let started = std::time::Instant::now();
     ar.start_issuer(acme_opts(&pebble, &dir.0, &[ChallengeKind::Http01]));

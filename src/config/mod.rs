@@ -16,10 +16,13 @@
 //! dns-port = 53
 //! [router]
 //! http-listen = "0.0.0.0:80"
+//! [acme]
+//! acme-directory = "letsencrypt"
 //! [cluster]
 //! cluster-etcd = ["http://10.0.0.1:2379"]
 //! ```
 
+pub mod acme;
 pub mod cluster;
 pub mod dns;
 pub mod router;
@@ -135,6 +138,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub router: router::RouterOpts,
     #[command(flatten)]
+    pub acme: acme::AcmeOpts,
+    #[command(flatten)]
     pub cluster: cluster::ClusterOpts,
 }
 
@@ -203,6 +208,8 @@ struct FileConfig {
     #[serde(default)]
     router: router::RouterOpts,
     #[serde(default)]
+    acme: acme::AcmeOpts,
+    #[serde(default)]
     cluster: cluster::ClusterOpts,
 }
 
@@ -224,6 +231,7 @@ const GENERAL_KEYS: &[&str] = &[
     "log-format",
     "dns",
     "router",
+    "acme",
     "cluster",
 ];
 
@@ -298,7 +306,10 @@ impl RunArgs {
             },
             log_format: general.log_format.unwrap_or_default(),
             dns: self.dns.merge(file.dns).resolve()?,
-            router: self.router.merge(file.router).resolve()?,
+            router: self
+                .router
+                .merge(file.router)
+                .resolve(self.acme.merge(file.acme).resolve()?)?,
             cluster,
         })
     }

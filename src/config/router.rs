@@ -124,6 +124,8 @@ pub struct RouterConfig {
     pub send_timeout: Duration,
     pub access_log: Option<Target>,
     pub threads: usize,
+    /// Automatic HTTPS, when on (`[acme]`, `--acme-*`).
+    pub acme: Option<super::acme::AcmeConfig>,
 }
 
 impl Default for RouterConfig {
@@ -131,7 +133,7 @@ impl Default for RouterConfig {
         // The defaults are those of an empty set of options, which always
         // resolves.
         RouterOpts::default()
-            .resolve()
+            .resolve(None)
             .unwrap_or_else(|_| unreachable!("empty router options resolve"))
     }
 }
@@ -161,7 +163,13 @@ fn millis(name: &str, v: Option<u64>, default: u64, max: u64) -> Result<Duration
 }
 
 impl RouterOpts {
-    pub fn resolve(self) -> Result<RouterConfig, ConfigError> {
+    /// `acme`: the resolved `[acme]` options; with them HTTPS is served
+    /// even without `--cert-dir`.
+    pub fn resolve(
+        self,
+        acme: Option<super::acme::AcmeConfig>,
+    ) -> Result<RouterConfig, ConfigError> {
+        let tls = self.cert_dir.is_some() || acme.is_some();
         let enabled = !self.no_router.unwrap_or(false);
         let http_listen = self.http_listen.unwrap_or_else(|| all_addresses(80));
         if let Some(dir) = &self.cert_dir
@@ -172,19 +180,21 @@ impl RouterOpts {
                 dir.display()
             )));
         }
-        let https_listen = self
-            .cert_dir
-            .as_ref()
-            .map(|_| self.https_listen.unwrap_or_else(|| all_addresses(443)));
-        if self.https_listen.is_some() && self.cert_dir.is_none() {
+        let https_listen = tls.then(|| self.https_listen.unwrap_or_else(|| all_addresses(443)));
+        if self.https_listen.is_some() && !tls {
             return Err(ConfigError::new(
-                "--https-listen needs --cert-dir: there is nothing to serve TLS with",
+                "--https-listen needs --cert-dir or --acme-directory: there is nothing to serve TLS with",
             ));
         }
         let redirect_https = self.redirect_https.unwrap_or(false);
-        if redirect_https && self.cert_dir.is_none() {
+        if redirect_https && !tls {
             return Err(ConfigError::new(
-                "--redirect-https needs --cert-dir: there would be no https to redirect to",
+                "--redirect-https needs --cert-dir or --acme-directory: there would be no https to redirect to",
+            ));
+        }
+        if acme.is_some() && !enabled {
+            return Err(ConfigError::new(
+                "--acme-directory needs the router: it is off (--no-router)",
             ));
         }
         if let Some(https) = https_listen
@@ -241,6 +251,7 @@ impl RouterOpts {
                 Some(s) => Some(Target::parse(s)),
             },
             threads,
+            acme,
         })
     }
 }
@@ -252,7 +263,7 @@ mod tests {
 
     #[test]
     fn defaults_resolve() {
-        let c = RouterOpts::default().resolve().unwrap();
+        let c = RouterOpts::default().resolve(None).unwrap();
         assert!(c.enabled);
         assert_eq!(c.http_listen.port(), 80);
         assert!(c.http_listen.ip().is_unspecified());
@@ -269,22 +280,22 @@ mod tests {
             redirect_https: Some(true),
             ..Default::default()
         };
-        assert!(o.resolve().is_err());
+        assert!(o.resolve(None).is_err());
         let o = RouterOpts {
             cert_dir: Some("/nonexistent/portless-certs".into()),
             ..Default::default()
         };
-        assert!(o.resolve().is_err());
+        assert!(o.resolve(None).is_err());
         let o = RouterOpts {
             max_header_bytes: Some(100),
             ..Default::default()
         };
-        assert!(o.resolve().is_err());
+        assert!(o.resolve(None).is_err());
         let o = RouterOpts {
             upstream_timeout_ms: Some(0),
             ..Default::default()
         };
-        assert!(o.resolve().is_err());
+        assert!(o.resolve(None).is_err());
     }
 
     #[test]
@@ -293,7 +304,7 @@ mod tests {
             "http-listen = \"127.0.0.1:8080\"\ntrusted-proxy = [\"10.0.0.0/8\"]\nproxy-protocol = true\nmax-body-bytes = 1048576\nsend-timeout-ms = 5000\naccess-log = \"-\"\n",
         )
         .unwrap();
-        let c = o.resolve().unwrap();
+        let c = o.resolve(None).unwrap();
         assert_eq!(c.http_listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.trusted_proxies.len(), 1);
         assert!(c.proxy_protocol);

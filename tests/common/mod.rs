@@ -11,6 +11,9 @@ pub mod dnsmasq;
 pub mod docker_proxy;
 pub mod engines;
 pub mod netns;
+/// pebble, the ACME test server: the router library's harness, shared.
+#[path = "../../router/tests/support/pebble.rs"]
+pub mod pebble;
 
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::process::{Child, Command, Output, Stdio};

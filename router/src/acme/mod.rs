@@ -91,7 +91,7 @@ impl ChallengeKind {
 }
 
 /// How to reach the ACME server and keep its certificates.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcmeOptions {
     /// The server's directory URL.
     pub directory: String,

@@ -4,13 +4,99 @@
 //! name with 127.0.0.1, so that pebble validates challenges against the
 //! router under test. Both are killed when the value is dropped. A missing
 //! pebble fails the test with the reason, never skips it.
+//!
+//! Self-contained and blocking (std only, openssl and curl as commands):
+//! the binary's tests use this same file (`tests/common/mod.rs`).
+// Blocking waits only while pebble starts, before the test's traffic.
+#![allow(clippy::disallowed_methods)]
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{TempDir, TestCa};
+/// A scratch directory removed on drop.
+pub struct PebbleDir(pub PathBuf);
+
+impl Drop for PebbleDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`ca.pem`) and a certificate for `localhost` it signed
+/// (`listener.pem`, `listener.key`): pebble's own HTTPS.
+fn listener_certificate(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    a.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=pebble listener CA",
+    ]);
+    openssl(dir, &a);
+    let mut a = vec!["req"];
+    a.extend(ec);
+    a.extend([
+        "-keyout",
+        "listener.key",
+        "-out",
+        "listener.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    openssl(dir, &a);
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "listener.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "listener.pem",
+            "-extfile",
+            "ext",
+        ],
+    );
+}
 
 /// What pebble validates against and how it behaves.
 #[derive(Debug, Clone)]
@@ -28,7 +114,7 @@ pub struct PebbleConfig {
 }
 
 pub struct Pebble {
-    pub dir: TempDir,
+    pub dir: PebbleDir,
     /// The ACME directory URL.
     pub directory: String,
     /// The CA that signed pebble's own HTTPS certificate (for `--acme-ca`).
@@ -37,7 +123,6 @@ pub struct Pebble {
     pub log: PathBuf,
     management: SocketAddr,
     children: Vec<Child>,
-    _ca: TestCa,
 }
 
 impl Drop for Pebble {
@@ -68,12 +153,17 @@ fn need(bin: &str) -> PathBuf {
 }
 
 impl Pebble {
-    pub async fn start(cfg: PebbleConfig) -> Pebble {
+    pub fn start(cfg: PebbleConfig) -> Pebble {
         let pebble_bin = need("pebble");
         let challtestsrv = need("pebble-challtestsrv");
-        let dir = TempDir::new("pebble");
-        let ca = TestCa::new();
-        ca.issue(&dir.0, "listener", &["localhost"]);
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = PebbleDir(std::env::temp_dir().join(format!(
+            "portless-pebble-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        listener_certificate(&dir.0);
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let management = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut children = Vec::new();
@@ -130,7 +220,7 @@ impl Pebble {
             .spawn()
             .expect("pebble starts");
         children.push(child);
-        let listener_ca = ca.ca_path();
+        let listener_ca = dir.0.join("ca.pem");
         let p = Pebble {
             dir,
             directory: format!("https://localhost:{}/dir", listen.port()),
@@ -138,11 +228,10 @@ impl Pebble {
             log,
             management,
             children,
-            _ca: ca,
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
-            if p.get(&p.directory).await.is_some() {
+            if p.get(&p.directory).is_some() {
                 break;
             }
             assert!(
@@ -150,19 +239,18 @@ impl Pebble {
                 "pebble did not come up; its log:\n{}",
                 std::fs::read_to_string(&p.log).unwrap_or_default()
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            std::thread::sleep(Duration::from_millis(100));
         }
         p
     }
 
     /// GET with curl, trusting pebble's listener CA; the body on 200.
-    async fn get(&self, url: &str) -> Option<String> {
-        let out = tokio::process::Command::new("curl")
+    fn get(&self, url: &str) -> Option<String> {
+        let out = Command::new("curl")
             .args(["-sS", "--fail", "--max-time", "5", "--cacert"])
             .arg(&self.listener_ca)
             .arg(url)
             .output()
-            .await
             .ok()?;
         out.status
             .success()
@@ -171,13 +259,12 @@ impl Pebble {
 
     /// The root of the certificates pebble issues (new with every start),
     /// written to a file for `curl --cacert`.
-    pub async fn issuing_root(&self) -> PathBuf {
+    pub fn issuing_root(&self) -> PathBuf {
         let pem = self
             .get(&format!(
                 "https://localhost:{}/roots/0",
                 self.management.port()
             ))
-            .await
             .expect("pebble's management interface serves its root");
         let path = self.dir.0.join("issuing-root.pem");
         std::fs::write(&path, pem).unwrap();

@@ -1,0 +1,177 @@
+//! Automatic HTTPS through the real binary: a labelled container on the
+//! real Docker Engine gets a certificate from a real ACME server (pebble on
+//! loopback) that curl trusts through pebble's root; plain HTTP redirects
+//! once the certificate is there; a restart serves the stored certificate
+//! without a new order; a name no label claims is never ordered.
+
+// Plain threads, no runtime here: blocking sleeps are fine; a panic in a
+// helper is a failed test.
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::pebble::{Pebble, PebbleConfig};
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A busybox httpd answering `body` on port 8080.
+fn web(cleanup: &Cleanup, name: &str, body: &str, args: &[&str]) -> String {
+    let script =
+        format!("mkdir -p /www && echo {body} > /www/index.html && exec httpd -f -p 8080 -h /www");
+    let mut a = vec!["--expose", "8080"];
+    a.extend_from_slice(args);
+    container(cleanup, name, &a, &["sh", "-c", &script])
+}
+
+/// curl `url` with `host` resolved to 127.0.0.1: (status, body, redirect).
+fn curl(url: &str, host: &str, port: u16, extra: &[&str]) -> (u16, String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            "-w",
+            "\n%{http_code} %{redirect_url}",
+            "--resolve",
+        ])
+        .arg(format!("{host}:{port}:127.0.0.1"))
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, tail) = text.rsplit_once('\n').unwrap_or(("", "0 "));
+    let (code, redirect) = tail.split_once(' ').unwrap_or((tail, ""));
+    (
+        code.trim().parse().unwrap_or(0),
+        body.trim().to_owned(),
+        redirect.trim().to_owned(),
+    )
+}
+
+fn acme_status(p: &Portless, host: &str) -> Option<serde_json::Value> {
+    let routes: serde_json::Value =
+        serde_json::from_str(&http_get(p.admin, "/api/routes")?).ok()?;
+    routes["acme"]
+        .as_array()?
+        .iter()
+        .find(|c| c["host"] == host)
+        .cloned()
+}
+
+fn start(http: SocketAddr, https: SocketAddr, pebble: &Pebble, dir: &Path) -> Portless {
+    let (http_s, https_s) = (http.to_string(), https.to_string());
+    Portless::start(&[
+        "--dns-port",
+        "0",
+        "--upstream",
+        "127.0.0.1:9",
+        "--http-listen",
+        &http_s,
+        "--https-listen",
+        &https_s,
+        "--router-threads",
+        "2",
+        "--redirect-https",
+        "--acme-directory",
+        &pebble.directory,
+        "--acme-ca",
+        pebble.listener_ca.to_str().unwrap(),
+        "--acme-dir",
+        dir.to_str().unwrap(),
+        "--acme-email",
+        "ops@example.test",
+    ])
+}
+
+#[test]
+fn a_labelled_container_gets_a_certificate_from_the_acme_server_and_keeps_it_across_a_restart() {
+    let cleanup = Cleanup::new();
+    let (net, _) = network(&cleanup, &[]);
+    let lo = [127, 0, 0, 1].into();
+    let http = SocketAddr::new(lo, free_port(lo));
+    let https = SocketAddr::new(lo, free_port(lo));
+    let pebble = Pebble::start(PebbleConfig {
+        http_port: http.port(),
+        tls_port: https.port(),
+        validity_secs: None,
+        dns_server: None,
+    });
+    let dir = std::env::temp_dir().join(unique("placme"));
+    cleanup.push(&["rm", "-rf", dir.to_str().unwrap()]);
+    let host = format!("{}.example.test", unique("shop"));
+    let p = start(http, https, &pebble, &dir);
+    let c = unique("acme");
+    web(
+        &cleanup,
+        &c,
+        "shop",
+        &[
+            "--network",
+            &net,
+            "--label",
+            &format!("portless.http.host={host}"),
+        ],
+    );
+    // An unlabelled container: its name is routed nowhere and never ordered.
+    let plain = unique("plain");
+    web(&cleanup, &plain, "plain", &["--network", &net]);
+
+    let root = pebble.issuing_root();
+    let url = format!("https://{host}:{}/", https.port());
+    let cacert = ["--cacert", root.to_str().unwrap()];
+    wait_until("https with pebble's certificate", WAIT, || {
+        let (code, body, _) = curl(&url, &host, https.port(), &cacert);
+        (code == 200 && body == "shop").then_some(())
+    });
+    let st = acme_status(&p, &host).unwrap();
+    assert_eq!(st["state"], "valid", "{st}");
+    assert_eq!(st["orders"], 1, "{st}");
+    // Asking for other names orders nothing.
+    for name in [plain.as_str(), "stranger.example.test"] {
+        let _ = curl(
+            &format!("https://{name}:{}/", https.port()),
+            name,
+            https.port(),
+            &["-k"],
+        );
+        let _ = curl(
+            &format!("http://{name}:{}/", http.port()),
+            name,
+            http.port(),
+            &[],
+        );
+    }
+    // With the certificate there, plain HTTP redirects.
+    let (code, _, redirect) = curl(
+        &format!("http://{host}:{}/a", http.port()),
+        &host,
+        http.port(),
+        &[],
+    );
+    assert_eq!(
+        (code, redirect.as_str()),
+        (308, format!("https://{host}:{}/a", https.port()).as_str())
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(pebble.orders(), 1);
+    drop(p);
+
+    // A restart serves the stored certificate from the start.
+    let p = start(http, https, &pebble, &dir);
+    wait_until("https after the restart", WAIT, || {
+        let (code, body, _) = curl(&url, &host, https.port(), &cacert);
+        (code == 200 && body == "shop").then_some(())
+    });
+    wait_until("the host's ACME state", WAIT, || {
+        acme_status(&p, &host).filter(|s| s["state"] == "valid")
+    });
+    assert_eq!(acme_status(&p, &host).unwrap()["orders"], 0);
+    assert_eq!(pebble.orders(), 1);
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use portless_router::RouterOptions;
 use portless_router::acme::{AcmeOptions, AcmeState, CertPhase, CertStatus, ChallengeKind, Issuer};
-use portless_router::tls::{CertResolver, CertStore, server_config};
+use portless_router::tls::{CertResolver, CertStore, load_cert_dir, server_config};
 use rustls::pki_types::ServerName;
 use support::pebble::{Pebble, PebbleConfig};
 use support::*;
@@ -39,13 +39,19 @@ impl Drop for AcmeRouter {
     }
 }
 
-async fn acme_router(
+async fn acme_router(opts: RouterOptions, specs: Vec<portless_router::RouteSpec>) -> AcmeRouter {
+    acme_router_with_files(opts, specs, CertStore::default()).await
+}
+
+/// [`acme_router`] with certificates from a `--cert-dir` as well.
+async fn acme_router_with_files(
     mut opts: RouterOptions,
     specs: Vec<portless_router::RouteSpec>,
+    files: CertStore,
 ) -> AcmeRouter {
     let state = Arc::new(AcmeState::default());
     opts.acme = Some(state.clone());
-    let resolver = Arc::new(CertResolver::with_acme(CertStore::default(), state.clone()));
+    let resolver = Arc::new(CertResolver::with_acme(files, state.clone()));
     let mut r = router(opts, specs).await;
     let https = r.add_https(server_config(resolver.clone()).unwrap()).await;
     AcmeRouter {
@@ -107,13 +113,22 @@ async fn https_get(ar: &AcmeRouter, host: &str, root: &Path) -> Reply {
 
 async fn issued_for_with(kind: ChallengeKind) {
     let be = backend("shop").await;
-    let mut ar = acme_router(
+    // A --cert-dir file covers files.example.test: it wins, and the name
+    // is not ordered.
+    let ca = TestCa::new();
+    let files = TempDir::new("certs");
+    ca.issue(&files.0, "files", &["files.example.test"]);
+    let (store, problems) = load_cert_dir(&files.0).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    let mut ar = acme_router_with_files(
         RouterOptions::default(),
         vec![
             spec(&["shop.example.test"], "/", vec![b("be", be.addr)]),
+            spec(&["files.example.test"], "/", vec![b("be", be.addr)]),
             // Wildcards need DNS-01: never ordered here.
             spec(&["*.apps.example.test"], "/", vec![b("be", be.addr)]),
         ],
+        store,
     )
     .await;
     let pebble = Pebble::start(pebble_for(&ar));
@@ -140,6 +155,11 @@ async fn issued_for_with(kind: ChallengeKind) {
     let got = https_get(&ar, "shop.example.test", &root).await;
     assert_eq!(got.status, 200, "{got:?}");
     assert_eq!(got.header("x-backend").as_deref(), Some("shop"));
+    let got = https_get(&ar, "files.example.test", &ca.ca_path()).await;
+    assert_eq!(
+        got.status, 200,
+        "the --cert-dir file serves its name: {got:?}"
+    );
     // Only the claimed exact name was ever ordered.
     let hosts: Vec<String> = ar.state.status().into_iter().map(|s| s.host).collect();
     assert_eq!(hosts, ["shop.example.test"]);

@@ -42,7 +42,6 @@ pub struct DnsState {
     pub event_to_answer: Arc<Histogram>,
     /// Publish TXT records here (replacing the previous set): the zone is
     /// rebuilt with them at once.
-    #[allow(dead_code)] // published by the ACME task (being wired in)
     pub txt: watch::Sender<TxtRecords>,
 }
 

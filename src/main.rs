@@ -169,7 +169,17 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let dns = dns::start(&cfg.dns, snap_rx.clone())
         .await
         .context("starting DNS")?;
-    let router = router_task::start(&cfg.router, snap_rx.clone())
+    // ACME's DNS-01 answers (wildcard hosts) become the DNS's TXT records.
+    let dns01 = router_task::Dns01 {
+        txt: dns.txt.clone(),
+        zones: cfg
+            .dns
+            .ingress_zones
+            .iter()
+            .map(|z| z.zone.clone())
+            .collect(),
+    };
+    let router = router_task::start(&cfg.router, snap_rx.clone(), dns01)
         .await
         .context("starting the router")?;
     let admin_state = Arc::new(admin::AdminState {

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::router::RouterConfig;
 use crate::discovery::Snapshot;
+use crate::dns::TxtRecords;
 use crate::routes::{self, AddressChoice, RouteProblem};
 
 /// How often the certificate directory is checked for changes.
@@ -137,17 +138,27 @@ fn unix_secs(t: std::time::SystemTime) -> u64 {
 pub async fn start(
     cfg: &RouterConfig,
     snapshots: watch::Receiver<Snapshot>,
+    dns01: Dns01,
 ) -> anyhow::Result<Option<RouterHandle>> {
     if !cfg.enabled {
         info!("router off (--no-router)");
         return Ok(None);
     }
-    run(cfg.clone(), snapshots).await.map(Some)
+    run(cfg.clone(), snapshots, dns01).await.map(Some)
+}
+
+/// Where ACME's DNS-01 answers go: the DNS's TXT records, served for names
+/// inside the ingress zones (the router and the DNS never meet but here).
+pub struct Dns01 {
+    pub txt: watch::Sender<TxtRecords>,
+    /// The ingress zones, lower case, no trailing dot.
+    pub zones: Vec<String>,
 }
 
 async fn run(
     cfg: RouterConfig,
     mut snapshots: watch::Receiver<Snapshot>,
+    dns01: Dns01,
 ) -> anyhow::Result<RouterHandle> {
     let mut opts = RouterOptions {
         header_read_timeout: cfg.header_timeout,
@@ -209,13 +220,13 @@ async fn run(
     // restart serves the stored certificates from its first handshake.
     let mut issuer = None;
     if let (Some(acme_cfg), Some(state), Some((_, resolver, _))) = (&cfg.acme, &acme_state, &tls) {
+        let mut acme_cfg = acme_cfg.clone();
+        acme_cfg.dns01_zones = dns01.zones;
+        let dir = acme_cfg.dir.clone();
         issuer = Some(
-            Issuer::new(acme_cfg.clone(), state.clone(), resolver.clone()).with_context(|| {
-                format!(
-                    "automatic HTTPS: the ACME store in {}",
-                    acme_cfg.dir.display()
-                )
-            })?,
+            Issuer::new(acme_cfg, state.clone(), resolver.clone())
+                .with_context(|| format!("automatic HTTPS: the ACME store in {}", dir.display()))?
+                .with_dns01(dns01.txt),
         );
         opts.acme = Some(state.clone());
     }

@@ -159,8 +159,14 @@ fn a_labelled_container_gets_a_certificate_from_the_acme_server_and_keeps_it_acr
         (code, redirect.as_str()),
         (308, format!("https://{host}:{}/a", https.port()).as_str())
     );
+    // (The Engine is shared: other tests' labelled containers are routed,
+    // and ordered, too; so the counts are per name.)
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(pebble.orders(), 1);
+    assert_eq!(pebble.validations(&host), 1);
+    for name in [plain.as_str(), "stranger.example.test"] {
+        assert_eq!(pebble.validations(name), 0, "{name} was ordered");
+        assert!(acme_status(&p, name).is_none());
+    }
     drop(p);
 
     // A restart serves the stored certificate from the start.
@@ -173,5 +179,98 @@ fn a_labelled_container_gets_a_certificate_from_the_acme_server_and_keeps_it_acr
         acme_status(&p, &host).filter(|s| s["state"] == "valid")
     });
     assert_eq!(acme_status(&p, &host).unwrap()["orders"], 0);
-    assert_eq!(pebble.orders(), 1);
+    assert_eq!(pebble.validations(&host), 1);
+}
+
+#[test]
+fn a_wildcard_host_in_an_ingress_zone_gets_its_certificate_by_dns01_from_portless_own_dns() {
+    let cleanup = Cleanup::new();
+    let (net, _) = network(&cleanup, &[]);
+    let lo = [127, 0, 0, 1].into();
+    let http = SocketAddr::new(lo, free_port(lo));
+    let https = SocketAddr::new(lo, free_port(lo));
+    let dns = SocketAddr::new(lo, free_port(lo));
+    // Pebble asks portless's DNS: the ingress zone's names are the router
+    // (for HTTP-01), its TXT records the DNS-01 answers.
+    let pebble = Pebble::start(PebbleConfig {
+        http_port: http.port(),
+        tls_port: https.port(),
+        validity_secs: None,
+        dns_server: Some(dns),
+    });
+    let dir = std::env::temp_dir().join(unique("placme"));
+    cleanup.push(&["rm", "-rf", dir.to_str().unwrap()]);
+    let zone = format!("{}.example.test", unique("apps"));
+    let (http_s, https_s, dns_s) = (http.to_string(), https.to_string(), dns.to_string());
+    let ingress = format!("{zone}=127.0.0.1");
+    let p = Portless::start(&[
+        "--dns-port",
+        "0",
+        "--dns-listen",
+        &dns_s,
+        "--upstream",
+        "127.0.0.1:9",
+        "--ingress-zone",
+        &ingress,
+        "--http-listen",
+        &http_s,
+        "--https-listen",
+        &https_s,
+        "--router-threads",
+        "2",
+        "--acme-directory",
+        &pebble.directory,
+        "--acme-ca",
+        pebble.listener_ca.to_str().unwrap(),
+        "--acme-dir",
+        dir.to_str().unwrap(),
+    ]);
+    let (wild, shop) = (unique("wild"), unique("shop"));
+    web(
+        &cleanup,
+        &wild,
+        "wild",
+        &[
+            "--network",
+            &net,
+            "--label",
+            &format!("portless.http.host=*.{zone}"),
+        ],
+    );
+    web(
+        &cleanup,
+        &shop,
+        "shop",
+        &[
+            "--network",
+            &net,
+            "--label",
+            &format!("portless.http.host=shop.{zone}"),
+        ],
+    );
+
+    let root = pebble.issuing_root();
+    let cacert = ["--cacert", root.to_str().unwrap()];
+    for (name, body) in [
+        (format!("blog.{zone}"), "wild"),
+        (format!("shop.{zone}"), "shop"),
+    ] {
+        let url = format!("https://{name}:{}/", https.port());
+        wait_until(&format!("https for {name}"), WAIT, || {
+            let (code, got, _) = curl(&url, &name, https.port(), &cacert);
+            (code == 200 && got == body).then_some(())
+        });
+    }
+    let st = acme_status(&p, &format!("*.{zone}")).unwrap();
+    assert_eq!(st["state"], "valid", "{st}");
+    let log = std::fs::read_to_string(&pebble.log).unwrap();
+    assert!(
+        !log.contains(&format!("validate w/ HTTP: http://{zone}")),
+        "{log}"
+    );
+    // The challenge's TXT record is gone once the order is done.
+    let txt = dig(dns, &format!("_acme-challenge.{zone}"), "TXT", &[]);
+    assert!(txt.sorted().is_empty(), "{txt:?}");
+    assert_eq!(pebble.validations(&zone), 1);
+    assert_eq!(st["orders"], 1, "{st}");
 }

@@ -69,8 +69,12 @@ impl CertStore {
     }
 
     /// Whether an exact or wildcard certificate covers `name` (lower
-    /// case, no trailing dot); the default does not count.
+    /// case, no trailing dot; `*.suffix`: a wildcard certificate for the
+    /// same suffix); the default does not count.
     pub fn covers(&self, name: &str) -> bool {
+        if let Some(suffix) = name.strip_prefix("*.") {
+            return self.wildcard.contains_key(suffix);
+        }
         self.exact.contains_key(name)
             || name
                 .split_once('.')

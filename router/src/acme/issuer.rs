@@ -4,7 +4,7 @@
 //! and retries failures with backoff. Orders run one at a time: a host
 //! with many names never bursts the server.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -25,6 +25,9 @@ use super::store::{Store, StoredCert};
 use super::{AcmeError, AcmeOptions, ChallengeKind};
 use crate::tls::CertResolver;
 
+/// TXT records to serve, by name (no trailing dot): the DNS-01 answers.
+pub type TxtRecords = Arc<BTreeMap<String, Vec<String>>>;
+
 /// How often the wanted names are looked at again even without a change
 /// of routes (a `--cert-dir` file may have come to cover one).
 const RECHECK: Duration = Duration::from_secs(30);
@@ -40,6 +43,8 @@ pub struct Issuer {
     account: Option<Account>,
     /// Certificates served, by host.
     held: HashMap<String, StoredCert>,
+    /// Where DNS-01 answers are published, when someone serves them.
+    txt: Option<watch::Sender<TxtRecords>>,
 }
 
 impl Issuer {
@@ -73,7 +78,37 @@ impl Issuer {
             http,
             account: None,
             held,
+            txt: None,
         })
+    }
+
+    /// Answer DNS-01 (wildcard hosts inside `opts.dns01_zones`) by
+    /// publishing `_acme-challenge` TXT records on `txt`, whose receiver
+    /// serves them (the binary feeds them into its DNS zone).
+    pub fn with_dns01(mut self, txt: watch::Sender<TxtRecords>) -> Self {
+        self.txt = Some(txt);
+        self
+    }
+
+    /// Whether `host` is to be ordered: an exact name not covered by a
+    /// `--cert-dir` file, or a wildcard inside a DNS-01 zone when TXT
+    /// records are served.
+    fn wanted(&self, host: &str) -> bool {
+        if self.resolver.dir_covers(host) {
+            return false;
+        }
+        match host.strip_prefix("*.") {
+            None => true,
+            Some(suffix) => {
+                self.txt.is_some()
+                    && self.opts.dns01_zones.iter().any(|z| {
+                        suffix == z
+                            || suffix
+                                .strip_suffix(z.as_str())
+                                .is_some_and(|r| r.ends_with('.'))
+                    })
+            }
+        }
     }
 
     /// Follow `hosts` (the route table's exact hosts) until the sender is
@@ -83,7 +118,7 @@ impl Issuer {
             let wanted: BTreeSet<String> = hosts
                 .borrow_and_update()
                 .iter()
-                .filter(|h| !self.resolver.dir_covers(h))
+                .filter(|h| self.wanted(h))
                 .cloned()
                 .collect();
             let now = SystemTime::now();
@@ -235,7 +270,9 @@ impl Issuer {
             state: self.state.clone(),
             tokens: Vec::new(),
             alpn: Vec::new(),
+            txt: self.txt.clone().map(|tx| (tx, Vec::new())),
         };
+        let wildcard = host.starts_with("*.");
         {
             let mut authzs = order.authorizations();
             while let Some(a) = authzs.next().await {
@@ -246,9 +283,14 @@ impl Issuer {
                     s => return Err(AcmeError::Order(format!("authorization is {s:?}"))),
                 }
                 let offered: Vec<_> = a.challenges.iter().map(|c| c.r#type.clone()).collect();
-                let Some(kind) = self
-                    .opts
-                    .challenges
+                // A wildcard can only be proven by DNS-01.
+                let dns01 = [ChallengeKind::Dns01];
+                let preference: &[ChallengeKind] = if wildcard {
+                    &dns01
+                } else {
+                    &self.opts.challenges
+                };
+                let Some(kind) = preference
                     .iter()
                     .copied()
                     .find(|k| offered.contains(&k.acme_type()))
@@ -256,6 +298,10 @@ impl Issuer {
                     return Err(AcmeError::Order(format!(
                         "the server offers {offered:?}, none of the challenges configured"
                     )));
+                };
+                let base = match a.identifier().identifier {
+                    Identifier::Dns(name) => name.clone(),
+                    other => format!("{other:?}"),
                 };
                 let mut ch = a
                     .challenge(kind.acme_type())
@@ -270,6 +316,11 @@ impl Issuer {
                         let cert = alpn_certificate(host, ka.digest().as_ref())?;
                         self.state.put_alpn(host, Some(cert));
                         answers.alpn.push(host.to_owned());
+                    }
+                    ChallengeKind::Dns01 => {
+                        let name = format!("_acme-challenge.{base}");
+                        answers.publish(name, ka.dns_value());
+                        tokio::time::sleep(self.opts.dns01_settle).await;
                     }
                 }
                 info!(%host, challenge = kind.as_str(), "answering ACME challenge");
@@ -358,10 +409,46 @@ struct Answers {
     state: Arc<AcmeState>,
     tokens: Vec<String>,
     alpn: Vec<String>,
+    /// The TXT channel and the records (name, value) this order added to
+    /// it.
+    txt: Option<(watch::Sender<TxtRecords>, Vec<TxtRecord>)>,
+}
+
+type TxtRecord = (String, String);
+
+impl Answers {
+    /// Serve TXT `value` at `name` (beside any others there).
+    fn publish(&mut self, name: String, value: String) {
+        let Some((tx, added)) = &mut self.txt else {
+            return;
+        };
+        tx.send_modify(|recs| {
+            let mut next = BTreeMap::clone(recs);
+            next.entry(name.clone()).or_default().push(value.clone());
+            *recs = Arc::new(next);
+        });
+        added.push((name, value));
+    }
 }
 
 impl Drop for Answers {
     fn drop(&mut self) {
+        if let Some((tx, added)) = &self.txt
+            && !added.is_empty()
+        {
+            tx.send_modify(|recs| {
+                let mut next = BTreeMap::clone(recs);
+                for (name, value) in added {
+                    if let Some(values) = next.get_mut(name) {
+                        values.retain(|v| v != value);
+                        if values.is_empty() {
+                            next.remove(name);
+                        }
+                    }
+                }
+                *recs = Arc::new(next);
+            });
+        }
         for t in &self.tokens {
             self.state.drop_token(t);
         }

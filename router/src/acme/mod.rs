@@ -10,6 +10,10 @@
 //! - `client`: the HTTPS transport (`--acme-ca`, `Retry-After`).
 //! - `issuer`: the task that orders, answers challenges and renews.
 //!
+//! Wildcard hosts are ordered by DNS-01 when they lie inside a zone whose
+//! TXT records someone serves from the issuer's channel (the binary feeds
+//! it into its DNS: the router knows no DNS).
+//!
 //! Only names a route claims are ever ordered: the issuer follows
 //! [`crate::Router::hosts`], never the names clients ask for. The HTTP-01
 //! answer is a step of the request path (`proxy/request.rs`, `route`); the
@@ -24,7 +28,7 @@ pub mod schedule;
 mod state;
 pub mod store;
 
-pub use issuer::Issuer;
+pub use issuer::{Issuer, TxtRecords};
 pub use state::{AcmeState, CertPhase, CertStatus};
 
 /// The path prefix of HTTP-01 answers (RFC 8555 8.3).
@@ -64,6 +68,9 @@ pub enum ChallengeKind {
     /// TLS-ALPN-01: a certificate by ALPN `acme-tls/1` on the HTTPS
     /// listener.
     TlsAlpn01,
+    /// DNS-01: a TXT record `_acme-challenge.<name>`, published on the
+    /// issuer's TXT channel; the only one for wildcard hosts.
+    Dns01,
 }
 
 impl ChallengeKind {
@@ -71,6 +78,7 @@ impl ChallengeKind {
         match self {
             ChallengeKind::Http01 => "http-01",
             ChallengeKind::TlsAlpn01 => "tls-alpn-01",
+            ChallengeKind::Dns01 => "dns-01",
         }
     }
 
@@ -86,6 +94,7 @@ impl ChallengeKind {
         match self {
             ChallengeKind::Http01 => instant_acme::ChallengeType::Http01,
             ChallengeKind::TlsAlpn01 => instant_acme::ChallengeType::TlsAlpn01,
+            ChallengeKind::Dns01 => instant_acme::ChallengeType::Dns01,
         }
     }
 }
@@ -109,6 +118,14 @@ pub struct AcmeOptions {
     pub retry_base: Duration,
     /// The longest wait between failed orders.
     pub retry_max: Duration,
+    /// Zones whose names' TXT records the issuer's DNS-01 channel serves
+    /// (lower case, no trailing dot): a wildcard host inside one (`*.z`
+    /// with `z` the zone or under it) is ordered by DNS-01; others are not
+    /// ordered at all.
+    pub dns01_zones: Vec<String>,
+    /// How long a published TXT record is given to be served before the
+    /// server is told to look.
+    pub dns01_settle: Duration,
 }
 
 impl AcmeOptions {
@@ -123,6 +140,8 @@ impl AcmeOptions {
             // a minute doubling stays under it.
             retry_base: Duration::from_secs(60),
             retry_max: Duration::from_secs(6 * 3600),
+            dns01_zones: Vec::new(),
+            dns01_settle: Duration::from_millis(500),
         }
     }
 }

@@ -112,14 +112,31 @@ impl AcmeState {
         self.alpn.load().get(host).cloned()
     }
 
-    /// The issued certificate for `host`.
+    /// The issued certificate for `host`: its own, else a wildcard's for
+    /// its parent (a TLS wildcard covers one label).
     pub fn certificate(&self, host: &str) -> Option<Arc<CertifiedKey>> {
-        self.certs.load().get(host).cloned()
+        let certs = self.certs.load();
+        if certs.is_empty() {
+            return None;
+        }
+        if let Some(k) = certs.get(host) {
+            return Some(k.clone());
+        }
+        let (_, parent) = host.split_once('.')?;
+        certs.get(&format!("*.{parent}")).cloned()
     }
 
-    /// Whether `host` is waiting for its first certificate.
+    /// Whether `host` (or the wildcard covering it) is waiting for its
+    /// first certificate.
     pub fn is_pending(&self, host: &str) -> bool {
-        self.pending.load().contains(host)
+        let pending = self.pending.load();
+        if pending.is_empty() {
+            return false;
+        }
+        pending.contains(host)
+            || host
+                .split_once('.')
+                .is_some_and(|(_, parent)| pending.contains(&format!("*.{parent}")))
     }
 
     /// Every host's certificate state, by host.

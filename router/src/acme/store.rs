@@ -24,6 +24,9 @@ use rustls::sign::CertifiedKey;
 use super::AcmeError;
 use crate::tls::read_pem_bytes;
 
+/// The file name prefix standing for `*.`.
+const WILDCARD_FILE: &str = "_wildcard.";
+
 /// A certificate as loaded or issued, ready to serve.
 #[derive(Clone)]
 pub struct StoredCert {
@@ -74,8 +77,13 @@ impl Store {
         self.root.join("account.json")
     }
 
+    /// `*.example.com` is kept as `_wildcard.example.com.pem`.
     pub fn cert_path(&self, host: &str) -> PathBuf {
-        self.root.join("certs").join(format!("{host}.pem"))
+        let file = match host.strip_prefix("*.") {
+            Some(suffix) => format!("{WILDCARD_FILE}{suffix}.pem"),
+            None => format!("{host}.pem"),
+        };
+        self.root.join("certs").join(file)
     }
 
     pub fn read_account(&self) -> Result<Option<Vec<u8>>, AcmeError> {
@@ -129,7 +137,13 @@ impl Store {
                 .map_err(|e| AcmeError::Store(path.clone(), e))
                 .and_then(|b| parse(&path, &b))
             {
-                Ok(c) => out.push((host.to_owned(), c)),
+                Ok(c) => {
+                    let host = match host.strip_prefix(WILDCARD_FILE) {
+                        Some(suffix) => format!("*.{suffix}"),
+                        None => host.to_owned(),
+                    };
+                    out.push((host, c));
+                }
                 Err(e) => problems.push(e),
             }
         }

@@ -171,9 +171,9 @@ impl Router {
         let hosts: BTreeSet<String> = table
             .routes()
             .iter()
-            .filter_map(|r| match &r.host {
-                HostPattern::Exact(h) => Some(h.clone()),
-                HostPattern::Wildcard(_) => None,
+            .map(|r| match &r.host {
+                HostPattern::Exact(h) => h.clone(),
+                HostPattern::Wildcard(suffix) => format!("*.{suffix}"),
             })
             .collect();
         self.shared.hosts.send_if_modified(|old| {
@@ -188,8 +188,9 @@ impl Router {
         debug!(routes = n, "route table replaced");
     }
 
-    /// The exact hosts of the table, now and as they change: the names ACME
-    /// orders certificates for (and no others).
+    /// The hosts of the table (exact, and wildcards as `*.suffix`), now and
+    /// as they change: the names ACME orders certificates for (and no
+    /// others).
     pub fn hosts(&self) -> tokio::sync::watch::Receiver<Arc<BTreeSet<String>>> {
         self.shared.hosts.subscribe()
     }

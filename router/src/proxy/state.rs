@@ -90,7 +90,7 @@ pub(crate) struct Shared {
     pub(crate) server: auto::Builder<TokioExecutor>,
     pub(crate) metrics: Metrics,
     pub(crate) epoch: Instant,
-    /// The table's exact hosts, for the ACME issuer.
+    /// The table's hosts (wildcards as `*.suffix`), for the ACME issuer.
     pub(crate) hosts: tokio::sync::watch::Sender<Arc<BTreeSet<String>>>,
 }
 

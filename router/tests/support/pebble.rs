@@ -271,6 +271,18 @@ impl Pebble {
         path
     }
 
+    /// How many validations pebble ran for `name` (from its log): with no
+    /// authorization reuse, one per order of `name` that got as far as a
+    /// challenge. A wildcard's is counted under its base name.
+    pub fn validations(&self, name: &str) -> usize {
+        let needle = format!("Value:\"{name}\"");
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("Pulled a task") && l.contains(&needle))
+            .count()
+    }
+
     /// How many orders pebble was asked for so far (from its log).
     pub fn orders(&self) -> usize {
         std::fs::read_to_string(&self.log)

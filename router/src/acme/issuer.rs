@@ -28,6 +28,9 @@ use crate::tls::CertResolver;
 /// TXT records to serve, by name (no trailing dot): the DNS-01 answers.
 pub type TxtRecords = Arc<BTreeMap<String, Vec<String>>>;
 
+/// The longest one order may take, start to end.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// How often the wanted names are looked at again even without a change
 /// of routes (a `--cert-dir` file may have come to cover one).
 const RECHECK: Duration = Duration::from_secs(30);
@@ -180,7 +183,15 @@ impl Issuer {
                 s.orders += 1;
             }
         });
-        let result = self.order(host).await;
+        // A server that stops answering mid-order must not stall every
+        // other host's certificate.
+        let result = match tokio::time::timeout(ORDER_TIMEOUT, self.order(host)).await {
+            Ok(r) => r,
+            Err(_) => Err(AcmeError::Order(format!(
+                "no result within {}s",
+                ORDER_TIMEOUT.as_secs()
+            ))),
+        };
         let now = SystemTime::now();
         match result {
             Ok(cert) => {

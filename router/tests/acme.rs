@@ -134,6 +134,17 @@ async fn issued_for_with(kind: ChallengeKind) {
     let pebble = Pebble::start(pebble_for(&ar));
     let dir = TempDir::new("acme");
     ar.start_issuer(acme_opts(&pebble, &dir.0, &[kind]));
+    // A path under the challenge prefix that is no live token is the
+    // site's, as before.
+    let got = curl(
+        &format!(
+            "http://shop.example.test:{}/.well-known/acme-challenge/not-a-token",
+            ar.r.addr.port()
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(got.header("x-backend").as_deref(), Some("shop"), "{got:?}");
     // A stranger asks for names no route claims, over both listeners.
     let _ = curl(&format!("http://stranger.test:{}/", ar.r.addr.port()), &[]).await;
     let _ = curl(

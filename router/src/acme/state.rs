@@ -193,3 +193,34 @@ impl AcmeState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_http01_answer_is_only_for_its_token_and_its_host() {
+        let s = AcmeState::default();
+        s.put_token("tok", "shop.test", "tok.thumb");
+        assert_eq!(
+            s.http01_answer("shop.test", "tok").as_deref(),
+            Some("tok.thumb")
+        );
+        assert_eq!(s.http01_answer("other.test", "tok"), None);
+        assert_eq!(s.http01_answer("shop.test", "nope"), None);
+        s.drop_token("tok");
+        assert_eq!(s.http01_answer("shop.test", "tok"), None);
+    }
+
+    #[test]
+    fn pending_covers_a_wildcards_names_and_nothing_else() {
+        let s = AcmeState::default();
+        assert!(!s.is_pending("shop.test"));
+        s.set_pending(["shop.test".to_owned(), "*.apps.test".to_owned()].into());
+        assert!(s.is_pending("shop.test"));
+        assert!(s.is_pending("blog.apps.test"));
+        assert!(!s.is_pending("apps.test"));
+        assert!(!s.is_pending("a.blog.apps.test"));
+        assert!(!s.is_pending("other.test"));
+    }
+}

@@ -169,6 +169,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let dns = dns::start(&cfg.dns, snap_rx.clone())
         .await
         .context("starting DNS")?;
+    if cfg.router.acme.is_some() && cfg.cluster.is_some() {
+        // Not coordinated yet (docs/ARCHITECTURE.md, automatic HTTPS).
+        tracing::warn!(
+            "automatic HTTPS in cluster mode: every host orders its own certificates and \
+             answers only its own challenges; the ACME server must reach the host that \
+             ordered (or use --cert-dir)"
+        );
+    }
     // ACME's DNS-01 answers (wildcard hosts) become the DNS's TXT records.
     let dns01 = router_task::Dns01 {
         txt: dns.txt.clone(),

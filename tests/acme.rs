@@ -274,3 +274,95 @@ fn a_wildcard_host_in_an_ingress_zone_gets_its_certificate_by_dns01_from_portles
     assert_eq!(pebble.validations(&zone), 1);
     assert_eq!(st["orders"], 1, "{st}");
 }
+
+#[test]
+fn a_failing_order_shows_in_the_status_and_is_retried_with_backoff() {
+    let cleanup = Cleanup::new();
+    let (net, _) = network(&cleanup, &[]);
+    let lo = [127, 0, 0, 1].into();
+    let http = SocketAddr::new(lo, free_port(lo));
+    let https = SocketAddr::new(lo, free_port(lo));
+    // Pebble validates HTTP-01 on a port where nothing listens.
+    let pebble = Pebble::start(PebbleConfig {
+        http_port: free_port(lo),
+        tls_port: https.port(),
+        validity_secs: None,
+        dns_server: None,
+    });
+    let dir = std::env::temp_dir().join(unique("placme"));
+    cleanup.push(&["rm", "-rf", dir.to_str().unwrap()]);
+    let (http_s, https_s) = (http.to_string(), https.to_string());
+    let p = Portless::start(&[
+        "--dns-port",
+        "0",
+        "--upstream",
+        "127.0.0.1:9",
+        "--http-listen",
+        &http_s,
+        "--https-listen",
+        &https_s,
+        "--redirect-https",
+        "--acme-directory",
+        &pebble.directory,
+        "--acme-ca",
+        pebble.listener_ca.to_str().unwrap(),
+        "--acme-dir",
+        dir.to_str().unwrap(),
+        "--acme-challenge",
+        "http-01",
+        "--acme-retry-ms",
+        "1000",
+    ]);
+    let host = format!("{}.example.test", unique("fail"));
+    let c = unique("acme");
+    web(
+        &cleanup,
+        &c,
+        "shop",
+        &[
+            "--network",
+            &net,
+            "--label",
+            &format!("portless.http.host={host}"),
+        ],
+    );
+    let st = wait_until("a failed order", WAIT, || {
+        acme_status(&p, &host).filter(|s| s["state"] == "failed")
+    });
+    let err = st["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("urn:ietf:params:acme:error:connection"),
+        "{st}"
+    );
+    // Still pending: plain HTTP serves the site, no redirect to an https
+    // without a certificate.
+    let (code, body, _) = curl(
+        &format!("http://{host}:{}/", http.port()),
+        &host,
+        http.port(),
+        &[],
+    );
+    assert_eq!((code, body.as_str()), (200, "shop"));
+    // Retried after 1 s, then 2 s, then 4 s: the third failure comes 3 s
+    // or more after the first.
+    let first = std::time::Instant::now();
+    let st = wait_until("three failed orders", WAIT, || {
+        acme_status(&p, &host).filter(|s| s["failures"].as_u64() >= Some(3))
+    });
+    assert!(first.elapsed() >= Duration::from_millis(2500), "{st}");
+    assert_eq!(st["orders"], st["failures"], "{st}");
+    assert_eq!(
+        pebble.validations(&host),
+        st["orders"].as_u64().unwrap() as usize
+    );
+    let next = st["next_attempt"].as_u64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        next >= now + 2,
+        "next attempt in {}s: {st}",
+        next.saturating_sub(now)
+    );
+}

@@ -16,9 +16,9 @@ use portless_dns::{
 };
 use tokio::sync::watch;
 
+use crate::catalog::Snapshot;
 use crate::catalog::{Catalog, Liveness};
 use crate::config::dns::DnsConfig;
-use crate::discovery::Snapshot;
 use crate::metrics::Histogram;
 
 type StaticHosts = Arc<BTreeMap<String, Vec<IpAddr>>>;

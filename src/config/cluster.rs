@@ -80,8 +80,8 @@ pub struct ClusterOpts {
     #[arg(long, env = "PORTLESS_CLEANUP_ON_EXIT", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub cleanup_on_exit: Option<bool>,
     /// PEM CA bundle that etcd's certificate must chain to (and nothing
-    /// else); turns TLS to etcd on. [default: https:// endpoints are
-    /// checked against the system's roots]
+    /// else); turns TLS to etcd on. Without it, https:// endpoints are
+    /// checked against the system's roots.
     #[arg(long, env = "PORTLESS_ETCD_CA", value_name = "FILE")]
     pub etcd_ca: Option<PathBuf>,
     /// PEM client certificate for mutual TLS with etcd; needs --etcd-key.

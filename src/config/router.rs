@@ -19,12 +19,11 @@ pub struct RouterOpts {
     #[arg(long, env = "PORTLESS_NO_ROUTER", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub no_router: Option<bool>,
     /// Plain HTTP listener (HTTP/1.1, and HTTP/2 with prior knowledge).
-    /// [default: [::]:80, all IPv6 and IPv4 addresses; 0.0.0.0:80 on hosts
-    /// without IPv6]
+    /// [default: [::]:80 (IPv6 and IPv4); 0.0.0.0:80 on hosts without IPv6]
     #[arg(long, env = "PORTLESS_HTTP_LISTEN", value_name = "ADDR:PORT")]
     pub http_listen: Option<SocketAddr>,
-    /// HTTPS listener, active when --cert-dir is set. [default: [::]:443,
-    /// or 0.0.0.0:443 on hosts without IPv6]
+    /// HTTPS listener, active when --cert-dir is set. [default: [::]:443
+    /// (IPv6 and IPv4); 0.0.0.0:443 on hosts without IPv6]
     #[arg(long, env = "PORTLESS_HTTPS_LISTEN", value_name = "ADDR:PORT")]
     pub https_listen: Option<SocketAddr>,
     /// Directory of PEM certificates (with keys in the same file or in

@@ -574,6 +574,37 @@ mod tests {
         assert!(checked >= 45, "only {checked} keys");
     }
 
+    #[test]
+    fn the_example_config_shows_every_key_in_its_table() {
+        // Keys naming files are commented out (`# key = ...`): they count.
+        let example = include_str!("../../tests/examples/portless.toml");
+        let mut shown = Vec::new();
+        let mut table = String::new();
+        for line in example.lines() {
+            let line = line.trim_start_matches("# ");
+            if let Some(t) = line.strip_prefix('[') {
+                table = t.trim_end_matches(']').to_owned();
+            } else if let Some((key, _)) = line.split_once(" = ") {
+                shown.push(format!("{table}.{key}"));
+            }
+        }
+        let sections = [
+            ("", flags::<GeneralOpts>()),
+            ("dns", flags::<dns::DnsOpts>()),
+            ("router", flags::<router::RouterOpts>()),
+            ("cluster", flags::<cluster::ClusterOpts>()),
+        ];
+        let missing: Vec<String> = sections
+            .iter()
+            .flat_map(|(table, keys)| keys.iter().map(move |k| format!("{table}.{k}")))
+            .filter(|k| !shown.contains(k))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "tests/examples/portless.toml lacks {missing:?}"
+        );
+    }
+
     /// Every fixed default, as a TOML file that spells each one out.
     fn defaults_file() -> String {
         fn table<T: Serialize>(name: &str, section: &T) -> String {

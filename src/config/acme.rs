@@ -6,17 +6,17 @@ use std::time::Duration;
 
 use clap::Args;
 use portless_router::acme::{AcmeOptions, ChallengeKind};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
 use super::cluster::DEFAULT_STATE_DIR;
+use super::{ConfigError, Merge, millis_of, value};
 
 /// Let's Encrypt's directories, by the short names `--acme-directory`
 /// takes.
 const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
 
-#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[derive(Debug, Default, Clone, Args, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AcmeOpts {
     /// Turn automatic HTTPS on: the ACME server's directory URL, or
@@ -32,11 +32,10 @@ pub struct AcmeOpts {
     #[arg(long, env = "PORTLESS_ACME_CA", value_name = "FILE")]
     pub acme_ca: Option<PathBuf>,
     /// Where the ACME account and certificates are kept (0700; keys 0600).
-    /// [default: /var/lib/portless/acme]
     #[arg(long, env = "PORTLESS_ACME_DIR", value_name = "DIR")]
     pub acme_dir: Option<PathBuf>,
     /// Challenge types in order of preference; the first the server offers
-    /// is used. [default: http-01,tls-alpn-01]
+    /// is used (wildcard hosts: always dns-01).
     #[arg(
         long,
         env = "PORTLESS_ACME_CHALLENGE",
@@ -47,7 +46,7 @@ pub struct AcmeOpts {
     pub acme_challenge: Vec<String>,
     /// The wait before a failed order is tried again, doubling with each
     /// failure up to 6 hours, and never shorter than the server's
-    /// Retry-After. [default: 60000]
+    /// Retry-After.
     #[arg(long, env = "PORTLESS_ACME_RETRY_MS", value_name = "MS")]
     pub acme_retry_ms: Option<u64>,
 }
@@ -64,15 +63,27 @@ crate::merge_fields!(AcmeOpts {
 pub type AcmeConfig = AcmeOptions;
 
 impl AcmeOpts {
-    /// `None` when ACME is off.
+    /// Every fixed default of the ACME options (from the router library's
+    /// [`AcmeOptions::new`]): the one source that resolution, `--help` and
+    /// the README's reference read.
+    pub fn defaults() -> Self {
+        let d = AcmeOptions::new("", PathBuf::from(DEFAULT_STATE_DIR).join("acme"));
+        AcmeOpts {
+            acme_dir: Some(d.dir),
+            acme_challenge: d.challenges.iter().map(|c| c.as_str().to_owned()).collect(),
+            acme_retry_ms: Some(millis_of(d.retry_base)),
+            ..AcmeOpts::default()
+        }
+    }
+
+    /// Fill in the defaults, then validate; `None` when ACME is off.
     pub fn resolve(self) -> Result<Option<AcmeConfig>, ConfigError> {
-        let Some(directory) = self.acme_directory else {
+        let Some(directory) = self.acme_directory.clone() else {
+            // Options with no default, given without a server: a mistake
+            // worth a word (the others are harmless).
             let set = [
                 (self.acme_email.is_some(), "--acme-email"),
                 (self.acme_ca.is_some(), "--acme-ca"),
-                (self.acme_dir.is_some(), "--acme-dir"),
-                (!self.acme_challenge.is_empty(), "--acme-challenge"),
-                (self.acme_retry_ms.is_some(), "--acme-retry-ms"),
             ];
             if let Some((_, name)) = set.iter().find(|(on, _)| *on) {
                 return Err(ConfigError::new(format!(
@@ -96,9 +107,8 @@ impl AcmeOpts {
                 url.to_owned()
             }
         };
-        let dir = self
-            .acme_dir
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR).join("acme"));
+        let o = self.merge(Self::defaults());
+        let dir = value(o.acme_dir, "acme-dir")?;
         if dir.exists() && !dir.is_dir() {
             return Err(ConfigError::new(format!(
                 "--acme-dir {}: not a directory",
@@ -106,7 +116,7 @@ impl AcmeOpts {
             )));
         }
         let mut opts = AcmeOptions::new(directory, dir);
-        if let Some(email) = self.acme_email {
+        if let Some(email) = o.acme_email {
             let email = email.trim().trim_start_matches("mailto:").to_owned();
             let valid = email
                 .split_once('@')
@@ -119,7 +129,7 @@ impl AcmeOpts {
             }
             opts.email = Some(email);
         }
-        if let Some(ca) = self.acme_ca {
+        if let Some(ca) = o.acme_ca {
             if !ca.is_file() {
                 return Err(ConfigError::new(format!(
                     "--acme-ca {}: not a readable file",
@@ -128,9 +138,9 @@ impl AcmeOpts {
             }
             opts.ca_file = Some(ca);
         }
-        if !self.acme_challenge.is_empty() {
+        {
             let mut kinds = Vec::new();
-            for c in &self.acme_challenge {
+            for c in &o.acme_challenge {
                 let kind = ChallengeKind::parse(c).ok_or_else(|| {
                     ConfigError::new(format!("--acme-challenge {c}: http-01 or tls-alpn-01"))
                 })?;
@@ -138,16 +148,20 @@ impl AcmeOpts {
                     kinds.push(kind);
                 }
             }
-            opts.challenges = kinds;
-        }
-        if let Some(ms) = self.acme_retry_ms {
-            if !(100..=86_400_000).contains(&ms) {
+            if kinds.is_empty() {
                 return Err(ConfigError::new(
-                    "--acme-retry-ms: between 100 and 86400000",
+                    "--acme-challenge: at least one of http-01, tls-alpn-01",
                 ));
             }
-            opts.retry_base = Duration::from_millis(ms);
+            opts.challenges = kinds;
         }
+        let ms = value(o.acme_retry_ms, "acme-retry-ms")?;
+        if !(100..=86_400_000).contains(&ms) {
+            return Err(ConfigError::new(
+                "--acme-retry-ms: between 100 and 86400000",
+            ));
+        }
+        opts.retry_base = Duration::from_millis(ms);
         Ok(Some(opts))
     }
 }
@@ -158,7 +172,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn off_by_default_and_parts_without_a_directory_are_refused() {
+    fn off_by_default_and_a_contact_or_ca_without_a_directory_is_refused() {
         assert!(AcmeOpts::default().resolve().unwrap().is_none());
         let o = AcmeOpts {
             acme_email: Some("ops@example.com".into()),

@@ -262,6 +262,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn acme_alone_serves_https_and_allows_the_redirect() {
+        let acme = portless_router::acme::AcmeOptions::new("https://acme.test/dir", "/tmp/acme");
+        let o = RouterOpts {
+            redirect_https: Some(true),
+            ..Default::default()
+        };
+        let c = o.clone().resolve(Some(acme.clone())).unwrap();
+        assert!(c.redirect_https);
+        assert_eq!(c.https_listen.map(|a| a.port()), Some(443));
+        assert!(o.resolve(None).is_err());
+        let off = RouterOpts {
+            no_router: Some(true),
+            ..Default::default()
+        };
+        assert!(off.resolve(Some(acme)).is_err());
+    }
+
+    #[test]
     fn defaults_resolve() {
         let c = RouterOpts::default().resolve(None).unwrap();
         assert!(c.enabled);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use portless_router::access_log::AccessLog;
-use portless_router::acme::{AcmeState, Issuer};
+use portless_router::acme::{AcmeState, CertPhase, Issuer};
 use portless_router::tls::{self, CertResolver};
 use portless_router::{Router, RouterThreads, bind_reuseport};
 use serde_json::json;
@@ -123,7 +123,86 @@ impl RouterHandle {
     /// Append the router's metrics (Prometheus text format) to `out`.
     pub fn render_metrics(&self, out: &mut String) {
         self.router.render_metrics(out);
+        if let Some(acme) = &self.acme {
+            render_acme_metrics(out, acme, std::time::SystemTime::now());
+        }
     }
+}
+
+/// Automatic HTTPS in `/metrics`: certificates by state, each one's time
+/// to expiry, and orders by result. Host names come from parsed labels
+/// (letters, digits, `-`, `_`, `.`, `*`): nothing to escape.
+fn render_acme_metrics(out: &mut String, acme: &AcmeState, now: std::time::SystemTime) {
+    use crate::metrics::{header, sample};
+    let certs = acme.status();
+    header(
+        out,
+        "portless_acme_certificates",
+        "gauge",
+        "Hosts with automatic HTTPS by certificate state (pending: none yet; failed: the last order failed).",
+    );
+    for phase in [CertPhase::Pending, CertPhase::Valid, CertPhase::Failed] {
+        let n = certs.iter().filter(|c| c.phase == phase).count();
+        sample(
+            out,
+            "portless_acme_certificates",
+            &format!("state=\"{}\"", phase.as_str()),
+            n,
+        );
+    }
+    header(
+        out,
+        "portless_acme_certificate_expiry_seconds",
+        "gauge",
+        "Time until the served ACME certificate of a host expires (negative: expired); divide by 86400 for days.",
+    );
+    for c in &certs {
+        if let Some(t) = c.not_after {
+            let secs = match t.duration_since(now) {
+                Ok(d) => d.as_secs_f64(),
+                Err(e) => -e.duration().as_secs_f64(),
+            };
+            sample(
+                out,
+                "portless_acme_certificate_expiry_seconds",
+                &format!("host=\"{}\"", c.host),
+                secs.round(),
+            );
+        }
+    }
+    header(
+        out,
+        "portless_acme_order_failures",
+        "gauge",
+        "Orders of a host failed in a row (0 after a success).",
+    );
+    for c in &certs {
+        sample(
+            out,
+            "portless_acme_order_failures",
+            &format!("host=\"{}\"", c.host),
+            c.failures,
+        );
+    }
+    let (issued, failed) = acme.orders();
+    header(
+        out,
+        "portless_acme_orders_total",
+        "counter",
+        "Certificate orders since the start, by result.",
+    );
+    sample(
+        out,
+        "portless_acme_orders_total",
+        "result=\"issued\"",
+        issued,
+    );
+    sample(
+        out,
+        "portless_acme_orders_total",
+        "result=\"failed\"",
+        failed,
+    );
 }
 
 /// Seconds since the Unix epoch.

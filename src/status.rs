@@ -252,7 +252,73 @@ pub fn render_routes(v: &serde_json::Value) -> String {
         let _ = writeln!(out, "\nNOT ROUTED");
         table(&mut out, &["CONTAINER", "REASON"], &problems);
     }
+    render_acme(&mut out, v, unix_now());
     out
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A time as seen from `now`: `in 89d 23h`, `in 5m`, `3h ago`.
+fn relative(t: u64, now: u64) -> String {
+    let (d, suffix) = if t >= now {
+        (t - now, false)
+    } else {
+        (now - t, true)
+    };
+    let text = if d >= 86_400 {
+        format!("{}d {}h", d / 86_400, d % 86_400 / 3600)
+    } else if d >= 3600 {
+        format!("{}h {}m", d / 3600, d % 3600 / 60)
+    } else if d >= 60 {
+        format!("{}m {}s", d / 60, d % 60)
+    } else {
+        format!("{d}s")
+    };
+    if suffix {
+        format!("{text} ago")
+    } else {
+        format!("in {text}")
+    }
+}
+
+/// The AUTOMATIC HTTPS section: each host's certificate state.
+fn render_acme(out: &mut String, v: &serde_json::Value, now: u64) {
+    let Some(certs) = v["acme"].as_array() else {
+        return;
+    };
+    let _ = writeln!(out, "\nAUTOMATIC HTTPS (ACME)");
+    let when = |x: &serde_json::Value| x.as_u64().map_or("-".to_owned(), |t| relative(t, now));
+    let rows: Vec<Vec<String>> = certs
+        .iter()
+        .map(|c| {
+            vec![
+                s(&c["host"]),
+                s(&c["state"]),
+                when(&c["not_after"]),
+                when(&c["next_attempt"]),
+                s(&c["orders"]),
+                s(&c["failures"]),
+                c["last_error"].as_str().unwrap_or("-").to_owned(),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            "HOST",
+            "STATE",
+            "EXPIRES",
+            "NEXT ORDER",
+            "ORDERS",
+            "FAILURES",
+            "LAST ERROR",
+        ],
+        &rows,
+    );
 }
 
 /// The CLUSTER section from `/api/cluster`.
@@ -440,5 +506,35 @@ mod tests {
             out.contains("ADDRESS CHOICES") && out.contains("front") && out.contains("rule"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn acme_section_shows_each_hosts_certificate_state() {
+        let now = 1_000_000;
+        let v = serde_json::json!({
+            "acme": [
+                {"host": "shop.test", "state": "valid", "not_after": now + 89 * 86_400 + 7200,
+                 "next_attempt": now + 59 * 86_400, "last_error": null, "failures": 0, "orders": 1},
+                {"host": "new.test", "state": "failed", "not_after": null,
+                 "next_attempt": now + 120, "last_error": "order failed: connection refused",
+                 "failures": 2, "orders": 2},
+            ]
+        });
+        let mut out = String::new();
+        render_acme(&mut out, &v, now);
+        assert!(out.contains("AUTOMATIC HTTPS (ACME)"), "{out}");
+        let shop = out.lines().find(|l| l.starts_with("shop.test")).unwrap();
+        assert!(
+            shop.contains("valid") && shop.contains("in 89d 2h") && shop.contains("in 59d 0h"),
+            "{out}"
+        );
+        let new = out.lines().find(|l| l.starts_with("new.test")).unwrap();
+        assert!(new.contains("failed") && new.contains("in 2m 0s"), "{out}");
+        assert!(new.ends_with("order failed: connection refused"), "{out}");
+        // Without ACME, no section.
+        let mut out = String::new();
+        render_acme(&mut out, &serde_json::json!({"acme": null}), now);
+        assert!(out.is_empty());
+        assert_eq!(relative(now - 90, now), "1m 30s ago");
     }
 }

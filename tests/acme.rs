@@ -133,6 +133,17 @@ fn a_labelled_container_gets_a_certificate_from_the_acme_server_and_keeps_it_acr
     let st = acme_status(&p, &host).unwrap();
     assert_eq!(st["state"], "valid", "{st}");
     assert_eq!(st["orders"], 1, "{st}");
+    // Pebble's certificates last five years (unless told otherwise).
+    let m = p.metrics();
+    let left = metric(
+        &m,
+        &format!("portless_acme_certificate_expiry_seconds{{host=\"{host}\"}}"),
+    );
+    assert!(left > Some(4.0 * 365.0 * 86_400.0), "{m}");
+    assert!(
+        metric(&m, "portless_acme_orders_total{result=\"issued\"}") >= Some(1.0),
+        "{m}"
+    );
     // Asking for other names orders nothing.
     for name in [plain.as_str(), "stranger.example.test"] {
         let _ = curl(
@@ -365,4 +376,37 @@ fn a_failing_order_shows_in_the_status_and_is_retried_with_backoff() {
         "next attempt in {}s: {st}",
         next.saturating_sub(now)
     );
+    // The same in /metrics and in `portless status`.
+    let m = p.metrics();
+    let failures = metric(
+        &m,
+        &format!("portless_acme_order_failures{{host=\"{host}\"}}"),
+    );
+    assert!(failures >= Some(3.0), "{m}");
+    assert!(
+        metric(&m, "portless_acme_orders_total{result=\"failed\"}") >= Some(3.0),
+        "{m}"
+    );
+    assert!(
+        metric(&m, "portless_acme_certificates{state=\"failed\"}") >= Some(1.0),
+        "{m}"
+    );
+    let out = ok(
+        env!("CARGO_BIN_EXE_portless"),
+        &["status", "--admin", &p.admin.to_string()],
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&host) && l.contains(" failed "))
+        .unwrap_or_else(|| panic!("{host}'s certificate not in the status:\n{out}"));
+    assert!(
+        line.contains("failed") && line.contains("urn:ietf:params:acme:error:connection"),
+        "{out}"
+    );
+}
+
+/// A sample's value in Prometheus text.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }

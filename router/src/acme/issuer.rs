@@ -195,6 +195,7 @@ impl Issuer {
         let now = SystemTime::now();
         match result {
             Ok(cert) => {
+                self.state.count_order(true);
                 info!(%host, not_after = ?cert.not_after, "certificate issued");
                 self.state.put_certificate(host, cert.key.clone());
                 self.state.with_status(|st| {
@@ -209,6 +210,7 @@ impl Issuer {
                 self.held.insert(host.to_owned(), cert);
             }
             Err(e) => {
+                self.state.count_order(false);
                 let retry_after = self.http.take_retry_after();
                 let failures = self
                     .state

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -80,6 +81,8 @@ pub struct AcmeState {
     /// not redirected to https for them.
     pending: ArcSwap<HashSet<String>>,
     status: Mutex<BTreeMap<String, CertStatus>>,
+    issued: AtomicU64,
+    failed: AtomicU64,
     /// Writers are the issuer task only; the lock keeps their
     /// read-modify-write of the maps whole.
     write: Mutex<()>,
@@ -142,6 +145,15 @@ impl AcmeState {
     /// Every host's certificate state, by host.
     pub fn status(&self) -> Vec<CertStatus> {
         lock(&self.status).values().cloned().collect()
+    }
+
+    /// Orders since the start: (issued, failed).
+    pub fn orders(&self) -> (u64, u64) {
+        (self.issued.load(Relaxed), self.failed.load(Relaxed))
+    }
+
+    pub(crate) fn count_order(&self, issued: bool) {
+        if issued { &self.issued } else { &self.failed }.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn with_status<R>(

@@ -144,6 +144,7 @@ fn a_labelled_container_gets_a_certificate_from_the_acme_server_and_keeps_it_acr
         metric(&m, "portless_acme_orders_total{result=\"issued\"}") >= Some(1.0),
         "{m}"
     );
+    promtool_check(&m);
     // Asking for other names orders nothing.
     for name in [plain.as_str(), "stranger.example.test"] {
         let _ = curl(
@@ -402,6 +403,31 @@ fn a_failing_order_shows_in_the_status_and_is_retried_with_backoff() {
     assert!(
         line.contains("failed") && line.contains("urn:ietf:params:acme:error:connection"),
         "{out}"
+    );
+}
+
+/// `promtool check metrics` (Debian's prometheus package) accepts `text`.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; ./test.sh installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let res = promtool.wait_with_output().unwrap();
+    assert!(
+        res.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&res.stdout),
+        String::from_utf8_lossy(&res.stderr)
     );
 }
 

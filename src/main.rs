@@ -11,6 +11,7 @@ mod dns;
 mod ifaddrs;
 mod metrics;
 mod namespace;
+mod plugin;
 mod router_task;
 mod routes;
 mod status;

@@ -19,6 +19,7 @@
 //! - [`ipam`]: cluster networks (`docker network create -d portless`):
 //!   their records, subnet, VNI, per-host address blocks and addresses,
 //!   decided without I/O; the etcd side is in `store/networks.rs`.
+//! - [`segment`]: a cluster network's bridge and veth pairs on one host.
 //! - [`access`]: TLS (a CA, a client certificate) and user/password for
 //!   etcd ([`access::EtcdAccess`]), checked when the configuration is read.
 //! - [`iptables`]: the `PORTLESS-FWD`/`PORTLESS-NAT` chains.
@@ -49,6 +50,7 @@ pub mod model;
 pub mod netlink;
 pub mod plan;
 pub mod records;
+pub mod segment;
 pub mod store;
 
 pub use error::{Error, Result};

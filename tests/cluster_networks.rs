@@ -85,7 +85,7 @@ fn etcd_keys(e: &Engines, prefix: &str) -> Vec<String> {
 #[test]
 fn a_portless_network_spans_both_hosts() {
     let e = Engines::up();
-    let a = Sidecar::start(&e, 'A', &[]);
+    let mut a = Sidecar::start(&e, 'A', &[]);
     let b = Sidecar::start(&e, 'B', &[]);
     for h in ['A', 'B'] {
         let sock = e.plugin_socket(h);
@@ -97,7 +97,7 @@ fn a_portless_network_spans_both_hosts() {
     let net = format!("{}-net", e.pfx);
     let mut made: Vec<(char, String)> = Vec::new();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        steps(&e, &image, &net, &mut made)
+        steps(&e, &mut a, &image, &net, &mut made)
     }));
     for (h, c) in &made {
         let _ = e.docker(*h, &["rm", "-f", c]);
@@ -115,7 +115,7 @@ fn a_portless_network_spans_both_hosts() {
     }
 }
 
-fn steps(e: &Engines, image: &str, net: &str, made: &mut Vec<(char, String)>) {
+fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(char, String)>) {
     // Created on A: on B within a second, on the same subnet.
     e.docker_ok(
         'A',
@@ -204,6 +204,66 @@ fn steps(e: &Engines, image: &str, net: &str, made: &mut Vec<(char, String)>) {
         out.status.success(),
         "{a0} -> {a1} ({ip1}): {}",
         String::from_utf8_lossy(&out.stdout)
+    );
+
+    // portless on A killed, down past its lease (its address keys go with
+    // it), and started again: the running containers' addresses are
+    // written again under the new lease, and a new container on A joins
+    // the network and reaches an old one.
+    a.kill9();
+    wait("A's address keys gone with its lease", 10.0, || {
+        etcd_keys(e, "/portless/v1/netaddrs/").len() == n
+    });
+    *a = Sidecar::start(e, 'A', &[]);
+    wait("A's addresses written again", 10.0, || {
+        etcd_keys(e, "/portless/v1/netaddrs/").len() == 2 * n
+    });
+    let late = format!("{}-late", e.pfx);
+    made.push(('A', late.clone()));
+    e.docker_ok(
+        'A',
+        &[
+            "run",
+            "-d",
+            "--name",
+            &late,
+            "--network",
+            net,
+            image,
+            "sleep",
+            "100000",
+        ],
+    );
+    let late_ip = ip_of(e, 'A', &late, net);
+    assert!(seen.insert(late_ip), "{late_ip} given twice");
+    let ip0 = ip_of(e, 'A', a0, net);
+    let out = e.docker(
+        'A',
+        &[
+            "exec",
+            &late,
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "2",
+            &ip0.to_string(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "after the restart, {late} -> {a0} ({ip0}): {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // The IPAM driver without the network driver is refused clearly.
+    let other = format!("{}-bridged", e.pfx);
+    let out = e.docker('A', &["network", "create", "-d", "portless", &other]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("create it with --ipam-driver portless"),
+        "{err}"
     );
 
     // --ip: an address a container on A holds is refused on B, clearly;

@@ -3,8 +3,18 @@
 //! [`NETWORK_LABEL`]) and removes the ones whose record went. It follows
 //! the records with an etcd watch, and compares with the Engine at least
 //! every [`PERIOD`] (someone ran `docker network rm`).
+//!
+//! The same pass keeps this host's side in step after a restart of
+//! portless: the plugin learns the Engine's portless networks again (and
+//! their bridges are made again if gone), and, whenever this host holds a
+//! new etcd lease (its old one expired, taking its address keys with it),
+//! the addresses of its running containers are written again under the
+//! new lease. A record left without a name by a creation that never
+//! finished (portless stopped between Docker's two calls) is removed after
+//! a few passes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +23,13 @@ use bollard::query_parameters::ListNetworksOptions;
 use portless_netplane::ipam::{self, NetworkRecord};
 use portless_netplane::store::NetworkListing;
 
-use super::{DRIVER, NETWORK_LABEL, Plugin, REPLICA_OPTION, lock};
+use portless_netplane::segment;
+
+use super::{DRIVER, LocalNet, NETWORK_LABEL, Plugin, REPLICA_OPTION, lock};
+
+/// Passes a nameless record of this host's may go without a Docker
+/// network before it is taken for the leftover of a creation that failed.
+const PENDING_PASSES: u32 = 3;
 
 /// How often the Engine is compared with the records when nothing woke us.
 pub const PERIOD: Duration = Duration::from_secs(2);
@@ -21,6 +37,7 @@ pub const PERIOD: Duration = Duration::from_secs(2);
 /// A portless network on this Engine.
 #[derive(Debug, Clone)]
 struct Have {
+    docker_id: String,
     name: String,
     /// Its network id (from its subnet).
     id: Option<String>,
@@ -28,8 +45,9 @@ struct Have {
 
 /// Run forever: list, watch, reconcile; list again after any error.
 pub async fn run(plugin: Arc<Plugin>) {
+    let mut state = State::default();
     loop {
-        if let Err(e) = follow(&plugin).await {
+        if let Err(e) = follow(&plugin, &mut state).await {
             tracing::warn!(
                 error = format!("{e:#}"),
                 "following cluster networks; again in 1 s"
@@ -39,10 +57,21 @@ pub async fn run(plugin: Arc<Plugin>) {
     }
 }
 
-async fn follow(plugin: &Arc<Plugin>) -> anyhow::Result<()> {
+/// What one pass leaves for the next.
+#[derive(Debug, Default)]
+struct State {
+    /// The lease under which this host's addresses were last written again.
+    republished: Option<i64>,
+    /// Nameless records of this host's without a Docker network, and for
+    /// how many passes.
+    pending: HashMap<String, u32>,
+}
+
+async fn follow(plugin: &Arc<Plugin>, state: &mut State) -> anyhow::Result<()> {
     let listing = plugin.store.list_networks().await?;
     let mut watch = plugin.store.watch_networks(listing.revision + 1).await?;
     reconcile(plugin, &listing).await;
+    local_side(plugin, &listing, state).await;
     loop {
         tokio::select! {
             m = watch.message() => {
@@ -59,6 +88,7 @@ async fn follow(plugin: &Arc<Plugin>) -> anyhow::Result<()> {
         }
         let listing = plugin.store.list_networks().await?;
         reconcile(plugin, &listing).await;
+        local_side(plugin, &listing, state).await;
     }
 }
 
@@ -84,6 +114,7 @@ async fn local_networks(plugin: &Plugin) -> anyhow::Result<Vec<Have>> {
                 .and_then(|c| c.subnet.as_deref())
                 .and_then(|s| s.parse().ok());
             Some(Have {
+                docker_id: n.id?,
                 name: n.name?,
                 id: subnet.map(|s| ipam::network_id(&s)),
             })
@@ -174,4 +205,141 @@ async fn create(plugin: &Plugin, rec: &NetworkRecord) -> Result<(), bollard::err
         ..Default::default()
     };
     plugin.docker.create_network(req).await.map(|_| ())
+}
+
+/// This host's side of the networks it has: the plugin's map and the
+/// bridges after a restart, its addresses under a new lease, and the
+/// leftovers of failed creations.
+async fn local_side(plugin: &Arc<Plugin>, listing: &NetworkListing, state: &mut State) {
+    let Some(host) = plugin
+        .status
+        .borrow()
+        .host
+        .clone()
+        .filter(|h| h.lease_id != 0)
+    else {
+        return;
+    };
+    let Ok(have) = local_networks(plugin).await else {
+        return;
+    };
+    let republish = state.republished != Some(host.lease_id);
+    let mut all_written = true;
+    for h in &have {
+        let Some((rec, _)) = h.id.as_ref().and_then(|id| listing.networks.get(id)) else {
+            continue;
+        };
+        let known = lock(&plugin.nets).contains_key(&h.docker_id);
+        if !known {
+            let bridge = segment::bridge_name(&h.docker_id);
+            match segment::ensure_bridge(
+                &plugin.kernel,
+                &bridge,
+                rec.gateway,
+                rec.subnet.prefix_len(),
+                host.mtu,
+            )
+            .await
+            {
+                Ok(()) => {
+                    tracing::info!(network = %h.name, bridge = %bridge, "network of this Engine taken up again");
+                    lock(&plugin.nets).insert(
+                        h.docker_id.clone(),
+                        LocalNet {
+                            id: rec.id(),
+                            bridge,
+                            gateway: rec.gateway,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(network = %h.name, error = %e, "cannot make the network's bridge")
+                }
+            }
+        }
+        if republish && !rewrite_addresses(plugin, h, rec, &host).await {
+            all_written = false;
+        }
+    }
+    if republish && all_written {
+        state.republished = Some(host.lease_id);
+    }
+    // Nameless records of ours with no network here: a creation that
+    // never finished.
+    let mine: BTreeSet<&String> = have.iter().filter_map(|h| h.id.as_ref()).collect();
+    let nets: BTreeSet<String> = lock(&plugin.nets).values().map(|n| n.id.clone()).collect();
+    let mut pending = HashMap::new();
+    for (id, (rec, _)) in &listing.networks {
+        if rec.name.is_some() || rec.creator != host.id || mine.contains(id) || nets.contains(id) {
+            continue;
+        }
+        let passes = state.pending.get(id).copied().unwrap_or(0) + 1;
+        if passes < PENDING_PASSES {
+            pending.insert(id.clone(), passes);
+            continue;
+        }
+        match plugin.store.delete_network(rec).await {
+            Ok(()) => {
+                tracing::info!(subnet = %rec.subnet, "removed the record of a network whose creation never finished")
+            }
+            Err(e) => tracing::warn!(error = %e, "removing a stale network record"),
+        }
+    }
+    state.pending = pending;
+}
+
+/// Write the addresses of this host's containers on network `h` that etcd
+/// does not hold (its keys went with an expired lease) under the current
+/// lease; false when not all could be.
+async fn rewrite_addresses(
+    plugin: &Plugin,
+    h: &Have,
+    rec: &NetworkRecord,
+    host: &portless_netplane::agent::HostStatus,
+) -> bool {
+    let Ok(n) = plugin.docker.inspect_network(&h.docker_id, None).await else {
+        return false;
+    };
+    let here: Vec<Ipv4Addr> = n
+        .containers
+        .unwrap_or_default()
+        .values()
+        .filter_map(|c| c.ipv4_address.as_deref())
+        .filter_map(|a| a.split('/').next()?.parse().ok())
+        .collect();
+    if here.is_empty() {
+        return true;
+    }
+    let Ok(held) = plugin.store.network_addresses(&rec.id()).await else {
+        return false;
+    };
+    let mut ok = true;
+    for a in here {
+        match held.get(&a) {
+            Some(owner) if *owner == host.id => continue,
+            Some(owner) => {
+                tracing::error!(network = %h.name, addr = %a, host = %owner, "a container here has an address another host holds in etcd");
+                continue;
+            }
+            None => {}
+        }
+        let _one = plugin.alloc.lock().await;
+        match plugin
+            .store
+            .request_address(rec, &host.id, host.lease_id, Some(a))
+            .await
+        {
+            Ok(Ok(_)) => {
+                tracing::info!(network = %h.name, addr = %a, "address written again under this host's new lease")
+            }
+            Ok(Err(e)) => {
+                tracing::error!(network = %h.name, addr = %a, error = %e, "cannot write a container's address again")
+            }
+            Err(e) => {
+                tracing::warn!(network = %h.name, error = %e, "writing addresses again");
+                ok = false;
+            }
+        }
+    }
+    ok
 }

@@ -15,8 +15,8 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::catalog::Catalog;
-use crate::discovery::{DiscoveryMetrics, Snapshot};
+use crate::catalog::{Catalog, Snapshot};
+use crate::discovery::DiscoveryMetrics;
 use crate::dns::DnsState;
 use crate::metrics::{header, sample};
 

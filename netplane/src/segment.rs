@@ -126,8 +126,7 @@ pub async fn ensure_bridge(
         .await?
 }
 
-/// Remove a link (a bridge or a veth pair) if it exists, and the bridge's
-/// rule.
+/// Remove a link (a veth pair, by either end) if it exists.
 pub async fn remove_link(kernel: &Kernel, name: &str) -> Result<()> {
     let n = name.to_owned();
     kernel
@@ -140,8 +139,13 @@ pub async fn remove_link(kernel: &Kernel, name: &str) -> Result<()> {
                 other => other.map_err(nl(format!("link del {n}"))),
             }
         })
-        .await??;
-    let n = name.to_owned();
+        .await?
+}
+
+/// Remove a network's bridge if it exists, and its rule.
+pub async fn remove_bridge(kernel: &Kernel, bridge: &str) -> Result<()> {
+    remove_link(kernel, bridge).await?;
+    let n = bridge.to_owned();
     kernel
         .blocking(move || {
             let mut del = vec!["-D"];

@@ -462,7 +462,7 @@ impl Plugin {
     async fn delete_network(&self, r: DeleteNetwork) -> Answer {
         let local = lock(&self.nets).remove(&r.network_id);
         let bridge = segment::bridge_name(&r.network_id);
-        segment::remove_link(&self.kernel, &bridge)
+        segment::remove_bridge(&self.kernel, &bridge)
             .await
             .map_err(|e| format!("removing bridge {bridge}: {e}"))?;
         let Some(local) = local else {

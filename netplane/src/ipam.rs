@@ -132,8 +132,8 @@ fn overlap(a: &Ipv4Net, b: &Ipv4Net) -> bool {
 }
 
 /// Check a subnet asked for with `--subnet`: a network address, at least
-/// a /29, clear of every other cluster network and of the ranges of the
-/// cluster itself (`forbidden`: the hosts' subnets of cluster mode).
+/// a /29, clear of everything `taken` holds (the other cluster networks,
+/// and the cluster range of the hosts' subnets).
 pub fn check_subnet(asked: Ipv4Net, taken: &[Taken]) -> Result<(), IpamError> {
     if asked != asked.trunc() {
         return Err(IpamError::NotNetwork(asked, asked.trunc()));

@@ -192,6 +192,38 @@ fn a_labelled_container_gets_a_certificate_from_the_acme_server_and_keeps_it_acr
     });
     assert_eq!(acme_status(&p, &host).unwrap()["orders"], 0);
     assert_eq!(pebble.validations(&host), 1);
+    // A new site after the restart is ordered with the stored account
+    // (0600), not a new one.
+    let second = format!("{}.example.test", unique("blog"));
+    let c2 = unique("acme");
+    web(
+        &cleanup,
+        &c2,
+        "blog",
+        &[
+            "--network",
+            &net,
+            "--label",
+            &format!("portless.http.host={second}"),
+        ],
+    );
+    let url2 = format!("https://{second}:{}/", https.port());
+    wait_until("https for a site added after the restart", WAIT, || {
+        let (code, body, _) = curl(&url2, &second, https.port(), &cacert);
+        (code == 200 && body == "blog").then_some(())
+    });
+    let log = std::fs::read_to_string(&pebble.log).unwrap();
+    assert!(log.contains("There are now 1 accounts"), "{log}");
+    assert!(
+        !log.contains("There are now 2 accounts"),
+        "a second account: {log}"
+    );
+    let accounts = Command::new("find")
+        .arg(&dir)
+        .args(["-name", "account.json", "-perm", "0600"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&accounts.stdout).lines().count(), 1);
 }
 
 #[test]

@@ -434,4 +434,27 @@ async fn a_failing_order_is_reported_retried_with_backoff_and_not_redirected() {
     );
     assert_eq!(pebble.orders(), 3);
     assert_eq!(st.orders, 3);
+
+    // The route goes and comes back (a crash-looping container): its
+    // backoff goes on, no order at once.
+    ar.r.router.update(vec![]);
+    let gone = eventually(Duration::from_secs(5), async || {
+        ar.status("shop.example.test").is_none()
+    })
+    .await;
+    assert!(gone, "{:?}", ar.state.status());
+    ar.r.router.update(vec![spec(
+        &["shop.example.test"],
+        "/",
+        vec![b("be", be.addr)],
+    )]);
+    let back = eventually(Duration::from_secs(5), async || {
+        ar.status("shop.example.test").is_some()
+    })
+    .await;
+    assert!(back);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st = ar.status("shop.example.test").unwrap();
+    assert_eq!((st.failures, st.orders), (3, 3), "{st:?}");
+    assert_eq!(pebble.orders(), 3);
 }

@@ -48,6 +48,10 @@ pub struct Issuer {
     held: HashMap<String, StoredCert>,
     /// Where DNS-01 answers are published, when someone serves them.
     txt: Option<watch::Sender<TxtRecords>>,
+    /// The failing state of hosts whose route went away: a route that
+    /// comes back (a crash-looping container) resumes its backoff instead
+    /// of ordering at once.
+    gone: HashMap<String, CertStatus>,
 }
 
 impl Issuer {
@@ -82,6 +86,7 @@ impl Issuer {
             account: None,
             held,
             txt: None,
+            gone: HashMap::new(),
         })
     }
 
@@ -114,8 +119,8 @@ impl Issuer {
         }
     }
 
-    /// Follow `hosts` (the route table's exact hosts) until the sender is
-    /// gone.
+    /// Follow `hosts` (the route table's hosts, wildcards as `*.suffix`)
+    /// until the sender is gone.
     pub async fn run(mut self, mut hosts: watch::Receiver<Arc<BTreeSet<String>>>) {
         loop {
             let wanted: BTreeSet<String> = hosts
@@ -151,11 +156,23 @@ impl Issuer {
     }
 
     /// Status entries for exactly the wanted hosts; the pending set.
-    fn sync_status(&self, wanted: &BTreeSet<String>, now: SystemTime) {
+    fn sync_status(&mut self, wanted: &BTreeSet<String>, now: SystemTime) {
+        let gone = &mut self.gone;
+        // Backoffs that ran out need no keeping.
+        gone.retain(|_, s| s.next_attempt.is_some_and(|t| t > now));
         self.state.with_status(|st| {
-            st.retain(|h, _| wanted.contains(h));
+            st.retain(|h, s| {
+                let keep = wanted.contains(h);
+                if !keep && s.failures > 0 {
+                    gone.insert(h.clone(), s.clone());
+                }
+                keep
+            });
             for h in wanted {
                 st.entry(h.clone()).or_insert_with(|| {
+                    if let Some(s) = gone.remove(h) {
+                        return s;
+                    }
                     let mut s = CertStatus::new(h);
                     match self.held.get(h) {
                         Some(c) if c.not_after > now => {

@@ -263,6 +263,17 @@ async fn follow_network(
 }
 
 impl ClusterHandle {
+    /// A connection of its own to the cluster's etcd (as the agent's).
+    pub async fn store(&self) -> anyhow::Result<Store> {
+        let a = &self.cfg.agent;
+        Ok(Store::connect_with(&a.etcd, &a.prefix, &a.etcd_access).await?)
+    }
+
+    /// This host's id and lease, as the agent holds them.
+    pub fn lease(&self) -> watch::Receiver<agent::Status> {
+        self.agent.subscribe()
+    }
+
     /// Other hosts' checked container records.
     pub fn remote(&self) -> watch::Receiver<Arc<portless_netplane::membership::RemoteView>> {
         self.agent.remote()

@@ -2,6 +2,7 @@
 //! sync, the admin API, and the wiring of the dns, router and netplane
 //! libraries. Only this crate knows Docker.
 
+mod acme_cluster;
 mod admin;
 mod catalog;
 mod cluster;
@@ -172,14 +173,25 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let dns = dns::start(&cfg.dns, snap_rx.clone())
         .await
         .context("starting DNS")?;
-    if cfg.router.acme.is_some() && cfg.cluster.is_some() {
-        // Not coordinated yet (docs/ARCHITECTURE.md, automatic HTTPS).
-        tracing::warn!(
-            "automatic HTTPS in cluster mode: every host orders its own certificates and \
-             answers only its own challenges; the ACME server must reach the host that \
-             ordered (or use --cert-dir)"
-        );
-    }
+    // Automatic HTTPS in a cluster: one host orders each certificate, all
+    // answer its challenges and serve it (src/acme_cluster.rs).
+    let acme_cluster = match (
+        &cluster,
+        cfg.router
+            .acme
+            .as_ref()
+            .and_then(|a| a.cluster_key.as_ref()),
+    ) {
+        (Some(handle), Some(key)) if cfg.router.enabled => Some(acme_cluster::Setup::new(
+            handle
+                .store()
+                .await
+                .context("automatic HTTPS: connecting to etcd")?,
+            handle.lease(),
+            acme_cluster::Sealer::from_file(key)?,
+        )),
+        _ => None,
+    };
     // ACME's DNS-01 answers (wildcard hosts) become the DNS's TXT records.
     let dns01 = router_task::Dns01 {
         txt: dns.txt.clone(),
@@ -190,7 +202,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             .map(|z| z.zone.clone())
             .collect(),
     };
-    let router = router_task::start(&cfg.router, snap_rx.clone(), dns01)
+    let router = router_task::start(&cfg.router, snap_rx.clone(), dns01, acme_cluster)
         .await
         .context("starting the router")?;
     let admin_state = Arc::new(admin::AdminState {

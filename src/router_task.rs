@@ -218,12 +218,15 @@ pub async fn start(
     cfg: &RouterConfig,
     snapshots: watch::Receiver<Snapshot>,
     dns01: Dns01,
+    acme_cluster: Option<crate::acme_cluster::Setup>,
 ) -> anyhow::Result<Option<RouterHandle>> {
     if !cfg.enabled {
         info!("router off (--no-router)");
         return Ok(None);
     }
-    run(cfg.clone(), snapshots, dns01).await.map(Some)
+    run(cfg.clone(), snapshots, dns01, acme_cluster)
+        .await
+        .map(Some)
 }
 
 /// Where ACME's DNS-01 answers go: the DNS's TXT records, served for names
@@ -238,6 +241,7 @@ async fn run(
     cfg: RouterConfig,
     mut snapshots: watch::Receiver<Snapshot>,
     dns01: Dns01,
+    acme_cluster: Option<crate::acme_cluster::Setup>,
 ) -> anyhow::Result<RouterHandle> {
     let mut opts = cfg.options.clone();
     let mut tasks = Vec::new();
@@ -291,11 +295,14 @@ async fn run(
         let mut acme_cfg = acme_cfg.clone();
         acme_cfg.dns01_zones = dns01.zones;
         let dir = acme_cfg.dir.clone();
-        issuer = Some(
-            Issuer::new(acme_cfg, state.clone(), resolver.clone())
-                .with_context(|| format!("automatic HTTPS: the ACME store in {}", dir.display()))?
-                .with_dns01(dns01.txt),
-        );
+        let mut built = Issuer::new(acme_cfg, state.clone(), resolver.clone())
+            .with_context(|| format!("automatic HTTPS: the ACME store in {}", dir.display()))?
+            .with_dns01(dns01.txt.clone());
+        if let Some(setup) = acme_cluster {
+            let link = setup.start(state.clone(), dns01.txt);
+            built = built.with_cluster(link.coord, link.incoming);
+        }
+        issuer = Some(built);
         opts.acme = Some(state.clone());
     }
 

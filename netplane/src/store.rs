@@ -43,7 +43,9 @@ use crate::model::HostRecord;
 use crate::plan::pick_subnet;
 use crate::records::{ContainerRecord, PubOp, RecordRefusal};
 
+mod acme;
 mod networks;
+pub use acme::AcmeListing;
 pub use networks::{NetworkListing, NewNetwork};
 
 /// Default key prefix; the version moves when the layout changes.

@@ -49,6 +49,12 @@ pub struct AcmeOpts {
     /// Retry-After.
     #[arg(long, env = "PORTLESS_ACME_RETRY_MS", value_name = "MS")]
     pub acme_retry_ms: Option<u64>,
+    /// Cluster mode: the key (a file of 64 hex digits, `openssl rand -hex
+    /// 32`, the same on every host) that seals the certificates one host
+    /// orders and the others take from etcd. Needed with ACME in cluster
+    /// mode.
+    #[arg(long, env = "PORTLESS_ACME_CLUSTER_KEY", value_name = "FILE")]
+    pub acme_cluster_key: Option<PathBuf>,
 }
 crate::merge_fields!(AcmeOpts {
     acme_directory,
@@ -57,6 +63,7 @@ crate::merge_fields!(AcmeOpts {
     acme_dir,
     acme_challenge,
     acme_retry_ms,
+    acme_cluster_key,
 });
 
 /// Resolved ACME settings: the router library's options.
@@ -84,6 +91,7 @@ impl AcmeOpts {
             let set = [
                 (self.acme_email.is_some(), "--acme-email"),
                 (self.acme_ca.is_some(), "--acme-ca"),
+                (self.acme_cluster_key.is_some(), "--acme-cluster-key"),
             ];
             if let Some((_, name)) = set.iter().find(|(on, _)| *on) {
                 return Err(ConfigError::new(format!(
@@ -162,6 +170,15 @@ impl AcmeOpts {
             ));
         }
         opts.retry_base = Duration::from_millis(ms);
+        if let Some(key) = o.acme_cluster_key {
+            if !key.is_file() {
+                return Err(ConfigError::new(format!(
+                    "--acme-cluster-key {}: not a readable file",
+                    key.display()
+                )));
+            }
+            opts.cluster_key = Some(key);
+        }
         Ok(Some(opts))
     }
 }

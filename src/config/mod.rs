@@ -398,10 +398,26 @@ impl RunArgs {
             },
             log_format: value(general.log_format, "log-format")?,
             dns: self.dns.merge(file.dns).resolve()?,
-            router: self
-                .router
-                .merge(file.router)
-                .resolve(self.acme.merge(file.acme).resolve()?)?,
+            router: {
+                let router = self
+                    .router
+                    .merge(file.router)
+                    .resolve(self.acme.merge(file.acme).resolve()?)?;
+                // One host orders each certificate and the others take it
+                // from etcd, sealed: every host needs the same key.
+                if router
+                    .acme
+                    .as_ref()
+                    .is_some_and(|a| a.cluster_key.is_none())
+                    && cluster.is_some()
+                {
+                    return Err(ConfigError::new(
+                        "--acme-directory in cluster mode needs --acme-cluster-key FILE \
+                         (the same key on every host: openssl rand -hex 32 > FILE)",
+                    ));
+                }
+                router
+            },
             cluster,
         })
     }

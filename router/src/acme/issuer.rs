@@ -19,9 +19,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::client::AcmeHttp;
+use super::cluster::{Coordinator, SharedAnswer, SharedCert};
 use super::schedule::{renew_at, retry_delay};
 use super::state::{AcmeState, CertPhase, CertStatus};
-use super::store::{Store, StoredCert};
+use super::store::{Store, StoredCert, cert_pem};
 use super::{AcmeError, AcmeOptions, ChallengeKind};
 use crate::tls::CertResolver;
 
@@ -52,6 +53,16 @@ pub struct Issuer {
     /// comes back (a crash-looping container) resumes its backoff instead
     /// of ordering at once.
     gone: HashMap<String, CertStatus>,
+    /// In a cluster: the other hosts' issuers, and the certificates they
+    /// obtained.
+    cluster: Option<Cluster>,
+}
+
+struct Cluster {
+    coord: Arc<dyn Coordinator>,
+    incoming: tokio::sync::mpsc::Receiver<SharedCert>,
+    /// Issued here and not yet shared (the coordinator was away).
+    unshared: BTreeMap<String, String>,
 }
 
 impl Issuer {
@@ -87,6 +98,7 @@ impl Issuer {
             held,
             txt: None,
             gone: HashMap::new(),
+            cluster: None,
         })
     }
 
@@ -95,6 +107,30 @@ impl Issuer {
     /// serves them (the binary feeds them into its DNS zone).
     pub fn with_dns01(mut self, txt: watch::Sender<TxtRecords>) -> Self {
         self.txt = Some(txt);
+        self
+    }
+
+    /// Order in a cluster: one host per name orders (`coord.claim`), its
+    /// challenge answers and certificate are shared through `coord`, and
+    /// the certificates other hosts obtained arrive on `incoming` to be
+    /// stored and served here. TLS-ALPN-01 is not used (see
+    /// [`super::cluster`]).
+    pub fn with_cluster(
+        mut self,
+        coord: Arc<dyn Coordinator>,
+        incoming: tokio::sync::mpsc::Receiver<SharedCert>,
+    ) -> Self {
+        self.opts
+            .challenges
+            .retain(|c| *c != ChallengeKind::TlsAlpn01);
+        if self.opts.challenges.is_empty() {
+            self.opts.challenges.push(ChallengeKind::Http01);
+        }
+        self.cluster = Some(Cluster {
+            coord,
+            incoming,
+            unshared: BTreeMap::new(),
+        });
         self
     }
 
@@ -148,8 +184,16 @@ impl Issuer {
                 .and_then(|t| t.duration_since(now).ok())
                 .unwrap_or(RECHECK)
                 .min(RECHECK);
+            self.share_pending().await;
+            let incoming = async {
+                match &mut self.cluster {
+                    Some(c) => c.incoming.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = hosts.changed() => if changed.is_err() { return },
+                Some(cert) = incoming => self.install_shared(cert, &wanted),
                 () = tokio::time::sleep(wait) => {}
             }
         }
@@ -194,7 +238,115 @@ impl Issuer {
         self.state.set_pending(pending);
     }
 
+    /// Share what was issued here while the coordinator was away.
+    async fn share_pending(&mut self) {
+        let Some(c) = &mut self.cluster else { return };
+        let pending = std::mem::take(&mut c.unshared);
+        for (host, pem) in pending {
+            if let Err(e) = c.coord.share(&host, &pem).await {
+                warn!(%host, error = %e, "cannot share the certificate with the cluster yet");
+                c.unshared.insert(host, pem);
+            }
+        }
+    }
+
+    /// A certificate another host of the cluster obtained: kept and served
+    /// when it is newer than the one held.
+    fn install_shared(&mut self, cert: SharedCert, wanted: &BTreeSet<String>) {
+        let SharedCert { host, pem } = cert;
+        if self.resolver.dir_covers(&host) {
+            return;
+        }
+        let parsed = match super::store::parse(&self.store.cert_path(&host), pem.as_bytes()) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%host, error = %e, "a certificate from the cluster is unusable");
+                return;
+            }
+        };
+        if self
+            .held
+            .get(&host)
+            .is_some_and(|h| h.not_after >= parsed.not_after)
+        {
+            return;
+        }
+        let cert = match self.store.write_pem(&host, &pem) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%host, error = %e, "cannot keep a certificate from the cluster; serving it anyway");
+                parsed
+            }
+        };
+        info!(%host, not_after = ?cert.not_after, "certificate from another host of the cluster");
+        self.state.put_certificate(&host, cert.key.clone());
+        self.state.with_status(|st| {
+            if let Some(s) = st.get_mut(&host) {
+                s.phase = CertPhase::Valid;
+                s.not_after = Some(cert.not_after);
+                s.next_attempt = Some(renew_at(cert.not_before, cert.not_after));
+                s.last_error = None;
+                s.failures = 0;
+            }
+        });
+        self.held.insert(host, cert);
+        self.sync_status(wanted, SystemTime::now());
+    }
+
+    /// In a cluster: may this host order `host` now? Another host that
+    /// holds the name orders it; this one looks again later.
+    async fn may_order(&mut self, host: &str) -> Result<bool, AcmeError> {
+        let Some(c) = &self.cluster else {
+            return Ok(true);
+        };
+        let mine = c
+            .coord
+            .claim(host)
+            .await
+            .map_err(|e| AcmeError::Order(format!("cluster: {e}")))?;
+        if !mine {
+            let later = SystemTime::now() + RECHECK;
+            self.state.with_status(|st| {
+                if let Some(s) = st.get_mut(host) {
+                    // Renewal or first order: the holder's result arrives
+                    // on `incoming`; until then ask again now and then.
+                    s.next_attempt = Some(later);
+                }
+            });
+            tracing::debug!(%host, "another host of the cluster orders this certificate");
+        }
+        Ok(mine)
+    }
+
     async fn attempt(&mut self, host: &str) {
+        match self.may_order(host).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                let now = SystemTime::now();
+                let failures = self
+                    .state
+                    .with_status(|st| st.get(host).map_or(0, |s| s.failures))
+                    + 1;
+                let delay = retry_delay(
+                    failures,
+                    self.opts.retry_base,
+                    self.opts.retry_max,
+                    None,
+                    now,
+                );
+                warn!(%host, error = %e, retry_in = ?delay, "cannot coordinate the order with the cluster");
+                self.state.with_status(|st| {
+                    if let Some(s) = st.get_mut(host) {
+                        s.phase = CertPhase::Failed;
+                        s.last_error = Some(e.to_string());
+                        s.failures = failures;
+                        s.next_attempt = Some(now + delay);
+                    }
+                });
+                return;
+            }
+        }
         self.state.with_status(|st| {
             if let Some(s) = st.get_mut(host) {
                 s.orders += 1;
@@ -211,9 +363,12 @@ impl Issuer {
         };
         let now = SystemTime::now();
         match result {
-            Ok(cert) => {
+            Ok((cert, pem)) => {
                 self.state.count_order(true);
                 info!(%host, not_after = ?cert.not_after, "certificate issued");
+                if let Some(c) = &mut self.cluster {
+                    c.unshared.insert(host.to_owned(), pem);
+                }
                 self.state.put_certificate(host, cert.key.clone());
                 self.state.with_status(|st| {
                     if let Some(s) = st.get_mut(host) {
@@ -291,7 +446,7 @@ impl Issuer {
     }
 
     /// One order for `host`, start to end.
-    async fn order(&mut self, host: &str) -> Result<StoredCert, AcmeError> {
+    async fn order(&mut self, host: &str) -> Result<(StoredCert, String), AcmeError> {
         let account = self.account().await?;
         let ids = [Identifier::Dns(host.to_owned())];
         let mut order = account.new_order(&NewOrder::new(&ids)).await?;
@@ -301,6 +456,7 @@ impl Issuer {
             tokens: Vec::new(),
             alpn: Vec::new(),
             txt: self.txt.clone().map(|tx| (tx, Vec::new())),
+            shared: self.cluster.as_ref().map(|c| (c.coord.clone(), Vec::new())),
         };
         let wildcard = host.starts_with("*.");
         {
@@ -341,6 +497,13 @@ impl Issuer {
                     ChallengeKind::Http01 => {
                         self.state.put_token(&ch.token, host, ka.as_str());
                         answers.tokens.push(ch.token.clone());
+                        answers
+                            .share(SharedAnswer::Http01 {
+                                token: ch.token.clone(),
+                                host: host.to_owned(),
+                                key_authorization: ka.as_str().to_owned(),
+                            })
+                            .await?;
                     }
                     ChallengeKind::TlsAlpn01 => {
                         let cert = alpn_certificate(host, ka.digest().as_ref())?;
@@ -349,6 +512,12 @@ impl Issuer {
                     }
                     ChallengeKind::Dns01 => {
                         let name = format!("_acme-challenge.{base}");
+                        answers
+                            .share(SharedAnswer::Dns01 {
+                                name: name.clone(),
+                                value: ka.dns_value(),
+                            })
+                            .await?;
                         answers.publish(name, ka.dns_value());
                         tokio::time::sleep(self.opts.dns01_settle).await;
                     }
@@ -392,7 +561,8 @@ impl Issuer {
         let chain = order
             .poll_certificate(&RetryPolicy::new().timeout(Duration::from_secs(90)))
             .await?;
-        self.store.write_cert(host, &chain, &key.serialize_pem())
+        let pem = cert_pem(&chain, &key.serialize_pem());
+        Ok((self.store.write_pem(host, &pem)?, pem))
     }
 }
 
@@ -442,11 +612,31 @@ struct Answers {
     /// The TXT channel and the records (name, value) this order added to
     /// it.
     txt: Option<(watch::Sender<TxtRecords>, Vec<TxtRecord>)>,
+    /// In a cluster: the coordinator and the ids of the answers published
+    /// through it.
+    shared: Option<(Arc<dyn Coordinator>, Vec<String>)>,
 }
 
 type TxtRecord = (String, String);
 
 impl Answers {
+    /// Publish `answer` for the cluster's other hosts (no-op alone).
+    async fn share(&mut self, answer: SharedAnswer) -> Result<(), AcmeError> {
+        let Some((coord, ids)) = &mut self.shared else {
+            return Ok(());
+        };
+        let id = match &answer {
+            SharedAnswer::Http01 { token, .. } => format!("http-01-{token}"),
+            // The value is base64url: a fine key, and unique per order.
+            SharedAnswer::Dns01 { value, .. } => format!("dns-01-{value}"),
+        };
+        coord.publish(&id, &answer).await.map_err(|e| {
+            AcmeError::Order(format!("cluster: publishing a challenge answer: {e}"))
+        })?;
+        ids.push(id);
+        Ok(())
+    }
+
     /// Serve TXT `value` at `name` (beside any others there).
     fn publish(&mut self, name: String, value: String) {
         let Some((tx, added)) = &mut self.txt else {
@@ -481,6 +671,20 @@ impl Drop for Answers {
         }
         for t in &self.tokens {
             self.state.drop_token(t);
+        }
+        if let Some((coord, ids)) = self.shared.take()
+            && !ids.is_empty()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            // Withdrawn in the background; answers left by a failure here
+            // go with this host's lease.
+            rt.spawn(async move {
+                for id in ids {
+                    if let Err(e) = coord.withdraw(&id).await {
+                        warn!(%id, error = %e, "cannot withdraw a shared challenge answer");
+                    }
+                }
+            });
         }
         for h in &self.alpn {
             self.state.put_alpn(h, None);

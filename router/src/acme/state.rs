@@ -163,7 +163,9 @@ impl AcmeState {
         f(&mut lock(&self.status))
     }
 
-    pub(crate) fn put_token(&self, token: &str, host: &str, key_authorization: &str) {
+    /// Answer HTTP-01 `token` for `host` (the issuer's own, or another
+    /// host's in a cluster) until [`Self::drop_token`].
+    pub fn put_token(&self, token: &str, host: &str, key_authorization: &str) {
         let _w = lock(&self.write);
         let mut next = HashMap::clone(&self.tokens.load());
         next.insert(
@@ -173,7 +175,7 @@ impl AcmeState {
         self.tokens.store(Arc::new(next));
     }
 
-    pub(crate) fn drop_token(&self, token: &str) {
+    pub fn drop_token(&self, token: &str) {
         let _w = lock(&self.write);
         let mut next = HashMap::clone(&self.tokens.load());
         next.remove(token);

@@ -106,9 +106,12 @@ impl Store {
         chain_pem: &str,
         key_pem: &str,
     ) -> Result<StoredCert, AcmeError> {
-        let mut pem = chain_pem.trim_end().to_owned();
-        pem.push('\n');
-        pem.push_str(key_pem);
+        self.write_pem(host, &cert_pem(chain_pem, key_pem))
+    }
+
+    /// Store `host`'s chain and key in one PEM text (as [`cert_pem`] makes
+    /// it) and check that they serve.
+    pub fn write_pem(&self, host: &str, pem: &str) -> Result<StoredCert, AcmeError> {
         let cert = parse(&self.cert_path(host), pem.as_bytes())?;
         write_atomic(&self.cert_path(host), pem.as_bytes())?;
         Ok(cert)
@@ -175,6 +178,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AcmeError> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// A chain and its key as one PEM text, as stored.
+pub fn cert_pem(chain_pem: &str, key_pem: &str) -> String {
+    let mut pem = chain_pem.trim_end().to_owned();
+    pem.push('\n');
+    pem.push_str(key_pem);
+    pem
 }
 
 /// A PEM chain and key made ready to serve, with its validity.

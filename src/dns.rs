@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use crate::catalog::{Catalog, Liveness};
 use crate::config::dns::DnsConfig;
 use crate::discovery::Snapshot;
-use crate::metrics::Histogram;
+use crate::metrics::Recorder;
 
 type StaticHosts = Arc<BTreeMap<String, Vec<IpAddr>>>;
 
@@ -33,7 +33,7 @@ pub struct DnsState {
     pub forwarder: Arc<Forwarder>,
     pub domain: String,
     /// Docker event emitted → zone with the change swapped in.
-    pub event_to_answer: Arc<Histogram>,
+    pub event_to_answer: Arc<Recorder>,
 }
 
 /// Nameservers of a resolv.conf, port 53.
@@ -102,7 +102,7 @@ pub async fn start(
     }
     let (listeners_tx, listeners_rx) = watch::channel(listeners.addrs());
 
-    let event_to_answer = Arc::new(Histogram::default());
+    let event_to_answer = Arc::new(Recorder::default());
     let state = DnsState {
         zone: zone.clone(),
         metrics,
@@ -149,7 +149,7 @@ struct ZoneBuilder {
     last_input: Option<u64>,
     /// The Docker event last counted in `event_to_answer`.
     last_event: Option<i64>,
-    event_to_answer: Arc<Histogram>,
+    event_to_answer: Arc<Recorder>,
 }
 
 impl ZoneBuilder {

@@ -11,11 +11,11 @@ use arc_swap::ArcSwap;
 use portless_router::access_log::AccessLog;
 use portless_router::tls::{self, CertResolver};
 use portless_router::{Router, RouterOptions, RouterThreads, bind_reuseport};
-use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::api;
 use crate::config::router::RouterConfig;
 use crate::discovery::Snapshot;
 use crate::routes::{self, AddressChoice, RouteProblem};
@@ -53,55 +53,58 @@ impl Drop for RouterHandle {
 }
 
 impl RouterHandle {
-    /// `/api/routes`: every route and its backends with address and state
-    /// (healthy, starting, unhealthy, draining, ejected), the address choice
-    /// per container, refused containers with reasons, and TLS names.
-    pub fn routes_json(&self) -> serde_json::Value {
+    /// `/api/routes`.
+    pub fn routes(&self) -> api::Routes {
         let state = self.state.load();
-        let routes: Vec<_> = self
+        let routes = self
             .router
             .status()
             .into_iter()
-            .map(|r| {
-                json!({
-                    "route": r.key,
-                    "host": r.host,
-                    "path": r.path_prefix,
-                    "requests": r.requests,
-                    "backends": r.backends.iter().map(|b| json!({
-                        "id": b.id,
-                        "container": b.name,
-                        "addr": b.addr.to_string(),
-                        "scheme": b.scheme.as_str(),
-                        "state": b.state,
-                        "in_flight": b.in_flight,
-                        "requests": b.requests,
-                        "connect_failures": b.connect_failures,
-                    })).collect::<Vec<_>>(),
-                })
+            .map(|r| api::Route {
+                route: r.key,
+                host: r.host,
+                path: r.path_prefix,
+                requests: r.requests,
+                backends: r
+                    .backends
+                    .into_iter()
+                    .map(|b| api::Backend {
+                        id: b.id,
+                        container: b.name,
+                        addr: b.addr,
+                        scheme: b.scheme.as_str().to_owned(),
+                        state: b.state.to_owned(),
+                        in_flight: b.in_flight,
+                        requests: b.requests,
+                        connect_failures: b.connect_failures,
+                    })
+                    .collect(),
             })
             .collect();
-        let certificates: Vec<_> = self
+        let certificates = self
             .certs
             .as_ref()
             .map(|c| c.names())
             .unwrap_or_default()
             .into_iter()
-            .map(|(name, file)| json!({ "name": name, "file": file.display().to_string() }))
+            .map(|(name, file)| api::Certificate {
+                name,
+                file: file.display().to_string(),
+            })
             .collect();
-        json!({
-            "http_listen": self.http_addr.to_string(),
-            "https_listen": self.https_addr.map(|a| a.to_string()),
-            "routes": routes,
-            "addresses": state.choices,
-            "not_routed": state.problems,
-            "certificates": certificates,
-        })
+        api::Routes {
+            http_listen: self.http_addr,
+            https_listen: self.https_addr,
+            routes,
+            addresses: state.choices.clone(),
+            not_routed: state.problems.clone(),
+            certificates,
+        }
     }
 
-    /// Append the router's metrics (Prometheus text format) to `out`.
-    pub fn render_metrics(&self, out: &mut String) {
-        self.router.render_metrics(out);
+    /// The router's counters, for `/metrics`.
+    pub fn metrics(&self) -> portless_router::metrics::Snapshot {
+        self.router.metrics()
     }
 }
 
@@ -225,7 +228,7 @@ async fn run(
                     group = %c.group,
                     network = %c.network,
                     addr = %c.addr,
-                    chosen_by = c.chosen_by,
+                    chosen_by = c.chosen_by.as_str(),
                     "route address"
                 );
             }

@@ -18,7 +18,7 @@
 //!   request with both `Content-Length` and `Transfer-Encoding` (which
 //!   hyper accepts, dropping the former) gets 400.
 //! - [`tls`]: the rustls SNI certificate resolver over a directory.
-//! - [`metrics`]: lock-free counters, rendered as Prometheus text.
+//! - [`metrics`]: lock-free counters and their plain snapshots (the binary encodes them).
 //! - [`access_log`]: one JSON line per request, queued by the request path
 //!   and written by a thread of its own.
 //!

@@ -17,11 +17,17 @@ use portless_dns::{
 use tokio::sync::watch;
 
 use crate::catalog::{Catalog, Liveness};
-use crate::config::dns::DnsConfig;
+use crate::config::dns::{DnsConfig, IngressZone};
 use crate::discovery::Snapshot;
 use crate::metrics::Recorder;
 
 type StaticHosts = Arc<BTreeMap<String, Vec<IpAddr>>>;
+
+/// TXT records to serve, by exact name (no trailing dot): the ACME
+/// DNS-01 challenges of wildcard hosts. Only names inside an ingress zone
+/// are served (the zones the operator delegated to portless); others are
+/// dropped with a warning.
+pub type TxtRecords = Arc<BTreeMap<String, Vec<String>>>;
 
 /// What the admin API reads from the running DNS service.
 pub struct DnsState {
@@ -34,6 +40,10 @@ pub struct DnsState {
     pub domain: String,
     /// Docker event emitted → zone with the change swapped in.
     pub event_to_answer: Arc<Recorder>,
+    /// Publish TXT records here (replacing the previous set): the zone is
+    /// rebuilt with them at once.
+    #[allow(dead_code)] // published by the ACME task (being wired in)
+    pub txt: watch::Sender<TxtRecords>,
 }
 
 /// Nameservers of a resolv.conf, port 53.
@@ -103,6 +113,7 @@ pub async fn start(
     let (listeners_tx, listeners_rx) = watch::channel(listeners.addrs());
 
     let event_to_answer = Arc::new(Recorder::default());
+    let (txt_tx, txt) = watch::channel(TxtRecords::default());
     let state = DnsState {
         zone: zone.clone(),
         metrics,
@@ -111,6 +122,7 @@ pub async fn start(
         forwarder,
         domain: cfg.domain.clone(),
         event_to_answer: event_to_answer.clone(),
+        txt: txt_tx,
     };
     let cfg = cfg.clone();
     // Build the first zone before returning, so that a fixed listener never
@@ -127,11 +139,38 @@ pub async fn start(
         last_event: None,
         event_to_answer,
     };
-    builder
-        .rebuild(&snapshots.borrow().clone(), &hosts.borrow().clone())
-        .await;
-    tokio::spawn(builder.run(snapshots, hosts));
+    let mut inputs = Inputs {
+        snapshots,
+        hosts,
+        txt,
+    };
+    builder.rebuild(&inputs.current()).await;
+    tokio::spawn(builder.run(inputs));
     Ok(state)
+}
+
+/// What the zone is built from, besides the configuration.
+struct Inputs {
+    snapshots: watch::Receiver<Snapshot>,
+    hosts: watch::Receiver<StaticHosts>,
+    txt: watch::Receiver<TxtRecords>,
+}
+
+/// One look at [`Inputs`].
+struct Current {
+    snapshot: Snapshot,
+    static_hosts: StaticHosts,
+    txt: TxtRecords,
+}
+
+impl Inputs {
+    fn current(&mut self) -> Current {
+        Current {
+            snapshot: self.snapshots.borrow_and_update().clone(),
+            static_hosts: self.hosts.borrow_and_update().clone(),
+            txt: self.txt.borrow_and_update().clone(),
+        }
+    }
 }
 
 struct ZoneBuilder {
@@ -153,11 +192,7 @@ struct ZoneBuilder {
 }
 
 impl ZoneBuilder {
-    async fn run(
-        mut self,
-        mut snapshots: watch::Receiver<Snapshot>,
-        mut hosts: watch::Receiver<StaticHosts>,
-    ) {
+    async fn run(mut self, mut inputs: Inputs) {
         // Host addresses change without any Docker event (DHCP, a new
         // interface): look again now and then.
         let mut tick = tokio::time::interval(Duration::from_secs(30));
@@ -165,28 +200,32 @@ impl ZoneBuilder {
         // Without --hosts-file nobody ever sends on `hosts`; a closed channel
         // then just means "no change", not "stop".
         let mut hosts_open = true;
+        // The sender lives in `DnsState`: gone when nobody publishes.
+        let mut txt_open = true;
         loop {
             tokio::select! {
-                r = snapshots.changed() => if r.is_err() { return },
-                r = hosts.changed(), if hosts_open => hosts_open = r.is_ok(),
+                r = inputs.snapshots.changed() => if r.is_err() { return },
+                r = inputs.hosts.changed(), if hosts_open => hosts_open = r.is_ok(),
+                r = inputs.txt.changed(), if txt_open => txt_open = r.is_ok(),
                 _ = tick.tick() => {}
             }
-            let snapshot = snapshots.borrow_and_update().clone();
-            let static_hosts = hosts.borrow_and_update().clone();
-            self.rebuild(&snapshot, &static_hosts).await;
+            self.rebuild(&inputs.current()).await;
         }
     }
 
-    async fn rebuild(&mut self, snapshot: &Snapshot, static_hosts: &StaticHosts) {
+    async fn rebuild(&mut self, current: &Current) {
+        let snapshot = &current.snapshot;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let (cfg, catalog, statics) = (
+        let (cfg, catalog, statics, txt) = (
             self.cfg.clone(),
             snapshot.catalog.clone(),
-            static_hosts.clone(),
+            current.static_hosts.clone(),
+            current.txt.clone(),
         );
         let (last, serial) = (self.last_input, self.serial.wrapping_add(1));
         self.worker.run(Box::new(move || {
             let mut input = zone_input(&cfg, &catalog, &statics, host_addrs(), 0);
+            input.txt = ingress_txt(&cfg.ingress_zones, &txt);
             let hash = {
                 use std::hash::{BuildHasher, BuildHasherDefault};
                 BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
@@ -363,7 +402,34 @@ fn zone_input(
         host_clients,
         private_ranges: bridges().flat_map(|n| n.subnets.iter().copied()).collect(),
         serial,
+        txt: BTreeMap::new(),
     }
+}
+
+/// The TXT records of `txt` whose names lie inside an ingress zone (or
+/// are one); others are dropped with a warning: portless is authoritative
+/// only there.
+fn ingress_txt(zones: &[IngressZone], txt: &TxtRecords) -> BTreeMap<String, Vec<String>> {
+    let inside = |name: &str| {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        zones.iter().any(|z| {
+            let zone = z.zone.trim_start_matches("*.").trim_end_matches('.');
+            let zone = zone.to_ascii_lowercase();
+            name == zone
+                || name
+                    .strip_suffix(zone.as_str())
+                    .is_some_and(|r| r.ends_with('.'))
+        })
+    };
+    let mut out = BTreeMap::new();
+    for (name, values) in txt.iter() {
+        if inside(name) {
+            out.insert(name.clone(), values.clone());
+        } else {
+            tracing::warn!(%name, "TXT record outside every --ingress-zone not served");
+        }
+    }
+    out
 }
 
 /// The host's own interface addresses: clients from them are host-side.
@@ -428,6 +494,42 @@ mod tests {
             vec![
                 "127.0.0.53:53".parse().unwrap(),
                 "[::1]:53".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn only_txt_records_inside_an_ingress_zone_are_served() {
+        let zones = [
+            IngressZone {
+                zone: "*.apps.example.com".into(),
+                addrs: vec![],
+            },
+            IngressZone {
+                zone: "lab.test.".into(),
+                addrs: vec![],
+            },
+        ];
+        let txt: TxtRecords = Arc::new(
+            [
+                "_acme-challenge.apps.example.com",
+                "_acme-challenge.shop.APPS.example.com.",
+                "_acme-challenge.lab.test",
+                "_acme-challenge.example.com",
+                "_acme-challenge.badapps.example.com",
+                "lab.test.evil.com",
+            ]
+            .into_iter()
+            .map(|n| (n.to_string(), vec!["v".to_string()]))
+            .collect(),
+        );
+        let kept: Vec<String> = ingress_txt(&zones, &txt).into_keys().collect();
+        assert_eq!(
+            kept,
+            vec![
+                "_acme-challenge.apps.example.com",
+                "_acme-challenge.lab.test",
+                "_acme-challenge.shop.APPS.example.com.",
             ]
         );
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use hickory_proto::op::{Edns, Header, MessageType, Metadata, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA};
+use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::net::runtime::Time;
@@ -370,6 +370,14 @@ impl Handler {
                         IpAddr::V4(v4) => Record::from_rdata(owner(), ttl, RData::A(A(v4))),
                         IpAddr::V6(v6) => Record::from_rdata(owner(), ttl, RData::AAAA(AAAA(v6))),
                     })
+                    .collect();
+            }
+            Answer::Txt(values) => {
+                self.metrics.record(qtype, Outcome::Answer);
+                reply.metadata.authoritative = true;
+                reply.answers = values
+                    .into_iter()
+                    .map(|v| Record::from_rdata(owner(), ttl, RData::TXT(TXT::new(vec![v]))))
                     .collect();
             }
             Answer::Ptr(target) => {

@@ -105,6 +105,11 @@ pub struct ZoneInput {
     pub private_ranges: Vec<IpNet>,
     /// SOA serial; any number that grows with each change.
     pub serial: u32,
+    /// TXT records by exact name (no trailing dot), answered to every
+    /// client allowed to ask: the ACME DNS-01 challenges
+    /// (`_acme-challenge.NAME`) the binary publishes for the time of an
+    /// order. A name here answers nothing but TXT (NODATA for other types).
+    pub txt: BTreeMap<String, Vec<String>>,
 }
 
 /// What the zone says about one question.
@@ -113,6 +118,8 @@ pub enum Answer {
     /// The name exists; these are its addresses of the asked type, in a
     /// fresh random order.
     Addrs(Vec<IpAddr>),
+    /// TXT records of the name: one record per value.
+    Txt(Vec<String>),
     /// A reverse name with its target.
     Ptr(Name),
     /// The SOA of the domain (a question for the apex).
@@ -166,6 +173,7 @@ pub struct Zone {
     /// Host-side names (without the domain) → targets.
     host_names: Names,
     statics: HashMap<Box<str>, Vec<IpAddr>>,
+    txt: HashMap<Box<str>, Vec<String>>,
     ingress: Vec<(String, Vec<IpAddr>)>,
     /// Address → (PTR target, networks it is on; empty for static names,
     /// which everyone may see). The target is kept as checked text and
@@ -377,6 +385,14 @@ impl Zone {
             }
             zone.statics.insert(name.into_boxed_str(), addrs.clone());
         }
+        for (name, values) in &input.txt {
+            let name = lower(name.trim_end_matches('.'));
+            // Kept only when it is a valid name and each value fits one
+            // character-string (RFC 1035 3.3: at most 255 bytes).
+            if fqdn(&name).is_some() && values.iter().all(|v| v.len() <= 255) {
+                zone.txt.insert(name.into_boxed_str(), values.clone());
+            }
+        }
         zone.ingress = input
             .ingress
             .iter()
@@ -524,6 +540,12 @@ impl Zone {
     ) -> Answer {
         if let Some(addrs) = self.statics.get(name) {
             return addresses(addrs.iter().copied(), qtype);
+        }
+        if let Some(values) = self.txt.get(name) {
+            return match qtype {
+                RecordType::TXT | RecordType::ANY => Answer::Txt(values.clone()),
+                _ => Answer::NoData,
+            };
         }
         if let Some((_, addrs)) = self.ingress.iter().find(|(zone, _)| {
             name == zone
@@ -1327,6 +1349,49 @@ mod tests {
         assert_eq!(
             q(&z, "127.0.0.1", "9.2.0.192.in-addr.arpa.", RecordType::PTR),
             Answer::Ptr(Name::from_ascii("nas.lan.").unwrap())
+        );
+    }
+
+    #[test]
+    fn txt_records_answer_txt_only_and_shadow_the_ingress_wildcard() {
+        let z = Zone::build(&ZoneInput {
+            domain: "docker.internal".into(),
+            ingress: vec![("*.apps.example.com".into(), vec![ip("192.0.2.80")])],
+            txt: [
+                (
+                    "_acme-challenge.APPS.example.com.".to_string(),
+                    vec!["token-a".to_string(), "token-b".to_string()],
+                ),
+                ("bad name!".to_string(), vec!["x".to_string()]),
+                (
+                    "_acme-challenge.long.apps.example.com".to_string(),
+                    vec!["x".repeat(256)],
+                ),
+            ]
+            .into(),
+            ..ZoneInput::default()
+        });
+        let name = "_acme-challenge.apps.example.com.";
+        assert_eq!(
+            q(&z, "127.0.0.1", name, RecordType::TXT),
+            Answer::Txt(vec!["token-a".into(), "token-b".into()])
+        );
+        // The ingress wildcard would answer A for it: the TXT name wins.
+        assert_eq!(q(&z, "127.0.0.1", name, RecordType::A), Answer::NoData);
+        // Names not kept (invalid, or a value too long for one string).
+        assert_eq!(
+            sorted(q(
+                &z,
+                "127.0.0.1",
+                "_acme-challenge.long.apps.example.com.",
+                RecordType::A
+            )),
+            vec![ip("192.0.2.80")]
+        );
+        // Who may not ask is still refused.
+        assert_eq!(
+            q(&z, "198.51.100.7", name, RecordType::TXT),
+            Answer::Refused
         );
     }
 

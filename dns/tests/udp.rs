@@ -24,6 +24,11 @@ fn handler() -> Handler {
             vec!["192.0.2.1".parse::<IpAddr>().unwrap()],
         )]
         .into(),
+        txt: [(
+            "_acme-challenge.static.test".to_string(),
+            vec!["first".to_string(), "second".to_string()],
+        )]
+        .into(),
         ..ZoneInput::default()
     });
     let metrics = Arc::new(Metrics::default());
@@ -38,10 +43,14 @@ fn handler() -> Handler {
 }
 
 fn query(name: &str, id: u16) -> Vec<u8> {
+    query_type(name, id, RecordType::A)
+}
+
+fn query_type(name: &str, id: u16, qtype: RecordType) -> Vec<u8> {
     let mut m = Message::query();
     m.metadata.id = id;
     m.metadata.recursion_desired = true;
-    m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
     m.to_vec().unwrap()
 }
 
@@ -153,6 +162,53 @@ fn bursts_from_many_sockets_are_all_answered_to_their_own_source() {
     assert!(
         socket.recv_from(&mut buf).is_err(),
         "a removed listener still answers"
+    );
+    drop(listeners);
+    drop(rt);
+}
+
+/// TXT records of the zone (ACME DNS-01 challenges) over a real socket:
+/// one record per value for TXT, NODATA for an address type.
+#[test]
+fn txt_records_are_answered_over_udp() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (listeners, server) = rt.block_on(async {
+        let mut l = Listeners::with_udp_threads(handler(), 16, 1);
+        let addr = l.add("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        (l, addr)
+    });
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let ask = |qtype| {
+        socket
+            .send_to(
+                &query_type("_acme-challenge.static.test.", 7, qtype),
+                server,
+            )
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let (len, _) = socket.recv_from(&mut buf).unwrap();
+        Message::from_vec(&buf[..len]).unwrap()
+    };
+    let txt = ask(RecordType::TXT);
+    assert_eq!(txt.metadata.response_code, ResponseCode::NoError);
+    let mut values: Vec<String> = txt
+        .answers
+        .iter()
+        .map(|r| match &r.data {
+            RData::TXT(t) => t.to_string(),
+            other => panic!("not a TXT record: {other:?}"),
+        })
+        .collect();
+    values.sort();
+    assert_eq!(values, vec!["first", "second"]);
+    let a = ask(RecordType::A);
+    assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+    assert!(
+        a.answers.is_empty(),
+        "an address for a TXT-only name: {a:?}"
     );
     drop(listeners);
     drop(rt);

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 /// Upper bounds (seconds) of every portless histogram. The libraries record
 /// into these same bounds (a test below checks that they agree).
-pub const LATENCY_BOUNDS: [f64; 13] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+pub const LATENCY_BOUNDS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
 /// A histogram as encoded: counts per bucket (not cumulative; observations

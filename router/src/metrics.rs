@@ -10,8 +10,8 @@ use crate::error::ErrorSource;
 
 /// Upper bounds of the latency buckets, in seconds (those of every
 /// portless histogram: the binary checks that they agree).
-pub const LATENCY_BUCKETS: [f64; 13] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
 /// A latency histogram.

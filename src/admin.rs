@@ -19,7 +19,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::api;
-use crate::discovery::{DiscoveryMetrics, Snapshot};
+use crate::catalog::Snapshot;
+use crate::discovery::DiscoveryMetrics;
 use crate::dns::DnsState;
 
 pub struct AdminState {

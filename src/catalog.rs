@@ -160,3 +160,15 @@ impl Endpoint {
             .chain(self.ipv6.map(IpAddr::V6))
     }
 }
+
+/// A published catalog with what caused it: what discovery (merged with
+/// the other hosts' records in cluster mode) hands to its consumers over a
+/// `watch` channel.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub catalog: Arc<Catalog>,
+    /// When the Docker event that produced this snapshot was emitted
+    /// (nanoseconds since the epoch, the daemon's clock). None for a full
+    /// listing.
+    pub event_time_ns: Option<i64>,
+}

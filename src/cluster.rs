@@ -14,16 +14,15 @@ use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
 use bollard::query_parameters::ListNetworksOptions;
 use portless_netplane::agent::{self, Agent, AgentConfig, HostStatus};
 use portless_netplane::netlink::Kernel;
-use portless_netplane::plan::VXLAN_DEVICE;
 use portless_netplane::store::Store;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api;
-use crate::config::DockerHost;
+use crate::catalog::Snapshot;
 use crate::config::cluster::ClusterConfig;
-use crate::discovery::Snapshot;
+use crate::docker::DockerHost;
 
 /// Label on every Docker network portless creates; cleanup removes exactly
 /// the networks that carry it.
@@ -66,29 +65,16 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// The resolved agent configuration, with what only the running host
+/// knows filled in.
 fn agent_config(cfg: &ClusterConfig, docker: &DockerHost) -> AgentConfig {
     let no_docker = *docker == DockerHost::None;
     AgentConfig {
-        etcd: cfg.etcd.clone(),
-        etcd_access: cfg.etcd_access.clone(),
-        prefix: cfg.etcd_prefix.clone(),
-        cluster: cfg.cidr,
-        subnet_len: cfg.host_subnet_len,
-        advertise: cfg.advertise_addr,
-        host_id: cfg.host_id.clone(),
         hostname: hostname(),
-        mode: cfg.mode,
-        vxlan_port: cfg.vxlan_port,
-        vni: cfg.vni,
-        vxlan_name: VXLAN_DEVICE.to_owned(),
-        lease_ttl: cfg.lease_ttl,
         bridge: no_docker.then(|| cfg.bridge.clone()),
-        resync: cfg.resync,
-        netns: None,
-        iptables: true,
         // Docker masquerades its own networks' outbound traffic.
         masquerade_outside: no_docker,
-        state_dir: Some(cfg.state_dir.clone()),
+        ..cfg.agent.clone()
     }
 }
 
@@ -108,8 +94,7 @@ pub async fn run(
     let client = match docker {
         DockerHost::None => None,
         host => Some(
-            crate::discovery::connect(host)
-                .context("connecting to Docker for the cluster network")?,
+            crate::docker::connect(host).context("connecting to Docker for the cluster network")?,
         ),
     };
     let docker_status = client.as_ref().map(|_| {
@@ -449,7 +434,7 @@ pub async fn cleanup(
     let mut first_err: Option<anyhow::Error> = None;
     if *docker != DockerHost::None {
         let docker_part = async {
-            let d = crate::discovery::connect(docker)?
+            let d = crate::docker::connect(docker)?
                 .negotiate_version()
                 .await
                 .context("negotiating the Docker API version")?;
@@ -475,11 +460,12 @@ pub async fn cleanup(
 }
 
 async fn release_lease(kernel: &Kernel, cfg: &ClusterConfig) -> anyhow::Result<bool> {
-    let id = match &cfg.host_id {
+    let agent = &cfg.agent;
+    let id = match &agent.host_id {
         Some(id) => id.clone(),
-        None => kernel.underlay(cfg.advertise_addr).await?.addr.to_string(),
+        None => kernel.underlay(agent.advertise).await?.addr.to_string(),
     };
-    let store = Store::connect_with(&cfg.etcd, &cfg.etcd_prefix, &cfg.etcd_access).await?;
+    let store = Store::connect_with(&agent.etcd, &agent.prefix, &agent.etcd_access).await?;
     let key = store.host_key(&id);
     let get = async {
         store.sign_in().await?;
@@ -533,7 +519,7 @@ mod tests {
     /// removed by label.
     #[tokio::test]
     async fn docker_network_follows_the_lease() {
-        let d = crate::discovery::connect(&DockerHost::Unix("/var/run/docker.sock".into()))
+        let d = crate::docker::connect(&DockerHost::default())
             .unwrap()
             .negotiate_version()
             .await

@@ -23,8 +23,8 @@ use bollard::query_parameters::{
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use crate::catalog::{Catalog, Container, Endpoint, Health, Network};
-use crate::config::DockerHost;
+use crate::catalog::{Catalog, Container, Endpoint, Health, Network, Snapshot};
+use crate::docker::{DockerHost, connect};
 
 /// Counters shown on `/metrics`.
 #[derive(Debug, Default)]
@@ -34,35 +34,8 @@ pub struct DiscoveryMetrics {
     pub connected: AtomicU64,
 }
 
-/// A published catalog with what caused it.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub catalog: Arc<Catalog>,
-    /// When the Docker event that produced this snapshot was emitted
-    /// (nanoseconds since the epoch, the daemon's clock). None for a full
-    /// listing.
-    pub event_time_ns: Option<i64>,
-}
-
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Timeout of one Docker API call, in seconds (bollard's unit).
-const API_TIMEOUT_S: u64 = 30;
-
-pub fn connect(host: &DockerHost) -> anyhow::Result<Docker> {
-    let version = bollard::API_DEFAULT_VERSION;
-    match host {
-        DockerHost::Unix(path) => {
-            let path = path.to_str().context("Docker socket path is not UTF-8")?;
-            Docker::connect_with_unix(path, API_TIMEOUT_S, version)
-                .context("connecting to the Docker socket")
-        }
-        DockerHost::Http(url) => Docker::connect_with_http(url, API_TIMEOUT_S, version)
-            .context("connecting to the Docker API"),
-        DockerHost::None => anyhow::bail!("discovery is off (--docker-host none)"),
-    }
-}
-
 /// Follow the Docker Engine forever, publishing every change into `tx`.
 pub async fn run(host: DockerHost, tx: watch::Sender<Snapshot>, metrics: Arc<DiscoveryMetrics>) {
     let mut backoff = BACKOFF_MIN;

@@ -16,9 +16,8 @@ use portless_dns::{
 };
 use tokio::sync::watch;
 
-use crate::catalog::{Catalog, Liveness};
+use crate::catalog::{Catalog, Liveness, Snapshot};
 use crate::config::dns::{DnsConfig, IngressZone};
-use crate::discovery::Snapshot;
 use crate::metrics::Recorder;
 
 type StaticHosts = Arc<BTreeMap<String, Vec<IpAddr>>>;

@@ -9,6 +9,7 @@ mod cluster;
 mod config;
 mod discovery;
 mod dns;
+mod docker;
 mod ifaddrs;
 mod metrics;
 mod namespace;
@@ -20,10 +21,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
 use tokio::sync::watch;
 
-use crate::config::{Cli, Command, Config, DockerHost, EXIT_CONFIG, LogFormat};
+use crate::catalog::Snapshot;
+use crate::config::{Cli, Command, Config, EXIT_CONFIG, LogFormat};
+use crate::docker::DockerHost;
 
 // mimalloc: the router allocates per request (hyper's heads and bodies);
 // glibc malloc was 6% of its CPU under load (docs/BENCHMARKS.md).
@@ -31,7 +33,7 @@ use crate::config::{Cli, Command, Config, DockerHost, EXIT_CONFIG, LogFormat};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_args() {
         Ok(cli) => cli,
         Err(e) => {
             let code = if e.use_stderr() { EXIT_CONFIG } else { 0 };
@@ -127,14 +129,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     // Discovery publishes this host's catalog into `local`; consumers (DNS,
     // router, admin) read `snapshots`: the same catalog, or in cluster mode
     // the catalog with every other host's containers merged in.
-    let (local_tx, local_rx) = watch::channel(discovery::Snapshot::default());
+    let (local_tx, local_rx) = watch::channel(Snapshot::default());
     let discovery_metrics = Arc::new(discovery::DiscoveryMetrics::default());
     let docker_enabled = cfg.docker != DockerHost::None;
     // Keeps the channel open without Docker, so receivers never see it close.
     let _idle_sender = if docker_enabled {
         // Fail fast on a socket path that cannot work at all; a daemon that
         // is merely down is retried in the background.
-        discovery::connect(&cfg.docker)?;
+        docker::connect(&cfg.docker)?;
         tokio::spawn(discovery::run(
             cfg.docker.clone(),
             local_tx,
@@ -155,7 +157,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let snap_rx = match (&cluster, &cfg.cluster) {
         (Some(handle), Some(c)) => {
-            let (tx, rx) = watch::channel(discovery::Snapshot::default());
+            let (tx, rx) = watch::channel(Snapshot::default());
             tokio::spawn(namespace::run(
                 local_rx,
                 handle.remote(),

@@ -15,8 +15,8 @@ use portless_netplane::membership::{HostContainers, RemoteView};
 use portless_netplane::records::{self, ContainerRecord, RecordHealth};
 use tokio::sync::watch;
 
+use crate::catalog::Snapshot;
 use crate::catalog::{Catalog, Container, Endpoint, Health, RemoteHost};
-use crate::discovery::Snapshot;
 
 /// This host's containers on the cluster network `network`, as records (by
 /// container id). `changed_ns` is stamped on each (the time of the change

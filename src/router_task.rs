@@ -10,14 +10,14 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use portless_router::access_log::AccessLog;
 use portless_router::tls::{self, CertResolver};
-use portless_router::{Router, RouterOptions, RouterThreads, bind_reuseport};
+use portless_router::{Router, RouterThreads, bind_reuseport};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::api;
+use crate::catalog::Snapshot;
 use crate::config::router::RouterConfig;
-use crate::discovery::Snapshot;
 use crate::routes::{self, AddressChoice, RouteProblem};
 
 /// How often the certificate directory is checked for changes.
@@ -126,18 +126,7 @@ async fn run(
     cfg: RouterConfig,
     mut snapshots: watch::Receiver<Snapshot>,
 ) -> anyhow::Result<RouterHandle> {
-    let mut opts = RouterOptions {
-        header_read_timeout: cfg.header_timeout,
-        max_header_bytes: cfg.max_header_bytes,
-        max_body_bytes: cfg.max_body_bytes,
-        connect_timeout: cfg.connect_timeout,
-        upstream_timeout: cfg.upstream_timeout,
-        eject_for: cfg.eject_for,
-        send_timeout: cfg.send_timeout,
-        trusted_proxies: cfg.trusted_proxies.clone(),
-        proxy_protocol: cfg.proxy_protocol,
-        ..RouterOptions::default()
-    };
+    let mut opts = cfg.options.clone();
     let mut tasks = Vec::new();
     if let Some(target) = &cfg.access_log {
         let log = AccessLog::open(target.clone())

@@ -111,6 +111,13 @@ pub struct UpstreamStatus {
 /// Largest UDP answer we ask upstreams for (the DNS flag day 2020 value).
 const UDP_PAYLOAD: u16 = 1232;
 
+/// Time budget of one forwarded query over all upstreams, unless
+/// configured.
+pub const DEFAULT_BUDGET: Duration = Duration::from_secs(3);
+
+/// Forwarded queries in flight at once, unless configured.
+pub const DEFAULT_MAX_INFLIGHT: usize = 1024;
+
 impl Forwarder {
     pub fn new(
         upstreams: Vec<SocketAddr>,

@@ -26,6 +26,17 @@ pub struct RateLimit {
     pub slip: u32,
 }
 
+impl Default for RateLimit {
+    /// 100 replies a second (an app resolving names, even in bursts, stays
+    /// well under it), every second reply over it truncated.
+    fn default() -> Self {
+        RateLimit {
+            per_second: 100,
+            slip: 2,
+        }
+    }
+}
+
 /// What to do with one query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

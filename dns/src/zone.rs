@@ -87,6 +87,13 @@ pub struct NetworkInput {
     pub internal: bool,
 }
 
+/// Suffix of host-side names, unless configured.
+pub const DEFAULT_DOMAIN: &str = "docker.internal";
+
+/// TTL of the zone's own answers, in seconds, unless configured: short, as
+/// containers come and go.
+pub const DEFAULT_TTL: u32 = 5;
+
 /// Everything a zone is built from.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ZoneInput {

@@ -40,7 +40,7 @@ use crate::records::ContainerRecord;
 use crate::store::{Claim, ClusterEvent, Store};
 
 /// Everything the agent needs, already validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
     pub etcd: Vec<String>,
     /// TLS and credentials for etcd.
@@ -72,6 +72,35 @@ pub struct AgentConfig {
     /// Where the last known own record and peers are kept between runs
     /// (`netplane-{host id}.json`); None: nowhere.
     pub state_dir: Option<PathBuf>,
+}
+
+impl Default for AgentConfig {
+    /// The defaults of every tunable (the one home of each; portless's
+    /// configuration reads them). The endpoints, the hostname and the
+    /// state directory are the caller's to give.
+    fn default() -> Self {
+        AgentConfig {
+            etcd: Vec::new(),
+            etcd_access: EtcdAccess::default(),
+            prefix: crate::store::PREFIX.to_owned(),
+            cluster: Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 0, 0), 16),
+            subnet_len: 24,
+            advertise: None,
+            host_id: None,
+            hostname: String::new(),
+            mode: Mode::Vxlan,
+            vxlan_port: 4789,
+            vni: 1,
+            vxlan_name: plan::VXLAN_DEVICE.to_owned(),
+            lease_ttl: Duration::from_secs(10),
+            bridge: None,
+            resync: Duration::from_secs(10),
+            netns: None,
+            iptables: true,
+            masquerade_outside: false,
+            state_dir: None,
+        }
+    }
 }
 
 /// This host's lease as shown to people.

@@ -31,6 +31,9 @@ pub const LINK_PREFIX: &str = "pl-";
 /// Default name of the VXLAN device.
 pub const VXLAN_DEVICE: &str = "pl-vx0";
 
+/// Default name of the bridge of portless's own (hosts without Docker).
+pub const DEFAULT_BRIDGE: &str = "pl-br0";
+
 /// The interface that carries traffic to peers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Underlay {

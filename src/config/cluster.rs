@@ -10,11 +10,12 @@ use clap::Args;
 use ipnet::Ipv4Net;
 use portless_netplane::Mode;
 use portless_netplane::access::{Credentials, EtcdAccess, EtcdTls, TlsFileError};
-use serde::Deserialize;
+use portless_netplane::agent::AgentConfig;
+use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::{ConfigError, Merge, value};
 
-#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[derive(Debug, Default, Clone, Args, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ClusterOpts {
     /// etcd endpoints: http://host:port, or https://host:port (or host:port
@@ -28,10 +29,9 @@ pub struct ClusterOpts {
     #[serde(default)]
     pub cluster_etcd: Vec<String>,
     /// Address range shared by every host's container subnet.
-    /// [default: 10.244.0.0/16]
     #[arg(long, env = "PORTLESS_CLUSTER_CIDR", value_name = "CIDR")]
     pub cluster_cidr: Option<Ipv4Net>,
-    /// Prefix length of the subnet each host leases. [default: 24]
+    /// Prefix length of the subnet each host leases.
     #[arg(long, env = "PORTLESS_HOST_SUBNET_LEN", value_name = "N")]
     pub host_subnet_len: Option<u8>,
     /// This host's underlay address, where peers send its traffic.
@@ -40,41 +40,39 @@ pub struct ClusterOpts {
     pub advertise_addr: Option<Ipv4Addr>,
     /// vxlan: kernel VXLAN to every peer; route: plain routes via peers,
     /// which must share a segment; auto: routes on the same segment, VXLAN
-    /// to the rest. [default: vxlan]
+    /// to the rest.
     #[arg(long, env = "PORTLESS_NETPLANE_MODE", value_name = "vxlan|route|auto")]
     pub netplane_mode: Option<String>,
-    /// UDP port of VXLAN. [default: 4789]
+    /// UDP port of VXLAN.
     #[arg(long, env = "PORTLESS_VXLAN_PORT", value_name = "PORT")]
     pub vxlan_port: Option<u16>,
-    /// VXLAN network identifier, the same on every host. [default: 1]
+    /// VXLAN network identifier, the same on every host.
     #[arg(long, env = "PORTLESS_VNI", value_name = "VNI")]
     pub vni: Option<u32>,
     /// Docker bridge network that portless creates on the leased subnet.
-    /// [default: portless]
     #[arg(long, env = "PORTLESS_DOCKER_NETWORK", value_name = "NAME")]
     pub docker_network: Option<String>,
     /// Lifetime of this host's lease in etcd: a host that stops refreshing
-    /// it disappears from every peer this long after. [default: 10]
+    /// it disappears from every peer this long after.
     #[arg(long, env = "PORTLESS_LEASE_TTL", value_name = "SECONDS")]
     pub lease_ttl: Option<u64>,
     /// With --docker-host none: the bridge of portless's own that holds the
     /// subnet's gateway, for local namespaces to attach to. Must start with
-    /// "pl-". [default: pl-br0]
+    /// "pl-".
     #[arg(long, env = "PORTLESS_BRIDGE", value_name = "NAME")]
     pub bridge: Option<String>,
     /// Identity of this host in etcd. [default: the advertise address]
     #[arg(long, env = "PORTLESS_HOST_ID", value_name = "ID")]
     pub host_id: Option<String>,
-    /// Key prefix in etcd. [default: /portless/v1/]
+    /// Key prefix in etcd.
     #[arg(long, env = "PORTLESS_ETCD_PREFIX", value_name = "PREFIX")]
     pub etcd_prefix: Option<String>,
     /// How often the kernel is compared with the plan even when nothing
-    /// changed, to repair drift. [default: 10]
+    /// changed, to repair drift.
     #[arg(long, env = "PORTLESS_NETPLANE_RESYNC", value_name = "SECONDS")]
     pub netplane_resync: Option<u64>,
     /// Directory where this host keeps what must outlive a restart (the
     /// last known lease and peers, shown while etcd is away).
-    /// [default: /var/lib/portless]
     #[arg(long, env = "PORTLESS_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// On exit, give the lease back and remove every kernel object,
@@ -82,8 +80,8 @@ pub struct ClusterOpts {
     #[arg(long, env = "PORTLESS_CLEANUP_ON_EXIT", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub cleanup_on_exit: Option<bool>,
     /// PEM CA bundle that etcd's certificate must chain to (and nothing
-    /// else); turns TLS to etcd on. [default: https:// endpoints are
-    /// checked against the system's roots]
+    /// else); turns TLS to etcd on. Without it, https:// endpoints are
+    /// checked against the system's roots.
     #[arg(long, env = "PORTLESS_ETCD_CA", value_name = "FILE")]
     pub etcd_ca: Option<PathBuf>,
     /// PEM client certificate for mutual TLS with etcd; needs --etcd-key.
@@ -126,73 +124,84 @@ crate::merge_fields!(ClusterOpts {
 /// Where a host keeps what must outlive a restart.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/portless";
 
+/// The resolved cluster options: the netplane agent's own
+/// [`AgentConfig`] and what the binary does around it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
-    pub etcd: Vec<String>,
-    pub cidr: Ipv4Net,
-    pub host_subnet_len: u8,
-    pub advertise_addr: Option<Ipv4Addr>,
-    pub mode: Mode,
-    pub vxlan_port: u16,
-    pub vni: u32,
+    /// Everything but what depends on the running host: `hostname`, and
+    /// `bridge` and `masquerade_outside`, which hold only without Docker
+    /// (filled in at start).
+    pub agent: AgentConfig,
     pub docker_network: String,
-    pub lease_ttl: Duration,
+    /// The bridge of portless's own, used with `--docker-host none`.
     pub bridge: String,
-    pub host_id: Option<String>,
-    pub etcd_prefix: String,
-    pub resync: Duration,
-    pub state_dir: PathBuf,
     pub cleanup_on_exit: bool,
-    /// TLS and credentials, with the files already read and checked.
-    pub etcd_access: EtcdAccess,
 }
 
 const MAX_IFNAME: usize = 15;
 
 impl ClusterOpts {
+    /// Every fixed default of the cluster options, taken from the netplane
+    /// library's [`AgentConfig::default`] where it keeps one: the one source
+    /// that resolution, `--help` and the README's reference read.
+    pub fn defaults() -> Self {
+        let d = AgentConfig::default();
+        ClusterOpts {
+            cluster_cidr: Some(d.cluster),
+            host_subnet_len: Some(d.subnet_len),
+            netplane_mode: Some(d.mode.to_string()),
+            vxlan_port: Some(d.vxlan_port),
+            vni: Some(d.vni),
+            docker_network: Some("portless".to_owned()),
+            lease_ttl: Some(d.lease_ttl.as_secs()),
+            bridge: Some(portless_netplane::plan::DEFAULT_BRIDGE.to_owned()),
+            etcd_prefix: Some(d.prefix),
+            netplane_resync: Some(d.resync.as_secs()),
+            state_dir: Some(PathBuf::from(DEFAULT_STATE_DIR)),
+            cleanup_on_exit: Some(false),
+            ..ClusterOpts::default()
+        }
+    }
+
+    /// Fill in the defaults, then validate; None without `--cluster-etcd`.
     pub fn resolve(self) -> Result<Option<ClusterConfig>, ConfigError> {
         if self.cluster_etcd.is_empty() {
             return Ok(None);
         }
-        let (etcd, tls) = endpoints(&self.cluster_etcd, self.etcd_ca.is_some())?;
+        let o = self.merge(Self::defaults());
+        let (etcd, tls) = endpoints(&o.cluster_etcd, o.etcd_ca.is_some())?;
         let etcd_access = EtcdAccess {
-            tls: etcd_tls(tls, &self)?,
-            credentials: etcd_credentials(tls, &self)?,
+            tls: etcd_tls(tls, &o)?,
+            credentials: etcd_credentials(tls, &o)?,
         };
-        let cidr = self
-            .cluster_cidr
-            .unwrap_or_else(|| Ipv4Net::new(Ipv4Addr::new(10, 244, 0, 0), 16).unwrap_or_default())
-            .trunc();
-        let len = self.host_subnet_len.unwrap_or(24);
+        let cidr = value(o.cluster_cidr, "cluster-cidr")?.trunc();
+        let len = value(o.host_subnet_len, "host-subnet-len")?;
         if len <= cidr.prefix_len() || len > 30 {
             return Err(ConfigError::new(format!(
                 "--host-subnet-len {len}: must be longer than the cluster CIDR's /{} and at most 30",
                 cidr.prefix_len()
             )));
         }
-        let mode = match self.netplane_mode.as_deref() {
-            None => Mode::Vxlan,
-            Some(m) => m
-                .parse::<Mode>()
-                .map_err(|e| ConfigError::new(format!("--netplane-mode: {e}")))?,
-        };
-        let vxlan_port = self.vxlan_port.unwrap_or(4789);
+        let mode = value(o.netplane_mode, "netplane-mode")?
+            .parse::<Mode>()
+            .map_err(|e| ConfigError::new(format!("--netplane-mode: {e}")))?;
+        let vxlan_port = value(o.vxlan_port, "vxlan-port")?;
         if vxlan_port == 0 {
             return Err(ConfigError::new("--vxlan-port: must not be 0"));
         }
-        let vni = self.vni.unwrap_or(1);
+        let vni = value(o.vni, "vni")?;
         if vni == 0 || vni > 0x00ff_ffff {
             return Err(ConfigError::new("--vni: must be between 1 and 16777215"));
         }
-        let docker_network = self.docker_network.unwrap_or_else(|| "portless".to_owned());
+        let docker_network = value(o.docker_network, "docker-network")?;
         if docker_network.is_empty() {
             return Err(ConfigError::new("--docker-network: must not be empty"));
         }
-        let ttl = self.lease_ttl.unwrap_or(10);
+        let ttl = value(o.lease_ttl, "lease-ttl")?;
         if !(2..=3600).contains(&ttl) {
             return Err(ConfigError::new("--lease-ttl: between 2 and 3600 seconds"));
         }
-        let bridge = self.bridge.unwrap_or_else(|| "pl-br0".to_owned());
+        let bridge = value(o.bridge, "bridge")?;
         if !bridge.starts_with(portless_netplane::plan::LINK_PREFIX)
             || bridge.len() > MAX_IFNAME
             || bridge.contains(['/', ' '])
@@ -201,42 +210,41 @@ impl ClusterOpts {
                 "--bridge {bridge}: must start with \"pl-\" (so that cleanup finds it) and have at most {MAX_IFNAME} characters"
             )));
         }
-        if let Some(id) = &self.host_id
+        if let Some(id) = &o.host_id
             && (id.is_empty() || id.contains('/'))
         {
             return Err(ConfigError::new(
                 "--host-id: must be non-empty and contain no '/'",
             ));
         }
-        let etcd_prefix = self
-            .etcd_prefix
-            .unwrap_or_else(|| portless_netplane::store::PREFIX.to_owned());
+        let etcd_prefix = value(o.etcd_prefix, "etcd-prefix")?;
         if !etcd_prefix.starts_with('/') {
             return Err(ConfigError::new("--etcd-prefix: must start with '/'"));
         }
-        let resync = self.netplane_resync.unwrap_or(10);
+        let resync = value(o.netplane_resync, "netplane-resync")?;
         if resync == 0 {
             return Err(ConfigError::new("--netplane-resync: at least 1 second"));
         }
         Ok(Some(ClusterConfig {
-            etcd,
-            cidr,
-            host_subnet_len: len,
-            advertise_addr: self.advertise_addr,
-            mode,
-            vxlan_port,
-            vni,
+            agent: AgentConfig {
+                etcd,
+                etcd_access,
+                prefix: etcd_prefix,
+                cluster: cidr,
+                subnet_len: len,
+                advertise: o.advertise_addr,
+                host_id: o.host_id,
+                mode,
+                vxlan_port,
+                vni,
+                lease_ttl: Duration::from_secs(ttl),
+                resync: Duration::from_secs(resync),
+                state_dir: Some(value(o.state_dir, "state-dir")?),
+                ..AgentConfig::default()
+            },
             docker_network,
-            lease_ttl: Duration::from_secs(ttl),
             bridge,
-            host_id: self.host_id,
-            etcd_prefix,
-            resync: Duration::from_secs(resync),
-            state_dir: self
-                .state_dir
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-            cleanup_on_exit: self.cleanup_on_exit.unwrap_or(false),
-            etcd_access,
+            cleanup_on_exit: value(o.cleanup_on_exit, "cleanup-on-exit")?,
         }))
     }
 }
@@ -409,15 +417,15 @@ mod tests {
     #[test]
     fn defaults() {
         let c = opts().resolve().unwrap().unwrap();
-        assert_eq!(c.cidr, "10.244.0.0/16".parse().unwrap());
-        assert_eq!(c.host_subnet_len, 24);
-        assert_eq!(c.mode, Mode::Vxlan);
-        assert_eq!(c.vxlan_port, 4789);
-        assert_eq!(c.vni, 1);
+        assert_eq!(c.agent.cluster, "10.244.0.0/16".parse().unwrap());
+        assert_eq!(c.agent.subnet_len, 24);
+        assert_eq!(c.agent.mode, Mode::Vxlan);
+        assert_eq!(c.agent.vxlan_port, 4789);
+        assert_eq!(c.agent.vni, 1);
         assert_eq!(c.docker_network, "portless");
-        assert_eq!(c.lease_ttl, Duration::from_secs(10));
+        assert_eq!(c.agent.lease_ttl, Duration::from_secs(10));
         assert_eq!(c.bridge, "pl-br0");
-        assert_eq!(c.etcd_prefix, "/portless/v1/");
+        assert_eq!(c.agent.prefix, "/portless/v1/");
         assert!(!c.cleanup_on_exit);
     }
 
@@ -493,9 +501,9 @@ mod tests {
         )
         .unwrap();
         let c = o.resolve().unwrap().unwrap();
-        assert_eq!(c.etcd.len(), 2);
-        assert_eq!(c.host_subnet_len, 26);
-        assert_eq!(c.mode, Mode::Auto);
+        assert_eq!(c.agent.etcd.len(), 2);
+        assert_eq!(c.agent.subnet_len, 26);
+        assert_eq!(c.agent.mode, Mode::Auto);
         assert!(c.cleanup_on_exit);
         assert!(toml::from_str::<ClusterOpts>("cluster-etc = []").is_err());
         // The etcd security keys; files are read by resolve.
@@ -701,11 +709,14 @@ mod tests {
         .resolve()
         .unwrap()
         .unwrap();
-        assert_eq!(c.etcd, ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]);
-        let tls = c.etcd_access.tls.as_ref().expect("TLS on");
+        assert_eq!(
+            c.agent.etcd,
+            ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
+        );
+        let tls = c.agent.etcd_access.tls.as_ref().expect("TLS on");
         assert!(!tls.system_roots() && !tls.mutual());
         assert_eq!(
-            c.etcd_access.credentials,
+            c.agent.etcd_access.credentials,
             Some(Credentials::new("portless", "s3cret"))
         );
         // The password never shows, whoever prints the configuration.
@@ -716,10 +727,10 @@ mod tests {
             .resolve()
             .unwrap()
             .unwrap();
-        assert!(c.etcd_access.tls.unwrap().system_roots());
+        assert!(c.agent.etcd_access.tls.unwrap().system_roots());
         // Plain http: no TLS, no auth, as before.
         assert_eq!(
-            opts().resolve().unwrap().unwrap().etcd_access,
+            opts().resolve().unwrap().unwrap().agent.etcd_access,
             EtcdAccess::default()
         );
     }
@@ -747,9 +758,9 @@ mod example_tests {
     fn example_cluster_config_parses_and_flags_win_over_it() {
         let example = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/examples/cluster.toml");
         let c = resolve(&["--config", example]);
-        assert_eq!(c.etcd.len(), 2);
-        assert_eq!(c.mode, portless_netplane::Mode::Auto);
-        assert_eq!(c.advertise_addr, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(c.agent.etcd.len(), 2);
+        assert_eq!(c.agent.mode, portless_netplane::Mode::Auto);
+        assert_eq!(c.agent.advertise, Some("10.0.0.1".parse().unwrap()));
         let c = resolve(&[
             "--config",
             example,
@@ -758,7 +769,7 @@ mod example_tests {
             "--cluster-etcd",
             "http://127.0.0.1:2379",
         ]);
-        assert_eq!(c.mode, portless_netplane::Mode::Route);
-        assert_eq!(c.etcd, vec!["http://127.0.0.1:2379".to_owned()]);
+        assert_eq!(c.agent.mode, portless_netplane::Mode::Route);
+        assert_eq!(c.agent.etcd, vec!["http://127.0.0.1:2379".to_owned()]);
     }
 }

@@ -6,17 +6,17 @@ use std::time::Duration;
 
 use clap::Args;
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
-use portless_dns::RateLimit;
+use super::{ConfigError, Merge, millis_of, value};
 use portless_dns::hosts::normalize_name;
+use portless_dns::{RateLimit, forward, tcp, zone};
 
-#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[derive(Debug, Default, Clone, Args, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DnsOpts {
     /// DNS port on every Docker network's gateway address, followed live as
-    /// networks come and go; 0 turns gateway listeners off. [default: 53]
+    /// networks come and go; 0 turns gateway listeners off.
     #[arg(long, env = "PORTLESS_DNS_PORT", value_name = "PORT")]
     pub dns_port: Option<u16>,
     /// Extra fixed DNS listen address (UDP and TCP); repeatable.
@@ -28,10 +28,10 @@ pub struct DnsOpts {
     )]
     #[serde(default)]
     pub dns_listen: Vec<SocketAddr>,
-    /// Domain suffix for host-side names. [default: docker.internal]
+    /// Domain suffix for host-side names.
     #[arg(long, env = "PORTLESS_DOMAIN", value_name = "SUFFIX")]
     pub domain: Option<String>,
-    /// TTL of portless's own answers, in seconds. [default: 5]
+    /// TTL of portless's own answers, in seconds.
     #[arg(long, env = "PORTLESS_TTL", value_name = "SECONDS")]
     pub ttl: Option<u32>,
     /// Upstream resolver for other names; repeatable, tried in order.
@@ -66,24 +66,23 @@ pub struct DnsOpts {
     #[serde(default)]
     pub dns_allow: Vec<IpNet>,
     /// Time budget of one forwarded query, over all upstreams, in
-    /// milliseconds. [default: 3000]
+    /// milliseconds.
     #[arg(long, env = "PORTLESS_FORWARD_TIMEOUT_MS", value_name = "MS")]
     pub forward_timeout_ms: Option<u64>,
     /// Forwarded queries in flight at once; past it, SERVFAIL at once.
-    /// [default: 1024]
     #[arg(long, env = "PORTLESS_FORWARD_MAX_INFLIGHT", value_name = "N")]
     pub forward_max_inflight: Option<usize>,
     /// UDP replies per second to one client address (loopback excepted),
-    /// in bursts of up to as many; 0 turns the limit off. [default: 100]
+    /// in bursts of up to as many; 0 turns the limit off.
     #[arg(long, env = "PORTLESS_DNS_RATE_LIMIT", value_name = "N")]
     pub dns_rate_limit: Option<u32>,
     /// Over the rate limit, every Nth reply is a truncated one (TC=1, which
     /// sends a real client to TCP) and the others are dropped; 0 drops
-    /// them all. [default: 2]
+    /// them all.
     #[arg(long, env = "PORTLESS_DNS_RATE_LIMIT_SLIP", value_name = "N")]
     pub dns_rate_limit_slip: Option<u32>,
     /// DNS TCP connections open at once, over every listener; past it a
-    /// new connection is closed at once. [default: 512]
+    /// new connection is closed at once.
     #[arg(long, env = "PORTLESS_DNS_TCP_MAX_CONNECTIONS", value_name = "N")]
     pub dns_tcp_max_connections: Option<usize>,
 }
@@ -130,52 +129,70 @@ pub struct DnsConfig {
 }
 
 impl DnsOpts {
+    /// Every fixed default of the DNS options, taken from the dns library
+    /// where it keeps one: the one source that resolution, `--help` and
+    /// the README's reference read.
+    pub fn defaults() -> Self {
+        let rate = RateLimit::default();
+        DnsOpts {
+            dns_port: Some(53),
+            domain: Some(zone::DEFAULT_DOMAIN.to_owned()),
+            ttl: Some(zone::DEFAULT_TTL),
+            forward_timeout_ms: Some(millis_of(forward::DEFAULT_BUDGET)),
+            forward_max_inflight: Some(forward::DEFAULT_MAX_INFLIGHT),
+            dns_rate_limit: Some(rate.per_second),
+            dns_rate_limit_slip: Some(rate.slip),
+            dns_tcp_max_connections: Some(tcp::DEFAULT_MAX_CONNECTIONS),
+            ..DnsOpts::default()
+        }
+    }
+
+    /// Fill in the defaults, then validate.
     pub fn resolve(self) -> Result<DnsConfig, ConfigError> {
-        let domain = normalize_name(self.domain.as_deref().unwrap_or("docker.internal"))
+        let o = self.merge(Self::defaults());
+        let domain = normalize_name(&value(o.domain, "domain")?)
             .map_err(|e| ConfigError::new(format!("--domain: {e}")))?;
-        let ttl = self.ttl.unwrap_or(5);
+        let ttl = value(o.ttl, "ttl")?;
         if ttl > 86_400 {
             return Err(ConfigError::new("--ttl: at most 86400 seconds"));
         }
-        let upstreams = self
+        let upstreams = o
             .upstream
             .iter()
             .map(|u| parse_upstream(u))
             .collect::<Result<Vec<_>, _>>()?;
-        let ingress_zones = self
+        let ingress_zones = o
             .ingress_zone
             .iter()
             .map(|z| parse_ingress_zone(z))
             .collect::<Result<Vec<_>, _>>()?;
-        let forward_timeout_ms = self.forward_timeout_ms.unwrap_or(3000);
+        let forward_timeout_ms = value(o.forward_timeout_ms, "forward-timeout-ms")?;
         if !(10..=60_000).contains(&forward_timeout_ms) {
             return Err(ConfigError::new(
                 "--forward-timeout-ms: between 10 and 60000",
             ));
         }
-        let forward_max_inflight = self.forward_max_inflight.unwrap_or(1024);
+        let forward_max_inflight = value(o.forward_max_inflight, "forward-max-inflight")?;
         if !(1..=65_536).contains(&forward_max_inflight) {
             return Err(ConfigError::new(
                 "--forward-max-inflight: between 1 and 65536",
             ));
         }
-        let per_second = self.dns_rate_limit.unwrap_or(100);
+        let per_second = value(o.dns_rate_limit, "dns-rate-limit")?;
         if per_second > 1_000_000 {
             return Err(ConfigError::new("--dns-rate-limit: at most 1000000"));
         }
-        let slip = self.dns_rate_limit_slip.unwrap_or(2);
+        let slip = value(o.dns_rate_limit_slip, "dns-rate-limit-slip")?;
         if slip > 100 {
             return Err(ConfigError::new("--dns-rate-limit-slip: at most 100"));
         }
-        let tcp_max_connections = self
-            .dns_tcp_max_connections
-            .unwrap_or(portless_dns::tcp::DEFAULT_MAX_CONNECTIONS);
+        let tcp_max_connections = value(o.dns_tcp_max_connections, "dns-tcp-max-connections")?;
         if !(1..=65_536).contains(&tcp_max_connections) {
             return Err(ConfigError::new(
                 "--dns-tcp-max-connections: between 1 and 65536",
             ));
         }
-        if let Some(path) = &self.hosts_file {
+        if let Some(path) = &o.hosts_file {
             // Read once here, so that a missing or unreadable file is a
             // configuration error before anything is bound.
             if let Err(e) = std::fs::read_to_string(path) {
@@ -186,14 +203,14 @@ impl DnsOpts {
             }
         }
         Ok(DnsConfig {
-            port: self.dns_port.unwrap_or(53),
-            listen: self.dns_listen,
+            port: value(o.dns_port, "dns-port")?,
+            listen: o.dns_listen,
             domain,
             ttl,
             upstreams,
-            hosts_file: self.hosts_file,
+            hosts_file: o.hosts_file,
             ingress_zones,
-            allow: self.dns_allow,
+            allow: o.dns_allow,
             forward_timeout: Duration::from_millis(forward_timeout_ms),
             forward_max_inflight,
             rate_limit: (per_second > 0).then_some(RateLimit { per_second, slip }),

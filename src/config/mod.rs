@@ -3,9 +3,17 @@
 //!
 //! Precedence: flag, then environment, then the file, then the built-in
 //! default. Every option section is a struct whose fields are all optional so
-//! that the three sources can be merged field by field; `resolve` then turns
+//! that the sources can be merged field by field; `resolve` then turns
 //! the merged options into the typed, validated config that the rest of the
-//! binary uses. Everything is validated before anything is bound.
+//! binary uses (the libraries' own option types where they have one).
+//! Everything is validated before anything is bound.
+//!
+//! Defaults: each section's `defaults()` is the one source of its fixed
+//! defaults, read from the libraries' `Default` impls and constants where
+//! they keep one. Resolution merges it last; [`command`] shows it in
+//! `--help` as `[default: VALUE]`; a test checks that the README's
+//! reference says the same. Defaults that depend on the host (listen
+//! addresses, thread count, upstreams) are described in the option's help.
 //!
 //! TOML layout: general keys at the top level, then one table per part,
 //! each key spelled as its flag without the dashes in front:
@@ -24,11 +32,15 @@ pub mod cluster;
 pub mod dns;
 pub mod router;
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
-use serde::Deserialize;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::docker::DockerHost;
 
 /// Exit code for a configuration or usage error (EX_USAGE from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
@@ -41,6 +53,67 @@ pub struct ConfigError(pub String);
 impl ConfigError {
     pub fn new(msg: impl Into<String>) -> Self {
         Self(msg.into())
+    }
+}
+
+/// Every fixed default, by flag name (which is also its TOML key), as
+/// `--help` and the README show it.
+pub fn defaults_by_flag() -> BTreeMap<String, String> {
+    fn shown<T: Serialize>(section: &T, out: &mut BTreeMap<String, String>) {
+        // Each section serialises to a table of its TOML keys; options
+        // with no fixed default are absent (None) or empty lists.
+        let Ok(toml::Value::Table(table)) = toml::Value::try_from(section) else {
+            unreachable!("an options section serialises to a TOML table")
+        };
+        for (key, v) in table {
+            let text = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Array(a) if a.is_empty() => continue,
+                other => other.to_string(),
+            };
+            out.insert(key, text);
+        }
+    }
+    let mut out = BTreeMap::new();
+    shown(&GeneralOpts::defaults(), &mut out);
+    shown(&dns::DnsOpts::defaults(), &mut out);
+    shown(&router::RouterOpts::defaults(), &mut out);
+    shown(&cluster::ClusterOpts::defaults(), &mut out);
+    out
+}
+
+/// The command line, with each option's fixed default shown at the end of
+/// its help as `[default: VALUE]` (read from the sections' `defaults()`,
+/// not given to clap as a value: a default given to clap would hide
+/// whether the flag was set, and the file could no longer override it).
+pub fn command() -> clap::Command {
+    fn show_defaults(cmd: clap::Command) -> clap::Command {
+        let defaults = defaults_by_flag();
+        let shown: Vec<(clap::Id, String)> = cmd
+            .get_arguments()
+            .filter_map(|a| {
+                let d = defaults.get(a.get_long()?)?;
+                Some((a.get_id().clone(), d.clone()))
+            })
+            .collect();
+        shown.into_iter().fold(cmd, |cmd, (id, d)| {
+            cmd.mut_arg(id, |a| {
+                let help = a.get_help().map(ToString::to_string).unwrap_or_default();
+                a.help(format!("{help} [default: {d}]"))
+            })
+        })
+    }
+    Cli::command()
+        .mut_subcommand("run", show_defaults)
+        .mut_subcommand("netplane", |n| n.mut_subcommand("cleanup", show_defaults))
+}
+
+impl Cli {
+    /// Parse the process's arguments (and environment) with [`command`],
+    /// as `Parser::try_parse` does with the plain one.
+    pub fn try_parse_args() -> Result<Cli, clap::Error> {
+        let matches = command().try_get_matches()?;
+        Cli::from_arg_matches(&matches)
     }
 }
 
@@ -61,6 +134,23 @@ impl<T> Merge for Vec<T> {
         if self.is_empty() { file } else { self }
     }
 }
+
+/// An option's value once merged with its defaults: always there for an
+/// option that has one (an error names the option otherwise).
+pub fn value<T>(v: Option<T>, flag: &str) -> Result<T, ConfigError> {
+    v.ok_or_else(|| ConfigError::new(format!("--{flag}: no value given and no default")))
+}
+
+/// A default kept by a library as a [`Duration`], as the option's
+/// milliseconds.
+pub fn millis_of(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The admin API's address unless `--admin-listen` says otherwise, for
+/// `run` and `status` alike.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9053));
 
 /// Implements [`Merge`] for an options struct, field by field.
 #[macro_export]
@@ -114,7 +204,7 @@ pub struct StatusArgs {
         long = "admin-listen",
         visible_alias = "admin",
         env = "PORTLESS_ADMIN_LISTEN",
-        default_value = "127.0.0.1:9053",
+        default_value_t = DEFAULT_ADMIN_LISTEN,
         value_name = "ADDR:PORT"
     )]
     pub admin: SocketAddr,
@@ -126,37 +216,49 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// TOML configuration file; flags and PORTLESS_* variables override it.
-    #[arg(long, env = "PORTLESS_CONFIG", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "PORTLESS_CONFIG",
+        value_name = "FILE",
+        help_heading = HEADING_GENERAL
+    )]
     pub config: Option<PathBuf>,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = HEADING_GENERAL)]
     pub general: GeneralOpts,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = HEADING_DNS)]
     pub dns: dns::DnsOpts,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = HEADING_ROUTER)]
     pub router: router::RouterOpts,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = HEADING_CLUSTER)]
     pub cluster: cluster::ClusterOpts,
 }
 
-/// Options that belong to no single part.
-#[derive(Debug, Default, Clone, Args, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+/// `--help` groups the options of `run` by section, each named with its
+/// TOML table (as the README's reference is).
+const HEADING_GENERAL: &str = "General (top level)";
+const HEADING_DNS: &str = "DNS ([dns])";
+const HEADING_ROUTER: &str = "Router ([router])";
+const HEADING_CLUSTER: &str = "Cluster ([cluster])";
+
+/// Options that belong to no single part. Unknown keys are refused by
+/// `load_file` (serde cannot with `flatten`).
+#[derive(Debug, Default, Clone, Args, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct GeneralOpts {
     /// Docker Engine to follow: unix:///path, tcp://host:port or http://host:port, or "none"
     /// to run without Docker (only static names, ingress zones and netplane).
     /// [default: $DOCKER_HOST, else unix:///var/run/docker.sock]
     #[arg(long, env = "PORTLESS_DOCKER_HOST", value_name = "URL")]
     pub docker_host: Option<String>,
-    /// Admin API (status, /metrics) listen address. [default: 127.0.0.1:9053]
+    /// Admin API (status, /metrics) listen address.
     #[arg(long, env = "PORTLESS_ADMIN_LISTEN", value_name = "ADDR:PORT")]
     pub admin_listen: Option<SocketAddr>,
     /// Log filter in tracing's EnvFilter syntax; hickory-server's
     /// per-query lines stay out unless it names `hickory_server`.
-    /// [default: info]
     #[arg(long, env = "PORTLESS_LOG", value_name = "FILTER")]
     pub log: Option<String>,
     /// Log lines as `text` (colours only on a terminal) or `json` (one
-    /// object a line, for log shippers). [default: text]
+    /// object a line, for log shippers).
     #[arg(long, env = "PORTLESS_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
 }
@@ -167,8 +269,21 @@ merge_fields!(GeneralOpts {
     log_format
 });
 
+impl GeneralOpts {
+    /// Every fixed default of the general options: the one source that
+    /// resolution, `--help` and the README's reference read.
+    pub fn defaults() -> Self {
+        GeneralOpts {
+            docker_host: None,
+            admin_listen: Some(DEFAULT_ADMIN_LISTEN),
+            log: Some("info".to_owned()),
+            log_format: Some(LogFormat::default()),
+        }
+    }
+}
+
 /// How log lines are written.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LogFormat {
     #[default]
@@ -176,13 +291,12 @@ pub enum LogFormat {
     Json,
 }
 
-/// The log filter to use for `--log`: the given one (default `info`),
-/// with hickory-server held to warnings unless the filter says otherwise.
+/// The log filter to use for `--log`: the given one, with hickory-server
+/// held to warnings unless the filter says otherwise.
 /// hickory-server logs two INFO lines per TCP query, refused ones
 /// included: at `info` a client could fill the disk (anything per query is
 /// debug or trace here).
-fn log_filter(given: Option<&str>) -> String {
-    let filter = given.unwrap_or("info");
+fn log_filter(filter: &str) -> String {
     if filter.contains("hickory_server") {
         filter.to_owned()
     } else if filter.trim().is_empty() {
@@ -194,10 +308,10 @@ fn log_filter(given: Option<&str>) -> String {
 
 /// The TOML file's shape.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
 struct FileConfig {
     #[serde(flatten)]
-    general: GeneralFile,
+    general: GeneralOpts,
     #[serde(default)]
     dns: dns::DnsOpts,
     #[serde(default)]
@@ -206,26 +320,16 @@ struct FileConfig {
     cluster: cluster::ClusterOpts,
 }
 
-// serde cannot combine `flatten` with `deny_unknown_fields`, so the general
-// keys are listed here once more and checked by hand in `load_file`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-struct GeneralFile {
-    docker_host: Option<String>,
-    admin_listen: Option<SocketAddr>,
-    log: Option<String>,
-    log_format: Option<LogFormat>,
+/// The keys allowed at the top level of the file: the general options
+/// (spelled as their flags) and the sections' tables.
+fn top_level_keys() -> Vec<String> {
+    let general = GeneralOpts::augment_args(clap::Command::new("general"));
+    general
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .chain(["dns", "router", "cluster"].map(str::to_owned))
+        .collect()
 }
-
-const GENERAL_KEYS: &[&str] = &[
-    "docker-host",
-    "admin-listen",
-    "log",
-    "log-format",
-    "dns",
-    "router",
-    "cluster",
-];
 
 fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -233,25 +337,16 @@ fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })?;
     let table: toml::Table = toml::from_str(&text)
         .map_err(|e| ConfigError::new(format!("config file {}: {e}", path.display())))?;
-    if let Some(key) = table.keys().find(|k| !GENERAL_KEYS.contains(&k.as_str())) {
+    let allowed = top_level_keys();
+    if let Some(key) = table.keys().find(|k| !allowed.contains(k)) {
         return Err(ConfigError::new(format!(
             "config file {}: unknown key `{key}` (expected one of: {})",
             path.display(),
-            GENERAL_KEYS.join(", ")
+            allowed.join(", ")
         )));
     }
     toml::from_str(&text)
         .map_err(|e| ConfigError::new(format!("config file {}: {e}", path.display())))
-}
-
-/// Where to find the Docker Engine.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DockerHost {
-    /// No Docker Engine: discovery is off.
-    None,
-    Unix(PathBuf),
-    /// `tcp://` or `http://`, kept as an http URL.
-    Http(String),
 }
 
 /// The resolved configuration of `portless run`.
@@ -273,12 +368,10 @@ impl RunArgs {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
-        let general = self.general.merge(GeneralOpts {
-            docker_host: file.general.docker_host,
-            admin_listen: file.general.admin_listen,
-            log: file.general.log,
-            log_format: file.general.log_format,
-        });
+        let general = self
+            .general
+            .merge(file.general)
+            .merge(GeneralOpts::defaults());
         let docker = parse_docker_host(
             general
                 .docker_host
@@ -287,16 +380,14 @@ impl RunArgs {
         let cluster = self.cluster.merge(file.cluster).resolve()?;
         Ok(Config {
             docker,
-            admin_listen: general
-                .admin_listen
-                .unwrap_or(([127, 0, 0, 1], 9053).into()),
+            admin_listen: value(general.admin_listen, "admin-listen")?,
             log: {
-                let log = log_filter(general.log.as_deref());
+                let log = log_filter(&value(general.log, "log")?);
                 tracing_subscriber::EnvFilter::try_new(&log)
                     .map_err(|e| ConfigError::new(format!("--log {log}: {e}")))?;
                 log
             },
-            log_format: general.log_format.unwrap_or_default(),
+            log_format: value(general.log_format, "log-format")?,
             dns: self.dns.merge(file.dns).resolve()?,
             router: self.router.merge(file.router).resolve()?,
             cluster,
@@ -306,7 +397,7 @@ impl RunArgs {
 
 fn parse_docker_host(value: Option<String>) -> Result<DockerHost, ConfigError> {
     let Some(value) = value else {
-        return Ok(DockerHost::Unix(PathBuf::from("/var/run/docker.sock")));
+        return Ok(DockerHost::default());
     };
     if value == "none" {
         return Ok(DockerHost::None);
@@ -340,10 +431,10 @@ mod tests {
 
     #[test]
     fn hickory_per_query_lines_stay_out_unless_asked_for() {
-        assert_eq!(log_filter(None), "info,hickory_server=warn");
-        assert_eq!(log_filter(Some("debug")), "debug,hickory_server=warn");
+        assert_eq!(log_filter("info"), "info,hickory_server=warn");
+        assert_eq!(log_filter("debug"), "debug,hickory_server=warn");
         assert_eq!(
-            log_filter(Some("info,hickory_server=info")),
+            log_filter("info,hickory_server=info"),
             "info,hickory_server=info"
         );
     }
@@ -386,15 +477,15 @@ mod tests {
         assert_eq!(cfg.dns.upstreams, vec!["127.0.0.53:53".parse().unwrap()]);
         assert_eq!(cfg.router.threads, 2);
         assert_eq!(
-            cfg.router.trusted_proxies,
+            cfg.router.options.trusted_proxies,
             vec!["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
         );
         let cluster = cfg
             .cluster
             .as_ref()
             .expect("the example turns cluster mode on");
-        assert_eq!(cluster.etcd, vec!["http://10.0.0.10:2379".to_owned()]);
-        assert_eq!(cluster.host_id.as_deref(), Some("host-a"));
+        assert_eq!(cluster.agent.etcd, vec!["http://10.0.0.10:2379".to_owned()]);
+        assert_eq!(cluster.agent.host_id.as_deref(), Some("host-a"));
         let cfg = run_args(&[
             "--config",
             example,
@@ -427,5 +518,151 @@ mod tests {
             assert!(err.contains(needle), "{name}: {err}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A temporary config file, removed on drop.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, text: &str) -> TempFile {
+            let path = std::env::temp_dir()
+                .join(format!("portless-cfg-{}-{name}.toml", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            TempFile(path)
+        }
+
+        fn arg(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// The long flags of one section, from its clap definition.
+    fn flags<A: Args>() -> Vec<String> {
+        A::augment_args(clap::Command::new("section"))
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_owned))
+            .collect()
+    }
+
+    /// Each section's TOML table ("" for the top level) and its flags.
+    fn sections() -> Vec<(&'static str, Vec<String>)> {
+        vec![
+            ("", flags::<GeneralOpts>()),
+            ("dns", flags::<dns::DnsOpts>()),
+            ("router", flags::<router::RouterOpts>()),
+            ("cluster", flags::<cluster::ClusterOpts>()),
+        ]
+    }
+
+    #[test]
+    fn every_flag_is_a_key_of_its_toml_table() {
+        let mut checked = 0;
+        for (table, keys) in sections() {
+            let table = if table.is_empty() {
+                String::new()
+            } else {
+                format!("[{table}]\n")
+            };
+            for key in keys {
+                // A value of the wrong type for most keys: the error must
+                // be about the value, never an unknown key.
+                let file = TempFile::new("key", &format!("{table}{key} = -1\n"));
+                if let Err(e) = load_file(&file.0) {
+                    let e = e.to_string();
+                    assert!(!e.contains("unknown"), "{table}{key}: {e}");
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 45, "only {checked} keys");
+    }
+
+    #[test]
+    fn the_example_config_shows_every_key_in_its_table() {
+        // Keys naming files are commented out (`# key = ...`): they count.
+        let example = include_str!("../../tests/examples/portless.toml");
+        let mut shown = Vec::new();
+        let mut table = String::new();
+        for line in example.lines() {
+            let line = line.trim_start_matches("# ");
+            if let Some(t) = line.strip_prefix('[') {
+                table = t.trim_end_matches(']').to_owned();
+            } else if let Some((key, _)) = line.split_once(" = ") {
+                shown.push(format!("{table}.{key}"));
+            }
+        }
+        let missing: Vec<String> = sections()
+            .iter()
+            .flat_map(|(table, keys)| keys.iter().map(move |k| format!("{table}.{k}")))
+            .filter(|k| !shown.contains(k))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "tests/examples/portless.toml lacks {missing:?}"
+        );
+    }
+
+    /// Every fixed default, as a TOML file that spells each one out.
+    fn defaults_file() -> String {
+        fn table<T: Serialize>(name: &str, section: &T) -> String {
+            let text = toml::to_string(section).unwrap();
+            if name.is_empty() {
+                text
+            } else {
+                format!("[{name}]\n{text}")
+            }
+        }
+        [
+            table("", &GeneralOpts::defaults()),
+            table("dns", &dns::DnsOpts::defaults()),
+            table("router", &router::RouterOpts::defaults()),
+            table("cluster", &cluster::ClusterOpts::defaults()),
+        ]
+        .join("\n")
+    }
+
+    #[test]
+    fn the_defaults_shown_are_the_ones_used() {
+        // Nothing given, and every shown default given in a file: the same
+        // configuration. A default kept anywhere else than `defaults()`
+        // (a literal in a resolver) would make them differ.
+        let etcd = ["--cluster-etcd", "http://127.0.0.1:2379"];
+        let implicit = run_args(&etcd).resolve().expect("the defaults resolve");
+        let file = TempFile::new("defaults", &defaults_file());
+        let mut args = vec!["--config", file.arg()];
+        args.extend_from_slice(&etcd);
+        let explicit = run_args(&args)
+            .resolve()
+            .expect("the shown defaults resolve");
+        assert_eq!(format!("{implicit:?}"), format!("{explicit:?}"));
+        // And what `--help` shows is that file's values.
+        let defaults = defaults_by_flag();
+        let mut run = command();
+        let run = run.find_subcommand_mut("run").unwrap();
+        for arg in run.get_arguments() {
+            let (Some(long), Some(help)) = (arg.get_long(), arg.get_help()) else {
+                continue;
+            };
+            let help = help.to_string();
+            match defaults.get(long) {
+                Some(d) => assert!(
+                    help.ends_with(&format!(" [default: {d}]")),
+                    "--{long}: {help}"
+                ),
+                None => assert!(
+                    !help.contains("[default: ") || help.contains(". [default: "),
+                    "--{long}: a fixed default in its help text, not in defaults(): {help}"
+                ),
+            }
+        }
+        assert_eq!(defaults["ttl"], "5");
+        assert_eq!(defaults["header-timeout-ms"], "10000");
+        assert_eq!(defaults["cluster-cidr"], "10.244.0.0/16");
     }
 }

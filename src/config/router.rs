@@ -8,23 +8,22 @@ use clap::Args;
 use ipnet::IpNet;
 use portless_router::RouterOptions;
 use portless_router::access_log::Target;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::{ConfigError, Merge, millis_of, value};
 
-#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[derive(Debug, Default, Clone, Args, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RouterOpts {
     /// Turn the HTTP(S) router off.
     #[arg(long, env = "PORTLESS_NO_ROUTER", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub no_router: Option<bool>,
     /// Plain HTTP listener (HTTP/1.1, and HTTP/2 with prior knowledge).
-    /// [default: [::]:80, all IPv6 and IPv4 addresses; 0.0.0.0:80 on hosts
-    /// without IPv6]
+    /// [default: [::]:80 (IPv6 and IPv4); 0.0.0.0:80 on hosts without IPv6]
     #[arg(long, env = "PORTLESS_HTTP_LISTEN", value_name = "ADDR:PORT")]
     pub http_listen: Option<SocketAddr>,
-    /// HTTPS listener, active when --cert-dir is set. [default: [::]:443,
-    /// or 0.0.0.0:443 on hosts without IPv6]
+    /// HTTPS listener, active when --cert-dir is set. [default: [::]:443
+    /// (IPv6 and IPv4); 0.0.0.0:443 on hosts without IPv6]
     #[arg(long, env = "PORTLESS_HTTPS_LISTEN", value_name = "ADDR:PORT")]
     pub https_listen: Option<SocketAddr>,
     /// Directory of PEM certificates (with keys in the same file or in
@@ -51,34 +50,32 @@ pub struct RouterOpts {
     pub proxy_protocol: Option<bool>,
     /// Time a client has to send request headers (and TLS handshake, and
     /// PROXY header); a connection with no request in progress for one to
-    /// two of these is shut down, whatever its protocol. [default: 10000]
+    /// two of these is shut down, whatever its protocol.
     #[arg(long, env = "PORTLESS_HEADER_TIMEOUT_MS", value_name = "MS")]
     pub header_timeout_ms: Option<u64>,
-    /// Largest request header block; larger gets 431. [default: 65536]
+    /// Largest request header block; larger gets 431.
     #[arg(long, env = "PORTLESS_MAX_HEADER_BYTES", value_name = "BYTES")]
     pub max_header_bytes: Option<usize>,
-    /// Largest request body; larger gets 413. 0 means no limit. [default: 0]
+    /// Largest request body; larger gets 413. 0 means no limit.
     #[arg(long, env = "PORTLESS_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<u64>,
-    /// Backend connect timeout. [default: 3000]
+    /// Backend connect timeout.
     #[arg(long, env = "PORTLESS_CONNECT_TIMEOUT_MS", value_name = "MS")]
     pub connect_timeout_ms: Option<u64>,
     /// Time for a backend to answer with response headers; past it, 504.
-    /// [default: 60000]
     #[arg(long, env = "PORTLESS_UPSTREAM_TIMEOUT_MS", value_name = "MS")]
     pub upstream_timeout_ms: Option<u64>,
     /// How long a backend that refused a connection gets no requests.
-    /// [default: 10000]
     #[arg(long, env = "PORTLESS_EJECT_MS", value_name = "MS")]
     pub eject_ms: Option<u64>,
     /// A client connection whose writes make no progress for this long (a
     /// client that stopped reading) is closed, with the backend connection
-    /// of its answer. [default: 60000]
+    /// of its answer.
     #[arg(long, env = "PORTLESS_SEND_TIMEOUT_MS", value_name = "MS")]
     pub send_timeout_ms: Option<u64>,
     /// Log every request as one JSON line to this file (created, appended
     /// to, reopened when rotated away or on SIGHUP), or to standard output
-    /// with `-`. [default: no access log]
+    /// with `-`.
     #[arg(long, env = "PORTLESS_ACCESS_LOG", value_name = "PATH|-")]
     pub access_log: Option<String>,
     /// Router threads, each with its own listener socket (SO_REUSEPORT)
@@ -105,7 +102,9 @@ crate::merge_fields!(RouterOpts {
     router_threads,
 });
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The resolved router options: the library's own [`RouterOptions`] and
+/// what the binary does with them (listeners, certificates, threads).
+#[derive(Debug, Clone)]
 pub struct RouterConfig {
     pub enabled: bool,
     pub http_listen: SocketAddr,
@@ -113,15 +112,10 @@ pub struct RouterConfig {
     pub https_listen: Option<SocketAddr>,
     pub cert_dir: Option<PathBuf>,
     pub redirect_https: bool,
-    pub trusted_proxies: Vec<IpNet>,
-    pub proxy_protocol: bool,
-    pub header_timeout: Duration,
-    pub max_header_bytes: usize,
-    pub max_body_bytes: Option<u64>,
-    pub connect_timeout: Duration,
-    pub upstream_timeout: Duration,
-    pub eject_for: Duration,
-    pub send_timeout: Duration,
+    /// The tunables as the router takes them; its access log is opened
+    /// (from `access_log`) and its redirect port known (from the bound
+    /// HTTPS listener) only at start.
+    pub options: RouterOptions,
     pub access_log: Option<Target>,
     pub threads: usize,
 }
@@ -147,13 +141,8 @@ fn all_addresses(port: u16) -> SocketAddr {
     }
 }
 
-/// A default kept in [`RouterOptions`], in milliseconds.
-fn default_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn millis(name: &str, v: Option<u64>, default: u64, max: u64) -> Result<Duration, ConfigError> {
-    let v = v.unwrap_or(default);
+fn millis(name: &str, v: Option<u64>, max: u64) -> Result<Duration, ConfigError> {
+    let v = value(v, name)?;
     if !(1..=max).contains(&v) {
         return Err(ConfigError::new(format!("--{name}: between 1 and {max}")));
     }
@@ -161,10 +150,33 @@ fn millis(name: &str, v: Option<u64>, default: u64, max: u64) -> Result<Duration
 }
 
 impl RouterOpts {
+    /// Every fixed default of the router options, taken from the router
+    /// library's [`RouterOptions::default`]: the one source that
+    /// resolution, `--help` and the README's reference read. The listeners
+    /// and threads depend on the host, and are documented in their help.
+    pub fn defaults() -> Self {
+        let d = RouterOptions::default();
+        RouterOpts {
+            no_router: Some(false),
+            redirect_https: Some(false),
+            proxy_protocol: Some(d.proxy_protocol),
+            header_timeout_ms: Some(millis_of(d.header_read_timeout)),
+            max_header_bytes: Some(d.max_header_bytes),
+            max_body_bytes: Some(d.max_body_bytes.unwrap_or(0)),
+            connect_timeout_ms: Some(millis_of(d.connect_timeout)),
+            upstream_timeout_ms: Some(millis_of(d.upstream_timeout)),
+            eject_ms: Some(millis_of(d.eject_for)),
+            send_timeout_ms: Some(millis_of(d.send_timeout)),
+            ..RouterOpts::default()
+        }
+    }
+
+    /// Fill in the defaults, then validate.
     pub fn resolve(self) -> Result<RouterConfig, ConfigError> {
-        let enabled = !self.no_router.unwrap_or(false);
-        let http_listen = self.http_listen.unwrap_or_else(|| all_addresses(80));
-        if let Some(dir) = &self.cert_dir
+        let o = self.merge(Self::defaults());
+        let enabled = !value(o.no_router, "no-router")?;
+        let http_listen = o.http_listen.unwrap_or_else(|| all_addresses(80));
+        if let Some(dir) = &o.cert_dir
             && !dir.is_dir()
         {
             return Err(ConfigError::new(format!(
@@ -172,17 +184,17 @@ impl RouterOpts {
                 dir.display()
             )));
         }
-        let https_listen = self
+        let https_listen = o
             .cert_dir
             .as_ref()
-            .map(|_| self.https_listen.unwrap_or_else(|| all_addresses(443)));
-        if self.https_listen.is_some() && self.cert_dir.is_none() {
+            .map(|_| o.https_listen.unwrap_or_else(|| all_addresses(443)));
+        if o.https_listen.is_some() && o.cert_dir.is_none() {
             return Err(ConfigError::new(
                 "--https-listen needs --cert-dir: there is nothing to serve TLS with",
             ));
         }
-        let redirect_https = self.redirect_https.unwrap_or(false);
-        if redirect_https && self.cert_dir.is_none() {
+        let redirect_https = value(o.redirect_https, "redirect-https")?;
+        if redirect_https && o.cert_dir.is_none() {
             return Err(ConfigError::new(
                 "--redirect-https needs --cert-dir: there would be no https to redirect to",
             ));
@@ -194,48 +206,37 @@ impl RouterOpts {
                 "--http-listen and --https-listen must differ",
             ));
         }
-        let threads = match self.router_threads {
+        let threads = match o.router_threads {
             Some(n) if (1..=256).contains(&n) => n,
             Some(_) => return Err(ConfigError::new("--router-threads: between 1 and 256")),
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
-        let max_header_bytes = self.max_header_bytes.unwrap_or(64 * 1024);
+        let max_header_bytes = value(o.max_header_bytes, "max-header-bytes")?;
         if !(8192..=1024 * 1024).contains(&max_header_bytes) {
             return Err(ConfigError::new(
                 "--max-header-bytes: between 8192 and 1048576",
             ));
         }
+        let options = RouterOptions {
+            header_read_timeout: millis("header-timeout-ms", o.header_timeout_ms, 600_000)?,
+            max_header_bytes,
+            max_body_bytes: o.max_body_bytes.filter(|&n| n > 0),
+            connect_timeout: millis("connect-timeout-ms", o.connect_timeout_ms, 600_000)?,
+            upstream_timeout: millis("upstream-timeout-ms", o.upstream_timeout_ms, 3_600_000)?,
+            eject_for: millis("eject-ms", o.eject_ms, 3_600_000)?,
+            send_timeout: millis("send-timeout-ms", o.send_timeout_ms, 3_600_000)?,
+            trusted_proxies: o.trusted_proxy,
+            proxy_protocol: value(o.proxy_protocol, "proxy-protocol")?,
+            ..RouterOptions::default()
+        };
         Ok(RouterConfig {
             enabled,
             http_listen,
             https_listen,
-            cert_dir: self.cert_dir,
+            cert_dir: o.cert_dir,
             redirect_https,
-            trusted_proxies: self.trusted_proxy,
-            proxy_protocol: self.proxy_protocol.unwrap_or(false),
-            header_timeout: millis("header-timeout-ms", self.header_timeout_ms, 10_000, 600_000)?,
-            max_header_bytes,
-            max_body_bytes: self.max_body_bytes.filter(|&n| n > 0),
-            connect_timeout: millis(
-                "connect-timeout-ms",
-                self.connect_timeout_ms,
-                3_000,
-                600_000,
-            )?,
-            upstream_timeout: millis(
-                "upstream-timeout-ms",
-                self.upstream_timeout_ms,
-                60_000,
-                3_600_000,
-            )?,
-            eject_for: millis("eject-ms", self.eject_ms, 10_000, 3_600_000)?,
-            send_timeout: millis(
-                "send-timeout-ms",
-                self.send_timeout_ms,
-                default_ms(RouterOptions::default().send_timeout),
-                3_600_000,
-            )?,
-            access_log: match self.access_log.as_deref() {
+            options,
+            access_log: match o.access_log.as_deref() {
                 None => None,
                 Some("") => return Err(ConfigError::new("--access-log: a path, or - for stdout")),
                 Some(s) => Some(Target::parse(s)),
@@ -257,9 +258,9 @@ mod tests {
         assert_eq!(c.http_listen.port(), 80);
         assert!(c.http_listen.ip().is_unspecified());
         assert_eq!(c.https_listen, None);
-        assert_eq!(c.max_body_bytes, None);
-        assert_eq!(c.upstream_timeout, Duration::from_secs(60));
-        assert_eq!(c.send_timeout, Duration::from_secs(60));
+        assert_eq!(c.options.max_body_bytes, None);
+        assert_eq!(c.options.upstream_timeout, Duration::from_secs(60));
+        assert_eq!(c.options.send_timeout, Duration::from_secs(60));
         assert_eq!(c.access_log, None);
     }
 
@@ -295,10 +296,10 @@ mod tests {
         .unwrap();
         let c = o.resolve().unwrap();
         assert_eq!(c.http_listen, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(c.trusted_proxies.len(), 1);
-        assert!(c.proxy_protocol);
-        assert_eq!(c.max_body_bytes, Some(1_048_576));
-        assert_eq!(c.send_timeout, Duration::from_secs(5));
+        assert_eq!(c.options.trusted_proxies.len(), 1);
+        assert!(c.options.proxy_protocol);
+        assert_eq!(c.options.max_body_bytes, Some(1_048_576));
+        assert_eq!(c.options.send_timeout, Duration::from_secs(5));
         assert_eq!(c.access_log, Some(Target::Stdout));
         assert!(toml::from_str::<RouterOpts>("listen = 1").is_err());
     }

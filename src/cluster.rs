@@ -57,6 +57,8 @@ pub struct ClusterHandle {
     docker: Option<Docker>,
     source: ClusterStatusSource,
     docker_task: Option<JoinHandle<()>>,
+    /// The network plugin's server and network sync (cluster networks).
+    plugin_tasks: Vec<JoinHandle<()>>,
 }
 
 fn hostname() -> String {
@@ -114,6 +116,12 @@ pub async fn run(
         ))),
         _ => None,
     };
+    let plugin_tasks = match (&client, &cfg.plugin_socket) {
+        (Some(client), Some(socket)) => start_plugin(&cfg, socket, &agent, client.clone())
+            .await
+            .context("starting the Docker network plugin")?,
+        _ => Vec::new(),
+    };
     let source = ClusterStatusSource {
         netplane: agent.subscribe(),
         docker: docker_status,
@@ -125,7 +133,35 @@ pub async fn run(
         docker: client,
         source,
         docker_task,
+        plugin_tasks,
     })
+}
+
+/// Serve the `portless` network and IPAM plugin and make the cluster's
+/// networks on this Engine (see `crate::plugin`).
+async fn start_plugin(
+    cfg: &ClusterConfig,
+    socket: &std::path::Path,
+    agent: &Agent,
+    docker: Docker,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let a = &cfg.agent;
+    let store = Store::connect_with(&a.etcd, &a.prefix, &a.etcd_access).await?;
+    let plugin = crate::plugin::Plugin::new(
+        crate::plugin::PluginConfig {
+            pool: cfg.network_pool,
+            subnet_len: 24,
+            cluster: a.cluster,
+            cluster_vni: a.vni,
+        },
+        store,
+        agent.kernel().clone(),
+        docker,
+        agent.subscribe(),
+    );
+    let server = crate::plugin::serve(plugin.clone(), socket).await?;
+    let sync = tokio::spawn(crate::plugin::sync::run(plugin));
+    Ok(vec![server, sync])
 }
 
 /// Keep the cluster Docker network in place: (re)ensure it whenever the
@@ -232,6 +268,12 @@ impl ClusterHandle {
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         if let Some(t) = self.docker_task.take() {
             t.abort();
+        }
+        for t in self.plugin_tasks.drain(..) {
+            t.abort();
+        }
+        if let Some(socket) = &self.cfg.plugin_socket {
+            let _ = std::fs::remove_file(socket);
         }
         if !self.cfg.cleanup_on_exit {
             self.agent.stop(false).await?;

@@ -13,6 +13,7 @@ mod docker;
 mod ifaddrs;
 mod metrics;
 mod namespace;
+mod plugin;
 mod router_task;
 mod routes;
 mod status;

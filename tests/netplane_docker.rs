@@ -52,6 +52,9 @@ fn docker_network_and_iptables_rules_follow_the_lease_and_go_on_exit() {
         "--lease-ttl",
         "2",
         "--cleanup-on-exit",
+        // Not the machine's /run/docker/plugins.
+        "--plugin-socket",
+        "none",
         "--dns-port",
         "0",
         "--no-router",

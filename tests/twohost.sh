@@ -138,7 +138,10 @@ up_dockerd() {
   [[ $h == B ]] && bip=172.31.2.1/24
   # the cgroup mounts as seen here, replayed inside the netns (see _cgexec)
   grep ' /sys/fs/cgroup' /proc/self/mountinfo >"$STATE/cgroup-mounts"
-  ip netns exec "$ns" setsid "$SELF" _cgexec "$STATE/cgroup-mounts" dockerd \
+  # each engine reads network plugins from a directory of its own (see
+  # _cgexec), where that host's portless puts its plugin socket
+  mkdir -p "$DIR/plugins-$h"
+  ip netns exec "$ns" setsid env TWOHOST_PLUGINS="$DIR/plugins-$h" "$SELF" _cgexec "$STATE/cgroup-mounts" dockerd \
     --config-file "$STATE/daemon-$h.json" \
     --host "unix://$(sock_of "$h")" \
     --data-root /var/lib/$PFX-$h \
@@ -210,6 +213,13 @@ cmd_cgexec() {
       cgroup2) mount -t cgroup2 cgroup2 "$mp" ;;
     esac
   done < <(awk '{split($0, h, " - "); split(h[2], t, " "); print $5, t[1], t[3]}' "$mi")
+  # Docker finds plugins in /run/docker/plugins: give this engine its own
+  # (a bind mount inside its private mount namespace only), so that each
+  # engine talks to its own host's portless.
+  if [[ -n ${TWOHOST_PLUGINS:-} ]]; then
+    mkdir -p /run/docker/plugins
+    mount --bind "$TWOHOST_PLUGINS" /run/docker/plugins
+  fi
   exec "$@"
 }
 

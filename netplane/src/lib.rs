@@ -16,6 +16,10 @@
 //!   change events.
 //! - [`store`]: the state in etcd under a versioned prefix: subnet leases
 //!   granted by compare-and-swap, reservations, host records, watch.
+//! - [`ipam`]: cluster networks (`docker network create -d portless`):
+//!   their records, subnet, VNI, per-host address blocks and addresses,
+//!   decided without I/O; the etcd side is in `store/networks.rs`.
+//! - [`segment`]: a cluster network's bridge and veth pairs on one host.
 //! - [`access`]: TLS (a CA, a client certificate) and user/password for
 //!   etcd ([`access::EtcdAccess`]), checked when the configuration is read.
 //! - [`iptables`]: the `PORTLESS-FWD`/`PORTLESS-NAT` chains.
@@ -39,12 +43,14 @@
 pub mod access;
 pub mod agent;
 pub mod error;
+pub mod ipam;
 pub mod iptables;
 pub mod membership;
 pub mod model;
 pub mod netlink;
 pub mod plan;
 pub mod records;
+pub mod segment;
 pub mod store;
 
 pub use error::{Error, Result};

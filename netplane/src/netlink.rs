@@ -277,12 +277,12 @@ fn track_ours(ours: &mut HashSet<u32>, m: &rtnetlink::packet_route::RouteNetlink
     }
 }
 
-fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
+pub(crate) fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
     let op = op.into();
     move |source| Error::Netlink { op, source }
 }
 
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
+pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
         _ => None,

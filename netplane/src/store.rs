@@ -43,6 +43,9 @@ use crate::model::HostRecord;
 use crate::plan::pick_subnet;
 use crate::records::{ContainerRecord, PubOp, RecordRefusal};
 
+mod networks;
+pub use networks::{NetworkListing, NewNetwork};
+
 /// Default key prefix; the version moves when the layout changes.
 pub const PREFIX: &str = "/portless/v1/";
 

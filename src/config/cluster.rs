@@ -97,6 +97,15 @@ pub struct ClusterOpts {
     /// ignored). The password itself is never a flag: `ps` would show it.
     #[arg(long, env = "PORTLESS_ETCD_PASSWORD_FILE", value_name = "FILE")]
     pub etcd_password_file: Option<PathBuf>,
+    // --- cluster networks (`docker network create -d portless`) ---
+    /// Unix socket of the Docker network and IPAM plugin `portless`
+    /// (served in cluster mode on a Docker host); "none" turns it off.
+    #[arg(long, env = "PORTLESS_PLUGIN_SOCKET", value_name = "PATH|none")]
+    pub plugin_socket: Option<String>,
+    /// Range from which `docker network create -d portless` networks
+    /// without --subnet get a /24 each; must not overlap --cluster-cidr.
+    #[arg(long, env = "PORTLESS_NETWORK_POOL", value_name = "CIDR")]
+    pub network_pool: Option<Ipv4Net>,
 }
 crate::merge_fields!(ClusterOpts {
     cluster_etcd,
@@ -119,6 +128,8 @@ crate::merge_fields!(ClusterOpts {
     etcd_key,
     etcd_user,
     etcd_password_file,
+    plugin_socket,
+    network_pool,
 });
 
 /// Where a host keeps what must outlive a restart.
@@ -136,7 +147,18 @@ pub struct ClusterConfig {
     /// The bridge of portless's own, used with `--docker-host none`.
     pub bridge: String,
     pub cleanup_on_exit: bool,
+    /// Cluster networks: the plugin socket (None: off) and the pool.
+    pub plugin_socket: Option<PathBuf>,
+    pub network_pool: Ipv4Net,
 }
+
+/// Where Docker looks for the `portless` plugin.
+pub const DEFAULT_PLUGIN_SOCKET: &str = "/run/docker/plugins/portless.sock";
+/// Where `-d portless` networks without `--subnet` get theirs.
+pub const DEFAULT_NETWORK_POOL: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(10, 112, 0, 0), 12) {
+    Ok(n) => n,
+    Err(_) => panic!("a /12 is a valid prefix"),
+};
 
 const MAX_IFNAME: usize = 15;
 
@@ -159,6 +181,8 @@ impl ClusterOpts {
             netplane_resync: Some(d.resync.as_secs()),
             state_dir: Some(PathBuf::from(DEFAULT_STATE_DIR)),
             cleanup_on_exit: Some(false),
+            plugin_socket: Some(DEFAULT_PLUGIN_SOCKET.to_owned()),
+            network_pool: Some(DEFAULT_NETWORK_POOL),
             ..ClusterOpts::default()
         }
     }
@@ -225,7 +249,29 @@ impl ClusterOpts {
         if resync == 0 {
             return Err(ConfigError::new("--netplane-resync: at least 1 second"));
         }
+        let plugin_socket = match value(o.plugin_socket, "plugin-socket")?.as_str() {
+            "none" => None,
+            p if p.starts_with('/') => Some(PathBuf::from(p)),
+            p => {
+                return Err(ConfigError::new(format!(
+                    "--plugin-socket {p}: an absolute path, or none"
+                )));
+            }
+        };
+        let network_pool = value(o.network_pool, "network-pool")?.trunc();
+        if network_pool.contains(&cidr) || cidr.contains(&network_pool) {
+            return Err(ConfigError::new(format!(
+                "--network-pool {network_pool}: overlaps the cluster range {cidr}"
+            )));
+        }
+        if network_pool.prefix_len() > 24 {
+            return Err(ConfigError::new(format!(
+                "--network-pool {network_pool}: at least a /24 (networks get a /24 each)"
+            )));
+        }
         Ok(Some(ClusterConfig {
+            plugin_socket,
+            network_pool,
             agent: AgentConfig {
                 etcd,
                 etcd_access,
@@ -426,6 +472,11 @@ mod tests {
         assert_eq!(c.agent.lease_ttl, Duration::from_secs(10));
         assert_eq!(c.bridge, "pl-br0");
         assert_eq!(c.agent.prefix, "/portless/v1/");
+        assert_eq!(
+            c.plugin_socket.as_deref(),
+            Some(Path::new(DEFAULT_PLUGIN_SOCKET))
+        );
+        assert_eq!(c.network_pool, "10.112.0.0/12".parse().unwrap());
         assert!(!c.cleanup_on_exit);
     }
 
@@ -466,6 +517,18 @@ mod tests {
             },
             ClusterOpts {
                 lease_ttl: Some(1),
+                ..opts()
+            },
+            ClusterOpts {
+                network_pool: Some("10.0.0.0/8".parse().unwrap()),
+                ..opts()
+            },
+            ClusterOpts {
+                network_pool: Some("10.112.0.0/25".parse().unwrap()),
+                ..opts()
+            },
+            ClusterOpts {
+                plugin_socket: Some("portless.sock".into()),
                 ..opts()
             },
             ClusterOpts {

@@ -75,6 +75,16 @@ impl Engines {
         format!("unix:///run/{}-{h}.sock", self.pfx)
     }
 
+    /// The socket where host `h`'s portless serves the network plugin:
+    /// in the plugin directory of that engine alone.
+    pub fn plugin_socket(&self, h: char) -> String {
+        self.dir
+            .join(format!("plugins-{h}"))
+            .join("portless.sock")
+            .display()
+            .to_string()
+    }
+
     pub fn etcd_endpoint(&self) -> String {
         "http://10.251.0.10:27379".into()
     }
@@ -182,6 +192,10 @@ impl Sidecar {
             .open(&log)
             .expect("log file");
         let addr = e.addr(h).to_string();
+        // This engine's own plugin directory (tests/twohost.sh), never the
+        // machine's /run/docker/plugins.
+        let plugin = e.plugin_socket(h);
+        let plugin_args = ["--plugin-socket", plugin.as_str()];
         let child = Command::new("ip")
             .args(["netns", "exec", &ns, BIN, "run"])
             .args(["--docker-host", &e.sock(h)])
@@ -195,8 +209,16 @@ impl Sidecar {
             .arg("--state-dir")
             .arg(&state)
             .args(["--upstream", "127.0.0.1:9"])
+            .args(if extra.contains(&"--plugin-socket") {
+                &[][..]
+            } else {
+                &plugin_args[..]
+            })
             .args(extra)
-            .env("PORTLESS_LOG", "info,portless_netplane=debug")
+            .env(
+                "PORTLESS_LOG",
+                "info,portless_netplane=debug,portless::plugin=debug",
+            )
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(logf)

@@ -1,0 +1,471 @@
+//! Cluster networks and their addresses in etcd (see [`crate::ipam`] for
+//! the decisions, made without I/O).
+//!
+//! | key                                   | value                  | bound to lease |
+//! |---------------------------------------|------------------------|----------------|
+//! | `{prefix}networks/{id}`               | [`NetworkRecord`] JSON | no             |
+//! | `{prefix}netnames/{name}`             | network id             | no             |
+//! | `{prefix}netblocks/{id}/{block}`      | host id                | the host's     |
+//! | `{prefix}netreserve/{id}/{block}`     | host id (last holder)  | no             |
+//! | `{prefix}netaddrs/{id}/{ip}`          | [`AddressHolder`] JSON | the host's     |
+//!
+//! `{id}` is the network's subnet (`10.30.1.0-24`). A network is created by
+//! one transaction that succeeds only if no key under `networks/` changed
+//! since the listing its subnet and VNI were chosen from, so two networks
+//! never overlap or share a VNI. A name is bound by one transaction that
+//! creates `netnames/{name}`: names are unique. Blocks are leased as host
+//! subnets are (create-if-absent, a reservation that outlives the lease).
+//! Every address is its own key, created only if absent: an address is
+//! never given twice, whichever hosts ask at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use ipnet::Ipv4Net;
+
+use super::{Store, parse_subnet_key, subnet_key};
+use crate::error::{Error, Result};
+use crate::ipam::{self, AddressHolder, IpamError, NetworkRecord, Taken};
+use crate::plan::pick_subnet;
+
+/// Attempts of one compare-and-swap loop before giving up.
+const ATTEMPTS: usize = 64;
+
+/// What a new network asks for.
+#[derive(Debug, Clone)]
+pub struct NewNetwork {
+    /// `--subnet`, or None: the first free /`len` of `pool`.
+    pub subnet: Option<Ipv4Net>,
+    pub pool: Ipv4Net,
+    pub len: u8,
+    /// Ranges no network may overlap (the cluster range of host subnets).
+    pub forbidden: Vec<Taken>,
+    pub cluster_vni: u32,
+    pub creator: String,
+    pub options: BTreeMap<String, String>,
+}
+
+/// Every network at one revision, by id, with its key's mod revision.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkListing {
+    pub networks: BTreeMap<String, (NetworkRecord, i64)>,
+    pub revision: i64,
+}
+
+impl NetworkListing {
+    pub fn by_name(&self, name: &str) -> Option<&NetworkRecord> {
+        self.networks
+            .values()
+            .map(|(r, _)| r)
+            .find(|r| r.name.as_deref() == Some(name))
+    }
+}
+
+fn lease_gone(lease: i64, e: etcd_client::Error) -> Error {
+    match e {
+        etcd_client::Error::GRpcStatus(s) if s.message().contains("requested lease not found") => {
+            Error::LeaseGone(lease)
+        }
+        e => e.into(),
+    }
+}
+
+impl Store {
+    /// Every cluster network.
+    pub async fn list_networks(&self) -> Result<NetworkListing> {
+        self.sign_in().await?;
+        let prefix = self.key("networks", "");
+        let resp = self
+            .client
+            .kv_client()
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let mut out = NetworkListing {
+            revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+            ..Default::default()
+        };
+        for kv in resp.kvs() {
+            let Some(id) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
+                continue;
+            };
+            match NetworkRecord::decode(kv.value()) {
+                Some(r) if r.id() == id => {
+                    out.networks.insert(id.to_owned(), (r, kv.mod_revision()));
+                }
+                _ => tracing::warn!(key = id, "ignoring malformed network record"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Create a network record (no name yet): its subnet as asked or the
+    /// first free one of the pool, and a VNI of its own. The outer error is
+    /// etcd's; the inner one the caller's.
+    pub async fn create_network(
+        &self,
+        req: &NewNetwork,
+    ) -> Result<std::result::Result<NetworkRecord, IpamError>> {
+        let mut kv = self.client.kv_client();
+        for _ in 0..ATTEMPTS {
+            let listing = self.list_networks().await?;
+            let mut taken = req.forbidden.clone();
+            taken.extend(listing.networks.values().map(|(r, _)| Taken {
+                subnet: r.subnet,
+                what: match &r.name {
+                    Some(n) => format!("network {n} ({})", r.subnet),
+                    None => format!("a network being created ({})", r.subnet),
+                },
+            }));
+            let subnet = match req.subnet {
+                Some(s) => ipam::check_subnet(s, &taken).map(|()| s),
+                None => ipam::pick_network_subnet(req.pool, req.len, &taken),
+            };
+            let subnet = match subnet {
+                Ok(s) => s,
+                Err(e) => return Ok(Err(e)),
+            };
+            let used: BTreeSet<u32> = listing.networks.values().map(|(r, _)| r.vni).collect();
+            let vni = match ipam::pick_vni(&used, req.cluster_vni) {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(e)),
+            };
+            let record = NetworkRecord {
+                name: None,
+                subnet,
+                gateway: ipam::gateway_of(&subnet),
+                vni,
+                creator: req.creator.clone(),
+                options: req.options.clone(),
+            };
+            // Nothing under networks/ written since the listing: the
+            // subnet and VNI are still free.
+            let unchanged = Compare::mod_revision(
+                self.key("networks", ""),
+                CompareOp::Less,
+                listing.revision + 1,
+            )
+            .with_prefix();
+            let txn = Txn::new().when(vec![unchanged]).and_then(vec![TxnOp::put(
+                self.key("networks", &record.id()),
+                record.encode(),
+                None,
+            )]);
+            if kv.txn(txn).await?.succeeded() {
+                tracing::info!(subnet = %subnet, vni, "cluster network recorded");
+                return Ok(Ok(record));
+            }
+        }
+        Err(Error::Store(
+            "could not record the network: networks changed under every attempt".into(),
+        ))
+    }
+
+    /// One network by id, with its mod revision.
+    pub async fn network(&self, id: &str) -> Result<Option<(NetworkRecord, i64)>> {
+        self.sign_in().await?;
+        let resp = self
+            .client
+            .kv_client()
+            .get(self.key("networks", id), None)
+            .await?;
+        Ok(resp.kvs().first().and_then(|kv| {
+            NetworkRecord::decode(kv.value())
+                .filter(|r| r.id() == id)
+                .map(|r| (r, kv.mod_revision()))
+        }))
+    }
+
+    /// Give network `id` its name. The inner error says which network
+    /// holds the name already.
+    pub async fn bind_network_name(
+        &self,
+        id: &str,
+        name: &str,
+    ) -> Result<std::result::Result<NetworkRecord, String>> {
+        let mut kv = self.client.kv_client();
+        let name_key = self.key("netnames", name);
+        for _ in 0..ATTEMPTS {
+            let Some((mut record, rev)) = self.network(id).await? else {
+                return Ok(Err(format!("network {id} is not recorded")));
+            };
+            match &record.name {
+                Some(n) if n == name => return Ok(Ok(record)),
+                Some(n) => return Ok(Err(format!("network {id} is named {n} already"))),
+                None => {}
+            }
+            record.name = Some(name.to_owned());
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::mod_revision(self.key("networks", id), CompareOp::Equal, rev),
+                    Compare::create_revision(name_key.clone(), CompareOp::Equal, 0),
+                ])
+                .and_then(vec![
+                    TxnOp::put(self.key("networks", id), record.encode(), None),
+                    TxnOp::put(name_key.clone(), id, None),
+                ]);
+            if kv.txn(txn).await?.succeeded() {
+                tracing::info!(network = name, subnet = %record.subnet, "cluster network named");
+                return Ok(Ok(record));
+            }
+            let held = kv.get(name_key.clone(), None).await?;
+            if let Some(other) = held.kvs().first().and_then(|k| k.value_str().ok())
+                && other != id
+            {
+                return Ok(Err(format!(
+                    "the name {name} is taken by another cluster network ({other})"
+                )));
+            }
+        }
+        Err(Error::Store(format!("could not name network {id}")))
+    }
+
+    /// Remove a network and everything under it (name, blocks,
+    /// reservations, addresses).
+    pub async fn delete_network(&self, record: &NetworkRecord) -> Result<()> {
+        self.sign_in().await?;
+        let id = record.id();
+        let mut ops = vec![TxnOp::delete(self.key("networks", &id), None)];
+        for kind in ["netblocks", "netreserve", "netaddrs"] {
+            ops.push(TxnOp::delete(
+                self.key(kind, &format!("{id}/")),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            ));
+        }
+        let mut kv = self.client.kv_client();
+        kv.txn(Txn::new().and_then(ops)).await?;
+        if let Some(name) = &record.name {
+            // Only if it still names this network.
+            let k = self.key("netnames", name);
+            let txn = Txn::new()
+                .when(vec![Compare::value(
+                    k.clone(),
+                    CompareOp::Equal,
+                    id.clone(),
+                )])
+                .and_then(vec![TxnOp::delete(k, None)]);
+            kv.txn(txn).await?;
+        }
+        tracing::info!(network = ?record.name, subnet = %record.subnet, "cluster network removed");
+        Ok(())
+    }
+
+    /// Every address given out in network `id`, with its host.
+    pub async fn network_addresses(&self, id: &str) -> Result<BTreeMap<Ipv4Addr, String>> {
+        self.sign_in().await?;
+        let prefix = self.key("netaddrs", &format!("{id}/"));
+        let resp = self
+            .client
+            .kv_client()
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let mut out = BTreeMap::new();
+        for kv in resp.kvs() {
+            let Some(ip) = kv
+                .key_str()
+                .ok()
+                .and_then(|k| k.strip_prefix(&prefix))
+                .and_then(|s| s.parse().ok())
+            else {
+                continue;
+            };
+            let host = serde_json::from_slice::<AddressHolder>(kv.value())
+                .map(|h| h.host)
+                .unwrap_or_default();
+            out.insert(ip, host);
+        }
+        Ok(out)
+    }
+
+    /// This network's blocks (owner, lease) and reservations.
+    #[allow(clippy::type_complexity)]
+    async fn blocks(
+        &self,
+        id: &str,
+    ) -> Result<(BTreeMap<Ipv4Net, (String, i64)>, BTreeMap<Ipv4Net, String>)> {
+        let read = |kind: &'static str| {
+            let mut kv = self.client.kv_client();
+            let prefix = self.key(kind, &format!("{id}/"));
+            async move {
+                let resp = kv
+                    .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                    .await?;
+                let mut out = BTreeMap::new();
+                for kv in resp.kvs() {
+                    if let Some(b) = kv
+                        .key_str()
+                        .ok()
+                        .and_then(|k| k.strip_prefix(&prefix))
+                        .and_then(parse_subnet_key)
+                    {
+                        out.insert(
+                            b,
+                            (kv.value_str().unwrap_or_default().to_owned(), kv.lease()),
+                        );
+                    }
+                }
+                Ok::<_, Error>(out)
+            }
+        };
+        let held = read("netblocks").await?;
+        let reserved = read("netreserve")
+            .await?
+            .into_iter()
+            .map(|(b, (h, _))| (b, h))
+            .collect();
+        Ok((held, reserved))
+    }
+
+    /// Give `host` (holding etcd lease `lease`) an address of network
+    /// `record`: `want` if asked and free, else the lowest free one of the
+    /// host's blocks (leasing a new block when they are full). The address
+    /// key is bound to the lease. The inner error is the caller's.
+    pub async fn request_address(
+        &self,
+        record: &NetworkRecord,
+        host: &str,
+        lease: i64,
+        want: Option<Ipv4Addr>,
+    ) -> Result<std::result::Result<Ipv4Addr, IpamError>> {
+        self.sign_in().await?;
+        let id = record.id();
+        let subnet = record.subnet;
+        let label = record.name.clone().unwrap_or_else(|| subnet.to_string());
+        let holder = serde_json::to_string(&AddressHolder {
+            host: host.to_owned(),
+        })
+        .unwrap_or_default();
+        let mut kv = self.client.kv_client();
+        let on_lease = Some(PutOptions::new().with_lease(lease));
+        for _ in 0..ATTEMPTS {
+            let addr = match want {
+                Some(a) => {
+                    if let Err(e) = ipam::check_address(&subnet, a) {
+                        return Ok(Err(e));
+                    }
+                    a
+                }
+                None => {
+                    let (held, reserved) = self.blocks(&id).await?;
+                    let mine: Vec<Ipv4Net> = held
+                        .iter()
+                        .filter(|(_, (owner, l))| owner == host && *l == lease)
+                        .map(|(b, _)| *b)
+                        .collect();
+                    let used: BTreeSet<Ipv4Addr> =
+                        self.network_addresses(&id).await?.into_keys().collect();
+                    match ipam::pick_address(&subnet, &mine, &used) {
+                        Some(a) => a,
+                        None => {
+                            let taken: BTreeSet<Ipv4Net> = held.keys().copied().collect();
+                            let Some(block) = pick_subnet(
+                                subnet,
+                                ipam::block_len(&subnet),
+                                host,
+                                &taken,
+                                &reserved,
+                            ) else {
+                                return Ok(Err(IpamError::Exhausted(label)));
+                            };
+                            let bk = self.key("netblocks", &format!("{id}/{}", subnet_key(&block)));
+                            let txn = Txn::new()
+                                .when(vec![Compare::create_revision(
+                                    bk.clone(),
+                                    CompareOp::Equal,
+                                    0,
+                                )])
+                                .and_then(vec![
+                                    TxnOp::put(bk, host, on_lease.clone()),
+                                    TxnOp::put(
+                                        self.key(
+                                            "netreserve",
+                                            &format!("{id}/{}", subnet_key(&block)),
+                                        ),
+                                        host,
+                                        None,
+                                    ),
+                                ]);
+                            if kv
+                                .txn(txn)
+                                .await
+                                .map_err(|e| lease_gone(lease, e))?
+                                .succeeded()
+                            {
+                                tracing::info!(network = %label, block = %block, "address block leased");
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            let ak = self.key("netaddrs", &format!("{id}/{addr}"));
+            let txn = Txn::new()
+                .when(vec![Compare::create_revision(
+                    ak.clone(),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then(vec![TxnOp::put(
+                    ak.clone(),
+                    holder.clone(),
+                    on_lease.clone(),
+                )]);
+            if kv
+                .txn(txn)
+                .await
+                .map_err(|e| lease_gone(lease, e))?
+                .succeeded()
+            {
+                return Ok(Ok(addr));
+            }
+            if want.is_some() {
+                let resp = kv.get(ak, None).await?;
+                let by = resp
+                    .kvs()
+                    .first()
+                    .and_then(|k| serde_json::from_slice::<AddressHolder>(k.value()).ok())
+                    .map(|h| h.host)
+                    .unwrap_or_else(|| "?".into());
+                return Ok(Err(IpamError::InUse {
+                    addr,
+                    network: label,
+                    host: by,
+                }));
+            }
+        }
+        Err(Error::Store(format!(
+            "could not allocate an address in {label}: too much contention"
+        )))
+    }
+
+    /// Give back an address `host` holds (not another host's).
+    pub async fn release_address(&self, id: &str, host: &str, addr: Ipv4Addr) -> Result<()> {
+        self.sign_in().await?;
+        let ak = self.key("netaddrs", &format!("{id}/{addr}"));
+        let holder = serde_json::to_string(&AddressHolder {
+            host: host.to_owned(),
+        })
+        .unwrap_or_default();
+        let txn = Txn::new()
+            .when(vec![Compare::value(ak.clone(), CompareOp::Equal, holder)])
+            .and_then(vec![TxnOp::delete(ak, None)]);
+        self.client.kv_client().txn(txn).await?;
+        Ok(())
+    }
+
+    /// Follow the network records from `revision` on; each message is a
+    /// change (list again to see it).
+    pub async fn watch_networks(&self, revision: i64) -> Result<etcd_client::WatchStream> {
+        self.sign_in().await?;
+        let mut w = self.client.watch_client();
+        Ok(w.watch(
+            self.key("networks", ""),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision),
+            ),
+        )
+        .await?)
+    }
+}

@@ -1,0 +1,388 @@
+//! `docker network create -d portless --ipam-driver portless` on two real
+//! Docker Engines (each in its own network namespace, reading network
+//! plugins from a directory of its own), a real etcd, and a real
+//! `portless run` per engine serving the plugin there.
+//!
+//! One scenario, in steps, on one pair of engines (they take seconds to
+//! start): the network appears on the other host within a second;
+//! containers started on both hosts at once get distinct addresses; two
+//! containers on one host reach each other; a taken `--ip` is refused
+//! clearly (and `--ip` works where Docker allows it); `docker network rm` while the other host has containers on it
+//! does not take the network out of the cluster, and once they are gone
+//! it removes the record and the network on both hosts. The harness takes
+//! everything down at the end, even when a step fails.
+
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use common::engines::{Engines, Sidecar};
+
+/// Containers each host starts at once (`PORTLESS_TEST_PER_HOST`, default
+/// 10).
+fn per_host() -> usize {
+    std::env::var("PORTLESS_TEST_PER_HOST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+}
+
+fn wait(what: &str, secs: f64, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs_f64(secs),
+            "{what}: not within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+fn subnet_of(e: &Engines, h: char, net: &str) -> Option<String> {
+    let out = e.docker(
+        h,
+        &[
+            "network",
+            "inspect",
+            "-f",
+            "{{range .IPAM.Config}}{{.Subnet}}{{end}} {{.Driver}}",
+            net,
+        ],
+    );
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn ip_of(e: &Engines, h: char, c: &str, net: &str) -> Ipv4Addr {
+    e.docker_ok(
+        h,
+        &[
+            "inspect",
+            "-f",
+            &format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}"),
+            c,
+        ],
+    )
+    .parse()
+    .unwrap()
+}
+
+fn etcd_keys(e: &Engines, prefix: &str) -> Vec<String> {
+    let out = e.etcdctl(&["get", "--prefix", "--keys-only", prefix]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_portless_network_spans_both_hosts() {
+    let e = Engines::up();
+    let mut a = Sidecar::start(&e, 'A', &[]);
+    let b = Sidecar::start(&e, 'B', &[]);
+    for h in ['A', 'B'] {
+        let sock = e.plugin_socket(h);
+        wait(&format!("plugin socket of {h}"), 10.0, || {
+            std::path::Path::new(&sock).exists()
+        });
+    }
+    let image = e.image();
+    let net = format!("{}-net", e.pfx);
+    let mut made: Vec<(char, String)> = Vec::new();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        steps(&e, &mut a, &image, &net, &mut made)
+    }));
+    for (h, c) in &made {
+        let _ = e.docker(*h, &["rm", "-f", c]);
+    }
+    for h in ['A', 'B'] {
+        let _ = e.docker(h, &["network", "rm", &net]);
+    }
+    if let Err(p) = result {
+        eprintln!(
+            "portless A:\n{}\nportless B:\n{}",
+            a.log_tail(),
+            b.log_tail()
+        );
+        std::panic::resume_unwind(p);
+    }
+}
+
+fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(char, String)>) {
+    // Created on A: on B within a second, on the same subnet.
+    e.docker_ok(
+        'A',
+        &[
+            "network",
+            "create",
+            "-d",
+            "portless",
+            "--ipam-driver",
+            "portless",
+            net,
+        ],
+    );
+    let on_a = subnet_of(e, 'A', net).unwrap();
+    let took = wait("the network on B", 1.0, || subnet_of(e, 'B', net).is_some());
+    eprintln!(
+        "network on B {} ms after its creation on A",
+        took.as_millis()
+    );
+    assert_eq!(subnet_of(e, 'B', net).unwrap(), on_a);
+    let (subnet, driver) = on_a.split_once(' ').unwrap();
+    assert_eq!(driver, "portless");
+    let subnet: ipnet::Ipv4Net = subnet.parse().unwrap();
+    assert!(
+        "10.112.0.0/12"
+            .parse::<ipnet::Ipv4Net>()
+            .unwrap()
+            .contains(&subnet),
+        "{subnet} not from the default pool"
+    );
+    let gateway = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+
+    // Containers started on both hosts at once: distinct addresses.
+    let n = per_host();
+    let mut names = Vec::new();
+    for h in ['A', 'B'] {
+        for i in 0..n {
+            names.push((h, format!("{}-{}{i}", e.pfx, h.to_ascii_lowercase())));
+        }
+    }
+    made.extend(names.iter().cloned());
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for (h, c) in &names {
+            s.spawn(move || {
+                e.docker_ok(
+                    *h,
+                    &[
+                        "run",
+                        "-d",
+                        "--name",
+                        c,
+                        "--network",
+                        net,
+                        image,
+                        "sleep",
+                        "100000",
+                    ],
+                );
+            });
+        }
+    });
+    eprintln!(
+        "{} containers started on two hosts in {} ms",
+        names.len(),
+        started.elapsed().as_millis()
+    );
+    let mut seen = BTreeSet::new();
+    for (h, c) in &names {
+        let ip = ip_of(e, *h, c, net);
+        assert!(subnet.contains(&ip) && ip != gateway, "{c}: {ip}");
+        assert!(seen.insert(ip), "{ip} given twice");
+    }
+    assert_eq!(seen.len(), 2 * n);
+    let keys = etcd_keys(e, "/portless/v1/netaddrs/");
+    assert_eq!(keys.len(), 2 * n, "{keys:?}");
+
+    // Two containers on A reach each other over the network's bridge.
+    let (a0, a1) = (&names[0].1, &names[1].1);
+    let ip1 = ip_of(e, 'A', a1, net);
+    let out = e.docker(
+        'A',
+        &["exec", a0, "ping", "-c", "2", "-W", "2", &ip1.to_string()],
+    );
+    assert!(
+        out.status.success(),
+        "{a0} -> {a1} ({ip1}): {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // portless on A killed, down past its lease (its address keys go with
+    // it), and started again: the running containers' addresses are
+    // written again under the new lease, and a new container on A joins
+    // the network and reaches an old one.
+    a.kill9();
+    wait("A's address keys gone with its lease", 10.0, || {
+        etcd_keys(e, "/portless/v1/netaddrs/").len() == n
+    });
+    *a = Sidecar::start(e, 'A', &[]);
+    wait("A's addresses written again", 10.0, || {
+        etcd_keys(e, "/portless/v1/netaddrs/").len() == 2 * n
+    });
+    let late = format!("{}-late", e.pfx);
+    made.push(('A', late.clone()));
+    e.docker_ok(
+        'A',
+        &[
+            "run",
+            "-d",
+            "--name",
+            &late,
+            "--network",
+            net,
+            image,
+            "sleep",
+            "100000",
+        ],
+    );
+    let late_ip = ip_of(e, 'A', &late, net);
+    assert!(seen.insert(late_ip), "{late_ip} given twice");
+    let ip0 = ip_of(e, 'A', a0, net);
+    let out = e.docker(
+        'A',
+        &[
+            "exec",
+            &late,
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "2",
+            &ip0.to_string(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "after the restart, {late} -> {a0} ({ip0}): {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // A creation that never finished (portless stopped between Docker's
+    // RequestPool and CreateNetwork) leaves a record without a name: its
+    // host removes it after a few passes.
+    let stale = "/portless/v1/networks/10.127.250.0-24";
+    let out = e.etcdctl(&[
+        "put",
+        stale,
+        r#"{"subnet":"10.127.250.0/24","gateway":"10.127.250.1","vni":9999,"creator":"10.251.0.1"}"#,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    wait("the unfinished record removed", 15.0, || {
+        etcd_keys(e, stale).is_empty()
+    });
+
+    // The IPAM driver without the network driver is refused clearly.
+    let other = format!("{}-bridged", e.pfx);
+    let out = e.docker('A', &["network", "create", "-d", "portless", &other]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("create it with --ipam-driver portless"),
+        "{err}"
+    );
+
+    // --ip: an address a container on A holds is refused on B, clearly;
+    // a free one is given. (On B: Docker takes --ip only on a network
+    // made with --subnet, as portless makes the other hosts' copies; on
+    // A it was made without.)
+    let a_ip = ip_of(e, 'A', &names[0].1, net);
+    let taken = format!("{}-taken", e.pfx);
+    made.push(('B', taken.clone()));
+    let out = e.docker(
+        'B',
+        &[
+            "run",
+            "-d",
+            "--name",
+            &taken,
+            "--network",
+            net,
+            "--ip",
+            &a_ip.to_string(),
+            image,
+            "sleep",
+            "100000",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "address {a_ip} is already in use in network {net}"
+        )),
+        "{err}"
+    );
+    let _ = e.docker('B', &["rm", "-f", &taken]);
+    let free = subnet
+        .hosts()
+        .rev()
+        .find(|a| !seen.contains(a))
+        .unwrap()
+        .to_string();
+    let chosen = format!("{}-chosen", e.pfx);
+    made.push(('B', chosen.clone()));
+    e.docker_ok(
+        'B',
+        &[
+            "run",
+            "-d",
+            "--name",
+            &chosen,
+            "--network",
+            net,
+            "--ip",
+            &free,
+            image,
+            "sleep",
+            "100000",
+        ],
+    );
+    assert_eq!(ip_of(e, 'B', &chosen, net).to_string(), free);
+
+    // `docker network rm` on A while B has containers on it: Docker lets
+    // no plugin refuse a removal, so A's copy goes, but the network stays
+    // in the cluster and portless makes it again on A.
+    for (h, c) in made.iter().filter(|(h, _)| *h == 'A') {
+        e.docker_ok(*h, &["rm", "-f", c]);
+    }
+    e.docker_ok('A', &["network", "rm", net]);
+    wait("the network made again on A", 5.0, || {
+        subnet_of(e, 'A', net).as_deref() == Some(on_a.as_str())
+    });
+    assert!(subnet_of(e, 'B', net).is_some());
+    assert_eq!(etcd_keys(e, "/portless/v1/networks/").len(), 1);
+
+    // With B's containers gone, `docker network rm` on A removes the
+    // network everywhere, and its keys.
+    for (h, c) in made.iter().filter(|(h, _)| *h == 'B') {
+        e.docker_ok(*h, &["rm", "-f", c]);
+    }
+    made.clear();
+    e.docker_ok('A', &["network", "rm", net]);
+    wait("the network gone from B", 3.0, || {
+        subnet_of(e, 'B', net).is_none()
+    });
+    assert!(subnet_of(e, 'A', net).is_none());
+    let left: Vec<String> = [
+        "networks/",
+        "netnames/",
+        "netblocks/",
+        "netaddrs/",
+        "netreserve/",
+    ]
+    .iter()
+    .flat_map(|p| etcd_keys(e, &format!("/portless/v1/{p}")))
+    .collect();
+    assert!(left.is_empty(), "left in etcd: {left:?}");
+    // The bridges and their rules went with the networks.
+    for h in ['A', 'B'] {
+        let out = e.in_ns(h, &["ip", "-o", "link", "show"]);
+        let links = String::from_utf8_lossy(&out.stdout);
+        assert!(!links.contains("pn-"), "{h}: {links}");
+        let out = e.in_ns(h, &["iptables", "-w", "-S", "DOCKER-USER"]);
+        let rules = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && !rules.contains("pn-"),
+            "{h}: {rules}"
+        );
+    }
+}

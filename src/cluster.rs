@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::api;
 use crate::catalog::Snapshot;
 use crate::config::cluster::ClusterConfig;
 use crate::docker::DockerHost;
@@ -28,37 +29,17 @@ use crate::docker::DockerHost;
 pub const NETWORK_LABEL: &str = "io.portless.netplane";
 const MTU_OPTION: &str = "com.docker.network.driver.mtu";
 
-/// The Docker network as shown at `/api/cluster`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct DockerNetworkStatus {
-    pub name: String,
-    pub id: Option<String>,
-    pub ready: bool,
-    pub error: Option<String>,
-}
-
-/// Everything `/api/cluster` serves.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ClusterStatus {
-    #[serde(flatten)]
-    pub netplane: agent::Status,
-    /// None with `--docker-host none`.
-    pub docker_network: Option<DockerNetworkStatus>,
-    /// The bridge of portless's own (with `--docker-host none`).
-    pub bridge: Option<String>,
-}
-
-/// A cheap, cloneable source of [`ClusterStatus`] snapshots for the admin API.
+/// A cheap, cloneable source of [`api::Cluster`] snapshots for the admin API.
 #[derive(Clone)]
 pub struct ClusterStatusSource {
     netplane: watch::Receiver<agent::Status>,
-    docker: Option<Arc<Mutex<DockerNetworkStatus>>>,
+    docker: Option<Arc<Mutex<api::DockerNetwork>>>,
     bridge: Option<String>,
 }
 
 impl ClusterStatusSource {
-    pub fn snapshot(&self) -> ClusterStatus {
-        ClusterStatus {
+    pub fn snapshot(&self) -> api::Cluster {
+        api::Cluster {
             netplane: self.netplane.borrow().clone(),
             docker_network: self
                 .docker
@@ -119,7 +100,7 @@ pub async fn run(
         ),
     };
     let docker_status = client.as_ref().map(|_| {
-        Arc::new(Mutex::new(DockerNetworkStatus {
+        Arc::new(Mutex::new(api::DockerNetwork {
             name: cfg.docker_network.clone(),
             ..Default::default()
         }))
@@ -188,7 +169,7 @@ async fn start_plugin(
 /// replaced (someone ran `docker network rm`); retry while Docker is away.
 async fn follow_network(
     client: Docker,
-    st: Arc<Mutex<DockerNetworkStatus>>,
+    st: Arc<Mutex<api::DockerNetwork>>,
     name: String,
     mut lease: watch::Receiver<agent::Status>,
     mut local: watch::Receiver<Snapshot>,

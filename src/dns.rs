@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::catalog::{Catalog, Liveness, Snapshot};
 use crate::config::dns::{DnsConfig, IngressZone};
-use crate::metrics::Histogram;
+use crate::metrics::Recorder;
 
 type StaticHosts = Arc<BTreeMap<String, Vec<IpAddr>>>;
 
@@ -38,7 +38,7 @@ pub struct DnsState {
     pub forwarder: Arc<Forwarder>,
     pub domain: String,
     /// Docker event emitted → zone with the change swapped in.
-    pub event_to_answer: Arc<Histogram>,
+    pub event_to_answer: Arc<Recorder>,
     /// Publish TXT records here (replacing the previous set): the zone is
     /// rebuilt with them at once.
     pub txt: watch::Sender<TxtRecords>,
@@ -110,7 +110,7 @@ pub async fn start(
     }
     let (listeners_tx, listeners_rx) = watch::channel(listeners.addrs());
 
-    let event_to_answer = Arc::new(Histogram::default());
+    let event_to_answer = Arc::new(Recorder::default());
     let (txt_tx, txt) = watch::channel(TxtRecords::default());
     let state = DnsState {
         zone: zone.clone(),
@@ -186,7 +186,7 @@ struct ZoneBuilder {
     last_input: Option<u64>,
     /// The Docker event last counted in `event_to_answer`.
     last_event: Option<i64>,
-    event_to_answer: Arc<Histogram>,
+    event_to_answer: Arc<Recorder>,
 }
 
 impl ZoneBuilder {

@@ -4,6 +4,7 @@
 
 mod acme_cluster;
 mod admin;
+mod api;
 mod catalog;
 mod cluster;
 mod config;
@@ -245,34 +246,38 @@ const EXIT_UNHEALTHY: u8 = 2;
 
 /// Print the status; `Ok(false)` when a part is unhealthy.
 async fn status_cmd(args: config::StatusArgs) -> anyhow::Result<bool> {
-    let body = status::get(args.admin, "/api/status").await?;
-    let routes = status::get_optional(args.admin, "/api/routes").await?;
-    let cluster = status::get_optional(args.admin, "/api/cluster").await?;
+    let status: api::Status = serde_json::from_str(&status::get(args.admin, "/api/status").await?)
+        .context("decoding /api/status")?;
+    let routes: Option<api::Routes> = status::get_optional(args.admin, "/api/routes")
+        .await?
+        .map(|b| serde_json::from_str(&b))
+        .transpose()
+        .context("decoding /api/routes")?;
+    let cluster: Option<api::Cluster> = status::get_optional(args.admin, "/api/cluster")
+        .await?
+        .map(|b| serde_json::from_str(&b))
+        .transpose()
+        .context("decoding /api/cluster")?;
+    let problems = status::problems(&status, cluster.as_ref());
+    let healthy = problems.is_empty();
     if args.json {
-        let all = serde_json::json!({
-            "status": serde_json::from_str::<serde_json::Value>(&body)?,
-            "routes": routes.as_deref().map(serde_json::from_str::<serde_json::Value>).transpose()?,
-            "cluster": cluster.as_deref().map(serde_json::from_str::<serde_json::Value>).transpose()?,
-        });
-        let st: admin::Status = serde_json::from_str(&body).context("decoding /api/status")?;
-        let problems = status::problems(&st, all.get("cluster").filter(|c| !c.is_null()));
-        let mut all = all;
-        all["problems"] = serde_json::json!(problems);
-        println!("{}", serde_json::to_string_pretty(&all)?);
-        return Ok(problems.is_empty());
+        let report = api::Report {
+            status,
+            routes,
+            cluster,
+            problems,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(healthy);
     }
-    let st: admin::Status = serde_json::from_str(&body).context("decoding /api/status")?;
-    print!("{}", status::render(&st)?);
-    if let Some(routes) = routes {
-        print!("{}", status::render_routes(&serde_json::from_str(&routes)?));
+    print!("{}", status::render(&status));
+    if let Some(routes) = &routes {
+        print!("{}", status::render_routes(routes));
     }
-    let cluster: Option<serde_json::Value> =
-        cluster.as_deref().map(serde_json::from_str).transpose()?;
     if let Some(cluster) = &cluster {
         print!("{}", status::render_cluster(cluster));
     }
-    let problems = status::problems(&st, cluster.as_ref());
-    if problems.is_empty() {
+    if healthy {
         println!("\nHEALTHY");
     } else {
         println!("\nUNHEALTHY:");
@@ -280,5 +285,5 @@ async fn status_cmd(args: config::StatusArgs) -> anyhow::Result<bool> {
             println!("  {p}");
         }
     }
-    Ok(problems.is_empty())
+    Ok(healthy)
 }

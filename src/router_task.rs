@@ -9,14 +9,14 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use portless_router::access_log::AccessLog;
-use portless_router::acme::{AcmeState, CertPhase, Issuer};
+use portless_router::acme::{AcmeState, CertStatus, Issuer};
 use portless_router::tls::{self, CertResolver};
 use portless_router::{Router, RouterThreads, bind_reuseport};
-use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::api;
 use crate::catalog::Snapshot;
 use crate::config::router::RouterConfig;
 use crate::dns::TxtRecords;
@@ -57,152 +57,79 @@ impl Drop for RouterHandle {
 }
 
 impl RouterHandle {
-    /// `/api/routes`: every route and its backends with address and state
-    /// (healthy, starting, unhealthy, draining, ejected), the address choice
-    /// per container, refused containers with reasons, and TLS names.
-    pub fn routes_json(&self) -> serde_json::Value {
+    /// `/api/routes`.
+    pub fn routes(&self) -> api::Routes {
         let state = self.state.load();
-        let routes: Vec<_> = self
+        let routes = self
             .router
             .status()
             .into_iter()
-            .map(|r| {
-                json!({
-                    "route": r.key,
-                    "host": r.host,
-                    "path": r.path_prefix,
-                    "requests": r.requests,
-                    "backends": r.backends.iter().map(|b| json!({
-                        "id": b.id,
-                        "container": b.name,
-                        "addr": b.addr.to_string(),
-                        "scheme": b.scheme.as_str(),
-                        "state": b.state,
-                        "in_flight": b.in_flight,
-                        "requests": b.requests,
-                        "connect_failures": b.connect_failures,
-                    })).collect::<Vec<_>>(),
-                })
+            .map(|r| api::Route {
+                route: r.key,
+                host: r.host,
+                path: r.path_prefix,
+                requests: r.requests,
+                backends: r
+                    .backends
+                    .into_iter()
+                    .map(|b| api::Backend {
+                        id: b.id,
+                        container: b.name,
+                        addr: b.addr,
+                        scheme: b.scheme.as_str().to_owned(),
+                        state: b.state.to_owned(),
+                        in_flight: b.in_flight,
+                        requests: b.requests,
+                        connect_failures: b.connect_failures,
+                    })
+                    .collect(),
             })
             .collect();
-        let certificates: Vec<_> = self
+        let certificates = self
             .certs
             .as_ref()
             .map(|c| c.names())
             .unwrap_or_default()
             .into_iter()
-            .map(|(name, file)| json!({ "name": name, "file": file.display().to_string() }))
+            .map(|(name, file)| api::Certificate {
+                name,
+                file: file.display().to_string(),
+            })
             .collect();
-        let acme: Option<Vec<_>> = self.acme.as_ref().map(|a| {
-            a.status()
-                .into_iter()
-                .map(|c| {
-                    json!({
-                        "host": c.host,
-                        "state": c.phase.as_str(),
-                        "not_after": c.not_after.map(unix_secs),
-                        "next_attempt": c.next_attempt.map(unix_secs),
-                        "last_error": c.last_error,
-                        "failures": c.failures,
-                        "orders": c.orders,
+        api::Routes {
+            http_listen: self.http_addr,
+            https_listen: self.https_addr,
+            routes,
+            addresses: state.choices.clone(),
+            not_routed: state.problems.clone(),
+            certificates,
+            acme: self.acme.as_ref().map(|a| {
+                a.status()
+                    .into_iter()
+                    .map(|c| api::AcmeCertificate {
+                        host: c.host,
+                        state: c.phase.as_str().to_owned(),
+                        not_after: c.not_after.map(unix_secs),
+                        next_attempt: c.next_attempt.map(unix_secs),
+                        last_error: c.last_error,
+                        failures: c.failures,
+                        orders: c.orders,
                     })
-                })
-                .collect()
-        });
-        json!({
-            "http_listen": self.http_addr.to_string(),
-            "https_listen": self.https_addr.map(|a| a.to_string()),
-            "routes": routes,
-            "addresses": state.choices,
-            "not_routed": state.problems,
-            "certificates": certificates,
-            "acme": acme,
-        })
-    }
-
-    /// Append the router's metrics (Prometheus text format) to `out`.
-    pub fn render_metrics(&self, out: &mut String) {
-        self.router.render_metrics(out);
-        if let Some(acme) = &self.acme {
-            render_acme_metrics(out, acme, std::time::SystemTime::now());
+                    .collect()
+            }),
         }
     }
-}
 
-/// Automatic HTTPS in `/metrics`: certificates by state, each one's time
-/// to expiry, and orders by result. Host names come from parsed labels
-/// (letters, digits, `-`, `_`, `.`, `*`): nothing to escape.
-fn render_acme_metrics(out: &mut String, acme: &AcmeState, now: std::time::SystemTime) {
-    use crate::metrics::{header, sample};
-    let certs = acme.status();
-    header(
-        out,
-        "portless_acme_certificates",
-        "gauge",
-        "Hosts with automatic HTTPS by certificate state (pending: none yet; failed: the last order failed).",
-    );
-    for phase in [CertPhase::Pending, CertPhase::Valid, CertPhase::Failed] {
-        let n = certs.iter().filter(|c| c.phase == phase).count();
-        sample(
-            out,
-            "portless_acme_certificates",
-            &format!("state=\"{}\"", phase.as_str()),
-            n,
-        );
+    /// The router's counters, for `/metrics`.
+    pub fn metrics(&self) -> portless_router::metrics::Snapshot {
+        self.router.metrics()
     }
-    header(
-        out,
-        "portless_acme_certificate_expiry_seconds",
-        "gauge",
-        "Time until the served ACME certificate of a host expires (negative: expired); divide by 86400 for days.",
-    );
-    for c in &certs {
-        if let Some(t) = c.not_after {
-            let secs = match t.duration_since(now) {
-                Ok(d) => d.as_secs_f64(),
-                Err(e) => -e.duration().as_secs_f64(),
-            };
-            sample(
-                out,
-                "portless_acme_certificate_expiry_seconds",
-                &format!("host=\"{}\"", c.host),
-                secs.round(),
-            );
-        }
+
+    /// Automatic HTTPS, for `/metrics`: each host's certificate state and
+    /// the orders by result (issued, failed); None when it is off.
+    pub fn acme(&self) -> Option<(Vec<CertStatus>, (u64, u64))> {
+        self.acme.as_ref().map(|a| (a.status(), a.orders()))
     }
-    header(
-        out,
-        "portless_acme_order_failures",
-        "gauge",
-        "Orders of a host failed in a row (0 after a success).",
-    );
-    for c in &certs {
-        sample(
-            out,
-            "portless_acme_order_failures",
-            &format!("host=\"{}\"", c.host),
-            c.failures,
-        );
-    }
-    let (issued, failed) = acme.orders();
-    header(
-        out,
-        "portless_acme_orders_total",
-        "counter",
-        "Certificate orders since the start, by result.",
-    );
-    sample(
-        out,
-        "portless_acme_orders_total",
-        "result=\"issued\"",
-        issued,
-    );
-    sample(
-        out,
-        "portless_acme_orders_total",
-        "result=\"failed\"",
-        failed,
-    );
 }
 
 /// Seconds since the Unix epoch.
@@ -366,7 +293,7 @@ async fn run(
                     group = %c.group,
                     network = %c.network,
                     addr = %c.addr,
-                    chosen_by = c.chosen_by,
+                    chosen_by = c.chosen_by.as_str(),
                     "route address"
                 );
             }

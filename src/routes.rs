@@ -14,30 +14,49 @@ use std::net::{IpAddr, SocketAddr};
 use portless_router::host::HostPattern;
 use portless_router::table::parse_path_prefix;
 use portless_router::{Backend, BackendState, RouteSpec, Scheme};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, Container, Endpoint, Liveness};
 
 pub const LABEL_PREFIX: &str = "portless.http.";
 const FIELDS: [&str; 5] = ["host", "port", "path", "network", "scheme"];
 
-/// A labelled container that is not routed, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A labelled container that is not routed, and why (in `/api/routes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteProblem {
     pub container_id: String,
     pub container: String,
     pub reason: String,
 }
 
-/// The address chosen for one route of a container, for status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// The address chosen for one route of a container, for status (in
+/// `/api/routes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddressChoice {
     pub container: String,
     pub group: String,
     pub network: String,
     pub addr: SocketAddr,
-    /// `label` when `portless.http.network` chose it, else `rule`.
-    pub chosen_by: &'static str,
+    pub chosen_by: ChosenBy,
+}
+
+/// What chose a route's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChosenBy {
+    /// The `portless.http.network` label.
+    Label,
+    /// The rule of docs/labels.md.
+    Rule,
+}
+
+impl ChosenBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChosenBy::Label => "label",
+            ChosenBy::Rule => "rule",
+        }
+    }
 }
 
 /// Everything the catalog says about routing.
@@ -196,14 +215,14 @@ fn container_routes(
                         label("network")
                     )
                 })?;
-                (ep, ip, "label")
+                (ep, ip, ChosenBy::Label)
             }
             None => {
                 let (ep, ip) = choose_endpoint(catalog, &c.endpoints).ok_or_else(|| {
                     "the container has no IP address on any network (host or none network mode?)"
                         .to_owned()
                 })?;
-                (ep, ip, "rule")
+                (ep, ip, ChosenBy::Rule)
             }
         };
         let addr = SocketAddr::new(ip, port);
@@ -359,7 +378,7 @@ mod tests {
         let b = &p.specs[0].backends[0];
         // "back" sorts first but is internal: "front" wins.
         assert_eq!(b.addr, "172.21.0.5:8080".parse().unwrap());
-        assert_eq!(p.choices[0].chosen_by, "rule");
+        assert_eq!(p.choices[0].chosen_by, ChosenBy::Rule);
         assert_eq!(
             p.specs[0].hosts,
             vec![HostPattern::Exact("shop.example.com".into())]
@@ -380,7 +399,7 @@ mod tests {
             p.specs[0].backends[0].addr,
             "172.20.0.5:80".parse().unwrap()
         );
-        assert_eq!(p.choices[0].chosen_by, "label");
+        assert_eq!(p.choices[0].chosen_by, ChosenBy::Label);
     }
 
     #[test]

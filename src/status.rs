@@ -8,8 +8,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
-use crate::admin::Status;
-use crate::catalog::Catalog;
+use crate::api::{Cluster, Routes, Status};
 
 pub async fn get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
     let stream = tokio::net::TcpStream::connect(admin)
@@ -69,9 +68,8 @@ pub fn table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-pub fn render(status: &Status) -> anyhow::Result<String> {
-    let catalog: Catalog =
-        serde_json::from_value(status.catalog.clone()).context("decoding the catalog")?;
+pub fn render(status: &Status) -> String {
+    let catalog = &status.catalog;
     let mut out = String::new();
     let d = &status.docker;
     let _ = writeln!(
@@ -155,7 +153,7 @@ pub fn render(status: &Status) -> anyhow::Result<String> {
         ],
         &rows,
     );
-    Ok(out)
+    out
 }
 
 fn join<T: std::fmt::Display>(items: &[T]) -> String {
@@ -173,45 +171,40 @@ fn short(id: &str) -> String {
     id.chars().take(12).collect()
 }
 
-fn s(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::Null => "-".into(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+fn or_dash<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
 /// The ROUTES and NOT ROUTED tables from `/api/routes`.
-pub fn render_routes(v: &serde_json::Value) -> String {
+pub fn render_routes(v: &Routes) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "\nROUTER: http {} https {}",
-        s(&v["http_listen"]),
-        s(&v["https_listen"])
+        v.http_listen,
+        or_dash(v.https_listen)
     );
     let _ = writeln!(out, "\nROUTES");
     let mut rows = Vec::new();
-    for r in v["routes"].as_array().into_iter().flatten() {
-        let backends = r["backends"].as_array().cloned().unwrap_or_default();
-        if backends.is_empty() {
+    for r in &v.routes {
+        if r.backends.is_empty() {
             rows.push(vec![
-                s(&r["host"]),
-                s(&r["path"]),
+                r.host.clone(),
+                r.path.clone(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
             ]);
         }
-        for b in backends {
+        for b in &r.backends {
             rows.push(vec![
-                s(&r["host"]),
-                s(&r["path"]),
-                s(&b["container"]),
-                s(&b["addr"]),
-                s(&b["scheme"]),
-                s(&b["state"]),
+                r.host.clone(),
+                r.path.clone(),
+                b.container.clone(),
+                b.addr.to_string(),
+                b.scheme.clone(),
+                b.state.clone(),
             ]);
         }
     }
@@ -220,17 +213,16 @@ pub fn render_routes(v: &serde_json::Value) -> String {
         &["HOST", "PATH", "CONTAINER", "ADDRESS", "SCHEME", "STATE"],
         &rows,
     );
-    let choices: Vec<Vec<String>> = v["addresses"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let choices: Vec<Vec<String>> = v
+        .addresses
+        .iter()
         .map(|c| {
             vec![
-                s(&c["container"]),
-                s(&c["group"]),
-                s(&c["network"]),
-                s(&c["addr"]),
-                s(&c["chosen_by"]),
+                c.container.clone(),
+                c.group.clone(),
+                c.network.clone(),
+                c.addr.to_string(),
+                c.chosen_by.as_str().to_owned(),
             ]
         })
         .collect();
@@ -242,11 +234,10 @@ pub fn render_routes(v: &serde_json::Value) -> String {
             &choices,
         );
     }
-    let problems: Vec<Vec<String>> = v["not_routed"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|p| vec![s(&p["container"]), s(&p["reason"])])
+    let problems: Vec<Vec<String>> = v
+        .not_routed
+        .iter()
+        .map(|p| vec![p.container.clone(), p.reason.clone()])
         .collect();
     if !problems.is_empty() {
         let _ = writeln!(out, "\nNOT ROUTED");
@@ -286,23 +277,23 @@ fn relative(t: u64, now: u64) -> String {
 }
 
 /// The AUTOMATIC HTTPS section: each host's certificate state.
-fn render_acme(out: &mut String, v: &serde_json::Value, now: u64) {
-    let Some(certs) = v["acme"].as_array() else {
+fn render_acme(out: &mut String, v: &Routes, now: u64) {
+    let Some(certs) = &v.acme else {
         return;
     };
     let _ = writeln!(out, "\nAUTOMATIC HTTPS (ACME)");
-    let when = |x: &serde_json::Value| x.as_u64().map_or("-".to_owned(), |t| relative(t, now));
+    let when = |x: Option<u64>| x.map_or("-".to_owned(), |t| relative(t, now));
     let rows: Vec<Vec<String>> = certs
         .iter()
         .map(|c| {
             vec![
-                s(&c["host"]),
-                s(&c["state"]),
-                when(&c["not_after"]),
-                when(&c["next_attempt"]),
-                s(&c["orders"]),
-                s(&c["failures"]),
-                c["last_error"].as_str().unwrap_or("-").to_owned(),
+                c.host.clone(),
+                c.state.clone(),
+                when(c.not_after),
+                when(c.next_attempt),
+                c.orders.to_string(),
+                c.failures.to_string(),
+                c.last_error.clone().unwrap_or_else(|| "-".to_owned()),
             ]
         })
         .collect();
@@ -322,67 +313,56 @@ fn render_acme(out: &mut String, v: &serde_json::Value, now: u64) {
 }
 
 /// The CLUSTER section from `/api/cluster`.
-pub fn render_cluster(v: &serde_json::Value) -> String {
+pub fn render_cluster(v: &Cluster) -> String {
     let mut out = String::new();
-    let host = &v["host"];
+    let n = &v.netplane;
+    let host = n.host.as_ref();
     let _ = writeln!(
         out,
         "\nCLUSTER: etcd {} ({}), this host {} subnet {} underlay {} mode {}",
-        s(&v["etcd_endpoints"]),
-        if v["etcd_connected"].as_bool() == Some(true) {
+        n.etcd_endpoints.join(","),
+        if n.etcd_connected {
             "connected"
         } else {
             "DISCONNECTED"
         },
-        s(&host["id"]),
-        s(&host["subnet"]),
-        s(&host["underlay"]),
-        s(&host["mode"]),
+        or_dash(host.map(|h| &h.id)),
+        or_dash(host.map(|h| h.subnet)),
+        or_dash(host.map(|h| h.underlay)),
+        or_dash(host.map(|h| h.mode)),
     );
-    if v["last_known"].as_bool() == Some(true) {
+    if n.last_known {
         let _ = writeln!(
             out,
             "  (this host and its peers as the previous run knew them: etcd has not answered since this start; the kernel keeps their entries)"
         );
     }
-    let dn = &v["docker_network"];
-    if dn.is_object() {
-        let state = match (dn["ready"].as_bool(), dn["error"].as_str()) {
-            (Some(true), _) => format!("ready (id {})", short(&s(&dn["id"]))),
-            (_, Some(e)) => format!("NOT READY: {e}"),
-            _ => "not ready yet (waiting for the lease)".into(),
+    if let Some(dn) = &v.docker_network {
+        let state = match (dn.ready, &dn.error) {
+            (true, _) => format!("ready (id {})", short(dn.id.as_deref().unwrap_or("-"))),
+            (false, Some(e)) => format!("NOT READY: {e}"),
+            (false, None) => "not ready yet (waiting for the lease)".into(),
         };
-        let _ = writeln!(out, "Docker network {}: {state}", s(&dn["name"]));
-    } else if let Some(b) = v["bridge"].as_str() {
+        let _ = writeln!(out, "Docker network {}: {state}", dn.name);
+    } else if let Some(b) = &v.bridge {
         let _ = writeln!(out, "bridge {b} (no Docker)");
     }
-    let r = &v["records"];
-    if r.is_object() {
-        let _ = writeln!(
-            out,
-            "Records: {} published ({} pending, {} writes), {} merged from other hosts, {} refused",
-            s(&r["published"]),
-            s(&r["pending"]),
-            s(&r["writes"]),
-            s(&r["merged"]),
-            s(&r["refused"]),
-        );
-    }
-    let rows: Vec<Vec<String>> = v["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let r = &n.records;
+    let _ = writeln!(
+        out,
+        "Records: {} published ({} pending, {} writes), {} merged from other hosts, {} refused",
+        r.published, r.pending, r.writes, r.merged, r.refused,
+    );
+    let rows: Vec<Vec<String>> = n
+        .peers
+        .iter()
         .map(|p| {
             vec![
-                s(&p["id"]),
-                s(&p["subnet"]),
-                s(&p["underlay"]),
-                s(&p["transport"]),
-                if p["in_place"].as_bool() == Some(true) {
-                    "yes".into()
-                } else {
-                    "NO".into()
-                },
+                p.id.clone(),
+                p.subnet.to_string(),
+                p.underlay.to_string(),
+                p.transport.to_string(),
+                if p.in_place { "yes" } else { "NO" }.into(),
             ]
         })
         .collect();
@@ -392,17 +372,16 @@ pub fn render_cluster(v: &serde_json::Value) -> String {
         &["HOST", "SUBNET", "UNDERLAY", "TRANSPORT", "IN KERNEL"],
         &rows,
     );
-    let refused: Vec<Vec<String>> = v["refused"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| vec![s(&r["id"]), s(&r["subnet"]), s(&r["reason"])])
+    let refused: Vec<Vec<String>> = n
+        .refused
+        .iter()
+        .map(|r| vec![r.id.clone(), r.subnet.to_string(), r.reason.clone()])
         .collect();
     if !refused.is_empty() {
         let _ = writeln!(out, "\nREFUSED PEERS");
         table(&mut out, &["HOST", "SUBNET", "REASON"], &refused);
     }
-    if let Some(err) = v["last_error"].as_str() {
+    if let Some(err) = &n.last_error {
         let _ = writeln!(out, "\nlast netplane error: {err}");
     }
     out
@@ -411,34 +390,28 @@ pub fn render_cluster(v: &serde_json::Value) -> String {
 /// What is wrong with the running sidecar, one line each; empty when every
 /// part is healthy. `portless status` prints these and exits 2 when there
 /// are any, so that scripts and health checks can use it.
-pub fn problems(status: &Status, cluster: Option<&serde_json::Value>) -> Vec<String> {
+pub fn problems(status: &Status, cluster: Option<&Cluster>) -> Vec<String> {
     let mut out = Vec::new();
     if status.docker.enabled && !status.docker.connected {
         out.push("Docker Engine not connected (names and routes are the last known)".into());
     }
     if let Some(v) = cluster {
-        if v["etcd_connected"].as_bool() != Some(true) {
+        let n = &v.netplane;
+        if !n.etcd_connected {
             out.push(
                 "etcd not connected (names and routes of other hosts are the last known)".into(),
             );
         }
-        if v["host"].is_null() {
+        if n.host.is_none() {
             out.push("no subnet leased yet".into());
         }
-        let dn = &v["docker_network"];
-        if dn.is_object() && dn["ready"].as_bool() != Some(true) {
-            match dn["error"].as_str() {
-                Some(e) => out.push(format!(
-                    "cluster Docker network {} not ready: {e}",
-                    s(&dn["name"])
-                )),
-                None => out.push(format!(
-                    "cluster Docker network {} not ready yet",
-                    s(&dn["name"])
-                )),
+        if let Some(dn) = v.docker_network.as_ref().filter(|d| !d.ready) {
+            match &dn.error {
+                Some(e) => out.push(format!("cluster Docker network {} not ready: {e}", dn.name)),
+                None => out.push(format!("cluster Docker network {} not ready yet", dn.name)),
             }
         }
-        if let Some(e) = v["last_error"].as_str() {
+        if let Some(e) = &n.last_error {
             out.push(format!("netplane: {e}"));
         }
     }
@@ -449,18 +422,31 @@ pub fn problems(status: &Status, cluster: Option<&serde_json::Value>) -> Vec<Str
 mod tests {
     use super::*;
 
+    /// The tests read the JSON as the server writes it, through the typed
+    /// structs `portless status` decodes.
     #[test]
     fn cluster_section_lists_peers_and_refusals() {
-        let v = serde_json::json!({
-            "host": {"id": "10.0.0.1", "subnet": "10.244.0.0/24", "underlay": "10.0.0.1", "mode": "auto"},
+        let v: Cluster = serde_json::from_value(serde_json::json!({
+            "host": {"id": "10.0.0.1", "hostname": "a", "subnet": "10.244.0.0/24",
+                     "gateway": "10.244.0.1", "underlay": "10.0.0.1", "interface": "eth0",
+                     "mode": "auto", "vtep_mac": "02:00:00:00:00:01", "mtu": 1450,
+                     "lease_id": 1, "lease_ttl": 10},
             "etcd_endpoints": ["http://10.0.0.10:2379"],
+            "etcd_prefix": "/portless",
             "etcd_connected": true,
-            "peers": [{"id": "10.0.0.2", "subnet": "10.244.1.0/24", "underlay": "10.0.0.2", "transport": "route", "in_place": true}],
+            "peers": [{"id": "10.0.0.2", "hostname": "b", "subnet": "10.244.1.0/24", "underlay": "10.0.0.2",
+                       "mode": "auto", "transport": "route", "in_place": true}],
             "refused": [{"id": "10.9.0.3", "subnet": "10.244.2.0/24", "reason": "not on a directly connected segment"}],
+            "last_reconcile_unix_ms": null,
             "last_error": null,
+            "reconciles": 1,
+            "ops_applied": 2,
             "docker_network": {"name": "portless", "id": null, "ready": false, "error": "Docker network portless exists and was not created by portless"},
-            "records": {"published": 3, "pending": 0, "writes": 4, "merged": 7, "refused": 1},
-        });
+            "bridge": null,
+            "records": {"published": 3, "pending": 0, "writes": 4, "merged": 7, "refused": 1,
+                        "refused_total": {}, "watch_lag": {"buckets": [], "count": 0, "sum_us": 0}},
+        }))
+        .unwrap();
         let out = render_cluster(&v);
         assert!(
             out.contains("Docker network portless: NOT READY: Docker network portless exists"),
@@ -479,18 +465,37 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("last netplane error"), "{out}");
+        assert!(
+            out.contains("etcd http://10.0.0.10:2379 (connected), this host 10.0.0.1 subnet 10.244.0.0/24 underlay 10.0.0.1 mode auto"),
+            "{out}"
+        );
+        let st: Status = serde_json::from_value(serde_json::json!({
+            "docker": {"enabled": true, "connected": true, "reconnects": 0},
+            "dns": {"domain": "docker", "listeners": [], "upstreams": [], "names": 0},
+            "catalog": {"networks": {}, "containers": {}},
+        }))
+        .unwrap();
+        assert_eq!(
+            problems(&st, Some(&v)),
+            vec![
+                "cluster Docker network portless not ready: Docker network portless exists and was not created by portless"
+            ]
+        );
     }
 
     #[test]
     fn routes_section_lists_backends_and_refused_containers() {
-        let v = serde_json::json!({
+        let v: Routes = serde_json::from_value(serde_json::json!({
             "http_listen": "[::]:80",
             "https_listen": null,
-            "routes": [{"host": "shop.example.com", "path": "/", "backends": [
-                {"container": "shop-1", "addr": "172.18.0.2:8080", "scheme": "http", "state": "healthy"}]}],
-            "not_routed": [{"container": "broken", "reason": "unknown label portless.http.hots"}],
+            "routes": [{"route": "shop.example.com/", "host": "shop.example.com", "path": "/", "requests": 0, "backends": [
+                {"id": "abc", "container": "shop-1", "addr": "172.18.0.2:8080", "scheme": "http", "state": "healthy",
+                 "in_flight": 0, "requests": 0, "connect_failures": 0}]}],
+            "not_routed": [{"container_id": "def", "container": "broken", "reason": "unknown label portless.http.hots"}],
             "addresses": [{"container": "shop-1", "group": "", "network": "front", "addr": "172.18.0.2:8080", "chosen_by": "rule"}],
-        });
+            "certificates": [],
+        }))
+        .unwrap();
         let out = render_routes(&v);
         assert!(
             out.contains("shop.example.com")
@@ -506,12 +511,19 @@ mod tests {
             out.contains("ADDRESS CHOICES") && out.contains("front") && out.contains("rule"),
             "{out}"
         );
+        assert!(out.contains("ROUTER: http [::]:80 https -"), "{out}");
     }
 
     #[test]
     fn acme_section_shows_each_hosts_certificate_state() {
         let now = 1_000_000;
-        let v = serde_json::json!({
+        let v: Routes = serde_json::from_value(serde_json::json!({
+            "http_listen": "[::]:80",
+            "https_listen": "[::]:443",
+            "routes": [],
+            "not_routed": [],
+            "addresses": [],
+            "certificates": [],
             "acme": [
                 {"host": "shop.test", "state": "valid", "not_after": now + 89 * 86_400 + 7200,
                  "next_attempt": now + 59 * 86_400, "last_error": null, "failures": 0, "orders": 1},
@@ -519,7 +531,8 @@ mod tests {
                  "next_attempt": now + 120, "last_error": "order failed: connection refused",
                  "failures": 2, "orders": 2},
             ]
-        });
+        }))
+        .unwrap();
         let mut out = String::new();
         render_acme(&mut out, &v, now);
         assert!(out.contains("AUTOMATIC HTTPS (ACME)"), "{out}");
@@ -533,7 +546,8 @@ mod tests {
         assert!(new.ends_with("order failed: connection refused"), "{out}");
         // Without ACME, no section.
         let mut out = String::new();
-        render_acme(&mut out, &serde_json::json!({"acme": null}), now);
+        let off = Routes { acme: None, ..v };
+        render_acme(&mut out, &off, now);
         assert!(out.is_empty());
         assert_eq!(relative(now - 90, now), "1m 30s ago");
     }

@@ -423,15 +423,45 @@ fn draining_crosses_hosts(w: &World) -> Result<(), Failed> {
 
 /// `/metrics` of a portless running every part (DNS, router, cluster) is
 /// valid Prometheus text by `promtool check metrics`, and every metric the
-/// Grafana dashboard (docs/grafana-dashboard.json) queries is in it.
+/// Grafana dashboard (docs/grafana-dashboard.json) queries is in it. A
+/// route whose path holds `"` and `\` (a label value the text must escape)
+/// is among them.
 fn metrics_pass_promtool_and_the_dashboard_queries_exist(w: &World) -> Result<(), Failed> {
     use std::io::Write;
+    let mut c = Containers::new(&w.e);
+    c.web(
+        'A',
+        "escape-a",
+        &[
+            "--label",
+            "portless.http.host=escape.cluster.test",
+            "--label",
+            "portless.http.port=80",
+            "--label",
+            "portless.http.path=/q\"uote\\back",
+        ],
+    );
+    w.sidecar('A', |s| {
+        s.wait_for("the escape route", 10, |st| {
+            st["routes"]["routes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| r["host"] == "escape.cluster.test")
+        })
+    });
     let out =
         w.e.in_ns('A', &["curl", "-s", "http://127.0.0.1:9053/metrics"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     check(
         text.contains("portless_netplane_peers"),
         "no cluster metrics",
+    )?;
+    check(
+        text.lines().any(|l| {
+            l == "portless_router_requests_total{route=\"escape.cluster.test/q\\\"uote\\\\back\",class=\"2xx\"} 0"
+        }),
+        format!("the escape route's label is not escaped:\n{text}"),
     )?;
     let mut promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])

@@ -1,5 +1,6 @@
-//! Counters of the DNS server. Plain atomics, read by the binary's
-//! `/metrics` endpoint; nothing here allocates per query.
+//! Counters of the DNS server. Plain atomics on the query path (nothing
+//! here allocates per query); [`Metrics::snapshot`] copies them into a
+//! plain [`Snapshot`], which the binary names and encodes for `/metrics`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -66,17 +67,87 @@ impl Metrics {
         self.queries[qtype_index(qtype)][outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Every (qtype, outcome, count) with a non-zero count.
-    pub fn queries(&self) -> Vec<(&'static str, &'static str, u64)> {
-        let mut out = Vec::new();
+    /// A copy of every counter.
+    pub fn snapshot(&self) -> Snapshot {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut queries = Vec::new();
         for (ti, row) in self.queries.iter().enumerate() {
             for (oi, c) in row.iter().enumerate() {
-                let n = c.load(Ordering::Relaxed);
+                let n = load(c);
                 if n > 0 {
-                    out.push((QTYPES[ti], OUTCOMES[oi], n));
+                    queries.push(QueryCount {
+                        qtype: QTYPES[ti],
+                        outcome: OUTCOMES[oi],
+                        count: n,
+                    });
                 }
             }
         }
-        out
+        Snapshot {
+            queries,
+            forward_ok: load(&self.forward_ok),
+            forward_failed: load(&self.forward_failed),
+            forward_overloaded: load(&self.forward_overloaded),
+            forward_tcp_retries: load(&self.forward_tcp_retries),
+            rate_limited_slip: load(&self.rate_limited_slip),
+            rate_limited_drop: load(&self.rate_limited_drop),
+            tcp_refused: load(&self.tcp_refused),
+        }
+    }
+}
+
+/// Queries of one type that ended one way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryCount {
+    /// One of [`QTYPES`].
+    pub qtype: &'static str,
+    /// One of [`OUTCOMES`].
+    pub outcome: &'static str,
+    pub count: u64,
+}
+
+/// The counters of [`Metrics`] at one moment (the fields are those of
+/// [`Metrics`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Every (type, outcome) counted at least once.
+    pub queries: Vec<QueryCount>,
+    pub forward_ok: u64,
+    pub forward_failed: u64,
+    pub forward_overloaded: u64,
+    pub forward_tcp_retries: u64,
+    pub rate_limited_slip: u64,
+    pub rate_limited_drop: u64,
+    pub tcp_refused: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_lists_counted_queries_only() {
+        let m = Metrics::default();
+        m.record(RecordType::A, Outcome::Answer);
+        m.record(RecordType::A, Outcome::Answer);
+        m.record(RecordType::MX, Outcome::Forwarded);
+        m.forward_ok.fetch_add(1, Ordering::Relaxed);
+        let s = m.snapshot();
+        assert_eq!(
+            s.queries,
+            vec![
+                QueryCount {
+                    qtype: "A",
+                    outcome: "answer",
+                    count: 2
+                },
+                QueryCount {
+                    qtype: "other",
+                    outcome: "forwarded",
+                    count: 1
+                },
+            ]
+        );
+        assert_eq!(s.forward_ok, 1);
     }
 }

@@ -104,7 +104,7 @@ impl Default for AgentConfig {
 }
 
 /// This host's lease as shown to people.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostStatus {
     pub id: String,
     pub hostname: String,
@@ -121,7 +121,7 @@ pub struct HostStatus {
 }
 
 /// One peer as shown to people.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub id: String,
     pub hostname: String,
@@ -134,7 +134,7 @@ pub struct PeerStatus {
 }
 
 /// Container records: this host's published ones and the others' merged.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct RecordsStatus {
     /// Own records etcd holds.
     pub published: usize,
@@ -152,19 +152,25 @@ pub struct RecordsStatus {
     pub watch_lag: LagHistogram,
 }
 
-/// Bucket upper bounds of [`LagHistogram`], in seconds.
-pub const LAG_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+/// Bucket upper bounds of [`LagHistogram`], in seconds (those of every
+/// portless histogram: the binary checks that they agree).
+pub const LAG_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
 
-/// Counts per bucket (cumulative as in Prometheus), sum and count.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+/// Counts per bucket of [`LAG_BUCKETS`] (cumulative, as in Prometheus),
+/// sum and count. The binary encodes it for `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct LagHistogram {
     pub buckets: Vec<u64>,
     pub count: u64,
     pub sum_us: u64,
 }
 
-/// The status snapshot, served as JSON at `/api/cluster`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+/// The status snapshot, served as JSON at `/api/cluster`; its counters and
+/// gauges are what the binary encodes as `portless_netplane_*` and
+/// `portless_cluster_*` metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Status {
     /// None until the first lease is granted (or, after a restart with
     /// etcd away, the last known one: see `last_known`).
@@ -183,151 +189,6 @@ pub struct Status {
     pub reconciles: u64,
     pub ops_applied: u64,
     pub records: RecordsStatus,
-}
-
-impl Status {
-    /// The status as Prometheus text-format metrics (`portless_netplane_*`),
-    /// for the admin API's `/metrics`.
-    pub fn prometheus(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                if labels.is_empty() {
-                    let _ = writeln!(out, "{name} {v}");
-                } else {
-                    let _ = writeln!(out, "{name}{{{labels}}} {v}");
-                }
-            }
-        };
-        metric(
-            "portless_netplane_lease_held",
-            "gauge",
-            "1 when this host holds its subnet lease.",
-            &[("", u64::from(self.host.is_some()))],
-        );
-        metric(
-            "portless_netplane_etcd_connected",
-            "gauge",
-            "1 when etcd answered the last keep-alive.",
-            &[("", u64::from(self.etcd_connected))],
-        );
-        let count = |t: Transport, in_place: Option<bool>| {
-            self.peers
-                .iter()
-                .filter(|p| p.transport == t && in_place.is_none_or(|i| p.in_place == i))
-                .count() as u64
-        };
-        metric(
-            "portless_netplane_peers",
-            "gauge",
-            "Peers by transport.",
-            &[
-                ("transport=\"vxlan\"", count(Transport::Vxlan, None)),
-                ("transport=\"route\"", count(Transport::Route, None)),
-            ],
-        );
-        metric(
-            "portless_netplane_peers_not_in_place",
-            "gauge",
-            "Peers whose kernel entries are not all in place.",
-            &[
-                ("transport=\"vxlan\"", count(Transport::Vxlan, Some(false))),
-                ("transport=\"route\"", count(Transport::Route, Some(false))),
-            ],
-        );
-        metric(
-            "portless_netplane_peers_refused",
-            "gauge",
-            "Peers that cannot be reached in the configured mode.",
-            &[("", self.refused.len() as u64)],
-        );
-        metric(
-            "portless_netplane_reconciles_total",
-            "counter",
-            "Comparisons of the kernel with the plan.",
-            &[("", self.reconciles)],
-        );
-        metric(
-            "portless_netplane_netlink_ops_total",
-            "counter",
-            "Netlink changes applied.",
-            &[("", self.ops_applied)],
-        );
-        let r = &self.records;
-        metric(
-            "portless_cluster_records_published",
-            "gauge",
-            "This host's container records held in etcd.",
-            &[("", r.published as u64)],
-        );
-        metric(
-            "portless_cluster_records_pending",
-            "gauge",
-            "This host's container records not yet written.",
-            &[("", r.pending as u64)],
-        );
-        metric(
-            "portless_cluster_record_writes_total",
-            "counter",
-            "Container record writes (puts and deletes) by this host.",
-            &[("", r.writes)],
-        );
-        metric(
-            "portless_cluster_records_merged",
-            "gauge",
-            "Other hosts' container records answered and routed here.",
-            &[("", r.merged as u64)],
-        );
-        metric(
-            "portless_cluster_records_refused",
-            "gauge",
-            "Container records in etcd refused now (forged or malformed).",
-            &[("", r.refused as u64)],
-        );
-        let kinds: Vec<(String, u64)> = [
-            "malformed",
-            "key-mismatch",
-            "not-the-hosts",
-            "address-outside-subnet",
-            "bad-field",
-        ]
-        .iter()
-        .map(|k| {
-            (
-                format!("reason=\"{k}\""),
-                r.refused_total.get(*k).copied().unwrap_or(0),
-            )
-        })
-        .collect();
-        let kinds: Vec<(&str, u64)> = kinds.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        metric(
-            "portless_cluster_records_refused_total",
-            "counter",
-            "Container records refused, by reason.",
-            &kinds,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP portless_cluster_watch_lag_seconds Time from a change on its host to its record arriving here.\n# TYPE portless_cluster_watch_lag_seconds histogram"
-        );
-        for (i, le) in LAG_BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "portless_cluster_watch_lag_seconds_bucket{{le=\"{le}\"}} {}",
-                r.watch_lag.buckets.get(i).copied().unwrap_or(0)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "portless_cluster_watch_lag_seconds_bucket{{le=\"+Inf\"}} {}\nportless_cluster_watch_lag_seconds_sum {}\nportless_cluster_watch_lag_seconds_count {}",
-            r.watch_lag.count,
-            r.watch_lag.sum_us as f64 / 1e6,
-            r.watch_lag.count
-        );
-        out
-    }
 }
 
 /// Lag observations, shared with the watch task.
@@ -1184,44 +1045,5 @@ mod tests {
             "etcdserver: mvcc: required revision has been compacted"
         ));
         assert!(!cancel_needs_new_token(""));
-    }
-
-    use super::*;
-
-    #[test]
-    fn prometheus_text_counts_peers_by_transport() {
-        let peer = |id: &str, t: Transport, in_place: bool| PeerStatus {
-            id: id.into(),
-            hostname: String::new(),
-            subnet: "10.244.2.0/24".parse().unwrap(),
-            underlay: Ipv4Addr::new(192, 0, 2, 2),
-            mode: Mode::Auto,
-            transport: t,
-            in_place,
-        };
-        let s = Status {
-            etcd_connected: true,
-            peers: vec![
-                peer("a", Transport::Vxlan, true),
-                peer("b", Transport::Vxlan, false),
-                peer("c", Transport::Route, true),
-            ],
-            reconciles: 7,
-            ops_applied: 12,
-            ..Status::default()
-        };
-        let text = s.prometheus();
-        for line in [
-            "portless_netplane_lease_held 0",
-            "portless_netplane_etcd_connected 1",
-            "portless_netplane_peers{transport=\"vxlan\"} 2",
-            "portless_netplane_peers{transport=\"route\"} 1",
-            "portless_netplane_peers_not_in_place{transport=\"vxlan\"} 1",
-            "portless_netplane_peers_refused 0",
-            "portless_netplane_reconciles_total 7",
-            "portless_netplane_netlink_ops_total 12",
-        ] {
-            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
-        }
     }
 }

@@ -144,7 +144,7 @@ pub struct PeerPlan {
 }
 
 /// A peer that cannot be reached in the configured mode.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Refusal {
     pub id: String,
     pub subnet: Ipv4Net,

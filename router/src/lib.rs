@@ -20,8 +20,8 @@
 //! - [`tls`]: the rustls SNI certificate resolver over a directory (and
 //!   ACME's certificates).
 //! - [`acme`]: automatic HTTPS: certificates ordered and renewed from an
-//!   ACME server for the table's exact hosts.
-//! - [`metrics`]: lock-free counters, rendered as Prometheus text.
+//!   ACME server for the table's hosts.
+//! - [`metrics`]: lock-free counters and their plain snapshots (the binary encodes them).
 //! - [`access_log`]: one JSON line per request, queued by the request path
 //!   and written by a thread of its own.
 //!

@@ -1,14 +1,15 @@
-//! Counters the binary renders in Prometheus text format. Lock-free on the
-//! request path: every counter is an atomic, and per-route counters hang off
-//! the route, created when the table is rebuilt.
+//! The router's counters. Lock-free on the request path: every counter is
+//! an atomic, and per-route counters hang off the route, created when the
+//! table is rebuilt. [`crate::Router::metrics`] copies them into a plain
+//! [`Snapshot`]; the binary names and encodes it for `/metrics`.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::error::ErrorSource;
 
-/// Upper bounds of the latency buckets, in seconds.
+/// Upper bounds of the latency buckets, in seconds (those of every
+/// portless histogram: the binary checks that they agree).
 pub const LATENCY_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
@@ -35,6 +36,27 @@ impl Histogram {
     pub fn count(&self) -> u64 {
         self.count.load(Relaxed)
     }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            bounds: &LATENCY_BUCKETS,
+            buckets: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+            count: self.count.load(Relaxed),
+            sum: Duration::from_micros(self.sum_micros.load(Relaxed)),
+        }
+    }
+}
+
+/// A [`Histogram`] at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    /// Upper bounds, seconds.
+    pub bounds: &'static [f64],
+    /// Observations per bucket, not cumulative; those over the last bound
+    /// are `count` minus their sum.
+    pub buckets: Vec<u64>,
+    pub count: u64,
+    pub sum: Duration,
 }
 
 /// Requests of one route, by status class, and their latency to response
@@ -56,6 +78,48 @@ impl RouteStats {
     pub fn total(&self) -> u64 {
         self.by_class.iter().map(|c| c.load(Relaxed)).sum()
     }
+
+    pub fn snapshot(&self, route: &str) -> RouteSnapshot {
+        RouteSnapshot {
+            route: route.to_owned(),
+            by_class: std::array::from_fn(|i| self.by_class[i].load(Relaxed)),
+            latency: self.latency.snapshot(),
+        }
+    }
+}
+
+/// One route's [`RouteStats`] at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSnapshot {
+    /// The route's key (`host/prefix`); empty for requests no route took.
+    pub route: String,
+    /// Requests answered 1xx..5xx, at index 0..4.
+    pub by_class: [u64; 5],
+    /// Time to response headers.
+    pub latency: HistogramSnapshot,
+}
+
+/// Every router counter at one moment (the fields are those of
+/// [`Metrics`] unless said otherwise).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Every route of the live table, then the unrouted requests (route
+    /// `""`).
+    pub routes: Vec<RouteSnapshot>,
+    pub open_http: i64,
+    pub open_https: i64,
+    pub connections_total: u64,
+    pub tls_handshake_failures: u64,
+    pub proxy_protocol_failures: u64,
+    pub retries: u64,
+    pub ejections: u64,
+    pub upstream_connect_errors: u64,
+    pub upstream_timeouts: u64,
+    pub websocket_upgrades: u64,
+    /// Failed requests by whose fault, every [`ErrorSource`] once.
+    pub failures: Vec<(ErrorSource, u64)>,
+    /// Access log lines dropped; None without an access log.
+    pub access_log_dropped: Option<u64>,
 }
 
 /// Router-wide counters.
@@ -77,126 +141,34 @@ pub struct Metrics {
     pub failures: [AtomicU64; 3],
 }
 
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// Render routes and router-wide metrics in Prometheus text format.
-pub(crate) fn render<'a>(
-    out: &mut String,
-    m: &'a Metrics,
-    routes: impl Iterator<Item = (&'a str, &'a RouteStats)> + Clone,
-) {
-    let all = routes.chain(std::iter::once(("", &m.unrouted)));
-    // Writing to a String cannot fail: the results are ignored below.
-    let _ = writeln!(
-        out,
-        "# HELP portless_router_requests_total Requests by route and status class (route=\"\" matched none).\n# TYPE portless_router_requests_total counter"
-    );
-    for (route, s) in all.clone() {
-        for (i, c) in s.by_class.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "portless_router_requests_total{{route=\"{}\",class=\"{}xx\"}} {}",
-                esc(route),
-                i + 1,
-                c.load(Relaxed)
-            );
+impl Metrics {
+    /// A copy of the router-wide counters, with `routes` (then the
+    /// unrouted requests) as the per-route part.
+    pub fn snapshot(
+        &self,
+        mut routes: Vec<RouteSnapshot>,
+        access_log_dropped: Option<u64>,
+    ) -> Snapshot {
+        routes.push(self.unrouted.snapshot(""));
+        Snapshot {
+            routes,
+            open_http: self.open_http.load(Relaxed),
+            open_https: self.open_https.load(Relaxed),
+            connections_total: self.connections_total.load(Relaxed),
+            tls_handshake_failures: self.tls_handshake_failures.load(Relaxed),
+            proxy_protocol_failures: self.proxy_protocol_failures.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            ejections: self.ejections.load(Relaxed),
+            upstream_connect_errors: self.upstream_connect_errors.load(Relaxed),
+            upstream_timeouts: self.upstream_timeouts.load(Relaxed),
+            websocket_upgrades: self.websocket_upgrades.load(Relaxed),
+            failures: ErrorSource::ALL
+                .iter()
+                .map(|s| (*s, self.failures[s.index()].load(Relaxed)))
+                .collect(),
+            access_log_dropped,
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP portless_router_request_duration_seconds Time to response headers.\n# TYPE portless_router_request_duration_seconds histogram"
-    );
-    for (route, s) in all {
-        let route = esc(route);
-        let mut cum = 0;
-        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
-            cum += s.latency.buckets[i].load(Relaxed);
-            let _ = writeln!(
-                out,
-                "portless_router_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {cum}"
-            );
-        }
-        let count = s.latency.count.load(Relaxed);
-        let _ = writeln!(
-            out,
-            "portless_router_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}\nportless_router_request_duration_seconds_sum{{route=\"{route}\"}} {}\nportless_router_request_duration_seconds_count{{route=\"{route}\"}} {count}",
-            s.latency.sum_micros.load(Relaxed) as f64 / 1e6
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP portless_router_open_connections Client connections open now.\n# TYPE portless_router_open_connections gauge\nportless_router_open_connections{{listener=\"http\"}} {}\nportless_router_open_connections{{listener=\"https\"}} {}",
-        m.open_http.load(Relaxed),
-        m.open_https.load(Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP portless_router_failures_total Requests answered with an error, by whose fault it was.\n# TYPE portless_router_failures_total counter"
-    );
-    for s in ErrorSource::ALL {
-        let _ = writeln!(
-            out,
-            "portless_router_failures_total{{fault=\"{}\"}} {}",
-            s.as_str(),
-            m.failures[s.index()].load(Relaxed)
-        );
-    }
-    for (name, help, v) in [
-        (
-            "connections_total",
-            "Client connections accepted.",
-            &m.connections_total,
-        ),
-        (
-            "tls_handshake_failures_total",
-            "TLS handshakes that failed.",
-            &m.tls_handshake_failures,
-        ),
-        (
-            "proxy_protocol_failures_total",
-            "Connections dropped for a missing or bad PROXY header.",
-            &m.proxy_protocol_failures,
-        ),
-        (
-            "retries_total",
-            "Requests retried on another backend after a connect failure.",
-            &m.retries,
-        ),
-        (
-            "ejections_total",
-            "Backends ejected after a connect failure.",
-            &m.ejections,
-        ),
-        (
-            "upstream_connect_errors_total",
-            "Failed connects to backends.",
-            &m.upstream_connect_errors,
-        ),
-        (
-            "upstream_timeouts_total",
-            "Backends that did not answer in time.",
-            &m.upstream_timeouts,
-        ),
-        (
-            "websocket_upgrades_total",
-            "Upgraded (WebSocket) connections.",
-            &m.websocket_upgrades,
-        ),
-    ] {
-        render_counter(out, name, help, v.load(Relaxed));
-    }
-}
-
-/// One router-wide counter.
-pub(crate) fn render_counter(out: &mut String, name: &str, help: &str, v: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP portless_router_{name} {help}\n# TYPE portless_router_{name} counter\nportless_router_{name} {v}"
-    );
 }
 
 #[cfg(test)]
@@ -204,22 +176,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_classes_buckets_and_gauges() {
+    fn snapshot_has_classes_buckets_and_the_unrouted_last() {
         let m = Metrics::default();
         let r = RouteStats::default();
         r.record(200, Duration::from_millis(3));
         r.record(502, Duration::from_secs(9));
-        let mut out = String::new();
-        render(&mut out, &m, [("a.test/", &r)].into_iter());
-        assert!(out.contains("portless_router_requests_total{route=\"a.test/\",class=\"2xx\"} 1"));
-        assert!(out.contains("portless_router_requests_total{route=\"a.test/\",class=\"5xx\"} 1"));
-        assert!(out.contains(
-            "portless_router_request_duration_seconds_bucket{route=\"a.test/\",le=\"0.005\"} 1"
-        ));
-        assert!(out.contains(
-            "portless_router_request_duration_seconds_bucket{route=\"a.test/\",le=\"+Inf\"} 2"
-        ));
-        assert!(out.contains("portless_router_open_connections{listener=\"http\"} 0"));
-        assert!(out.contains("portless_router_failures_total{fault=\"backend\"} 0"));
+        let s = m.snapshot(vec![r.snapshot("a.test/")], None);
+        assert_eq!(s.routes.len(), 2);
+        let a = &s.routes[0];
+        assert_eq!(a.route, "a.test/");
+        assert_eq!(a.by_class, [0, 1, 0, 0, 1]);
+        // 3 ms falls in the 0.005 bucket; 9 s over every bound.
+        let i = LATENCY_BUCKETS.iter().position(|b| *b == 0.005).unwrap();
+        assert_eq!(a.latency.buckets[i], 1);
+        assert_eq!(a.latency.buckets.iter().sum::<u64>(), 1);
+        assert_eq!(a.latency.count, 2);
+        assert_eq!(a.latency.sum, Duration::from_millis(9003));
+        assert_eq!(s.routes[1].route, "");
+        assert_eq!(s.failures.len(), ErrorSource::ALL.len());
     }
 }

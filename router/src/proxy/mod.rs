@@ -232,24 +232,19 @@ impl Router {
             .collect()
     }
 
-    /// Append the router's metrics in Prometheus text format.
-    pub fn render_metrics(&self, out: &mut String) {
+    /// Every counter of the router, for `/metrics`: per route of the live
+    /// table, then the unrouted requests, then the router-wide ones.
+    pub fn metrics(&self) -> metrics::Snapshot {
         let live = self.shared.live.load();
-        metrics::render(
-            out,
-            &self.shared.metrics,
-            live.table
-                .routes()
-                .iter()
-                .map(|r| (r.payload.key.0.as_str(), &*r.payload.stats)),
-        );
-        if let Some(log) = &self.shared.opts.access_log {
-            metrics::render_counter(
-                out,
-                "access_log_dropped_total",
-                "Access log lines dropped because the writer could not keep up.",
-                log.dropped(),
-            );
-        }
+        let routes = live
+            .table
+            .routes()
+            .iter()
+            .map(|r| r.payload.stats.snapshot(&r.payload.key.0))
+            .collect();
+        self.shared.metrics.snapshot(
+            routes,
+            self.shared.opts.access_log.as_ref().map(|l| l.dropped()),
+        )
     }
 }

@@ -102,6 +102,7 @@ fn a_labelled_container_gets_a_certificate_from_the_acme_server_and_keeps_it_acr
         tls_port: https.port(),
         validity_secs: None,
         dns_server: None,
+        ..Default::default()
     });
     let dir = std::env::temp_dir().join(unique("placme"));
     cleanup.push(&["rm", "-rf", dir.to_str().unwrap()]);
@@ -241,6 +242,7 @@ fn a_wildcard_host_in_an_ingress_zone_gets_its_certificate_by_dns01_from_portles
         tls_port: https.port(),
         validity_secs: None,
         dns_server: Some(dns),
+        ..Default::default()
     });
     let dir = std::env::temp_dir().join(unique("placme"));
     cleanup.push(&["rm", "-rf", dir.to_str().unwrap()]);
@@ -332,6 +334,7 @@ fn a_failing_order_shows_in_the_status_and_is_retried_with_backoff() {
         tls_port: https.port(),
         validity_secs: None,
         dns_server: None,
+        ..Default::default()
     });
     let dir = std::env::temp_dir().join(unique("placme"));
     cleanup.push(&["rm", "-rf", dir.to_str().unwrap()]);

@@ -98,6 +98,7 @@ fn pebble_for(ar: &AcmeRouter) -> PebbleConfig {
         tls_port: ar.https.port(),
         validity_secs: None,
         dns_server: None,
+        ..Default::default()
     }
 }
 

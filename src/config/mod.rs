@@ -495,6 +495,32 @@ mod tests {
     }
 
     #[test]
+    fn acme_in_cluster_mode_needs_the_shared_key() {
+        let acme = ["--acme-directory", "https://acme.test/dir"];
+        let etcd = ["--cluster-etcd", "http://127.0.0.1:2379"];
+        let both: Vec<&str> = acme.iter().chain(&etcd).copied().collect();
+        let err = run_args(&both)
+            .resolve()
+            .expect_err("refused without a key");
+        assert!(err.to_string().contains("--acme-cluster-key"), "{err}");
+        // Alone, ACME needs no key; a key that is no file is refused.
+        assert!(run_args(&acme).resolve().is_ok());
+        let mut bad = both.clone();
+        bad.extend(["--acme-cluster-key", "/nonexistent/key"]);
+        let err = run_args(&bad).resolve().expect_err("no such file");
+        assert!(err.to_string().contains("not a readable file"), "{err}");
+        let key = std::env::temp_dir().join(format!("portless-test-key-{}", std::process::id()));
+        std::fs::write(&key, "00".repeat(32)).unwrap();
+        let mut good = both.clone();
+        let path = key.to_str().unwrap().to_owned();
+        good.extend(["--acme-cluster-key", path.as_str()]);
+        let cfg = run_args(&good).resolve();
+        let _ = std::fs::remove_file(&key);
+        let cfg = cfg.expect("with a key");
+        assert_eq!(cfg.router.acme.unwrap().cluster_key, Some(key));
+    }
+
+    #[test]
     fn example_config_parses_and_flags_win_over_it() {
         let example = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/examples/portless.toml");
         let cfg = run_args(&["--config", example])

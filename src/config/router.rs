@@ -22,7 +22,7 @@ pub struct RouterOpts {
     /// [default: [::]:80 (IPv6 and IPv4); 0.0.0.0:80 on hosts without IPv6]
     #[arg(long, env = "PORTLESS_HTTP_LISTEN", value_name = "ADDR:PORT")]
     pub http_listen: Option<SocketAddr>,
-    /// HTTPS listener, active when --cert-dir is set. [default: [::]:443
+    /// HTTPS listener, active with --cert-dir or --acme-directory. [default: [::]:443
     /// (IPv6 and IPv4); 0.0.0.0:443 on hosts without IPv6]
     #[arg(long, env = "PORTLESS_HTTPS_LISTEN", value_name = "ADDR:PORT")]
     pub https_listen: Option<SocketAddr>,

@@ -39,7 +39,7 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA (`ca.pem`) and a certificate for `localhost` it signed
 /// (`listener.pem`, `listener.key`): pebble's own HTTPS.
-fn listener_certificate(dir: &Path) {
+fn listener_certificate(dir: &Path, ip: Option<std::net::Ipv4Addr>) {
     let ec = [
         "-newkey",
         "ec",
@@ -73,7 +73,10 @@ fn listener_certificate(dir: &Path) {
     openssl(dir, &a);
     std::fs::write(
         dir.join("ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        match ip {
+            Some(ip) => format!("subjectAltName=DNS:localhost,IP:127.0.0.1,IP:{ip}\n"),
+            None => "subjectAltName=DNS:localhost,IP:127.0.0.1\n".to_owned(),
+        },
     )
     .unwrap();
     openssl(
@@ -99,7 +102,7 @@ fn listener_certificate(dir: &Path) {
 }
 
 /// What pebble validates against and how it behaves.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PebbleConfig {
     /// The port pebble sends HTTP-01 validations to (on 127.0.0.1).
     pub http_port: u16,
@@ -111,6 +114,10 @@ pub struct PebbleConfig {
     /// A DNS server of the test's own for pebble (`-dnsserver`); without
     /// it, pebble-challtestsrv answers every name with 127.0.0.1.
     pub dns_server: Option<SocketAddr>,
+    /// Run pebble in this network namespace (the test's own), listening on
+    /// `listen` there (ports 14000 and 15000) instead of on loopback.
+    pub netns: Option<String>,
+    pub listen: Option<std::net::Ipv4Addr>,
 }
 
 pub struct Pebble {
@@ -123,6 +130,19 @@ pub struct Pebble {
     pub log: PathBuf,
     management: SocketAddr,
     children: Vec<Child>,
+    netns: Option<String>,
+}
+
+/// `bin` run in `netns` when one is given.
+fn command(netns: &Option<String>, bin: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
 }
 
 impl Drop for Pebble {
@@ -163,15 +183,20 @@ impl Pebble {
             N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         )));
         std::fs::create_dir_all(&dir.0).unwrap();
-        listener_certificate(&dir.0);
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let management = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        listener_certificate(&dir.0, cfg.listen);
+        let (listen, management) = match cfg.listen {
+            Some(ip) => (SocketAddr::from((ip, 14000)), SocketAddr::from((ip, 15000))),
+            None => (
+                SocketAddr::from(([127, 0, 0, 1], free_port())),
+                SocketAddr::from(([127, 0, 0, 1], free_port())),
+            ),
+        };
         let mut children = Vec::new();
         let dns = match cfg.dns_server {
             Some(d) => d,
             None => {
                 let dns = SocketAddr::from(([127, 0, 0, 1], free_port()));
-                let child = Command::new(challtestsrv)
+                let child = command(&cfg.netns, &challtestsrv)
                     .args(["-dns01", &dns.to_string()])
                     .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
                     .args(["-management", &format!("127.0.0.1:{}", free_port())])
@@ -205,7 +230,7 @@ impl Pebble {
         .unwrap();
         let log = dir.0.join("pebble.log");
         let logf = std::fs::File::create(&log).unwrap();
-        let child = Command::new(pebble_bin)
+        let child = command(&cfg.netns, &pebble_bin)
             .args(["-config", config.to_str().unwrap()])
             .args(["-dnsserver", &dns.to_string()])
             .args(["-strict", "false"])
@@ -223,11 +248,15 @@ impl Pebble {
         let listener_ca = dir.0.join("ca.pem");
         let p = Pebble {
             dir,
-            directory: format!("https://localhost:{}/dir", listen.port()),
+            directory: match cfg.listen {
+                Some(ip) => format!("https://{ip}:{}/dir", listen.port()),
+                None => format!("https://localhost:{}/dir", listen.port()),
+            },
             listener_ca,
             log,
             management,
             children,
+            netns: cfg.netns.clone(),
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
@@ -246,7 +275,7 @@ impl Pebble {
 
     /// GET with curl, trusting pebble's listener CA; the body on 200.
     fn get(&self, url: &str) -> Option<String> {
-        let out = Command::new("curl")
+        let out = command(&self.netns, Path::new("curl"))
             .args(["-sS", "--fail", "--max-time", "5", "--cacert"])
             .arg(&self.listener_ca)
             .arg(url)
@@ -262,8 +291,11 @@ impl Pebble {
     pub fn issuing_root(&self) -> PathBuf {
         let pem = self
             .get(&format!(
-                "https://localhost:{}/roots/0",
-                self.management.port()
+                "https://{}/roots/0",
+                match self.netns {
+                    Some(_) => self.management.to_string(),
+                    None => format!("localhost:{}", self.management.port()),
+                }
             ))
             .expect("pebble's management interface serves its root");
         let path = self.dir.0.join("issuing-root.pem");

@@ -117,9 +117,24 @@ pub async fn run(
         _ => None,
     };
     let plugin_tasks = match (&client, &cfg.plugin_socket) {
-        (Some(client), Some(socket)) => start_plugin(&cfg, socket, &agent, client.clone())
-            .await
-            .context("starting the Docker network plugin")?,
+        // Cluster networks are an addition to cluster mode: a plugin that
+        // cannot be served (a read-only /run in a container that does not
+        // mount the host's /run/docker/plugins) leaves the rest running.
+        (Some(client), Some(socket)) => {
+            match start_plugin(&cfg, socket, &agent, client.clone()).await {
+                Ok(tasks) => tasks,
+                Err(e) => {
+                    tracing::error!(
+                        socket = %socket.display(),
+                        error = format!("{e:#}"),
+                        "the Docker network plugin is not served: cluster networks \
+                         (docker network create -d portless) are unavailable on this host; \
+                         mount the host's /run/docker/plugins, or --plugin-socket none"
+                    );
+                    Vec::new()
+                }
+            }
+        }
         _ => Vec::new(),
     };
     let source = ClusterStatusSource {

@@ -117,6 +117,32 @@ fn env_value(ds: &Value, name: &str) -> Option<String> {
         .map(|(_, v)| v)
 }
 
+/// The mount whose path holds `path`, and its volume.
+fn mounted<'a>(ds: &'a Value, path: &str) -> (&'a Value, &'a Value) {
+    let pod = &ds["spec"]["template"]["spec"];
+    let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap();
+    let m = mounts
+        .iter()
+        .find(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+        .unwrap_or_else(|| panic!("nothing mounted at {path}: {mounts:?}"));
+    let v = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == m["name"])
+        .unwrap_or_else(|| panic!("no volume {}", m["name"]));
+    (m, v)
+}
+
+fn port_names(ds: &Value) -> BTreeSet<String> {
+    ds["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// `helm lint --strict` of the defaults and of every example values file:
 /// no errors and no warnings (the one info, "icon is recommended", is not
 /// one: the project has no icon).
@@ -278,15 +304,7 @@ serviceMonitor: { enabled: true, interval: 15s }
     );
 
     // Each file named by a variable is mounted from the Secret given.
-    let mounts = c["volumeMounts"].as_array().unwrap();
-    let volumes = pod["volumes"].as_array().unwrap();
-    let volume_of = |path: &str| -> &Value {
-        let m = mounts
-            .iter()
-            .find(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
-            .unwrap_or_else(|| panic!("nothing mounted at {path}: {mounts:?}"));
-        volumes.iter().find(|v| v["name"] == m["name"]).unwrap()
-    };
+    let volume_of = |path: &str| -> &Value { mounted(ds, path).1 };
     for var in [
         "PORTLESS_ETCD_CA",
         "PORTLESS_ETCD_CERT",
@@ -382,6 +400,137 @@ serviceMonitor: { enabled: true, interval: 15s }
     assert_eq!(svc["spec"]["ports"][0]["port"], 9100);
 }
 
+/// Automatic HTTPS: `config.acme` becomes the `[acme]` table; the account
+/// and certificates go under the node's state directory (mounted whenever
+/// ACME is on, cluster mode or not); the ACME server's CA and the cluster
+/// key are files mounted read-only from the Secret or ConfigMap given; and
+/// the HTTPS port is declared without any `tls.secrets`.
+#[test]
+fn rendered_daemonset_carries_the_acme_values() {
+    // Cluster mode: the CA from a Secret, the sealing key.
+    let values = r#"
+config:
+  acme:
+    acme-directory: https://ca.internal:9000/acme/acme/directory
+    acme-email: ops@example.com
+    acme-challenge: [http-01]
+    acme-retry-ms: 30000
+  router: { https-listen: "0.0.0.0:8443", redirect-https: true }
+acme:
+  caSecret: { name: internal-ca, key: root.pem }
+  clusterKeySecret: { name: portless-acme-key, key: k }
+cluster:
+  enabled: true
+  etcd: { endpoints: [http://10.0.0.10:2379] }
+  stateDir: /srv/portless
+"#;
+    let objects = render(Some(values));
+    let ds = object(&objects, "DaemonSet");
+    let cm = object(&objects, "ConfigMap");
+    let toml_text = cm["data"]["portless.toml"].as_str().unwrap();
+    let t: toml::Table = toml_text
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}: {toml_text}"));
+    let acme = t["acme"].as_table().unwrap();
+    assert_eq!(
+        acme["acme-directory"].as_str(),
+        Some("https://ca.internal:9000/acme/acme/directory")
+    );
+    assert_eq!(acme["acme-email"].as_str(), Some("ops@example.com"));
+    assert_eq!(
+        acme["acme-challenge"],
+        toml::Value::Array(vec!["http-01".into()])
+    );
+    assert_eq!(acme["acme-retry-ms"].as_integer(), Some(30000));
+    assert_eq!(acme.len(), 4, "{toml_text}");
+
+    // The store under the state directory, on the node.
+    let state = env_value(ds, "PORTLESS_STATE_DIR").unwrap();
+    let dir = env_value(ds, "PORTLESS_ACME_DIR").unwrap();
+    assert_eq!(dir, format!("{state}/acme"));
+    let (m, v) = mounted(ds, &dir);
+    assert_eq!(v["hostPath"]["path"], "/srv/portless", "{v}");
+    assert_ne!(m["readOnly"], true, "{m}");
+    // The files, read-only and for root only.
+    for (var, secret, key, file) in [
+        ("PORTLESS_ACME_CA", "internal-ca", "root.pem", "ca.crt"),
+        ("PORTLESS_ACME_CLUSTER_KEY", "portless-acme-key", "k", "key"),
+    ] {
+        let path = env_value(ds, var).unwrap_or_else(|| panic!("no {var}"));
+        assert!(path.ends_with(&format!("/{file}")), "{var}: {path}");
+        let (m, v) = mounted(ds, &path);
+        assert_eq!(m["readOnly"], true, "{var}: {m}");
+        assert_eq!(v["secret"]["secretName"], secret, "{var}: {v}");
+        assert_eq!(v["secret"]["defaultMode"], 0o400, "{var}: {v}");
+        assert_eq!(
+            v["secret"]["items"],
+            json!([{"key": key, "path": file}]),
+            "{var}"
+        );
+    }
+    // HTTPS with no certificate Secret: the port, and no --cert-dir.
+    assert!(port_names(ds).contains("https"), "{:?}", port_names(ds));
+    let https = ds["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "https")
+        .unwrap();
+    assert_eq!(https["containerPort"], 8443);
+    assert_eq!(env_value(ds, "PORTLESS_CERT_DIR"), None);
+
+    // One host, the CA from a ConfigMap: the state directory is mounted
+    // for the store alone, and no cluster key is asked for.
+    let values = r#"
+config:
+  acme: { acme-directory: letsencrypt-staging }
+acme:
+  caConfigMap: { name: trust-bundle, key: bundle.pem }
+"#;
+    let objects = render(Some(values));
+    let ds = object(&objects, "DaemonSet");
+    assert_eq!(env_value(ds, "PORTLESS_STATE_DIR"), None);
+    assert_eq!(env_value(ds, "PORTLESS_ACME_CLUSTER_KEY"), None);
+    let (_, v) = mounted(ds, &env_value(ds, "PORTLESS_ACME_DIR").unwrap());
+    assert_eq!(v["hostPath"]["path"], "/var/lib/portless", "{v}");
+    assert_eq!(v["hostPath"]["type"], "DirectoryOrCreate", "{v}");
+    let (m, v) = mounted(ds, &env_value(ds, "PORTLESS_ACME_CA").unwrap());
+    assert_eq!(m["readOnly"], true, "{m}");
+    assert_eq!(v["configMap"]["name"], "trust-bundle", "{v}");
+    assert_eq!(
+        v["configMap"]["items"],
+        json!([{"key": "bundle.pem", "path": "ca.crt"}])
+    );
+    assert!(port_names(ds).contains("https"), "{:?}", port_names(ds));
+
+    // Off (the defaults): no ACME variable, no state directory, no HTTPS.
+    let objects = render(None);
+    let ds = object(&objects, "DaemonSet");
+    let env = env_of(ds);
+    assert!(
+        env.iter().all(|(k, _)| !k.starts_with("PORTLESS_ACME_")),
+        "{env:?}"
+    );
+    let volumes = ds["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    assert!(
+        volumes
+            .iter()
+            .all(|v| v.get("hostPath").is_none() || v["hostPath"]["type"] == "Socket"),
+        "{volumes:?}"
+    );
+    assert!(!port_names(ds).contains("https"), "{:?}", port_names(ds));
+    let cm = object(&objects, "ConfigMap");
+    assert!(
+        !cm["data"]["portless.toml"]
+            .as_str()
+            .unwrap()
+            .contains("[acme]"),
+        "{cm}"
+    );
+}
+
 /// The schema refuses bad values before anything renders, naming what is
 /// wrong; and a ServiceMonitor over a loopback admin API is refused.
 #[test]
@@ -418,6 +567,68 @@ fn schema_refuses_bad_values() {
         (json!({"image": {"digest": "latest"}}), "digest"),
         (json!({"replicas": 3}), "replicas"),
         (
+            json!({"config": {"acme": {"acme-directory": "http://acme.test/dir"}}}),
+            "acme-directory",
+        ),
+        (
+            json!({"config": {"acme": {"acme-directory": "staging"}}}),
+            "acme-directory",
+        ),
+        (
+            json!({"config": {"acme": {"acme-challenge": ["dns-01"]}}}),
+            "acme-challenge",
+        ),
+        (
+            json!({"config": {"acme": {"acme-challenge": "http-01"}}}),
+            "acme-challenge",
+        ),
+        (
+            json!({"config": {"acme": {"acme-email": "nobody"}}}),
+            "acme-email",
+        ),
+        (
+            json!({"config": {"acme": {"acme-retry-ms": 0}}}),
+            "acme-retry-ms",
+        ),
+        // Files are the chart's, from .acme.
+        (json!({"config": {"acme": {"acme-dir": "/x"}}}), "acme-dir"),
+        (
+            json!({"config": {"acme": {"acme-cluster-key": "/x"}}}),
+            "acme-cluster-key",
+        ),
+        (
+            json!({"acme": {"clusterKeySecret": {"name": "Bad_Name"}}}),
+            "name",
+        ),
+        // What portless would refuse at start, refused with the values'
+        // names.
+        (
+            json!({"config": {"acme": {"acme-directory": "letsencrypt"}},
+                   "cluster": {"enabled": true, "etcd": {"endpoints": ["http://10.0.0.1:2379"]}}}),
+            "needs acme.clusterKeySecret.name",
+        ),
+        (
+            json!({"acme": {"caSecret": {"name": "acme-ca"}}}),
+            "need config.acme.acme-directory",
+        ),
+        (
+            json!({"config": {"acme": {"acme-directory": "letsencrypt"}},
+                   "acme": {"caSecret": {"name": "a"}, "caConfigMap": {"name": "b"}}}),
+            "not both",
+        ),
+        (
+            json!({"config": {"router": {"redirect-https": true}}}),
+            "redirect-https needs tls.secrets or config.acme",
+        ),
+        (
+            json!({"config": {"router": {"https-listen": "0.0.0.0:443"}}}),
+            "https-listen needs tls.secrets or config.acme",
+        ),
+        (
+            json!({"config": {"router": {"no-router": true}, "acme": {"acme-directory": "letsencrypt"}}}),
+            "needs the router",
+        ),
+        (
             json!({"serviceMonitor": {"enabled": true}}),
             "serviceMonitor.enabled needs",
         ),
@@ -433,8 +644,22 @@ fn schema_refuses_bad_values() {
         );
     }
     // And good values pass (the test above is not refusing everything).
-    let f = TempFile::new("json", &json!({"config": {"dns": {"dns-port": 0}}, "cluster": {"enabled": true, "etcd": {"endpoints": ["http://10.0.0.1:2379"]}}}).to_string());
-    assert_eq!(chart_py(&["schema", f.path()])["ok"], true);
+    let good = [
+        json!({"config": {"dns": {"dns-port": 0}}, "cluster": {"enabled": true, "etcd": {"endpoints": ["http://10.0.0.1:2379"]}}}),
+        json!({"config": {"acme": {"acme-directory": "https://ca.internal:9000/acme/acme/directory",
+                                   "acme-email": "mailto:ops@example.com",
+                                   "acme-challenge": ["tls-alpn-01", "http-01"], "acme-retry-ms": 100},
+                          "router": {"redirect-https": true, "https-listen": "0.0.0.0:443"}},
+               "acme": {"caSecret": {"name": "acme-ca"}}}),
+        json!({"config": {"acme": {"acme-directory": "letsencrypt-staging"}},
+               "acme": {"clusterKeySecret": {"name": "acme-key"}},
+               "cluster": {"enabled": true, "etcd": {"endpoints": ["http://10.0.0.1:2379"]}}}),
+    ];
+    for values in good {
+        let f = TempFile::new("json", &values.to_string());
+        let r = chart_py(&["schema", f.path()]);
+        assert_eq!(r["ok"], true, "{values}: {r}");
+    }
 }
 
 /// The schema's `config` keys are portless's own options and nothing else,
@@ -449,7 +674,7 @@ fn schema_config_keys_are_exactly_portless_options() {
     let mut keys = BTreeSet::new();
     for (k, v) in config.as_object().unwrap() {
         match v.get("properties") {
-            Some(table) if ["dns", "router", "cluster"].contains(&k.as_str()) => {
+            Some(table) if ["dns", "router", "acme", "cluster"].contains(&k.as_str()) => {
                 keys.extend(table.as_object().unwrap().keys().cloned())
             }
             _ => {
@@ -466,7 +691,8 @@ fn schema_config_keys_are_exactly_portless_options() {
         .filter(|f| f != "help")
         .collect();
     // Set by the chart: files from Secrets and ConfigMaps, the admin API,
-    // the Docker socket, etcd, and per-node identities.
+    // the Docker socket, etcd, directories on the node, and per-node
+    // identities.
     let by_chart: BTreeSet<String> = [
         "config",
         "docker-host",
@@ -482,6 +708,9 @@ fn schema_config_keys_are_exactly_portless_options() {
         "advertise-addr",
         "state-dir",
         "host-id",
+        "acme-dir",
+        "acme-ca",
+        "acme-cluster-key",
     ]
     .into_iter()
     .map(str::to_owned)
@@ -522,6 +751,10 @@ fn rendered_configuration_is_accepted_by_portless() {
         let file = TempFile::new("toml", cm["data"]["portless.toml"].as_str().unwrap());
         let certs = std::env::temp_dir().join(common::unique("portless-chart-certs-"));
         std::fs::create_dir_all(&certs).unwrap();
+        // The ACME account and certificates: a directory of the test's, as
+        // the chart gives a node's (no route, so nothing is ordered and no
+        // ACME server is asked).
+        let acme_dir = std::env::temp_dir().join(common::unique("portless-chart-acme-"));
         let admin = SocketAddr::new(
             Ipv4Addr::LOCALHOST.into(),
             common::free_port(Ipv4Addr::LOCALHOST.into()),
@@ -548,6 +781,7 @@ fn rendered_configuration_is_accepted_by_portless() {
             .args(["--http-listen", &http, "--https-listen", &https])
             .args(["--admin-listen", &admin_s])
             .env("PORTLESS_CERT_DIR", &certs)
+            .env("PORTLESS_ACME_DIR", &acme_dir)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -575,7 +809,15 @@ fn rendered_configuration_is_accepted_by_portless() {
         };
         let _ = child.kill();
         let _ = child.wait();
+        // With an [acme] table, portless opened its store there before
+        // serving /healthz: automatic HTTPS was on.
+        let acme_on = cm["data"]["portless.toml"]
+            .as_str()
+            .unwrap()
+            .contains("\n[acme]\n");
+        let acme_opened = acme_dir.is_dir();
         let _ = std::fs::remove_dir_all(&certs);
+        let _ = std::fs::remove_dir_all(&acme_dir);
         if let Err(e) = served {
             panic!(
                 "{:?}: portless refused the rendered configuration: {e}\n{}",
@@ -583,6 +825,7 @@ fn rendered_configuration_is_accepted_by_portless() {
                 cm["data"]["portless.toml"].as_str().unwrap()
             );
         }
+        assert_eq!(acme_on, acme_opened, "{case:?}: ACME on, store opened");
     }
 }
 

@@ -53,7 +53,7 @@ basic strings.
 {{ $k }} = {{ include "portless.tomlValue" $v }}
 {{- end }}
 {{- end }}
-{{- range $table := list "dns" "router" "cluster" }}
+{{- range $table := list "dns" "router" "acme" "cluster" }}
 {{- with (get $config $table) }}
 
 [{{ $table }}]

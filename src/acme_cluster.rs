@@ -22,6 +22,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+/// How often the ACME keys are listed again besides the watch.
+const RELIST: Duration = Duration::from_secs(2);
+
 /// The shared key that seals certificates in etcd.
 pub struct Sealer {
     key: LessSafeKey,
@@ -234,8 +237,11 @@ async fn follow_once(
                     anyhow::bail!("watch canceled: {}", resp.cancel_reason());
                 }
             }
-            // Now and then regardless (a missed event, a lease that came).
-            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+            // Every 2 s regardless: a missed event, a lease that came, and
+            // traffic on the connection (etcd closes a connection that only
+            // carries our keep-alive pings, which come more often than its
+            // --grpc-keepalive-min-time: "too many pings").
+            () = tokio::time::sleep(RELIST) => {}
         }
         let listing = setup.store.acme_list().await?;
         apply(setup, &listing, state, txt, certs, served).await;

@@ -244,6 +244,18 @@ fn one_host_orders_every_host_answers_and_serves_and_a_survivor_takes_over() {
     );
     assert_eq!(acme(&b)["orders"], 0, "B still never ordered");
 
+    // The coordinators kept their etcd connections (an idle watch alone
+    // was cut by etcd every ~10 s for too many keep-alive pings).
+    for s in [&a, &b] {
+        let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+        let cut = log.matches("shared state is out of reach").count();
+        assert_eq!(
+            cut, 0,
+            "host {}: the coordinator lost etcd {cut} times",
+            s.host
+        );
+    }
+
     // A dies: its lock goes with its lease, and B orders the next renewal.
     a.kill9();
     wait("A's lock gone with its lease", 30, || holder().is_empty());

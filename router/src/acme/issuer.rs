@@ -36,6 +36,11 @@ const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
 /// of routes (a `--cert-dir` file may have come to cover one).
 const RECHECK: Duration = Duration::from_secs(30);
 
+/// In a cluster: the wait between publishing a challenge answer and
+/// telling the server to look, for the other hosts to take it up (they
+/// follow the coordinator's changes within milliseconds when idle).
+const CLUSTER_SETTLE: Duration = Duration::from_secs(1);
+
 /// The ACME task's state. Build with [`Issuer::new`] (loads what is
 /// stored, so a restart serves at once), then [`Issuer::run`].
 pub struct Issuer {
@@ -521,6 +526,11 @@ impl Issuer {
                         answers.publish(name, ka.dns_value());
                         tokio::time::sleep(self.opts.dns01_settle).await;
                     }
+                }
+                if self.cluster.is_some() {
+                    // The server may ask any host: give the others time to
+                    // take the answer from the coordinator first.
+                    tokio::time::sleep(CLUSTER_SETTLE).await;
                 }
                 info!(%host, challenge = kind.as_str(), "answering ACME challenge");
                 ch.set_ready().await?;

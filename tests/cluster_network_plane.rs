@@ -7,7 +7,9 @@
 //! ping that may not fragment), the source address arriving unchanged;
 //! containers of two different networks reach each other neither on one
 //! host nor across hosts (ping and TCP must fail) while a container on
-//! both reaches both; a block entry deleted by hand comes back; removing
+//! both reaches both; a container given (`--ip`) an address inside the
+//! other host's block reaches and is reached from both hosts; a route
+//! deleted by hand comes back; removing
 //! the networks takes their devices and rules along; and `portless
 //! netplane cleanup` on a host whose portless is stopped removes the
 //! networks' `pn-*` links and their chain, and nothing else. The harness
@@ -95,10 +97,38 @@ fn tcp(e: &Engines, h: char, c: &str, ip: Ipv4Addr) -> Option<String> {
 /// host's entries may be on their way, then TCP), and the server sees
 /// `from` as the client.
 fn reaches(e: &Engines, h: char, c: &str, ip: Ipv4Addr, from: Ipv4Addr) {
-    let took = wait(&format!("{c} on {h} pings {ip}"), 5.0, || ping(e, h, c, ip));
+    let start = Instant::now();
+    while !ping(e, h, c, ip) {
+        if start.elapsed() > Duration::from_secs(5) {
+            for (on, cmd) in [
+                ('A', &["ip", "route"][..]),
+                ('A', &["ip", "neigh"][..]),
+                ('B', &["ip", "route"][..]),
+                ('B', &["ip", "neigh"][..]),
+                ('A', &["bridge", "fdb", "show"][..]),
+                (
+                    'A',
+                    &["iptables", "-w", "-L", "PORTLESS-NETS", "-v", "-n"][..],
+                ),
+                (
+                    'B',
+                    &["iptables", "-w", "-L", "PORTLESS-NETS", "-v", "-n"][..],
+                ),
+            ] {
+                let o = e.in_ns(on, cmd);
+                eprintln!("DIAG {on} {cmd:?}:\n{}", String::from_utf8_lossy(&o.stdout));
+            }
+            let o = e.docker(h, &["exec", c, "ip", "neigh"]);
+            eprintln!("DIAG {c} ip neigh:\n{}", String::from_utf8_lossy(&o.stdout));
+            let o = e.docker(h, &["exec", c, "ip", "route"]);
+            eprintln!("DIAG {c} ip route:\n{}", String::from_utf8_lossy(&o.stdout));
+            panic!("{c} on {h} pings {ip}: not within 5 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     eprintln!(
         "{c} on {h} -> {ip}: first ping after {} ms",
-        took.as_millis()
+        start.elapsed().as_millis()
     );
     // The server may still be starting (`docker run -d` returns first).
     let mut seen = None;
@@ -187,19 +217,19 @@ fn steps(
     made: &mut Vec<(char, String)>,
 ) {
     let [red, blue] = nets;
-    for net in nets {
-        e.docker_ok(
-            'A',
-            &[
-                "network",
-                "create",
-                "-d",
-                "portless",
-                "--ipam-driver",
-                "portless",
-                net,
-            ],
-        );
+    // red with --subnet, so that Docker on A takes --ip for it too.
+    for (net, subnet) in [(red, Some("10.113.7.0/24")), (blue, None)] {
+        let mut args = vec![
+            "network",
+            "create",
+            "-d",
+            "portless",
+            "--ipam-driver",
+            "portless",
+        ];
+        args.extend(subnet.iter().flat_map(|s| ["--subnet", *s]));
+        args.push(net);
+        e.docker_ok('A', &args);
     }
     wait("both networks on B", 3.0, || {
         nets.iter()
@@ -305,6 +335,38 @@ fn steps(
     reaches(e, 'A', &both, red_b_ip, both_red);
     reaches(e, 'A', &both, blue_b_ip, both_blue);
     reaches(e, 'A', &both, blue_a_ip, both_blue);
+
+    // A container on A with an address (--ip) inside B's block: both
+    // hosts route it to A (a /32 each), so it reaches and is reached
+    // from both.
+    let b_block = u32::from(red_b_ip) & !0xf;
+    let pinned_ip = Ipv4Addr::from(b_block + 13);
+    let pinned = format!("{}-pinned", e.pfx);
+    made.push(('A', pinned.clone()));
+    e.docker_ok(
+        'A',
+        &[
+            "run",
+            "-d",
+            "--name",
+            &pinned,
+            "--network",
+            red,
+            "--ip",
+            &pinned_ip.to_string(),
+            image,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/var/www",
+        ],
+    );
+    reaches(e, 'A', &red_a, pinned_ip, red_a_ip);
+    reaches(e, 'B', &red_b, pinned_ip, red_b_ip);
+    reaches(e, 'A', &pinned, red_b_ip, pinned_ip);
+    reaches(e, 'A', &pinned, red_a_ip, pinned_ip);
 
     // A route of the network deleted by hand comes back.
     let routes = String::from_utf8_lossy(

@@ -60,6 +60,14 @@ pub fn bridge_name(docker_id: &str) -> String {
     format!("{PREFIX}br{}", short(docker_id, 10))
 }
 
+/// The MAC of a network's bridge: fixed, and the same on every host
+/// (the network is routed between hosts, so it never meets another
+/// host's), from the gateway (unique per network).
+pub fn bridge_mac(gateway: Ipv4Addr) -> Mac {
+    let o = gateway.octets();
+    Mac([0x0e, 0x71, o[0], o[1], o[2], o[3]])
+}
+
 /// The host end and the container end of an endpoint's veth pair.
 pub fn veth_names(endpoint_id: &str) -> (String, String) {
     let s = short(endpoint_id, 11);
@@ -259,8 +267,17 @@ pub async fn ensure_bridge(
                     .execute()
                     .await,
             )?;
+            // A fixed MAC: a bridge without one takes its lowest port's,
+            // and changes it when a container comes or goes, leaving the
+            // containers' cached gateway and proxy-ARP answers pointing
+            // at a MAC the bridge no longer takes as its own.
             h.link()
-                .set(LinkUnspec::new_with_index(idx).up().build())
+                .set(
+                    LinkUnspec::new_with_index(idx)
+                        .address(bridge_mac(gateway).0.to_vec())
+                        .up()
+                        .build(),
+                )
                 .execute()
                 .await
                 .map_err(nl(format!("link set {name} up")))
@@ -372,6 +389,8 @@ pub struct NetworkState {
     pub blocks: BTreeMap<Ipv4Net, String>,
     /// Its addresses, by holder.
     pub addrs: BTreeMap<Ipv4Addr, String>,
+    /// Its bridge on this host.
+    pub bridge: String,
 }
 
 /// The kernel state of one network on this host: its VXLAN device and,
@@ -465,8 +484,31 @@ pub fn network_plan(
         }
     }
     for (addr, holder) in &net.addrs {
-        if *holder == local.host_id
-            || !net.subnet.contains(addr)
+        if *holder == local.host_id {
+            // A container here with an address (`--ip`) inside another
+            // host's block: a /32 on the bridge keeps it from that
+            // block's route.
+            let elsewhere = peers.iter().any(|x: &PeerPlan| x.route.dst.contains(addr));
+            if elsewhere {
+                peers.push(PeerPlan {
+                    id: local.host_id.clone(),
+                    subnet: Ipv4Net::from(*addr),
+                    underlay: local.underlay,
+                    transport: Transport::Route,
+                    neigh: None,
+                    fdb: None,
+                    route: Route {
+                        dst: Ipv4Net::from(*addr),
+                        via: *addr,
+                        dev: net.bridge.clone(),
+                        onlink: true,
+                        src: None,
+                    },
+                });
+            }
+            continue;
+        }
+        if !net.subnet.contains(addr)
             || net
                 .blocks
                 .iter()
@@ -482,36 +524,23 @@ pub fn network_plan(
     out
 }
 
-/// `obs` restricted to link `dev` and what hangs off it.
-fn observed_on(obs: &Observed, dev: &str) -> Observed {
+/// `obs` restricted to links `devs` and what hangs off them.
+fn observed_on(obs: &Observed, devs: &[&str]) -> Observed {
+    let on = |d: &str| devs.contains(&d);
     Observed {
-        links: obs
-            .links
-            .iter()
-            .filter(|l| l.name == dev)
-            .cloned()
-            .collect(),
-        addrs: obs.addrs.iter().filter(|a| a.dev == dev).cloned().collect(),
-        neighs: obs
-            .neighs
-            .iter()
-            .filter(|n| n.dev == dev)
-            .cloned()
-            .collect(),
-        fdbs: obs.fdbs.iter().filter(|e| e.dev == dev).cloned().collect(),
-        routes: obs
-            .routes
-            .iter()
-            .filter(|r| r.dev == dev)
-            .cloned()
-            .collect(),
+        links: obs.links.iter().filter(|l| on(&l.name)).cloned().collect(),
+        addrs: obs.addrs.iter().filter(|a| on(&a.dev)).cloned().collect(),
+        neighs: obs.neighs.iter().filter(|n| on(&n.dev)).cloned().collect(),
+        fdbs: obs.fdbs.iter().filter(|e| on(&e.dev)).cloned().collect(),
+        routes: obs.routes.iter().filter(|r| on(&r.dev)).cloned().collect(),
     }
 }
 
 /// The operations that bring the networks' VXLAN devices (observed in
 /// `obs`) to `plans`: each device diffed as the cluster network's is
-/// ([`plan::diff`]), and the `pn-vx` devices no plan wants removed
-/// (their routes and entries go with them).
+/// ([`plan::diff`], with the /32 routes a plan puts on its bridge), the
+/// `pn-vx` devices no plan wants removed (their routes and entries go
+/// with them), and routes on bridges that no plan wants.
 pub fn network_ops(plans: &[Plan], obs: &Observed) -> Vec<Op> {
     let wanted: Vec<&str> = plans
         .iter()
@@ -527,7 +556,18 @@ pub fn network_ops(plans: &[Plan], obs: &Observed) -> Vec<Op> {
         .collect();
     for p in plans {
         if let Some(v) = &p.vxlan {
-            ops.extend(plan::diff(p, &observed_on(obs, &v.name)));
+            let mut devs: Vec<&str> = vec![&v.name];
+            devs.extend(p.peers.iter().map(|x| x.route.dev.as_str()));
+            ops.extend(plan::diff(p, &observed_on(obs, &devs)));
+        }
+    }
+    for r in &obs.routes {
+        let wanted = plans
+            .iter()
+            .flat_map(|p| &p.peers)
+            .any(|x| x.route.dev == r.dev);
+        if r.dev.starts_with("pn-br") && !wanted {
+            ops.push(Op::DelRoute(r.clone()));
         }
     }
     ops
@@ -600,6 +640,9 @@ mod tests {
         assert!(v.len() <= 15 && v.starts_with(PREFIX));
         assert_eq!(plan::route_protocol(&v), plan::NETWORK_ROUTE_PROTOCOL);
         assert_eq!(plan::route_protocol("pl-vx0"), plan::ROUTE_PROTOCOL);
+        let m = bridge_mac(Ipv4Addr::new(10, 112, 0, 1));
+        assert_eq!(m.to_string(), "0e:71:0a:70:00:01");
+        assert_ne!(m, Mac::for_vtep(Ipv4Addr::new(10, 112, 0, 1)));
     }
 
     fn ip(s: &str) -> Ipv4Addr {
@@ -639,6 +682,7 @@ mod tests {
             subnet: net("10.112.0.0/24"),
             blocks: blocks.iter().map(|(b, h)| (net(b), (*h).into())).collect(),
             addrs: addrs.iter().map(|(a, h)| (ip(a), (*h).into())).collect(),
+            bridge: "pn-br0123456789".into(),
         }
     }
 
@@ -671,8 +715,11 @@ mod tests {
                 ("10.112.0.17", "b"),
                 // given with --ip outside b's blocks: a /32
                 ("10.112.0.200", "b"),
-                // this host's own outside its blocks: nothing here
+                // this host's own outside its blocks: nothing here, ...
                 ("10.112.0.201", "a"),
+                // ... unless inside another host's block: a /32 on the
+                // bridge
+                ("10.112.0.20", "a"),
             ],
         );
         let p = network_plan(&spec(), &st, &hosts);
@@ -693,10 +740,16 @@ mod tests {
                 ("10.112.0.16/28".to_owned(), ip("192.168.1.2")),
                 ("10.112.0.32/28".to_owned(), ip("192.168.1.2")),
                 ("10.112.0.48/28".to_owned(), ip("10.9.9.9")),
+                ("10.112.0.20/32".to_owned(), ip("10.112.0.20")),
                 ("10.112.0.200/32".to_owned(), ip("192.168.1.2")),
             ]
         );
-        for x in &p.peers {
+        let local = &p.peers[3];
+        assert_eq!(
+            (local.route.dev.as_str(), local.route.onlink, &local.neigh),
+            ("pn-br0123456789", true, &None)
+        );
+        for x in p.peers.iter().filter(|x| x.transport == Transport::Vxlan) {
             let peer = &hosts[&x.id];
             assert!(x.route.onlink && x.route.dev == "pn-vx4096" && x.route.src.is_none());
             assert_eq!(

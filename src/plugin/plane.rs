@@ -11,7 +11,7 @@
 //! networks after a start, so that a restart of portless never removes
 //! the VXLAN device of a network it has not learnt yet.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -80,7 +80,10 @@ async fn reconcile(plugin: &Plugin, last_refused: &mut String) -> anyhow::Result
     else {
         return Ok(0);
     };
-    let here: BTreeSet<String> = lock(&plugin.nets).values().map(|n| n.id.clone()).collect();
+    let here: BTreeMap<String, String> = lock(&plugin.nets)
+        .values()
+        .map(|n| (n.id.clone(), n.bridge.clone()))
+        .collect();
     let listing = plugin.store.list_networks().await?;
     let (holders, _) = plugin.store.network_holders().await?;
     let (hosts, _) = plugin.store.hosts().await?;
@@ -96,8 +99,8 @@ async fn reconcile(plugin: &Plugin, last_refused: &mut String) -> anyhow::Result
     let mut refused = Vec::new();
     let plans: Vec<_> = here
         .iter()
-        .filter_map(|id| listing.networks.get(id))
-        .map(|(rec, _)| {
+        .filter_map(|(id, bridge)| Some((listing.networks.get(id)?, bridge)))
+        .map(|((rec, _), bridge)| {
             let (blocks, addrs) = holders.get(&rec.id()).cloned().unwrap_or_default();
             let p = segment::network_plan(
                 &spec,
@@ -106,6 +109,7 @@ async fn reconcile(plugin: &Plugin, last_refused: &mut String) -> anyhow::Result
                     subnet: rec.subnet,
                     blocks,
                     addrs,
+                    bridge: bridge.clone(),
                 },
                 &hosts,
             );

@@ -14,6 +14,7 @@ use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
 use bollard::query_parameters::ListNetworksOptions;
 use portless_netplane::agent::{self, Agent, AgentConfig, HostStatus};
 use portless_netplane::netlink::Kernel;
+use portless_netplane::segment;
 use portless_netplane::store::Store;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -168,6 +169,7 @@ async fn start_plugin(
             subnet_len: 24,
             cluster: a.cluster,
             cluster_vni: a.vni,
+            vxlan_port: a.vxlan_port,
         },
         store,
         agent.kernel().clone(),
@@ -175,8 +177,9 @@ async fn start_plugin(
         agent.subscribe(),
     );
     let server = crate::plugin::serve(plugin.clone(), socket).await?;
-    let sync = tokio::spawn(crate::plugin::sync::run(plugin));
-    Ok(vec![server, sync])
+    let sync = tokio::spawn(crate::plugin::sync::run(plugin.clone()));
+    let plane = tokio::spawn(crate::plugin::plane::run(plugin));
+    Ok(vec![server, sync, plane])
 }
 
 /// Keep the cluster Docker network in place: (re)ensure it whenever the
@@ -438,6 +441,8 @@ pub async fn remove_networks(docker: &Docker, only: Option<&str>) -> anyhow::Res
 #[derive(Debug, Default, Serialize)]
 pub struct CleanupReport {
     pub netlink_ops: usize,
+    /// Links of the cluster networks (`pn-*`) removed.
+    pub network_links: usize,
     pub docker_networks: Vec<String>,
     pub lease_released: bool,
     /// Parts that failed, each with its reason; the others were done.
@@ -449,6 +454,11 @@ impl std::fmt::Display for CleanupReport {
         writeln!(f, "kernel objects removed: {}", self.netlink_ops)?;
         writeln!(
             f,
+            "links of cluster networks (pn-*) removed: {}",
+            self.network_links
+        )?;
+        writeln!(
+            f,
             "Docker networks removed: {}",
             if self.docker_networks.is_empty() {
                 "none".to_owned()
@@ -458,7 +468,7 @@ impl std::fmt::Display for CleanupReport {
         )?;
         writeln!(
             f,
-            "iptables chains removed: PORTLESS-FWD, PORTLESS-NAT (if present)"
+            "iptables chains removed: PORTLESS-FWD, PORTLESS-NAT, PORTLESS-NETS (if present)"
         )?;
         writeln!(
             f,
@@ -520,6 +530,16 @@ pub async fn cleanup(
         Ok(n) => report.netlink_ops = n,
         Err(e) => {
             let e = anyhow::Error::new(e).context("removing kernel objects");
+            report.failed.push(format!("{e:#}"));
+            first_err.get_or_insert(e);
+        }
+    }
+    // The cluster networks' links (containers still on them lose them)
+    // and their chain.
+    match segment::cleanup(&kernel).await {
+        Ok(n) => report.network_links = n,
+        Err(e) => {
+            let e = anyhow::Error::new(e).context("removing the links of cluster networks");
             report.failed.push(format!("{e:#}"));
             first_err.get_or_insert(e);
         }

@@ -373,16 +373,22 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
     .flat_map(|p| etcd_keys(e, &format!("/portless/v1/{p}")))
     .collect();
     assert!(left.is_empty(), "left in etcd: {left:?}");
-    // The bridges and their rules went with the networks.
+    // The bridges, VXLAN devices and their rules went with the networks.
     for h in ['A', 'B'] {
-        let out = e.in_ns(h, &["ip", "-o", "link", "show"]);
-        let links = String::from_utf8_lossy(&out.stdout);
-        assert!(!links.contains("pn-"), "{h}: {links}");
+        wait(&format!("the network's links gone from {h}"), 5.0, || {
+            let out = e.in_ns(h, &["ip", "-o", "link", "show"]);
+            !String::from_utf8_lossy(&out.stdout).contains("pn-")
+        });
         let out = e.in_ns(h, &["iptables", "-w", "-S", "DOCKER-USER"]);
         let rules = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success() && !rules.contains("pn-"),
             "{h}: {rules}"
         );
+        wait(&format!("the network's rules gone from {h}"), 5.0, || {
+            let out = e.in_ns(h, &["iptables", "-w", "-S", "PORTLESS-NETS"]);
+            let rules = String::from_utf8_lossy(&out.stdout);
+            !rules.contains("pn-br") && !rules.contains("pn-vx")
+        });
     }
 }

@@ -35,8 +35,8 @@ use tracing::{debug, warn};
 use crate::error::{Error, Result};
 use crate::model::Mac;
 use crate::plan::{
-    Addr, Fdb, LINK_PREFIX, LinkKind, LinkState, Neigh, Observed, Op, ROUTE_PROTOCOL, Route,
-    Underlay,
+    Addr, Fdb, LINK_PREFIX, LinkKind, LinkState, NETWORK_ROUTE_PROTOCOL, Neigh, Observed, Op,
+    ROUTE_PROTOCOL, Route, Underlay, route_protocol,
 };
 
 // errno values the idempotence rules need (Linux, all architectures).
@@ -148,10 +148,22 @@ impl Kernel {
         self.call(move |_| async move { f() }).await
     }
 
-    /// Read back everything portless owns.
+    /// Read back everything portless owns for the cluster network.
     pub async fn observe(&self) -> Result<Observed> {
         self.call(|h| async move { observe(&h).await.map(|(o, _)| o) })
             .await?
+    }
+
+    /// Read back the links of the cluster networks whose names start with
+    /// `prefix` (a [`NETWORK_LINK_PREFIX`] one), the entries on them, and
+    /// the routes stamped [`NETWORK_ROUTE_PROTOCOL`].
+    pub async fn observe_networks(&self, prefix: &'static str) -> Result<Observed> {
+        self.call(move |h| async move {
+            observe_scope(&h, prefix, NETWORK_ROUTE_PROTOCOL)
+                .await
+                .map(|(o, _)| o)
+        })
+        .await?
     }
 
     /// Apply ops in order. A failed op does not stop the rest: later
@@ -366,23 +378,28 @@ fn link_state(m: &LinkMessage) -> Option<LinkState> {
 
 /// Every link by index, and the observed state of ours.
 async fn observe(h: &Handle) -> Result<(Observed, HashMap<u32, String>)> {
+    observe_scope(h, LINK_PREFIX, ROUTE_PROTOCOL).await
+}
+
+/// Every link by index, and the observed state of the links named
+/// `prefix*` and the routes stamped `protocol`.
+async fn observe_scope(
+    h: &Handle,
+    prefix: &str,
+    protocol: u8,
+) -> Result<(Observed, HashMap<u32, String>)> {
     let mut names = HashMap::new();
     let mut obs = Observed::default();
     let mut links = h.link().get().execute();
     while let Some(m) = links.try_next().await.map_err(nl("link dump"))? {
         if let Some(state) = link_state(&m) {
             names.insert(state.index, state.name.clone());
-            if state.name.starts_with(LINK_PREFIX) {
+            if state.name.starts_with(prefix) {
                 obs.links.push(state);
             }
         }
     }
-    let ours = |idx: u32| {
-        names
-            .get(&idx)
-            .filter(|n| n.starts_with(LINK_PREFIX))
-            .cloned()
-    };
+    let ours = |idx: u32| names.get(&idx).filter(|n| n.starts_with(prefix)).cloned();
 
     let mut addrs = h.address().get().execute();
     while let Some(m) = addrs.try_next().await.map_err(nl("address dump"))? {
@@ -457,9 +474,7 @@ async fn observe(h: &Handle) -> Result<(Observed, HashMap<u32, String>)> {
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute();
     while let Some(m) = routes.try_next().await.map_err(nl("route dump"))? {
-        if u8::from(m.header.protocol) != ROUTE_PROTOCOL
-            || m.header.table != RouteHeader::RT_TABLE_MAIN
-        {
+        if u8::from(m.header.protocol) != protocol || m.header.table != RouteHeader::RT_TABLE_MAIN {
             continue;
         }
         if let Some(r) = route_of(&m, &names) {
@@ -561,7 +576,7 @@ fn route_message(r: &Route, oif: u32) -> RouteMessage {
         .destination_prefix(r.dst.network(), r.dst.prefix_len())
         .gateway(r.via)
         .output_interface(oif)
-        .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
+        .protocol(RouteProtocol::from(route_protocol(&r.dev)));
     if r.onlink {
         b = b.onlink();
     }

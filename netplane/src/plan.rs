@@ -25,8 +25,29 @@ pub const VXLAN_OVERHEAD: u32 = 50;
 /// by iproute2's `rt_protos` and by the well-known routing daemons.
 pub const ROUTE_PROTOCOL: u8 = 149;
 
-/// Prefix of every link portless creates.
+/// Route protocol number of the routes of cluster networks (`docker
+/// network create -d portless`): one per other host's address block, on
+/// the network's own VXLAN device. A number of their own, so that the
+/// cluster network's reconcile (which owns [`ROUTE_PROTOCOL`]) never sees
+/// them, and the reverse.
+pub const NETWORK_ROUTE_PROTOCOL: u8 = 150;
+
+/// Prefix of every link portless creates for the cluster network.
 pub const LINK_PREFIX: &str = "pl-";
+
+/// Prefix of every link of the cluster networks (`segment.rs`): bridges,
+/// veths and their VXLAN devices.
+pub const NETWORK_LINK_PREFIX: &str = "pn-";
+
+/// The route protocol number a route on `dev` is stamped with: its owner
+/// is told by the device.
+pub fn route_protocol(dev: &str) -> u8 {
+    if dev.starts_with(NETWORK_LINK_PREFIX) {
+        NETWORK_ROUTE_PROTOCOL
+    } else {
+        ROUTE_PROTOCOL
+    }
+}
 
 /// Default name of the VXLAN device.
 pub const VXLAN_DEVICE: &str = "pl-vx0";

@@ -1,32 +1,71 @@
-//! The local part of a cluster network on one host (phase 1 of
-//! `docker network create -d portless`): a Linux bridge per network
-//! holding the network's gateway, and a veth pair per container, one end
-//! on the bridge and the other handed to Docker to move into the
-//! container. Containers of one network on one host reach each other over
-//! the bridge; the VXLAN between hosts comes next.
+//! A cluster network (`docker network create -d portless`) in one host's
+//! kernel: a Linux bridge per network holding the network's gateway, a
+//! veth pair per container (one end on the bridge, the other handed to
+//! Docker to move into the container), and a VXLAN device per network
+//! (`pn-vx<vni>`, the network's VNI) that carries its traffic to the
+//! other hosts.
+//!
+//! Between hosts the network is routed per address block, not one layer-2
+//! segment: [`network_plan`] wants, per other host holding blocks of the
+//! network, one permanent neighbour entry and one FDB entry on the VXLAN
+//! device (no learning, no flooding) and one onlink route per block (and
+//! per address given outside its host's blocks, a /32). The bridge
+//! answers ARP for addresses routed elsewhere (proxy ARP), so containers
+//! see their peers on other hosts as on their own subnet. The plan is the
+//! netplane's [`Plan`], diffed with [`plan::diff`] and applied by the same
+//! executor as the cluster network's.
 //!
 //! Every link is named `pn-*`, apart from the netplane's own `pl-*` links
-//! (whose reconcile removes any `pl-*` link it did not plan), so that
-//! neither side touches the other's. Within-bridge traffic is accepted in
-//! `DOCKER-USER` (Docker's FORWARD policy is DROP and bridged frames pass
-//! through iptables once Docker loaded br_netfilter).
+//! (whose reconcile removes any `pl-*` link it did not plan), and their
+//! routes carry a protocol number of their own
+//! ([`plan::NETWORK_ROUTE_PROTOCOL`]), so that neither side touches the
+//! other's. Isolation is the chain [`CHAIN`] (jumped to from
+//! `DOCKER-USER`, or `FORWARD` without Docker): traffic within one
+//! network (its bridge and its VXLAN device) is accepted, traffic between
+//! two `pn-` links otherwise dropped (Docker's FORWARD policy is DROP
+//! anyway; the drop holds without it). Bridged frames pass through
+//! iptables once Docker loaded br_netfilter.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
+use ipnet::Ipv4Net;
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth};
 
 use crate::error::{Error, Result};
+use crate::model::{HostRecord, Mac, Transport};
 use crate::netlink::{Kernel, errno, nl};
+use crate::plan::{self, Fdb, Neigh, Observed, Op, PeerPlan, Plan, Refusal, Route, VxlanLink};
 
 /// Prefix of every link of cluster networks.
-pub const PREFIX: &str = "pn-";
+pub const PREFIX: &str = plan::NETWORK_LINK_PREFIX;
+
+/// Prefix of the networks' VXLAN devices.
+pub const VXLAN_PREFIX: &str = "pn-vx";
+
+/// The filter chain that keeps cluster networks apart.
+pub const CHAIN: &str = "PORTLESS-NETS";
+
+/// The VXLAN device of the network with VNI `vni` (at most 8 digits: a
+/// VNI is 24 bits).
+pub fn vxlan_name(vni: u32) -> String {
+    format!("{VXLAN_PREFIX}{vni}")
+}
 
 const EEXIST: i32 = 17;
 
 /// The bridge of the Docker network `docker_id` on this host.
 pub fn bridge_name(docker_id: &str) -> String {
     format!("{PREFIX}br{}", short(docker_id, 10))
+}
+
+/// The MAC of a network's bridge: fixed, and the same on every host
+/// (the network is routed between hosts, so it never meets another
+/// host's), from the gateway (unique per network).
+pub fn bridge_mac(gateway: Ipv4Addr) -> Mac {
+    let o = gateway.octets();
+    Mac([0x0e, 0x71, o[0], o[1], o[2], o[3]])
 }
 
 /// The host end and the container end of an endpoint's veth pair.
@@ -66,15 +105,144 @@ fn iptables(args: &[&str]) -> Result<bool> {
     Ok(out.status.success())
 }
 
-fn forward_rule(bridge: &str) -> Vec<&str> {
-    vec!["DOCKER-USER", "-i", bridge, "-o", bridge, "-j", "ACCEPT"]
+fn list_rules(chain: &str) -> Vec<String> {
+    match std::process::Command::new("iptables")
+        .args(["-w", "-S", chain])
+        .output()
+    {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
-/// Make the network's bridge, with the gateway address and MTU, up, and
-/// let traffic between its ports through. Idempotent.
+/// The rules that let one network's traffic through: within its bridge,
+/// and between its bridge and its VXLAN device.
+fn network_rules(bridge: &str, vxlan: &str) -> Vec<[String; 4]> {
+    let r = |i: &str, o: &str| ["-i".into(), i.to_owned(), "-o".into(), o.to_owned()];
+    vec![r(bridge, bridge), r(bridge, vxlan), r(vxlan, bridge)]
+}
+
+/// The last rule of [`CHAIN`]: any other traffic between two `pn-` links
+/// (two networks) is dropped.
+const DROP_BETWEEN: [&str; 6] = ["-i", "pn-+", "-o", "pn-+", "-j", "DROP"];
+
+/// Make [`CHAIN`] (ending in [`DROP_BETWEEN`]) and its jump, and accept
+/// the traffic of the network of `bridge` and `vxlan` in it.
+fn ensure_rules(bridge: &str, vxlan: &str) -> Result<()> {
+    let fail = |what: String| Error::Iptables(what);
+    if !iptables(&["-n", "-L", CHAIN])? && !iptables(&["-N", CHAIN])? {
+        return Err(fail(format!("cannot create chain {CHAIN}")));
+    }
+    let mut drop_check = vec!["-C", CHAIN];
+    drop_check.extend(DROP_BETWEEN);
+    let rules = list_rules(CHAIN);
+    let drop_last = format!("-A {CHAIN} {}", DROP_BETWEEN.join(" "));
+    if rules.last() != Some(&drop_last) {
+        let mut del = vec!["-D", CHAIN];
+        del.extend(DROP_BETWEEN);
+        while iptables(&del)? {}
+        let mut add = vec!["-A", CHAIN];
+        add.extend(DROP_BETWEEN);
+        if !iptables(&add)? {
+            return Err(fail(format!("cannot add the drop rule of {CHAIN}")));
+        }
+    }
+    for rule in network_rules(bridge, vxlan) {
+        let mut check = vec!["-C", CHAIN];
+        check.extend(rule.iter().map(String::as_str));
+        check.extend(["-j", "ACCEPT"]);
+        if iptables(&check)? {
+            continue;
+        }
+        let mut insert = vec!["-I", CHAIN, "1"];
+        insert.extend(rule.iter().map(String::as_str));
+        insert.extend(["-j", "ACCEPT"]);
+        if !iptables(&insert)? {
+            return Err(fail(format!("cannot accept traffic on {bridge}")));
+        }
+    }
+    let hook = if iptables(&["-n", "-L", "DOCKER-USER"])? {
+        "DOCKER-USER"
+    } else {
+        "FORWARD"
+    };
+    if !iptables(&["-C", hook, "-j", CHAIN])? && !iptables(&["-I", hook, "1", "-j", CHAIN])? {
+        return Err(fail(format!("cannot jump from {hook} to {CHAIN}")));
+    }
+    Ok(())
+}
+
+/// Remove the rules that name link `name` from [`CHAIN`].
+fn remove_rules_of(name: &str) {
+    for rule in list_rules(CHAIN) {
+        let words: Vec<&str> = rule.split_whitespace().collect();
+        if !words.contains(&name) {
+            continue;
+        }
+        let mut del = vec!["-D"];
+        del.extend(&words[1..]);
+        let _ = iptables(&del);
+    }
+}
+
+/// Remove the rules of [`CHAIN`] that name a bridge that no longer
+/// exists (a removal that raced with a re-creation, or a bridge deleted
+/// by hand); the number removed.
+pub async fn prune_rules(kernel: &Kernel) -> Result<usize> {
+    let obs = kernel.observe_networks(PREFIX).await?;
+    let links: Vec<String> = obs.links.into_iter().map(|l| l.name).collect();
+    kernel
+        .blocking(move || {
+            let mut n = 0;
+            for rule in list_rules(CHAIN) {
+                let words: Vec<&str> = rule.split_whitespace().collect();
+                let stale = words
+                    .iter()
+                    .any(|w| w.starts_with("pn-br") && !links.iter().any(|l| l == w));
+                if stale {
+                    let mut del = vec!["-D"];
+                    del.extend(&words[1..]);
+                    if iptables(&del).unwrap_or(false) {
+                        n += 1;
+                    }
+                }
+            }
+            n
+        })
+        .await
+}
+
+/// Remove [`CHAIN`] and its jumps, and nothing else (`portless netplane
+/// cleanup`).
+fn remove_chain() -> Result<()> {
+    for hook in ["DOCKER-USER", "FORWARD"] {
+        while iptables(&["-D", hook, "-j", CHAIN])? {}
+    }
+    if iptables(&["-n", "-L", CHAIN])? && !(iptables(&["-F", CHAIN])? && iptables(&["-X", CHAIN])?)
+    {
+        return Err(Error::Iptables(format!("cannot remove chain {CHAIN}")));
+    }
+    Ok(())
+}
+
+/// Write a sysctl of this namespace (the executor thread's).
+fn sysctl(path: &str, value: &str) -> Result<()> {
+    std::fs::write(path, value)
+        .map_err(|e| Error::Underlay(format!("writing {value} to {path}: {e}")))
+}
+
+/// Make the network's bridge, with the gateway address and MTU, up,
+/// answering ARP for the network's addresses on other hosts, and let the
+/// network's traffic through (within the bridge, and to and from the
+/// network's VXLAN device, of VNI `vni`). Idempotent.
 pub async fn ensure_bridge(
     kernel: &Kernel,
     bridge: &str,
+    vni: u32,
     gateway: Ipv4Addr,
     prefix_len: u8,
     mtu: u32,
@@ -99,8 +267,17 @@ pub async fn ensure_bridge(
                     .execute()
                     .await,
             )?;
+            // A fixed MAC: a bridge without one takes its lowest port's,
+            // and changes it when a container comes or goes, leaving the
+            // containers' cached gateway and proxy-ARP answers pointing
+            // at a MAC the bridge no longer takes as its own.
             h.link()
-                .set(LinkUnspec::new_with_index(idx).up().build())
+                .set(
+                    LinkUnspec::new_with_index(idx)
+                        .address(bridge_mac(gateway).0.to_vec())
+                        .up()
+                        .build(),
+                )
                 .execute()
                 .await
                 .map_err(nl(format!("link set {name} up")))
@@ -109,19 +286,12 @@ pub async fn ensure_bridge(
     let b = bridge.to_owned();
     kernel
         .blocking(move || {
-            let rule = forward_rule(&b);
-            let mut check = vec!["-C"];
-            check.extend(&rule);
-            if iptables(&check)? {
-                return Ok(());
-            }
-            let mut insert = vec!["-I"];
-            insert.extend(&rule);
-            if iptables(&insert)? {
-                Ok(())
-            } else {
-                Err(Error::Iptables(format!("cannot accept traffic on {b}")))
-            }
+            // Proxy ARP: the bridge answers for addresses routed through
+            // another link (the VXLAN device), at once (the default
+            // proxy_delay holds answers to broadcast requests up to 0.8 s).
+            sysctl(&format!("/proc/sys/net/ipv4/conf/{b}/proxy_arp"), "1")?;
+            sysctl(&format!("/proc/sys/net/ipv4/neigh/{b}/proxy_delay"), "0")?;
+            ensure_rules(&b, &vxlan_name(vni))
         })
         .await?
 }
@@ -146,13 +316,7 @@ pub async fn remove_link(kernel: &Kernel, name: &str) -> Result<()> {
 pub async fn remove_bridge(kernel: &Kernel, bridge: &str) -> Result<()> {
     remove_link(kernel, bridge).await?;
     let n = bridge.to_owned();
-    kernel
-        .blocking(move || {
-            let mut del = vec!["-D"];
-            del.extend(forward_rule(&n));
-            while iptables(&del).unwrap_or(false) {}
-        })
-        .await
+    kernel.blocking(move || remove_rules_of(&n)).await
 }
 
 /// Make the veth pair of an endpoint, the host end on `bridge` and up;
@@ -201,6 +365,261 @@ pub async fn add_veth(
         .await?
 }
 
+/// This host's side of every network's VXLAN device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSpec {
+    pub host_id: String,
+    /// This host's underlay address and interface.
+    pub underlay: Ipv4Addr,
+    pub underlay_index: u32,
+    /// The VXLAN UDP port (every host's, as for the cluster network).
+    pub port: u16,
+    /// This host's VTEP MAC (the one its host record publishes).
+    pub mac: Mac,
+    /// The MTU of the networks' links: the underlay's less VXLAN's 50 bytes.
+    pub mtu: u32,
+}
+
+/// One cluster network as the other hosts hold it in etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkState {
+    pub vni: u32,
+    pub subnet: Ipv4Net,
+    /// Its address blocks, by holder.
+    pub blocks: BTreeMap<Ipv4Net, String>,
+    /// Its addresses, by holder.
+    pub addrs: BTreeMap<Ipv4Addr, String>,
+    /// Its bridge on this host.
+    pub bridge: String,
+}
+
+/// The kernel state of one network on this host: its VXLAN device and,
+/// per other live host holding blocks of it, one neighbour entry and one
+/// FDB entry (the host's VTEP MAC at its underlay address, which is also
+/// the routes' next hop) and one onlink route per block; an address a
+/// host holds outside its own blocks (`--ip`) gets a /32 route. Blocks
+/// outside the subnet or overlapping this host's own, and hosts on
+/// another VXLAN port, are refused.
+pub fn network_plan(
+    local: &NetworkSpec,
+    net: &NetworkState,
+    hosts: &BTreeMap<String, HostRecord>,
+) -> Plan {
+    let dev = vxlan_name(net.vni);
+    let mut out = Plan {
+        vxlan: Some(VxlanLink {
+            name: dev.clone(),
+            vni: net.vni,
+            port: local.port,
+            local: local.underlay,
+            underlay_index: local.underlay_index,
+            mac: local.mac,
+            mtu: local.mtu,
+        }),
+        ..Plan::default()
+    };
+    let mine: Vec<Ipv4Net> = net
+        .blocks
+        .iter()
+        .filter(|(_, h)| **h == local.host_id)
+        .map(|(b, _)| *b)
+        .collect();
+    let to = |dst: Ipv4Net, peer: &HostRecord| PeerPlan {
+        id: peer.id.clone(),
+        subnet: dst,
+        underlay: peer.underlay,
+        transport: Transport::Vxlan,
+        neigh: Some(Neigh {
+            dev: dev.clone(),
+            ip: peer.underlay,
+            mac: peer.vtep_mac,
+        }),
+        fdb: Some(Fdb {
+            dev: dev.clone(),
+            mac: peer.vtep_mac,
+            dst: peer.underlay,
+        }),
+        route: Route {
+            dst,
+            via: peer.underlay,
+            dev: dev.clone(),
+            onlink: true,
+            src: None,
+        },
+    };
+    let mut refuse = |id: &str, subnet: Ipv4Net, reason: String| {
+        out.refused.push(Refusal {
+            id: id.to_owned(),
+            subnet,
+            reason,
+        })
+    };
+    let mut peers = Vec::new();
+    for (block, holder) in &net.blocks {
+        if *holder == local.host_id {
+            continue;
+        }
+        // A host with no live record: its blocks go with its lease.
+        let Some(peer) = hosts.get(holder) else {
+            continue;
+        };
+        if !net.subnet.contains(block) {
+            refuse(holder, *block, format!("block outside {}", net.subnet));
+        } else if let Some(m) = mine
+            .iter()
+            .find(|m| m.contains(block) || block.contains(*m))
+        {
+            refuse(holder, *block, format!("block overlaps this host's {m}"));
+        } else if peer.vxlan_port != local.port {
+            refuse(
+                holder,
+                *block,
+                format!(
+                    "host {holder} listens for VXLAN on port {}, this host on {}",
+                    peer.vxlan_port, local.port
+                ),
+            );
+        } else {
+            peers.push(to(*block, peer));
+        }
+    }
+    for (addr, holder) in &net.addrs {
+        if *holder == local.host_id {
+            // A container here with an address (`--ip`) inside another
+            // host's block: a /32 on the bridge keeps it from that
+            // block's route.
+            let elsewhere = peers.iter().any(|x: &PeerPlan| x.route.dst.contains(addr));
+            if elsewhere {
+                peers.push(PeerPlan {
+                    id: local.host_id.clone(),
+                    subnet: Ipv4Net::from(*addr),
+                    underlay: local.underlay,
+                    transport: Transport::Route,
+                    neigh: None,
+                    fdb: None,
+                    route: Route {
+                        dst: Ipv4Net::from(*addr),
+                        via: *addr,
+                        dev: net.bridge.clone(),
+                        onlink: true,
+                        src: None,
+                    },
+                });
+            }
+            continue;
+        }
+        if !net.subnet.contains(addr)
+            || net
+                .blocks
+                .iter()
+                .any(|(b, h)| h == holder && b.contains(addr))
+        {
+            continue;
+        }
+        if let Some(peer) = hosts.get(holder).filter(|p| p.vxlan_port == local.port) {
+            peers.push(to(Ipv4Net::from(*addr), peer));
+        }
+    }
+    out.peers = peers;
+    out
+}
+
+/// `obs` restricted to links `devs` and what hangs off them.
+fn observed_on(obs: &Observed, devs: &[&str]) -> Observed {
+    let on = |d: &str| devs.contains(&d);
+    Observed {
+        links: obs.links.iter().filter(|l| on(&l.name)).cloned().collect(),
+        addrs: obs.addrs.iter().filter(|a| on(&a.dev)).cloned().collect(),
+        neighs: obs.neighs.iter().filter(|n| on(&n.dev)).cloned().collect(),
+        fdbs: obs.fdbs.iter().filter(|e| on(&e.dev)).cloned().collect(),
+        routes: obs.routes.iter().filter(|r| on(&r.dev)).cloned().collect(),
+    }
+}
+
+/// The operations that bring the networks' VXLAN devices (observed in
+/// `obs`) to `plans`: each device diffed as the cluster network's is
+/// ([`plan::diff`], with the /32 routes a plan puts on its bridge), the
+/// `pn-vx` devices no plan wants removed (their routes and entries go
+/// with them), and routes on bridges that no plan wants.
+pub fn network_ops(plans: &[Plan], obs: &Observed) -> Vec<Op> {
+    let wanted: Vec<&str> = plans
+        .iter()
+        .filter_map(|p| p.vxlan.as_ref().map(|v| v.name.as_str()))
+        .collect();
+    let mut ops: Vec<Op> = obs
+        .links
+        .iter()
+        .filter(|l| l.name.starts_with(VXLAN_PREFIX) && !wanted.contains(&l.name.as_str()))
+        .map(|l| Op::DelLink {
+            name: l.name.clone(),
+        })
+        .collect();
+    for p in plans {
+        if let Some(v) = &p.vxlan {
+            let mut devs: Vec<&str> = vec![&v.name];
+            devs.extend(p.peers.iter().map(|x| x.route.dev.as_str()));
+            ops.extend(plan::diff(p, &observed_on(obs, &devs)));
+        }
+    }
+    for r in &obs.routes {
+        let wanted = plans
+            .iter()
+            .flat_map(|p| &p.peers)
+            .any(|x| x.route.dev == r.dev);
+        if r.dev.starts_with("pn-br") && !wanted {
+            ops.push(Op::DelRoute(r.clone()));
+        }
+    }
+    ops
+}
+
+/// Bring the kernel to `plans` (see [`network_ops`]); the number of
+/// operations applied. A failed one is logged by the executor, retried on
+/// the next pass, and returned.
+pub async fn reconcile_networks(kernel: &Kernel, plans: &[Plan]) -> Result<usize> {
+    let obs = kernel.observe_networks(VXLAN_PREFIX).await?;
+    let ops = network_ops(plans, &obs);
+    let n = ops.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut first_err = None;
+    for a in kernel.apply(ops).await? {
+        if let Err(e) = a.result {
+            first_err.get_or_insert(e);
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(n),
+    }
+}
+
+/// Remove every link of the cluster networks (bridges, VXLAN devices,
+/// the host ends of veths, taking the other ends along) and [`CHAIN`]
+/// with its jumps: nothing else. The number of links removed.
+pub async fn cleanup(kernel: &Kernel) -> Result<usize> {
+    let obs = kernel.observe_networks(PREFIX).await?;
+    // Veths first: a bridge's removal would leave them behind anyway.
+    let mut names: Vec<String> = obs.links.iter().map(|l| l.name.clone()).collect();
+    names.sort_by_key(|n| n.starts_with("pn-br") || n.starts_with(VXLAN_PREFIX));
+    let mut first_err = None;
+    let mut n = 0;
+    for name in names {
+        match remove_link(kernel, &name).await {
+            Ok(()) => n += 1,
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    kernel.blocking(remove_chain).await??;
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(n),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +635,250 @@ mod tests {
             ("pn-hfedcba98765", "pn-cfedcba98765")
         );
         assert!(!b.starts_with(crate::plan::LINK_PREFIX));
+        let v = vxlan_name((1 << 24) - 1);
+        assert_eq!(v, "pn-vx16777215");
+        assert!(v.len() <= 15 && v.starts_with(PREFIX));
+        assert_eq!(plan::route_protocol(&v), plan::NETWORK_ROUTE_PROTOCOL);
+        assert_eq!(plan::route_protocol("pl-vx0"), plan::ROUTE_PROTOCOL);
+        let m = bridge_mac(Ipv4Addr::new(10, 112, 0, 1));
+        assert_eq!(m.to_string(), "0e:71:0a:70:00:01");
+        assert_ne!(m, Mac::for_vtep(Ipv4Addr::new(10, 112, 0, 1)));
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn host(id: &str, underlay: &str, port: u16) -> HostRecord {
+        HostRecord {
+            id: id.into(),
+            subnet: net("10.244.9.0/24"),
+            underlay: ip(underlay),
+            vtep_mac: Mac::for_vtep(ip(underlay)),
+            mode: crate::model::Mode::Vxlan,
+            vxlan_port: port,
+            hostname: String::new(),
+        }
+    }
+
+    fn spec() -> NetworkSpec {
+        NetworkSpec {
+            host_id: "a".into(),
+            underlay: ip("192.168.1.1"),
+            underlay_index: 2,
+            port: 4789,
+            mac: Mac::for_vtep(ip("192.168.1.1")),
+            mtu: 1450,
+        }
+    }
+
+    fn state(blocks: &[(&str, &str)], addrs: &[(&str, &str)]) -> NetworkState {
+        NetworkState {
+            vni: 4096,
+            subnet: net("10.112.0.0/24"),
+            blocks: blocks.iter().map(|(b, h)| (net(b), (*h).into())).collect(),
+            addrs: addrs.iter().map(|(a, h)| (ip(a), (*h).into())).collect(),
+            bridge: "pn-br0123456789".into(),
+        }
+    }
+
+    #[test]
+    fn each_other_hosts_block_is_routed_through_the_networks_vxlan_device() {
+        let hosts: BTreeMap<String, HostRecord> = [
+            host("a", "192.168.1.1", 4789),
+            host("b", "192.168.1.2", 4789),
+            host("c", "10.9.9.9", 4789),
+            host("d", "192.168.1.4", 8472),
+        ]
+        .into_iter()
+        .map(|h| (h.id.clone(), h))
+        .collect();
+        let st = state(
+            &[
+                ("10.112.0.0/28", "a"),
+                ("10.112.0.16/28", "b"),
+                ("10.112.0.32/28", "b"),
+                ("10.112.0.48/28", "c"),
+                // a host on another VXLAN port, a dead host, a block
+                // outside the subnet and one over this host's own
+                ("10.112.0.64/28", "d"),
+                ("10.112.0.80/28", "gone"),
+                ("10.99.0.0/28", "b"),
+                ("10.112.0.0/27", "c"),
+            ],
+            &[
+                ("10.112.0.2", "a"),
+                ("10.112.0.17", "b"),
+                // given with --ip outside b's blocks: a /32
+                ("10.112.0.200", "b"),
+                // this host's own outside its blocks: nothing here, ...
+                ("10.112.0.201", "a"),
+                // ... unless inside another host's block: a /32 on the
+                // bridge
+                ("10.112.0.20", "a"),
+            ],
+        );
+        let p = network_plan(&spec(), &st, &hosts);
+        let v = p.vxlan.as_ref().unwrap();
+        assert_eq!(
+            (v.name.as_str(), v.vni, v.port, v.mtu, v.mac),
+            ("pn-vx4096", 4096, 4789, 1450, spec().mac)
+        );
+        assert!(p.bridge.is_none() && p.addrs.is_empty());
+        let routes: Vec<(String, Ipv4Addr)> = p
+            .peers
+            .iter()
+            .map(|x| (x.route.dst.to_string(), x.route.via))
+            .collect();
+        assert_eq!(
+            routes,
+            vec![
+                ("10.112.0.16/28".to_owned(), ip("192.168.1.2")),
+                ("10.112.0.32/28".to_owned(), ip("192.168.1.2")),
+                ("10.112.0.48/28".to_owned(), ip("10.9.9.9")),
+                ("10.112.0.20/32".to_owned(), ip("10.112.0.20")),
+                ("10.112.0.200/32".to_owned(), ip("192.168.1.2")),
+            ]
+        );
+        let local = &p.peers[3];
+        assert_eq!(
+            (local.route.dev.as_str(), local.route.onlink, &local.neigh),
+            ("pn-br0123456789", true, &None)
+        );
+        for x in p.peers.iter().filter(|x| x.transport == Transport::Vxlan) {
+            let peer = &hosts[&x.id];
+            assert!(x.route.onlink && x.route.dev == "pn-vx4096" && x.route.src.is_none());
+            assert_eq!(
+                x.neigh,
+                Some(Neigh {
+                    dev: "pn-vx4096".into(),
+                    ip: peer.underlay,
+                    mac: peer.vtep_mac
+                })
+            );
+            assert_eq!(
+                x.fdb,
+                Some(Fdb {
+                    dev: "pn-vx4096".into(),
+                    mac: peer.vtep_mac,
+                    dst: peer.underlay
+                })
+            );
+        }
+        let refused: Vec<(String, String)> = p
+            .refused
+            .iter()
+            .map(|r| (r.id.clone(), r.subnet.to_string()))
+            .collect();
+        assert_eq!(
+            refused,
+            vec![
+                ("b".to_owned(), "10.99.0.0/28".to_owned()),
+                ("c".to_owned(), "10.112.0.0/27".to_owned()),
+                ("d".to_owned(), "10.112.0.64/28".to_owned()),
+            ]
+        );
+    }
+
+    fn observed(vx: &[&str], plans: &[Plan]) -> Observed {
+        let mut o = Observed::default();
+        for (i, name) in vx.iter().enumerate() {
+            let want = plans
+                .iter()
+                .filter_map(|p| p.vxlan.as_ref())
+                .find(|v| v.name == *name);
+            o.links.push(plan::LinkState {
+                name: (*name).into(),
+                index: 10 + i as u32,
+                kind: plan::LinkKind::Vxlan {
+                    vni: want.map_or(1, |v| v.vni),
+                    port: 4789,
+                    local: Some(spec().underlay),
+                    underlay_index: Some(2),
+                    learning: false,
+                },
+                mtu: 1450,
+                up: true,
+                mac: Some(spec().mac),
+            });
+        }
+        for p in plans {
+            for x in &p.peers {
+                o.neighs.extend(x.neigh.clone());
+                o.fdbs.extend(x.fdb.clone());
+                o.routes.push(x.route.clone());
+            }
+        }
+        o
+    }
+
+    #[test]
+    fn a_network_in_place_needs_nothing_and_a_gone_one_loses_its_device() {
+        let hosts: BTreeMap<String, HostRecord> = [host("b", "192.168.1.2", 4789)]
+            .into_iter()
+            .map(|h| (h.id.clone(), h))
+            .collect();
+        let p = network_plan(&spec(), &state(&[("10.112.0.16/28", "b")], &[]), &hosts);
+        let plans = vec![p];
+        // Made from nothing: the device, up, then its entries and route.
+        let ops = network_ops(&plans, &Observed::default());
+        let shown: Vec<String> = ops.iter().map(|o| o.to_string()).collect();
+        assert_eq!(
+            shown,
+            vec![
+                "link add pn-vx4096 type vxlan id 4096 dstport 4789 local 192.168.1.1 mtu 1450",
+                "link set pn-vx4096 mtu 1450 up",
+                "neigh replace 192.168.1.2 lladdr 0e:70:c0:a8:01:02 dev pn-vx4096",
+                "fdb add 0e:70:c0:a8:01:02 dst 192.168.1.2 dev pn-vx4096",
+                "route add 10.112.0.16/28 via 192.168.1.2 dev pn-vx4096 onlink",
+            ]
+        );
+        // In place: nothing; the cluster network's links and another
+        // network's device that is no longer wanted: only the latter goes.
+        let mut obs = observed(&["pn-vx4096", "pn-vx4097"], &plans);
+        obs.links.push(plan::LinkState {
+            name: "pn-br0123456789".into(),
+            index: 30,
+            kind: plan::LinkKind::Bridge,
+            mtu: 1450,
+            up: true,
+            mac: None,
+        });
+        assert_eq!(
+            network_ops(&plans, &obs),
+            vec![Op::DelLink {
+                name: "pn-vx4097".into()
+            }]
+        );
+        // A deleted route and FDB entry come back, nothing else moves.
+        let mut obs = observed(&["pn-vx4096"], &plans);
+        obs.routes.clear();
+        obs.fdbs.clear();
+        let shown: Vec<String> = network_ops(&plans, &obs)
+            .iter()
+            .map(|o| o.to_string())
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                "fdb add 0e:70:c0:a8:01:02 dst 192.168.1.2 dev pn-vx4096",
+                "route add 10.112.0.16/28 via 192.168.1.2 dev pn-vx4096 onlink",
+            ]
+        );
+    }
+
+    #[test]
+    fn only_the_networks_own_traffic_is_accepted() {
+        let r = network_rules("pn-br1", "pn-vx4096");
+        assert_eq!(r.len(), 3);
+        assert!(
+            r.iter()
+                .all(|x| x[1].starts_with(PREFIX) && x[3].starts_with(PREFIX))
+        );
+        assert_eq!(DROP_BETWEEN.join(" "), "-i pn-+ -o pn-+ -j DROP");
     }
 }

@@ -46,7 +46,7 @@ use crate::records::{ContainerRecord, PubOp, RecordRefusal};
 mod acme;
 mod networks;
 pub use acme::AcmeListing;
-pub use networks::{NetworkListing, NewNetwork};
+pub use networks::{Holders, NetworkListing, NewNetwork};
 
 /// Default key prefix; the version moves when the layout changes.
 pub const PREFIX: &str = "/portless/v1/";

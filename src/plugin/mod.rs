@@ -1,7 +1,7 @@
 //! `docker network create -d portless --ipam-driver portless`: Docker's
 //! network and IPAM plugin protocol, served on a unix socket in cluster
-//! mode (phase 1: records, addresses and the local bridge; the VXLAN
-//! between hosts is the next phase).
+//! mode: records, addresses, the local bridge, and (in [`plane`]) the
+//! VXLAN between hosts.
 //!
 //! - [`api`]: the JSON of every call.
 //! - this module: the socket, the dispatch and the answers. Networks and
@@ -10,6 +10,8 @@
 //!   `portless_netplane::segment`.
 //! - [`sync`]: every host makes the cluster's networks on its own Engine
 //!   and removes them when their record goes.
+//! - [`plane`]: each network's VXLAN device, routed per host block, from
+//!   the blocks and addresses in etcd.
 //!
 //! Docker does not pass a network's name to its plugins. The pool is
 //! recorded in etcd when Docker asks for it (`RequestPool`, before the
@@ -18,6 +20,7 @@
 //! make it.
 
 pub mod api;
+pub mod plane;
 pub mod sync;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -65,6 +68,19 @@ pub struct PluginConfig {
     /// The cluster range of host subnets: no network may overlap it.
     pub cluster: Ipv4Net,
     pub cluster_vni: u32,
+    /// The VXLAN port of every host (`--vxlan-port`).
+    pub vxlan_port: u16,
+}
+
+/// The MTU of a cluster network's links on a host: every packet may
+/// cross a VXLAN device, whatever the cluster network's mode.
+fn net_mtu(host: &agent::HostStatus) -> u32 {
+    match host.mode {
+        portless_netplane::Mode::Route => host
+            .mtu
+            .saturating_sub(portless_netplane::plan::VXLAN_OVERHEAD),
+        _ => host.mtu,
+    }
 }
 
 /// A network this Engine has, as its plugin knows it.
@@ -93,6 +109,11 @@ pub struct Plugin {
     removing: Mutex<HashSet<String>>,
     /// Wakes [`sync`] early.
     wake: Notify,
+    /// Wakes [`plane`] early (a network came or went here).
+    plane_wake: Notify,
+    /// [`sync`] has taken up this Engine's networks once: until then
+    /// [`plane`] does not know which VXLAN devices to keep.
+    taken_up: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -143,6 +164,8 @@ impl Plugin {
             alloc: tokio::sync::Mutex::new(()),
             removing: Mutex::new(HashSet::new()),
             wake: Notify::new(),
+            plane_wake: Notify::new(),
+            taken_up: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -403,9 +426,10 @@ impl Plugin {
         segment::ensure_bridge(
             &self.kernel,
             &bridge,
+            rec.vni,
             rec.gateway,
             pool.prefix_len(),
-            host.mtu,
+            net_mtu(&host),
         )
         .await
         .map_err(|e| format!("making bridge {bridge}: {e}"))?;
@@ -417,6 +441,7 @@ impl Plugin {
                 gateway: rec.gateway,
             },
         );
+        self.plane_wake.notify_one();
         if rec.name.is_none() {
             // Docker names the network once this call returned.
             let me = self.clone();
@@ -465,6 +490,7 @@ impl Plugin {
         segment::remove_bridge(&self.kernel, &bridge)
             .await
             .map_err(|e| format!("removing bridge {bridge}: {e}"))?;
+        self.plane_wake.notify_one();
         let Some(local) = local else {
             return Ok(serde_json::json!({}));
         };
@@ -510,14 +536,30 @@ impl Plugin {
         Ok(serde_json::json!({}))
     }
 
+    /// The network `docker_id` of this Engine. Right after a start of
+    /// portless, [`sync`] may not have taken the Engine's networks up yet:
+    /// wait for it a little (Docker's call waits meanwhile).
+    async fn local_net(&self, docker_id: &str) -> Result<LocalNet, String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(n) = lock(&self.nets).get(docker_id).cloned() {
+                return Ok(n);
+            }
+            if self.taken_up.load(std::sync::atomic::Ordering::Relaxed)
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Err(format!(
+                    "network {docker_id} is unknown to portless on this host \
+                     (was portless restarted? recreate the network)"
+                ));
+            }
+            self.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn join(&self, r: Join) -> Answer {
-        let Some(net) = lock(&self.nets).get(&r.network_id).cloned() else {
-            return Err(format!(
-                "network {} is unknown to portless on this host (was portless restarted? \
-                 recreate the network)",
-                r.network_id
-            ));
-        };
+        let net = self.local_net(&r.network_id).await?;
         let host = self.host().await?;
         let (host_end, container_end) = segment::veth_names(&r.endpoint_id);
         segment::add_veth(
@@ -525,7 +567,7 @@ impl Plugin {
             &net.bridge,
             &host_end,
             &container_end,
-            host.mtu,
+            net_mtu(&host),
         )
         .await
         .map_err(|e| format!("making the veth pair of {}: {e}", r.endpoint_id))?;

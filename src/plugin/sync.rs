@@ -235,9 +235,10 @@ async fn local_side(plugin: &Arc<Plugin>, listing: &NetworkListing, state: &mut 
             match segment::ensure_bridge(
                 &plugin.kernel,
                 &bridge,
+                rec.vni,
                 rec.gateway,
                 rec.subnet.prefix_len(),
-                host.mtu,
+                super::net_mtu(&host),
             )
             .await
             {
@@ -263,6 +264,12 @@ async fn local_side(plugin: &Arc<Plugin>, listing: &NetworkListing, state: &mut 
     }
     if republish && all_written {
         state.republished = Some(host.lease_id);
+    }
+    if !plugin
+        .taken_up
+        .swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        plugin.plane_wake.notify_one();
     }
     // Nameless records of ours with no network here: a creation that
     // never finished.

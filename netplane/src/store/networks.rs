@@ -46,6 +46,9 @@ pub struct NewNetwork {
     pub options: BTreeMap<String, String>,
 }
 
+/// A network's blocks and its addresses, each with its holder's host id.
+pub type Holders = (BTreeMap<Ipv4Net, String>, BTreeMap<Ipv4Addr, String>);
+
 /// Every network at one revision, by id, with its key's mod revision.
 #[derive(Debug, Clone, Default)]
 pub struct NetworkListing {
@@ -460,6 +463,79 @@ impl Store {
         let mut w = self.client.watch_client();
         Ok(w.watch(
             self.key("networks", ""),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision),
+            ),
+        )
+        .await?)
+    }
+
+    /// Every network's blocks and addresses with their holders, by
+    /// network id (what the data plane routes), read at one revision,
+    /// which is returned too.
+    pub async fn network_holders(&self) -> Result<(BTreeMap<String, Holders>, i64)> {
+        self.sign_in().await?;
+        let mut kv = self.client.kv_client();
+        let bp = self.key("netblocks", "");
+        let blocks = kv
+            .get(bp.clone(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let rev = blocks.header().map(|h| h.revision()).unwrap_or(0);
+        let ap = self.key("netaddrs", "");
+        let addrs = kv
+            .get(
+                ap.clone(),
+                Some(GetOptions::new().with_prefix().with_revision(rev)),
+            )
+            .await?;
+        let mut out: BTreeMap<String, Holders> = BTreeMap::new();
+        for kv in blocks.kvs() {
+            let Some((id, block)) = kv
+                .key_str()
+                .ok()
+                .and_then(|k| k.strip_prefix(&bp))
+                .and_then(|k| k.split_once('/'))
+            else {
+                continue;
+            };
+            if let Some(b) = parse_subnet_key(block) {
+                out.entry(id.to_owned())
+                    .or_default()
+                    .0
+                    .insert(b, kv.value_str().unwrap_or_default().to_owned());
+            }
+        }
+        for kv in addrs.kvs() {
+            let Some((id, ip)) = kv
+                .key_str()
+                .ok()
+                .and_then(|k| k.strip_prefix(&ap))
+                .and_then(|k| k.split_once('/'))
+            else {
+                continue;
+            };
+            let (Ok(ip), Ok(h)) = (
+                ip.parse::<Ipv4Addr>(),
+                serde_json::from_slice::<AddressHolder>(kv.value()),
+            ) else {
+                continue;
+            };
+            out.entry(id.to_owned()).or_default().1.insert(ip, h.host);
+        }
+        Ok((out, rev))
+    }
+
+    /// Follow the networks' blocks and addresses from `revision` on; each
+    /// message is a change.
+    pub async fn watch_network_holders(&self, revision: i64) -> Result<etcd_client::WatchStream> {
+        self.sign_in().await?;
+        let mut w = self.client.watch_client();
+        // `netblocks/` and `netaddrs/` share this prefix (with
+        // `netnames/` and `netreserve/`, rarely written).
+        Ok(w.watch(
+            format!("{}net", self.prefix),
             Some(
                 WatchOptions::new()
                     .with_prefix()

@@ -1,0 +1,143 @@
+//! The data plane of cluster networks between hosts: for every network
+//! this Engine has, its VXLAN device and the entries and routes to the
+//! other hosts' blocks of it (`portless_netplane::segment::network_plan`),
+//! from the blocks and addresses in etcd and the host records.
+//!
+//! It follows the blocks and addresses with an etcd watch (a new block on
+//! another host is routed here within milliseconds), is woken when a
+//! network comes or goes on this Engine, and compares the kernel with
+//! etcd at least every [`PERIOD`] (an entry deleted by someone comes
+//! back). It waits until [`super::sync`] has taken up this Engine's
+//! networks after a start, so that a restart of portless never removes
+//! the VXLAN device of a network it has not learnt yet.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use portless_netplane::segment::{self, NetworkSpec, NetworkState};
+
+use super::{Plugin, lock, net_mtu};
+
+/// How often the kernel is compared with etcd when nothing woke us.
+pub const PERIOD: Duration = Duration::from_secs(2);
+
+/// Run forever: list, watch, reconcile; list again after any error.
+pub async fn run(plugin: Arc<Plugin>) {
+    let mut last_refused = String::new();
+    loop {
+        if let Err(e) = follow(&plugin, &mut last_refused).await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "following the blocks of cluster networks; again in 1 s"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+async fn follow(plugin: &Arc<Plugin>, last_refused: &mut String) -> anyhow::Result<()> {
+    let (_, revision) = plugin.store.network_holders().await?;
+    let mut watch = plugin.store.watch_network_holders(revision + 1).await?;
+    loop {
+        pass(plugin, last_refused).await;
+        tokio::select! {
+            m = watch.message() => {
+                let Some(resp) = m? else { anyhow::bail!("watch ended") };
+                if resp.canceled() {
+                    anyhow::bail!("watch canceled: {}", resp.cancel_reason());
+                }
+            }
+            _ = plugin.plane_wake.notified() => {}
+            _ = tokio::time::sleep(PERIOD) => {}
+        }
+    }
+}
+
+async fn pass(plugin: &Plugin, last_refused: &mut String) {
+    match reconcile(plugin, last_refused).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(ops = n, "cluster networks' data plane brought up to date"),
+        Err(e) => tracing::warn!(
+            error = format!("{e:#}"),
+            "bringing the cluster networks' data plane up to date"
+        ),
+    }
+}
+
+/// One comparison of the kernel with etcd; the operations applied.
+async fn reconcile(plugin: &Plugin, last_refused: &mut String) -> anyhow::Result<usize> {
+    if !plugin.taken_up.load(Ordering::Relaxed) {
+        return Ok(0);
+    }
+    let Some(host) = plugin
+        .status
+        .borrow()
+        .host
+        .clone()
+        .filter(|h| h.lease_id != 0)
+    else {
+        return Ok(0);
+    };
+    let here: BTreeMap<String, String> = lock(&plugin.nets)
+        .values()
+        .map(|n| (n.id.clone(), n.bridge.clone()))
+        .collect();
+    let listing = plugin.store.list_networks().await?;
+    let (holders, _) = plugin.store.network_holders().await?;
+    let (hosts, _) = plugin.store.hosts().await?;
+    let underlay = plugin.kernel.underlay(Some(host.underlay)).await?;
+    let spec = NetworkSpec {
+        host_id: host.id.clone(),
+        underlay: underlay.addr,
+        underlay_index: underlay.ifindex,
+        port: plugin.cfg.vxlan_port,
+        mac: host.vtep_mac,
+        mtu: net_mtu(&host),
+    };
+    let mut refused = Vec::new();
+    let plans: Vec<_> = here
+        .iter()
+        .filter_map(|(id, bridge)| Some((listing.networks.get(id)?, bridge)))
+        .map(|((rec, _), bridge)| {
+            let (blocks, addrs) = holders.get(&rec.id()).cloned().unwrap_or_default();
+            let p = segment::network_plan(
+                &spec,
+                &NetworkState {
+                    vni: rec.vni,
+                    subnet: rec.subnet,
+                    blocks,
+                    addrs,
+                    bridge: bridge.clone(),
+                },
+                &hosts,
+            );
+            for r in &p.refused {
+                refused.push(format!(
+                    "{} {} of host {}: {}",
+                    rec.name.as_deref().unwrap_or("?"),
+                    r.subnet,
+                    r.id,
+                    r.reason
+                ));
+            }
+            p
+        })
+        .collect();
+    let now = refused.join("; ");
+    if now != *last_refused {
+        if !now.is_empty() {
+            tracing::warn!(refused = %now, "blocks of cluster networks not routed");
+        }
+        *last_refused = now;
+    }
+    let pruned = segment::prune_rules(&plugin.kernel).await?;
+    if pruned > 0 {
+        tracing::info!(
+            rules = pruned,
+            "rules of cluster networks' bridges that are gone removed"
+        );
+    }
+    Ok(segment::reconcile_networks(&plugin.kernel, &plans).await?)
+}

@@ -284,9 +284,16 @@ impl Issuer {
             }
         };
         info!(%host, not_after = ?cert.not_after, "certificate from another host of the cluster");
-        self.state.put_certificate(&host, cert.key.clone());
+        self.serve(&host, cert);
+        self.sync_status(wanted, SystemTime::now());
+    }
+
+    /// Serve `cert` for `host` from now on, and mark it valid until its
+    /// renewal is due.
+    fn serve(&mut self, host: &str, cert: StoredCert) {
+        self.state.put_certificate(host, cert.key.clone());
         self.state.with_status(|st| {
-            if let Some(s) = st.get_mut(&host) {
+            if let Some(s) = st.get_mut(host) {
                 s.phase = CertPhase::Valid;
                 s.not_after = Some(cert.not_after);
                 s.next_attempt = Some(renew_at(cert.not_before, cert.not_after));
@@ -294,8 +301,33 @@ impl Issuer {
                 s.failures = 0;
             }
         });
-        self.held.insert(host, cert);
-        self.sync_status(wanted, SystemTime::now());
+        self.held.insert(host.to_owned(), cert);
+    }
+
+    /// Mark `host` failed with `e`, and when to try again: backing off with
+    /// its failures in a row, never before `retry_after`.
+    fn fail(&mut self, host: &str, e: &AcmeError, retry_after: Option<SystemTime>, what: &str) {
+        let now = SystemTime::now();
+        let failures = self
+            .state
+            .with_status(|st| st.get(host).map_or(0, |s| s.failures))
+            + 1;
+        let delay = retry_delay(
+            failures,
+            self.opts.retry_base,
+            self.opts.retry_max,
+            retry_after,
+            now,
+        );
+        warn!(%host, error = %e, failures, retry_in = ?delay, "{what}");
+        self.state.with_status(|st| {
+            if let Some(s) = st.get_mut(host) {
+                s.phase = CertPhase::Failed;
+                s.last_error = Some(e.to_string());
+                s.failures = failures;
+                s.next_attempt = Some(now + delay);
+            }
+        });
     }
 
     /// In a cluster: may this host order `host` now? Another host that
@@ -328,27 +360,12 @@ impl Issuer {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
-                let now = SystemTime::now();
-                let failures = self
-                    .state
-                    .with_status(|st| st.get(host).map_or(0, |s| s.failures))
-                    + 1;
-                let delay = retry_delay(
-                    failures,
-                    self.opts.retry_base,
-                    self.opts.retry_max,
+                self.fail(
+                    host,
+                    &e,
                     None,
-                    now,
+                    "cannot coordinate the order with the cluster",
                 );
-                warn!(%host, error = %e, retry_in = ?delay, "cannot coordinate the order with the cluster");
-                self.state.with_status(|st| {
-                    if let Some(s) = st.get_mut(host) {
-                        s.phase = CertPhase::Failed;
-                        s.last_error = Some(e.to_string());
-                        s.failures = failures;
-                        s.next_attempt = Some(now + delay);
-                    }
-                });
                 return;
             }
         }
@@ -366,7 +383,6 @@ impl Issuer {
                 ORDER_TIMEOUT.as_secs()
             ))),
         };
-        let now = SystemTime::now();
         match result {
             Ok((cert, pem)) => {
                 self.state.count_order(true);
@@ -374,41 +390,12 @@ impl Issuer {
                 if let Some(c) = &mut self.cluster {
                     c.unshared.insert(host.to_owned(), pem);
                 }
-                self.state.put_certificate(host, cert.key.clone());
-                self.state.with_status(|st| {
-                    if let Some(s) = st.get_mut(host) {
-                        s.phase = CertPhase::Valid;
-                        s.not_after = Some(cert.not_after);
-                        s.next_attempt = Some(renew_at(cert.not_before, cert.not_after));
-                        s.last_error = None;
-                        s.failures = 0;
-                    }
-                });
-                self.held.insert(host.to_owned(), cert);
+                self.serve(host, cert);
             }
             Err(e) => {
                 self.state.count_order(false);
                 let retry_after = self.http.take_retry_after();
-                let failures = self
-                    .state
-                    .with_status(|st| st.get(host).map_or(0, |s| s.failures))
-                    + 1;
-                let delay = retry_delay(
-                    failures,
-                    self.opts.retry_base,
-                    self.opts.retry_max,
-                    retry_after,
-                    now,
-                );
-                warn!(%host, error = %e, failures, retry_in = ?delay, "certificate order failed");
-                self.state.with_status(|st| {
-                    if let Some(s) = st.get_mut(host) {
-                        s.phase = CertPhase::Failed;
-                        s.last_error = Some(e.to_string());
-                        s.failures = failures;
-                        s.next_attempt = Some(now + delay);
-                    }
-                });
+                self.fail(host, &e, retry_after, "certificate order failed");
             }
         }
     }

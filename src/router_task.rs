@@ -219,7 +219,7 @@ async fn run(
     // restart serves the stored certificates from its first handshake.
     let mut issuer = None;
     if let (Some(acme_cfg), Some(state), Some((_, resolver, _))) = (&cfg.acme, &acme_state, &tls) {
-        let mut acme_cfg = acme_cfg.clone();
+        let mut acme_cfg = acme_cfg.options.clone();
         acme_cfg.dns01_zones = dns01.zones;
         let dir = acme_cfg.dir.clone();
         let mut built = Issuer::new(acme_cfg, state.clone(), resolver.clone())

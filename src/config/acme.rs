@@ -66,8 +66,15 @@ crate::merge_fields!(AcmeOpts {
     acme_cluster_key,
 });
 
-/// Resolved ACME settings: the router library's options.
-pub type AcmeConfig = AcmeOptions;
+/// Resolved ACME settings: the router library's options, and the binary's
+/// own part of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    pub options: AcmeOptions,
+    /// In cluster mode: the file of the key that seals the certificates
+    /// shared between hosts (`crate::acme_cluster`).
+    pub cluster_key: Option<PathBuf>,
+}
 
 impl AcmeOpts {
     /// Every fixed default of the ACME options (from the router library's
@@ -170,16 +177,19 @@ impl AcmeOpts {
             ));
         }
         opts.retry_base = Duration::from_millis(ms);
-        if let Some(key) = o.acme_cluster_key {
-            if !key.is_file() {
-                return Err(ConfigError::new(format!(
-                    "--acme-cluster-key {}: not a readable file",
-                    key.display()
-                )));
-            }
-            opts.cluster_key = Some(key);
+        let cluster_key = o.acme_cluster_key;
+        if let Some(key) = &cluster_key
+            && !key.is_file()
+        {
+            return Err(ConfigError::new(format!(
+                "--acme-cluster-key {}: not a readable file",
+                key.display()
+            )));
         }
-        Ok(Some(opts))
+        Ok(Some(AcmeConfig {
+            options: opts,
+            cluster_key,
+        }))
     }
 }
 
@@ -211,9 +221,9 @@ mod tests {
             o.resolve()
         };
         let c = with(|_| {}).unwrap().unwrap();
-        assert_eq!(c.directory, LETSENCRYPT_STAGING);
+        assert_eq!(c.options.directory, LETSENCRYPT_STAGING);
         assert_eq!(
-            c.challenges,
+            c.options.challenges,
             [ChallengeKind::Http01, ChallengeKind::TlsAlpn01]
         );
         assert!(with(|o| o.acme_directory = Some("http://acme.test/dir".into())).is_err());
@@ -228,8 +238,8 @@ mod tests {
         })
         .unwrap()
         .unwrap();
-        assert_eq!(c.challenges, [ChallengeKind::TlsAlpn01]);
-        assert_eq!(c.email.as_deref(), Some("ops@example.com"));
+        assert_eq!(c.options.challenges, [ChallengeKind::TlsAlpn01]);
+        assert_eq!(c.options.email.as_deref(), Some("ops@example.com"));
     }
 
     #[test]
@@ -239,9 +249,9 @@ mod tests {
         )
         .unwrap();
         let c = o.resolve().unwrap().unwrap();
-        assert_eq!(c.directory, "https://acme.example.test/dir");
+        assert_eq!(c.options.directory, "https://acme.example.test/dir");
         assert_eq!(
-            c.challenges,
+            c.options.challenges,
             [ChallengeKind::TlsAlpn01, ChallengeKind::Http01]
         );
         assert!(toml::from_str::<AcmeOpts>("directory = \"x\"").is_err());

@@ -263,7 +263,10 @@ mod tests {
 
     #[test]
     fn acme_alone_serves_https_and_allows_the_redirect() {
-        let acme = portless_router::acme::AcmeOptions::new("https://acme.test/dir", "/tmp/acme");
+        let acme = super::super::acme::AcmeConfig {
+            options: portless_router::acme::AcmeOptions::new("https://acme.test/dir", "/tmp/acme"),
+            cluster_key: None,
+        };
         let o = RouterOpts {
             redirect_https: Some(true),
             ..Default::default()

@@ -127,9 +127,6 @@ pub struct AcmeOptions {
     /// How long a published TXT record is given to be served before the
     /// server is told to look.
     pub dns01_settle: Duration,
-    /// In cluster mode: the file of the key that seals certificates shared
-    /// between hosts (read by the binary's coordinator, see [`cluster`]).
-    pub cluster_key: Option<PathBuf>,
 }
 
 impl AcmeOptions {
@@ -146,7 +143,6 @@ impl AcmeOptions {
             retry_max: Duration::from_secs(6 * 3600),
             dns01_zones: Vec::new(),
             dns01_settle: Duration::from_millis(500),
-            cluster_key: None,
         }
     }
 }

@@ -251,7 +251,8 @@ fn fake_record(h: &HostRecord, j: usize, name: &str, unhealthy: bool) -> Contain
         project: Some(format!("p{}", h.id)),
         service: Some(format!("svc{}", j % 10)),
         aliases: vec![],
-        addr: Ipv4Addr::from(u32::from(h.subnet.network()) + 2 + j as u32),
+        addr: Some(Ipv4Addr::from(u32::from(h.subnet.network()) + 2 + j as u32)),
+        networks: Vec::new(),
         health: if unhealthy {
             RecordHealth::Unhealthy
         } else {

@@ -69,6 +69,16 @@ pub struct Network {
     pub internal: bool,
 }
 
+impl Network {
+    /// A bridge on this host: Docker's `bridge` driver, or a cluster
+    /// network (`-d portless`, a bridge on every host). Its gateway is a
+    /// host address and nothing but its containers and the host lives in
+    /// its subnet (unlike macvlan or ipvlan, whose subnet is the LAN).
+    pub fn is_bridge(&self) -> bool {
+        self.driver == "bridge" || self.driver == crate::plugin::DRIVER
+    }
+}
+
 /// Docker's healthcheck state for a container.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -264,7 +264,7 @@ impl ZoneBuilder {
     async fn reconcile_listeners(&mut self, catalog: &Catalog) {
         let mut wanted = self.fixed.clone();
         if self.cfg.port != 0 {
-            for net in catalog.networks.values().filter(|n| n.driver == "bridge") {
+            for net in catalog.networks.values().filter(|n| n.is_bridge()) {
                 for gw in &net.gateways {
                     let a = SocketAddr::new(*gw, self.cfg.port);
                     if !wanted.contains(&a) {
@@ -348,7 +348,7 @@ fn zone_input(
             NetworkInput {
                 name: n.name.clone(),
                 members: Vec::new(),
-                client_subnets: if n.driver == "bridge" {
+                client_subnets: if n.is_bridge() {
                     n.subnets.clone()
                 } else {
                     Vec::new()
@@ -384,7 +384,7 @@ fn zone_input(
     let mut host_clients: Vec<IpNet> = cfg.allow.clone();
     // Bridge gateways are this host's own addresses. Other drivers'
     // gateways (macvlan, ipvlan) are routers on the LAN: not host-side.
-    let bridges = || catalog.networks.values().filter(|n| n.driver == "bridge");
+    let bridges = || catalog.networks.values().filter(|n| n.is_bridge());
     let gateways = bridges().flat_map(|n| n.gateways.iter().copied());
     host_clients.extend(gateways.chain(host_addrs).map(IpNet::from));
     ZoneInput {

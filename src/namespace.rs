@@ -1,7 +1,8 @@
 //! One namespace across hosts (cluster mode): this host's containers on the
-//! cluster network become container records in etcd, and the other hosts'
-//! records become containers of the catalog, on this host's cluster
-//! network. The merged catalog is the one snapshot the DNS zone and the
+//! cluster network and on cluster networks (`-d portless`) become
+//! container records in etcd, and the other hosts' records become
+//! containers of the catalog, on this host's copies of those networks.
+//! The merged catalog is the one snapshot the DNS zone and the
 //! route table are built from, so names and routes cross hosts with no
 //! special case in either.
 //!
@@ -9,18 +10,23 @@
 //! them on every change of either side ([`run`]).
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
+use ipnet::IpNet;
+
 use portless_netplane::membership::{HostContainers, RemoteView};
-use portless_netplane::records::{self, ContainerRecord, RecordHealth};
+use portless_netplane::records::{self, ContainerRecord, NetworkEndpoint, RecordHealth};
 use tokio::sync::watch;
 
 use crate::catalog::Snapshot;
 use crate::catalog::{Catalog, Container, Endpoint, Health, RemoteHost};
+use crate::plugin;
 
-/// This host's containers on the cluster network `network`, as records (by
-/// container id). `changed_ns` is stamped on each (the time of the change
-/// that produced this catalog); it never causes a write by itself.
+/// This host's containers on the cluster network `network` or on cluster
+/// networks (`-d portless`), as records (by container id). `changed_ns` is
+/// stamped on each (the time of the change that produced this catalog);
+/// it never causes a write by itself.
 pub fn local_records(
     catalog: &Catalog,
     network: &str,
@@ -28,11 +34,32 @@ pub fn local_records(
 ) -> BTreeMap<String, ContainerRecord> {
     let mut out = BTreeMap::new();
     for c in catalog.containers.values() {
-        let Some(ep) = c.endpoints.iter().find(|e| e.network_name == network) else {
-            continue;
-        };
         // The netplane is IPv4.
-        let Some(addr) = ep.ipv4 else { continue };
+        let cluster = c
+            .endpoints
+            .iter()
+            .find(|e| e.network_name == network)
+            .filter(|e| e.ipv4.is_some());
+        let networks: Vec<NetworkEndpoint> = c
+            .endpoints
+            .iter()
+            .filter(|e| {
+                catalog
+                    .networks
+                    .get(&e.network_id)
+                    .is_some_and(|n| n.driver == plugin::DRIVER)
+            })
+            .filter_map(|e| {
+                Some(NetworkEndpoint {
+                    network: e.network_name.clone(),
+                    addr: e.ipv4?,
+                    aliases: e.aliases.clone(),
+                })
+            })
+            .collect();
+        if cluster.is_none() && networks.is_empty() {
+            continue;
+        }
         out.insert(
             c.id.clone(),
             ContainerRecord {
@@ -42,8 +69,9 @@ pub fn local_records(
                 name: c.name.clone(),
                 project: c.compose_project.clone(),
                 service: c.compose_service.clone(),
-                aliases: ep.aliases.clone(),
-                addr,
+                aliases: cluster.map(|e| e.aliases.clone()).unwrap_or_default(),
+                addr: cluster.and_then(|e| e.ipv4),
+                networks,
                 health: match c.health {
                     Health::None => RecordHealth::None,
                     Health::Starting => RecordHealth::Starting,
@@ -65,8 +93,65 @@ pub fn local_records(
     out
 }
 
-/// A remote record as a container of this host's cluster network.
-fn container_of(rec: &ContainerRecord, host: &str, net_id: &str, network: &str) -> Container {
+/// This host's networks that remote containers join: the cluster network
+/// (its id, or a stand-in while it does not exist, so that host-side
+/// names still answer) and the cluster networks (`-d portless`) by name,
+/// with their ids and subnets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct LocalNets {
+    cluster: String,
+    networks: BTreeMap<String, (String, Vec<IpNet>)>,
+}
+
+impl LocalNets {
+    fn of(local: &Catalog, network: &str) -> LocalNets {
+        LocalNets {
+            cluster: local
+                .networks
+                .values()
+                .find(|n| n.name == network)
+                .map(|n| n.id.clone())
+                .unwrap_or_else(|| format!("cluster:{network}")),
+            networks: local
+                .networks
+                .values()
+                .filter(|n| n.driver == plugin::DRIVER)
+                .map(|n| (n.name.clone(), (n.id.clone(), n.subnets.clone())))
+                .collect(),
+        }
+    }
+}
+
+/// A remote record as a container of this host's networks: the cluster
+/// network, and each cluster network (`-d portless`) this host has too,
+/// when the address lies in its subnet (others are left out: a record
+/// cannot put a name into a network it is not on).
+fn container_of(rec: &ContainerRecord, host: &str, nets: &LocalNets, network: &str) -> Container {
+    let mut endpoints = Vec::new();
+    if let Some(addr) = rec.addr {
+        endpoints.push(Endpoint {
+            network_id: nets.cluster.clone(),
+            network_name: network.to_owned(),
+            ipv4: Some(addr),
+            ipv6: None,
+            aliases: rec.aliases.clone(),
+        });
+    }
+    for ep in &rec.networks {
+        let Some((id, subnets)) = nets.networks.get(&ep.network) else {
+            continue;
+        };
+        if !subnets.iter().any(|s| s.contains(&IpAddr::V4(ep.addr))) {
+            continue;
+        }
+        endpoints.push(Endpoint {
+            network_id: id.clone(),
+            network_name: ep.network.clone(),
+            ipv4: Some(ep.addr),
+            ipv6: None,
+            aliases: ep.aliases.clone(),
+        });
+    }
     Container {
         id: rec.id.clone(),
         name: rec.name.clone(),
@@ -82,34 +167,16 @@ fn container_of(rec: &ContainerRecord, host: &str, net_id: &str, network: &str) 
         exposed_tcp_ports: rec.ports.clone(),
         compose_project: rec.project.clone(),
         compose_service: rec.service.clone(),
-        endpoints: vec![Endpoint {
-            network_id: net_id.to_owned(),
-            network_name: network.to_owned(),
-            ipv4: Some(rec.addr),
-            ipv6: None,
-            aliases: rec.aliases.clone(),
-        }],
+        endpoints,
         host: Some(host.to_owned()),
     }
 }
 
-/// The id remote containers' endpoints carry: this host's cluster network
-/// (so that its containers see them as neighbours), or a stand-in while it
-/// does not exist (host-side names still answer).
-fn cluster_network_id(local: &Catalog, network: &str) -> String {
-    local
-        .networks
-        .values()
-        .find(|n| n.name == network)
-        .map(|n| n.id.clone())
-        .unwrap_or_else(|| format!("cluster:{network}"))
-}
-
-/// Converted remote hosts, reused while their records and the cluster
-/// network's id stay the same.
+/// Converted remote hosts, reused while their records and this host's
+/// networks stay the same.
 #[derive(Default)]
 pub struct Converted {
-    net_id: String,
+    nets: LocalNets,
     hosts: BTreeMap<String, (Arc<HostContainers>, Arc<RemoteHost>)>,
 }
 
@@ -123,10 +190,10 @@ pub fn merge(
     network: &str,
     cache: &mut Converted,
 ) -> (Catalog, Option<i64>) {
-    let net_id = cluster_network_id(local, network);
-    if net_id != cache.net_id {
+    let nets = LocalNets::of(local, network);
+    if nets != cache.nets {
         cache.hosts.clear();
-        cache.net_id = net_id.clone();
+        cache.nets = nets.clone();
     }
     cache.hosts.retain(|h, _| remote.contains_key(h));
     let mut newest: Option<i64> = None;
@@ -149,7 +216,7 @@ pub fn merge(
                     containers: hc
                         .records
                         .values()
-                        .map(|r| container_of(r, host, &net_id, network))
+                        .map(|r| container_of(r, host, &nets, network))
                         .collect(),
                 });
                 cache.hosts.insert(host.clone(), (hc.clone(), conv.clone()));
@@ -241,14 +308,18 @@ mod tests {
 
     fn local_catalog() -> Catalog {
         let mut cat = Catalog::default();
-        for (id, name) in [("n-pl", "portless"), ("n-app", "app")] {
+        for (id, name, driver, subnet) in [
+            ("n-pl", "portless", "bridge", "10.244.1.0/24"),
+            ("n-app", "app", "bridge", "172.20.0.0/16"),
+            ("n-shop", "shop", "portless", "10.112.0.0/24"),
+        ] {
             cat.networks.insert(
                 id.into(),
                 Network {
                     id: id.into(),
                     name: name.into(),
-                    driver: "bridge".into(),
-                    subnets: vec![],
+                    driver: driver.into(),
+                    subnets: vec![subnet.parse().unwrap()],
                     gateways: vec![],
                     internal: false,
                 },
@@ -285,8 +356,14 @@ mod tests {
                 vec![
                     ep("n-app", "app", [172, 20, 0, 2]),
                     ep("n-pl", "portless", [10, 244, 1, 2]),
+                    ep("n-shop", "shop", [10, 112, 0, 2]),
                 ],
             ),
+        );
+        // Only on a cluster network (`-d portless`).
+        cat.containers.insert(
+            "c3".into(),
+            c("c3", "db", vec![ep("n-shop", "shop", [10, 112, 0, 3])]),
         );
         // Only on a host-local network: never published.
         cat.containers.insert(
@@ -299,9 +376,19 @@ mod tests {
     #[test]
     fn only_cluster_network_containers_are_published_with_only_their_routing_labels() {
         let recs = local_records(&local_catalog(), "portless", 7);
-        assert_eq!(recs.len(), 1);
+        assert_eq!(recs.keys().collect::<Vec<_>>(), vec!["c1", "c3"]);
+        let shop = |a: [u8; 4]| NetworkEndpoint {
+            network: "shop".into(),
+            addr: Ipv4Addr::from(a),
+            aliases: vec!["www".into()],
+        };
+        let db = &recs["c3"];
+        assert_eq!(db.addr, None);
+        assert!(db.aliases.is_empty());
+        assert_eq!(db.networks, vec![shop([10, 112, 0, 3])]);
         let r = &recs["c1"];
-        assert_eq!(r.addr, Ipv4Addr::new(10, 244, 1, 2));
+        assert_eq!(r.addr, Some(Ipv4Addr::new(10, 244, 1, 2)));
+        assert_eq!(r.networks, vec![shop([10, 112, 0, 2])]);
         assert_eq!(r.aliases, vec!["www".to_owned()]);
         assert_eq!(r.service.as_deref(), Some("web"));
         assert!(r.draining);
@@ -318,7 +405,7 @@ mod tests {
     async fn records_are_published_only_once_discovery_has_listed_even_when_empty() {
         use std::time::Duration;
         use tokio::time::timeout;
-        for (first, want) in [(local_catalog(), 1usize), (Catalog::default(), 0)] {
+        for (first, want) in [(local_catalog(), 2usize), (Catalog::default(), 0)] {
             let (local_tx, local_rx) = watch::channel(Snapshot::default());
             let (_remote_tx, remote_rx) = watch::channel(Arc::new(RemoteView::new()));
             let (pub_tx, mut pub_rx) = watch::channel(BTreeMap::new());
@@ -371,18 +458,25 @@ mod tests {
         let mut rec = local_records(&local_catalog(), "portless", 5)["c1"].clone();
         rec.host = "b".into();
         rec.id = "r1".into();
-        rec.addr = Ipv4Addr::new(10, 244, 2, 9);
+        rec.addr = Some(Ipv4Addr::new(10, 244, 2, 9));
         let v = view(std::slice::from_ref(&rec));
         let mut cache = Converted::default();
         let (cat, newest) = merge(&local_catalog(), &v, "portless", &mut cache);
         assert_eq!(newest, Some(5));
-        assert_eq!(cat.len(), 3);
+        // three local containers and the remote one
+        assert_eq!(cat.len(), 4);
         let remote = &cat.remote["b"];
         assert_eq!(remote.hostname, "host-b");
         let c = &remote.containers[0];
         assert_eq!(c.host.as_deref(), Some("b"));
         assert_eq!(c.endpoints[0].network_id, "n-pl");
         assert_eq!(c.endpoints[0].ipv4, Some(Ipv4Addr::new(10, 244, 2, 9)));
+        // ... and this host's copy of each cluster network it is on.
+        assert_eq!(c.endpoints.len(), 2);
+        assert_eq!(
+            (c.endpoints[1].network_id.as_str(), c.endpoints[1].ipv4),
+            ("n-shop", Some(Ipv4Addr::new(10, 112, 0, 2)))
+        );
         assert!(c.stopping);
         // The same view again: the converted host is shared, no new event.
         let (cat2, newest) = merge(&local_catalog(), &v, "portless", &mut cache);
@@ -396,5 +490,45 @@ mod tests {
             cat3.remote["b"].containers[0].endpoints[0].network_id,
             "cluster:portless"
         );
+    }
+
+    #[test]
+    fn a_remote_record_joins_only_cluster_networks_this_host_has_at_their_subnet() {
+        let ep = |net: &str, a: [u8; 4]| NetworkEndpoint {
+            network: net.into(),
+            addr: Ipv4Addr::from(a),
+            aliases: vec!["db".into()],
+        };
+        let mut rec = local_records(&local_catalog(), "portless", 5)["c3"].clone();
+        rec.host = "b".into();
+        rec.id = "r3".into();
+        rec.networks = vec![
+            ep("shop", [10, 112, 0, 20]),
+            // a network this host does not have, and an address outside
+            // the subnet of this host's copy: left out
+            ep("elsewhere", [10, 112, 0, 21]),
+            ep("shop", [172, 20, 0, 9]),
+        ];
+        let v = view(std::slice::from_ref(&rec));
+        let (cat, _) = merge(&local_catalog(), &v, "portless", &mut Converted::default());
+        let c = &cat.remote["b"].containers[0];
+        let eps: Vec<_> = c
+            .endpoints
+            .iter()
+            .map(|e| (e.network_id.as_str(), e.network_name.as_str(), e.ipv4))
+            .collect();
+        assert_eq!(
+            eps,
+            vec![("n-shop", "shop", Some(Ipv4Addr::new(10, 112, 0, 20)))]
+        );
+        assert_eq!(c.endpoints[0].aliases, vec!["db".to_owned()]);
+        // The network made on this host later: conversions are redone.
+        let mut cache = Converted::default();
+        let mut without = local_catalog();
+        without.networks.remove("n-shop");
+        let (cat, _) = merge(&without, &v, "portless", &mut cache);
+        assert!(cat.remote["b"].containers[0].endpoints.is_empty());
+        let (cat, _) = merge(&local_catalog(), &v, "portless", &mut cache);
+        assert_eq!(cat.remote["b"].containers[0].endpoints.len(), 1);
     }
 }

@@ -257,8 +257,8 @@ fn container_routes(
 
 /// The documented rule for a container on several networks, when no
 /// `portless.http.network` label says which: networks that are not
-/// `internal` first, then bridge-driver networks, then by network name; on
-/// the chosen network, IPv4 before IPv6.
+/// `internal` first, then bridges (Docker's and cluster networks), then by
+/// network name; on the chosen network, IPv4 before IPv6.
 pub fn choose_endpoint<'a>(
     catalog: &Catalog,
     endpoints: &'a [Endpoint],
@@ -269,7 +269,7 @@ pub fn choose_endpoint<'a>(
         .min_by_key(|(e, _)| {
             let net = catalog.networks.get(&e.network_id);
             let internal = net.is_some_and(|n| n.internal);
-            let not_bridge = net.is_some_and(|n| n.driver != "bridge");
+            let not_bridge = net.is_some_and(|n| !n.is_bridge());
             (internal, not_bridge, e.network_name.clone())
         })
 }

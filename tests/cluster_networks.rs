@@ -73,6 +73,19 @@ fn ip_of(e: &Engines, h: char, c: &str, net: &str) -> Ipv4Addr {
     .unwrap()
 }
 
+/// The addresses of containers in etcd (not the hosts' own, one per host
+/// and network, marked `for-host`).
+fn container_addrs(e: &Engines) -> Vec<String> {
+    let out = e.etcdctl(&["get", "--prefix", "/portless/v1/netaddrs/"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines
+        .chunks(2)
+        .filter(|kv| kv.len() == 2 && !kv[1].contains("\"for-host\":true"))
+        .map(|kv| kv[0].to_owned())
+        .collect()
+}
+
 fn etcd_keys(e: &Engines, prefix: &str) -> Vec<String> {
     let out = e.etcdctl(&["get", "--prefix", "--keys-only", prefix]);
     String::from_utf8_lossy(&out.stdout)
@@ -190,7 +203,7 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
         assert!(seen.insert(ip), "{ip} given twice");
     }
     assert_eq!(seen.len(), 2 * n);
-    let keys = etcd_keys(e, "/portless/v1/netaddrs/");
+    let keys = container_addrs(e);
     assert_eq!(keys.len(), 2 * n, "{keys:?}");
 
     // Two containers on A reach each other over the network's bridge.
@@ -212,11 +225,11 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
     // the network and reaches an old one.
     a.kill9();
     wait("A's address keys gone with its lease", 10.0, || {
-        etcd_keys(e, "/portless/v1/netaddrs/").len() == n
+        container_addrs(e).len() == n
     });
     *a = Sidecar::start(e, 'A', &[]);
     wait("A's addresses written again", 10.0, || {
-        etcd_keys(e, "/portless/v1/netaddrs/").len() == 2 * n
+        container_addrs(e).len() == 2 * n
     });
     let late = format!("{}-late", e.pfx);
     made.push(('A', late.clone()));

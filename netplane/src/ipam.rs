@@ -218,6 +218,11 @@ pub fn pick_address(
 #[serde(rename_all = "kebab-case")]
 pub struct AddressHolder {
     pub host: String,
+    /// The host's own address in the network (on its bridge, the source of
+    /// what the host itself sends to the network's other hosts: its
+    /// router, its DNS), not a container's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub for_host: bool,
 }
 
 #[cfg(test)]

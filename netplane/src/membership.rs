@@ -420,7 +420,7 @@ impl Membership {
                         for op in ops {
                             match op {
                                 PubOp::Put(r) => {
-                                    self.own.insert(r.id.clone(), (r, lease));
+                                    self.own.insert(r.id.clone(), (*r, lease));
                                 }
                                 PubOp::Delete(id) => {
                                     self.own.remove(&id);
@@ -602,7 +602,12 @@ impl Membership {
         let desired: BTreeMap<String, ContainerRecord> = self
             .desired
             .iter()
-            .filter(|(_, r)| subnet.contains(&r.addr))
+            // Not published: an address on the cluster network outside
+            // this lease's subnet, or no address at all.
+            .filter(|(_, r)| match r.addr {
+                Some(a) => subnet.contains(&a),
+                None => !r.networks.is_empty(),
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let ops = records::publish_ops(&desired, &self.own, lease.id);
@@ -871,7 +876,8 @@ mod tests {
             project: None,
             service: None,
             aliases: vec![],
-            addr: Ipv4Addr::new(10, 244, third, 10 + n),
+            addr: Some(Ipv4Addr::new(10, 244, third, 10 + n)),
+            networks: Vec::new(),
             health: RecordHealth::None,
             draining: false,
             labels: BTreeMap::new(),
@@ -973,7 +979,7 @@ mod tests {
             [Action::Publish { lease: 1, ops }] => ops.clone(),
             other => panic!("{other:?}"),
         };
-        assert_eq!(ops, vec![PubOp::Put(a.clone())]);
+        assert_eq!(ops, vec![PubOp::Put(Box::new(a.clone()))]);
         m.handle(
             Input::Published {
                 lease: 1,
@@ -1088,7 +1094,10 @@ mod tests {
             .collect();
         assert_eq!(
             publish,
-            vec![vec![PubOp::Delete(b.id.clone()), PubOp::Put(c.clone())]]
+            vec![vec![
+                PubOp::Delete(b.id.clone()),
+                PubOp::Put(Box::new(c.clone()))
+            ]]
         );
     }
 
@@ -1124,7 +1133,7 @@ mod tests {
         let acts = drain(&mut m);
         assert!(acts.contains(&Action::Publish {
             lease: 9,
-            ops: vec![PubOp::Put(a.clone())]
+            ops: vec![PubOp::Put(Box::new(a.clone()))]
         }));
     }
 
@@ -1253,7 +1262,7 @@ mod tests {
         drain(&mut m);
         // Under B's key, but outside B's subnet; and one not on B's lease.
         let outside = ContainerRecord {
-            addr: Ipv4Addr::new(10, 244, 1, 50),
+            addr: Some(Ipv4Addr::new(10, 244, 1, 50)),
             ..rec(B, 2, 7)
         };
         let other_lease = rec(B, 2, 8);
@@ -1350,7 +1359,7 @@ mod tests {
             drain(&mut m),
             vec![Action::Publish {
                 lease: 1,
-                ops: vec![PubOp::Put(a)]
+                ops: vec![PubOp::Put(Box::new(a))]
             }]
         );
     }

@@ -44,8 +44,14 @@ pub struct ContainerRecord {
     /// `--network-alias` aliases on the cluster network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
-    /// Its address on the cluster network: inside the host's leased subnet.
-    pub addr: Ipv4Addr,
+    /// Its address on the cluster network: inside the host's leased
+    /// subnet. None: it is only on cluster networks (`-d portless`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<Ipv4Addr>,
+    /// Its endpoints on cluster networks made with `docker network create
+    /// -d portless`, by network name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<NetworkEndpoint>,
     #[serde(default)]
     pub health: RecordHealth,
     /// Being stopped: no new requests, not in DNS answers while another
@@ -66,6 +72,19 @@ pub struct ContainerRecord {
     pub changed_ns: Option<i64>,
 }
 
+/// A container's endpoint on a cluster network (`-d portless`): that
+/// network's name on every host, its address there (inside the network's
+/// subnet, which the reading host checks against its own copy of the
+/// network) and its aliases on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct NetworkEndpoint {
+    pub network: String,
+    pub addr: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+}
+
 /// Only labels with this prefix travel in records.
 pub const LABEL_PREFIX: &str = "portless.http.";
 
@@ -75,6 +94,7 @@ pub const LABEL_PREFIX: &str = "portless.http.";
 pub const MAX_ALIASES: usize = 32;
 pub const MAX_LABELS: usize = 32;
 pub const MAX_PORTS: usize = 64;
+pub const MAX_NETWORKS: usize = 16;
 pub const MAX_NAME: usize = 128;
 pub const MAX_LABEL_VALUE: usize = 1024;
 /// etcd values larger than this are refused before decoding.
@@ -195,16 +215,50 @@ pub fn check(
             "bound to lease {lease:x}, host {key_host} holds lease {host_lease:x}"
         )));
     }
-    let subnet = host.subnet;
-    let a = u32::from(record.addr);
-    let net = u32::from(subnet.network());
-    let bcast = u32::from(subnet.broadcast());
-    // .0 is the VTEP's, .1 the gateway's, the last the broadcast.
-    if !subnet.contains(&record.addr) || a <= net + 1 || a == bcast {
-        return Err(RecordRefusal::AddressOutsideSubnet(format!(
-            "{} is not a container address of {subnet}",
-            record.addr
+    if let Some(addr) = record.addr {
+        let subnet = host.subnet;
+        let a = u32::from(addr);
+        let net = u32::from(subnet.network());
+        let bcast = u32::from(subnet.broadcast());
+        // .0 is the VTEP's, .1 the gateway's, the last the broadcast.
+        if !subnet.contains(&addr) || a <= net + 1 || a == bcast {
+            return Err(RecordRefusal::AddressOutsideSubnet(format!(
+                "{addr} is not a container address of {subnet}"
+            )));
+        }
+    } else if record.networks.is_empty() {
+        return Err(RecordRefusal::BadField(
+            "no address: neither on the cluster network nor on a cluster network".into(),
+        ));
+    }
+    if record.networks.len() > MAX_NETWORKS {
+        return Err(RecordRefusal::BadField(format!(
+            "{} networks, more than {MAX_NETWORKS}",
+            record.networks.len()
         )));
+    }
+    for n in &record.networks {
+        if !crate::ipam::valid_network_name(&n.network) {
+            return Err(RecordRefusal::BadField(format!("network {:?}", n.network)));
+        }
+        if n.aliases.len() > MAX_ALIASES {
+            return Err(RecordRefusal::BadField(format!(
+                "{} aliases on {}, more than {MAX_ALIASES}",
+                n.aliases.len(),
+                n.network
+            )));
+        }
+        if let Some(a) = n.aliases.iter().find(|a| !valid_name(a)) {
+            return Err(RecordRefusal::BadField(format!("alias {a:?}")));
+        }
+        // The address's subnet is the network's: checked where the network
+        // is known (the reading host's copy of it).
+        if host.subnet.contains(&n.addr) {
+            return Err(RecordRefusal::AddressOutsideSubnet(format!(
+                "{} on {} is inside the host's cluster network subnet",
+                n.addr, n.network
+            )));
+        }
     }
     if !valid_id(&record.id) {
         return Err(RecordRefusal::BadField(format!(
@@ -256,7 +310,7 @@ pub fn check(
 /// One write of the publisher.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PubOp {
-    Put(ContainerRecord),
+    Put(Box<ContainerRecord>),
     Delete(String),
 }
 
@@ -286,7 +340,7 @@ pub fn publish_ops(
     for (id, want) in desired {
         match published.get(id) {
             Some((have, l)) if *l == lease && have.same_content(want) => {}
-            _ => ops.push(PubOp::Put(want.clone())),
+            _ => ops.push(PubOp::Put(Box::new(want.clone()))),
         }
     }
     for id in published.keys() {
@@ -327,7 +381,8 @@ mod tests {
             project: Some("shop".into()),
             service: Some("web".into()),
             aliases: vec!["www".into()],
-            addr: Ipv4Addr::from(addr),
+            addr: Some(Ipv4Addr::from(addr)),
+            networks: Vec::new(),
             health: RecordHealth::Healthy,
             draining: false,
             labels: BTreeMap::from([("portless.http.host".into(), "shop.example.com".into())]),
@@ -363,11 +418,60 @@ mod tests {
             [10, 244, 2, 255],
         ] {
             let r = ContainerRecord {
-                addr: Ipv4Addr::from(addr),
+                addr: Some(Ipv4Addr::from(addr)),
                 ..ok.clone()
             };
             assert_eq!(kind(&r, "b", 7), Some("address-outside-subnet"), "{addr:?}");
         }
+        // Only on cluster networks (`-d portless`): no cluster network
+        // address, but one on a network; neither is refused.
+        let shop = NetworkEndpoint {
+            network: "shop".into(),
+            addr: Ipv4Addr::new(10, 112, 0, 18),
+            aliases: vec!["db".into()],
+        };
+        let only_nets = ContainerRecord {
+            addr: None,
+            networks: vec![shop.clone()],
+            ..ok.clone()
+        };
+        assert_eq!(kind(&only_nets, "b", 7), None);
+        let nothing = ContainerRecord {
+            addr: None,
+            ..ok.clone()
+        };
+        assert_eq!(kind(&nothing, "b", 7), Some("bad-field"));
+        // A bad network name or alias, too many networks, or a network
+        // address inside the host's cluster network subnet.
+        for bad in [
+            NetworkEndpoint {
+                network: "-x".into(),
+                ..shop.clone()
+            },
+            NetworkEndpoint {
+                aliases: vec!["a b".into()],
+                ..shop.clone()
+            },
+        ] {
+            let r = ContainerRecord {
+                networks: vec![bad.clone()],
+                ..ok.clone()
+            };
+            assert_eq!(kind(&r, "b", 7), Some("bad-field"), "{bad:?}");
+        }
+        let r = ContainerRecord {
+            networks: vec![shop.clone(); MAX_NETWORKS + 1],
+            ..ok.clone()
+        };
+        assert_eq!(kind(&r, "b", 7), Some("bad-field"));
+        let r = ContainerRecord {
+            networks: vec![NetworkEndpoint {
+                addr: Ipv4Addr::new(10, 244, 2, 9),
+                ..shop
+            }],
+            ..ok.clone()
+        };
+        assert_eq!(kind(&r, "b", 7), Some("address-outside-subnet"));
         // Claiming another host's id: the key says b, the record c.
         let r = ContainerRecord {
             host: "c".into(),

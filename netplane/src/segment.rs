@@ -296,6 +296,35 @@ pub async fn ensure_bridge(
         .await?
 }
 
+/// Give `bridge` this host's own address in its network (`addr`/32,
+/// beside the gateway), the source of what the host itself sends to the
+/// network's other hosts, and take away any other /32 it holds (an
+/// address of an earlier lease). The number of changes.
+pub async fn ensure_host_address(kernel: &Kernel, bridge: &str, addr: Ipv4Addr) -> Result<usize> {
+    let obs = kernel.observe_networks(PREFIX).await?;
+    let want = Ipv4Net::from(addr);
+    let mut ops: Vec<Op> = obs
+        .addrs
+        .iter()
+        .filter(|a| a.dev == bridge && a.net.prefix_len() == 32 && a.net != want)
+        .map(|a| Op::DelAddr(a.clone()))
+        .collect();
+    if !obs.addrs.iter().any(|a| a.dev == bridge && a.net == want) {
+        ops.push(Op::AddAddr(plan::Addr {
+            dev: bridge.to_owned(),
+            net: want,
+        }));
+    }
+    let n = ops.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    for a in kernel.apply(ops).await? {
+        a.result?;
+    }
+    Ok(n)
+}
+
 /// Remove a link (a veth pair, by either end) if it exists.
 pub async fn remove_link(kernel: &Kernel, name: &str) -> Result<()> {
     let n = name.to_owned();
@@ -391,6 +420,10 @@ pub struct NetworkState {
     pub addrs: BTreeMap<Ipv4Addr, String>,
     /// Its bridge on this host.
     pub bridge: String,
+    /// This host's own address in the network (on its bridge): the source
+    /// of the routes to the other hosts' blocks, so that what the host
+    /// itself sends there (its router) comes back to it.
+    pub host_addr: Option<Ipv4Addr>,
 }
 
 /// The kernel state of one network on this host: its VXLAN device and,
@@ -444,7 +477,7 @@ pub fn network_plan(
             via: peer.underlay,
             dev: dev.clone(),
             onlink: true,
-            src: None,
+            src: net.host_addr,
         },
     };
     let mut refuse = |id: &str, subnet: Ipv4Net, reason: String| {
@@ -683,6 +716,7 @@ mod tests {
             blocks: blocks.iter().map(|(b, h)| (net(b), (*h).into())).collect(),
             addrs: addrs.iter().map(|(a, h)| (ip(a), (*h).into())).collect(),
             bridge: "pn-br0123456789".into(),
+            host_addr: Some(ip("10.112.0.3")),
         }
     }
 
@@ -751,7 +785,9 @@ mod tests {
         );
         for x in p.peers.iter().filter(|x| x.transport == Transport::Vxlan) {
             let peer = &hosts[&x.id];
-            assert!(x.route.onlink && x.route.dev == "pn-vx4096" && x.route.src.is_none());
+            // What the host sends leaves from its own address in the network.
+            assert!(x.route.onlink && x.route.dev == "pn-vx4096");
+            assert_eq!(x.route.src, Some(ip("10.112.0.3")));
             assert_eq!(
                 x.neigh,
                 Some(Neigh {
@@ -834,7 +870,7 @@ mod tests {
                 "link set pn-vx4096 mtu 1450 up",
                 "neigh replace 192.168.1.2 lladdr 0e:70:c0:a8:01:02 dev pn-vx4096",
                 "fdb add 0e:70:c0:a8:01:02 dst 192.168.1.2 dev pn-vx4096",
-                "route add 10.112.0.16/28 via 192.168.1.2 dev pn-vx4096 onlink",
+                "route add 10.112.0.16/28 via 192.168.1.2 dev pn-vx4096 onlink src 10.112.0.3",
             ]
         );
         // In place: nothing; the cluster network's links and another
@@ -866,7 +902,7 @@ mod tests {
             shown,
             vec![
                 "fdb add 0e:70:c0:a8:01:02 dst 192.168.1.2 dev pn-vx4096",
-                "route add 10.112.0.16/28 via 192.168.1.2 dev pn-vx4096 onlink",
+                "route add 10.112.0.16/28 via 192.168.1.2 dev pn-vx4096 onlink src 10.112.0.3",
             ]
         );
     }

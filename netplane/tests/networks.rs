@@ -226,7 +226,10 @@ async fn concurrent_hosts_never_get_the_same_address() {
         );
     }
     // Release: only by the holder.
-    store.release_address(&net.id(), "h2", free).await.unwrap();
+    store
+        .release_address(&net.id(), "h2", free, false)
+        .await
+        .unwrap();
     assert!(
         store
             .network_addresses(&net.id())
@@ -234,13 +237,71 @@ async fn concurrent_hosts_never_get_the_same_address() {
             .unwrap()
             .contains_key(&free)
     );
-    store.release_address(&net.id(), "h1", free).await.unwrap();
+    store
+        .release_address(&net.id(), "h1", free, false)
+        .await
+        .unwrap();
     assert!(
         !store
             .network_addresses(&net.id())
             .await
             .unwrap()
             .contains_key(&free)
+    );
+
+    // A host's own address: one per host and lease, from its own blocks,
+    // never a container's, marked as the host's; released only as such.
+    let own = store
+        .host_address(&net, "h1", leases["h1"])
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!all.contains_key(&own), "{own} is a container's");
+    assert_eq!(
+        store
+            .host_address(&net, "h1", leases["h1"])
+            .await
+            .unwrap()
+            .unwrap(),
+        own,
+        "asked again under the same lease"
+    );
+    let holders = store.network_address_holders(&net.id()).await.unwrap();
+    let (h, l) = &holders[&own];
+    assert!(h.for_host && h.host == "h1" && *l == leases["h1"], "{h:?}");
+    let b = Ipv4Net::new(own, 28).unwrap().trunc();
+    assert!(
+        block_owner.get(&b).is_none_or(|o| *o == "h1"),
+        "{own} is in a block of {:?}",
+        block_owner.get(&b)
+    );
+    let other = store
+        .host_address(&net, "h2", leases["h2"])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(own, other);
+    store
+        .release_address(&net.id(), "h1", own, false)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .network_addresses(&net.id())
+            .await
+            .unwrap()
+            .contains_key(&own)
+    );
+    store
+        .release_address(&net.id(), "h1", own, true)
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .network_addresses(&net.id())
+            .await
+            .unwrap()
+            .contains_key(&own)
     );
 }
 

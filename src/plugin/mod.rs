@@ -114,6 +114,9 @@ pub struct Plugin {
     /// [`sync`] has taken up this Engine's networks once: until then
     /// [`plane`] does not know which VXLAN devices to keep.
     taken_up: std::sync::atomic::AtomicBool,
+    /// This host's own address in each network (by network id), with the
+    /// lease it was given under.
+    host_addrs: Mutex<HashMap<String, (i64, Ipv4Addr)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -166,6 +169,7 @@ impl Plugin {
             wake: Notify::new(),
             plane_wake: Notify::new(),
             taken_up: std::sync::atomic::AtomicBool::new(false),
+            host_addrs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -393,7 +397,7 @@ impl Plugin {
         }
         let host = self.host().await?;
         self.store
-            .release_address(&r.pool_id, &host.id, addr)
+            .release_address(&r.pool_id, &host.id, addr, false)
             .await
             .map_err(|e| format!("etcd: {e}"))?;
         Ok(serde_json::json!({}))
@@ -503,14 +507,25 @@ impl Plugin {
             return Ok(serde_json::json!({}));
         };
         let host = self.host().await?;
+        // This host's own address in the network goes with its copy.
+        let own = lock(&self.host_addrs).remove(&local.id);
+        if let Some((_, a)) = own {
+            self.store
+                .release_address(&local.id, &host.id, a, true)
+                .await
+                .map_err(|e| format!("etcd: {e}"))?;
+        }
         let addrs = self
             .store
-            .network_addresses(&local.id)
+            .network_address_holders(&local.id)
             .await
             .map_err(|e| format!("etcd: {e}"))?;
         let mut elsewhere: BTreeMap<String, usize> = BTreeMap::new();
-        for h in addrs.values().filter(|h| **h != host.id) {
-            *elsewhere.entry(h.clone()).or_default() += 1;
+        for (h, _) in addrs
+            .values()
+            .filter(|(h, _)| h.host != host.id && !h.for_host)
+        {
+            *elsewhere.entry(h.host.clone()).or_default() += 1;
         }
         let name = rec.name.clone().unwrap_or_else(|| rec.subnet.to_string());
         if !elsewhere.is_empty() {

@@ -96,6 +96,18 @@ async fn reconcile(plugin: &Plugin, last_refused: &mut String) -> anyhow::Result
         mac: host.vtep_mac,
         mtu: net_mtu(&host),
     };
+    // This host's own address in each network, on its bridge: the source
+    // of what the host sends to the other hosts' blocks.
+    let mut host_addrs = BTreeMap::new();
+    for (id, bridge) in &here {
+        let Some((rec, _)) = listing.networks.get(id) else {
+            continue;
+        };
+        if let Some(a) = host_address(plugin, rec, &host).await? {
+            segment::ensure_host_address(&plugin.kernel, bridge, a).await?;
+            host_addrs.insert(id.clone(), a);
+        }
+    }
     let mut refused = Vec::new();
     let plans: Vec<_> = here
         .iter()
@@ -110,6 +122,7 @@ async fn reconcile(plugin: &Plugin, last_refused: &mut String) -> anyhow::Result
                     blocks,
                     addrs,
                     bridge: bridge.clone(),
+                    host_addr: host_addrs.get(&rec.id()).copied(),
                 },
                 &hosts,
             );
@@ -140,4 +153,35 @@ async fn reconcile(plugin: &Plugin, last_refused: &mut String) -> anyhow::Result
         );
     }
     Ok(segment::reconcile_networks(&plugin.kernel, &plans).await?)
+}
+
+/// This host's own address in network `rec` under its current lease:
+/// remembered, or asked of etcd (which gives the one held, or a new one).
+/// None, logged, when the network has no address left.
+async fn host_address(
+    plugin: &Plugin,
+    rec: &portless_netplane::ipam::NetworkRecord,
+    host: &portless_netplane::agent::HostStatus,
+) -> anyhow::Result<Option<std::net::Ipv4Addr>> {
+    let id = rec.id();
+    if let Some((l, a)) = lock(&plugin.host_addrs).get(&id)
+        && *l == host.lease_id
+    {
+        return Ok(Some(*a));
+    }
+    let _one = plugin.alloc.lock().await;
+    match plugin
+        .store
+        .host_address(rec, &host.id, host.lease_id)
+        .await?
+    {
+        Ok(a) => {
+            lock(&plugin.host_addrs).insert(id, (host.lease_id, a));
+            Ok(Some(a))
+        }
+        Err(e) => {
+            tracing::warn!(network = ?rec.name, error = %e, "no address of its own in a cluster network for this host: it cannot reach the network's containers on other hosts");
+            Ok(None)
+        }
+    }
 }

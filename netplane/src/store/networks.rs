@@ -253,8 +253,12 @@ impl Store {
         Ok(())
     }
 
-    /// Every address given out in network `id`, with its host.
-    pub async fn network_addresses(&self, id: &str) -> Result<BTreeMap<Ipv4Addr, String>> {
+    /// Every address given out in network `id`, with its holder and the
+    /// lease its key is bound to.
+    pub async fn network_address_holders(
+        &self,
+        id: &str,
+    ) -> Result<BTreeMap<Ipv4Addr, (AddressHolder, i64)>> {
         self.sign_in().await?;
         let prefix = self.key("netaddrs", &format!("{id}/"));
         let resp = self
@@ -272,12 +276,44 @@ impl Store {
             else {
                 continue;
             };
-            let host = serde_json::from_slice::<AddressHolder>(kv.value())
-                .map(|h| h.host)
-                .unwrap_or_default();
-            out.insert(ip, host);
+            let holder =
+                serde_json::from_slice::<AddressHolder>(kv.value()).unwrap_or(AddressHolder {
+                    host: String::new(),
+                    for_host: false,
+                });
+            out.insert(ip, (holder, kv.lease()));
         }
         Ok(out)
+    }
+
+    /// Every address given out in network `id` (containers' and hosts'
+    /// own), with its host.
+    pub async fn network_addresses(&self, id: &str) -> Result<BTreeMap<Ipv4Addr, String>> {
+        Ok(self
+            .network_address_holders(id)
+            .await?
+            .into_iter()
+            .map(|(a, (h, _))| (a, h.host))
+            .collect())
+    }
+
+    /// The address `host` (holding `lease`) has for itself in network
+    /// `record` (see [`AddressHolder::for_host`]): the one it holds under
+    /// this lease, or a new one from its blocks.
+    pub async fn host_address(
+        &self,
+        record: &NetworkRecord,
+        host: &str,
+        lease: i64,
+    ) -> Result<std::result::Result<Ipv4Addr, IpamError>> {
+        let held = self.network_address_holders(&record.id()).await?;
+        if let Some((a, _)) = held
+            .iter()
+            .find(|(_, (h, l))| h.for_host && h.host == host && *l == lease)
+        {
+            return Ok(Ok(*a));
+        }
+        self.allocate(record, host, lease, None, true).await
     }
 
     /// This network's blocks (owner, lease) and reservations.
@@ -330,12 +366,24 @@ impl Store {
         lease: i64,
         want: Option<Ipv4Addr>,
     ) -> Result<std::result::Result<Ipv4Addr, IpamError>> {
+        self.allocate(record, host, lease, want, false).await
+    }
+
+    async fn allocate(
+        &self,
+        record: &NetworkRecord,
+        host: &str,
+        lease: i64,
+        want: Option<Ipv4Addr>,
+        for_host: bool,
+    ) -> Result<std::result::Result<Ipv4Addr, IpamError>> {
         self.sign_in().await?;
         let id = record.id();
         let subnet = record.subnet;
         let label = record.name.clone().unwrap_or_else(|| subnet.to_string());
         let holder = serde_json::to_string(&AddressHolder {
             host: host.to_owned(),
+            for_host,
         })
         .unwrap_or_default();
         let mut kv = self.client.kv_client();
@@ -441,12 +489,20 @@ impl Store {
         )))
     }
 
-    /// Give back an address `host` holds (not another host's).
-    pub async fn release_address(&self, id: &str, host: &str, addr: Ipv4Addr) -> Result<()> {
+    /// Give back an address `host` holds (not another host's), a
+    /// container's or (`for_host`) its own.
+    pub async fn release_address(
+        &self,
+        id: &str,
+        host: &str,
+        addr: Ipv4Addr,
+        for_host: bool,
+    ) -> Result<()> {
         self.sign_in().await?;
         let ak = self.key("netaddrs", &format!("{id}/{addr}"));
         let holder = serde_json::to_string(&AddressHolder {
             host: host.to_owned(),
+            for_host,
         })
         .unwrap_or_default();
         let txn = Txn::new()

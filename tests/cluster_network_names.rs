@@ -1,0 +1,364 @@
+//! Names and routes of `docker network create -d portless` networks across
+//! hosts, and a restart of portless under running traffic, on two real
+//! Docker Engines (each in its own network namespace), a real etcd and a
+//! real `portless run` per engine.
+//!
+//! One scenario, in steps: a container on host B is resolved by its name
+//! and its alias from a container on host A on the same network (through
+//! Docker's own 127.0.0.11, which forwards to portless on the network's
+//! gateway) and reached by name over TCP; a container of another portless
+//! network resolves nothing of it; host A's router routes a Host header to
+//! it (from A's own address in the network); portless on A is killed with
+//! `kill -9` and started again while a container on A pings the one on B
+//! (no reply may be lost), and a `docker run` on A that arrives while
+//! portless is down is answered once it is back. The harness takes
+//! everything down at the end, even when a step fails.
+
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use common::engines::{Engines, Sidecar, nslookup_addrs};
+
+fn wait(what: &str, secs: f64, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs_f64(secs),
+            "{what}: not within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+fn ip_of(e: &Engines, h: char, c: &str, net: &str) -> Ipv4Addr {
+    e.docker_ok(
+        h,
+        &[
+            "inspect",
+            "-f",
+            &format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}"),
+            c,
+        ],
+    )
+    .parse()
+    .unwrap()
+}
+
+fn subnet_of(e: &Engines, h: char, net: &str) -> ipnet::Ipv4Net {
+    e.docker_ok(
+        h,
+        &[
+            "network",
+            "inspect",
+            "-f",
+            "{{(index .IPAM.Config 0).Subnet}}",
+            net,
+        ],
+    )
+    .parse()
+    .unwrap()
+}
+
+/// `name` looked up from container `c` on `h`, through `server` (None:
+/// the container's own resolver, Docker's 127.0.0.11).
+fn lookup(e: &Engines, h: char, c: &str, name: &str, server: Option<Ipv4Addr>) -> Vec<String> {
+    let server = server.map(|s| s.to_string());
+    let mut args = vec!["exec", c, "nslookup", name];
+    args.extend(server.as_deref());
+    let out = e.docker(h, &args);
+    nslookup_addrs(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The client address busybox httpd saw, fetched by `c` on `h` from `url`.
+fn fetch(e: &Engines, h: char, c: &str, url: &str) -> Option<String> {
+    let out = e.docker(
+        h,
+        &["exec", c, "timeout", "3", "wget", "-q", "-O", "-", url],
+    );
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_start_matches("[::ffff:")
+            .trim_end_matches(']')
+            .to_owned()
+    })
+}
+
+const TTL: &[&str] = &["--lease-ttl", "10"];
+
+#[test]
+fn names_and_routes_of_a_portless_network_cross_hosts_and_a_restart_keeps_traffic() {
+    let e = Engines::up();
+    // The default lease (10 s), which a restart of a few seconds keeps
+    // (the harness's 2 s would expire while portless is down).
+    let mut a = Sidecar::start(&e, 'A', TTL);
+    let b = Sidecar::start(&e, 'B', TTL);
+    for h in ['A', 'B'] {
+        let sock = e.plugin_socket(h);
+        wait(&format!("plugin socket of {h}"), 10.0, || {
+            std::path::Path::new(&sock).exists()
+        });
+    }
+    let image = e.image();
+    let nets = [format!("{}-shop", e.pfx), format!("{}-other", e.pfx)];
+    let mut made: Vec<(char, String)> = Vec::new();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        steps(&e, &mut a, &image, &nets, &mut made)
+    }));
+    if result.is_err() {
+        // A may be down: start it again so that Docker's removals below
+        // reach a plugin.
+        a.stop();
+        a = Sidecar::start_unready(&e, 'A', TTL);
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    for (h, c) in &made {
+        let _ = e.docker(*h, &["rm", "-f", c]);
+    }
+    for net in &nets {
+        let _ = e.docker('A', &["network", "rm", net]);
+    }
+    if let Err(p) = result {
+        eprintln!(
+            "portless A:\n{}\nportless B:\n{}",
+            a.log_tail(),
+            b.log_tail()
+        );
+        std::panic::resume_unwind(p);
+    }
+}
+
+fn steps(
+    e: &Engines,
+    a: &mut Sidecar,
+    image: &str,
+    nets: &[String; 2],
+    made: &mut Vec<(char, String)>,
+) {
+    let [shop, other] = nets;
+    for net in nets {
+        e.docker_ok(
+            'A',
+            &[
+                "network",
+                "create",
+                "-d",
+                "portless",
+                "--ipam-driver",
+                "portless",
+                net,
+            ],
+        );
+    }
+    wait("both networks on B", 3.0, || {
+        nets.iter()
+            .all(|n| e.docker('B', &["network", "inspect", n]).status.success())
+    });
+    let subnet = subnet_of(e, 'A', shop);
+    let gw = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+    let other_gw = Ipv4Addr::from(u32::from(subnet_of(e, 'A', other).network()) + 1);
+
+    // A web server on B with an alias and a route label; a client on A on
+    // the same network and one on A on another network, both resolving
+    // through Docker's 127.0.0.11, which forwards to portless on their
+    // network's gateway (`--dns`).
+    let db = format!("{}-db", e.pfx);
+    made.push(('B', db.clone()));
+    e.docker_ok(
+        'B',
+        &[
+            "run",
+            "-d",
+            "--name",
+            &db,
+            "--network",
+            shop,
+            "--network-alias",
+            "database",
+            "--label",
+            "portless.http.host=db.shop.test",
+            "--label",
+            "portless.http.port=80",
+            image,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/var/www",
+        ],
+    );
+    let db_ip = ip_of(e, 'B', &db, shop);
+    let run_client = |made: &mut Vec<(char, String)>, name: &str, net: &str, dns: Ipv4Addr| {
+        let c = format!("{}-{name}", e.pfx);
+        made.push(('A', c.clone()));
+        e.docker_ok(
+            'A',
+            &[
+                "run",
+                "-d",
+                "--name",
+                &c,
+                "--network",
+                net,
+                "--dns",
+                &dns.to_string(),
+                image,
+                "sleep",
+                "100000",
+            ],
+        );
+        c
+    };
+    let cli = run_client(made, "cli", shop, gw);
+    let stranger = run_client(made, "stranger", other, other_gw);
+    let cli_ip = ip_of(e, 'A', &cli, shop);
+
+    // By name and by alias, from the other host, through 127.0.0.11.
+    let want = vec![db_ip.to_string()];
+    let took = wait("B's container resolved on A", 10.0, || {
+        lookup(e, 'A', &cli, &db, None) == want
+    });
+    eprintln!(
+        "{db} resolved on A {} ms after its start on B",
+        took.as_millis()
+    );
+    assert_eq!(lookup(e, 'A', &cli, "database", None), want);
+    assert_eq!(lookup(e, 'A', &cli, &db, Some(gw)), want);
+    // Over TCP by name: the server sees the client's own address.
+    assert_eq!(
+        fetch(e, 'A', &cli, &format!("http://{db}/cgi-bin/ip")).as_deref(),
+        Some(cli_ip.to_string().as_str())
+    );
+    // Names are per network: another network's container resolves
+    // neither the name nor the alias (portless answers it, on its own
+    // network's gateway, with nothing).
+    assert!(lookup(e, 'A', &stranger, &db, Some(other_gw)).is_empty());
+    assert!(lookup(e, 'A', &stranger, "database", Some(other_gw)).is_empty());
+
+    // A's router routes to the container on B, from A's own address in
+    // the network: inside the subnet, neither the gateway nor a
+    // container's.
+    let got = wait_get(e, 'A', "db.shop.test", "/cgi-bin/ip");
+    let from: Ipv4Addr = got
+        .trim_start_matches("[::ffff:")
+        .trim_end_matches(']')
+        .parse()
+        .unwrap_or_else(|_| panic!("{got:?}"));
+    assert!(
+        subnet.contains(&from) && from != gw && from != cli_ip && from != db_ip,
+        "A's router reached {db} from {from}"
+    );
+
+    // Restart under traffic: the client pings the server on B ten times
+    // a second while portless on A is killed and started again, and a
+    // `docker run` on A comes while it is down.
+    e.docker_ok(
+        'A',
+        &[
+            "exec",
+            "-d",
+            &cli,
+            "sh",
+            "-c",
+            &format!(
+                "iping -i 0.1 -c 100 -W 1 {db_ip} >/tmp/ping.out 2>&1; echo end >>/tmp/ping.out"
+            ),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill9();
+    let late = format!("{}-late", e.pfx);
+    made.push(('A', late.clone()));
+    let run_late = std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            e.docker(
+                'A',
+                &[
+                    "run",
+                    "-d",
+                    "--name",
+                    &late,
+                    "--network",
+                    shop,
+                    "--dns",
+                    &gw.to_string(),
+                    image,
+                    "sleep",
+                    "100000",
+                ],
+            )
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        *a = Sidecar::start(e, 'A', TTL);
+        t.join().unwrap()
+    });
+    assert!(
+        run_late.status.success(),
+        "docker run while portless was down: {}",
+        String::from_utf8_lossy(&run_late.stderr)
+    );
+    let late_ip = ip_of(e, 'A', &late, shop);
+    assert!(subnet.contains(&late_ip), "{late_ip}");
+    wait("the pings done", 20.0, || {
+        String::from_utf8_lossy(
+            &e.docker('A', &["exec", &cli, "cat", "/tmp/ping.out"])
+                .stdout,
+        )
+        .contains("end")
+    });
+    let out = e.docker_ok('A', &["exec", &cli, "cat", "/tmp/ping.out"]);
+    assert!(
+        out.contains("100 packets transmitted, 100 received"),
+        "pings through the restart:\n{out}"
+    );
+    // After the restart: the new container reaches and resolves B's by
+    // name, and A's router still routes to it.
+    let took = wait("B's container resolved by the new one", 10.0, || {
+        lookup(e, 'A', &late, &db, None) == want
+    });
+    eprintln!("resolved {} ms after the restart", took.as_millis());
+    assert_eq!(
+        fetch(e, 'A', &late, &format!("http://{db}/cgi-bin/ip")).as_deref(),
+        Some(late_ip.to_string().as_str())
+    );
+    assert_eq!(wait_get(e, 'A', "db.shop.test", "/cgi-bin/ip"), got);
+
+    // Gone on B: gone from A's names within seconds.
+    e.docker_ok('B', &["rm", "-f", &db]);
+    wait("the removed container gone from A's names", 10.0, || {
+        lookup(e, 'A', &cli, &db, Some(gw)).is_empty()
+    });
+}
+
+/// GET `path` through `h`'s router with Host `host`, retrying for a few
+/// seconds (routes follow the records); the body.
+fn wait_get(e: &Engines, h: char, host: &str, path: &str) -> String {
+    let mut body = None;
+    wait(&format!("{host} routed on {h}"), 10.0, || {
+        let out = e.in_ns(
+            h,
+            &[
+                "curl",
+                "-s",
+                "-f",
+                "-m",
+                "3",
+                "-H",
+                &format!("Host: {host}"),
+                &format!("http://127.0.0.1{path}"),
+            ],
+        );
+        body = out
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned());
+        body.is_some()
+    });
+    body.unwrap()
+}

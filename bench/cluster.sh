@@ -4,13 +4,18 @@
 #          each: 100 container starts on B, the time from B's Docker event to
 #          the first answer of A's portless for the new name (polled every
 #          millisecond), and etcd's writes per container start and stop.
+#   networks  the same two Engines: iperf3 between containers on A and B
+#          over a `docker network create -d portless` network against the
+#          cluster network's VXLAN, and `docker run` on B -> the container
+#          resolvable and reachable from A.
 #   fleet  one etcd, one real portless, and a generator playing 1,000 hosts
 #          with 100 containers each (100,000 records): initial sync time,
 #          resident memory, record written -> answered, quiet and under
 #          churn.
 #
-#   bench/cluster.sh [all|event|fleet] [--n N] [--hosts N] [--per-host N]
-#                    [--churn-rate N] [--churn-secs N]
+#   bench/cluster.sh [all|event|networks|fleet] [--n N] [--hosts N]
+#                    [--per-host N] [--churn-rate N] [--churn-secs N]
+#                    [--rounds N] [--iperf-secs N] [--runs N]
 #
 # Root only. Everything runs in network namespaces it creates and removes
 # on exit; no traffic leaves them.
@@ -25,7 +30,7 @@ fi
 
 what=${1:-all}
 [ $# -gt 0 ] && shift
-N=100 HOSTS=1000 PER=100 RATE=100 SECS=20
+N=100 HOSTS=1000 PER=100 RATE=100 SECS=20 ROUNDS=7 SECS_IPERF=3 NRUN=30
 while [ $# -gt 0 ]; do
   case $1 in
     --n) N=$2; shift 2 ;;
@@ -33,6 +38,9 @@ while [ $# -gt 0 ]; do
     --per-host) PER=$2; shift 2 ;;
     --churn-rate) RATE=$2; shift 2 ;;
     --churn-secs) SECS=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --iperf-secs) SECS_IPERF=$2; shift 2 ;;
+    --runs) NRUN=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -68,35 +76,90 @@ cleanup() {
 }
 trap cleanup EXIT
 
-run_event() {
-  local pfx=plb$(( $$ % 100000 )) dir
-  dir=/tmp/portless-bench-$pfx
-  export TWOHOST_PFX=$pfx TWOHOST_DIR=$dir
-  CLEAN+=("TWOHOST_PFX=$pfx TWOHOST_DIR=$dir bash $ROOT/tests/twohost.sh down; rm -rf $dir")
-  bash tests/twohost.sh up 2>"$dir.up.log" || { cat "$dir.up.log" >&2; return 1; }
+# Two real Engines (tests/twohost.sh) with a real portless each, in VXLAN
+# mode; sets PFX and DIR.
+engines_up() {
+  PFX=plb$(( $$ % 100000 ))
+  DIR=/tmp/portless-bench-$PFX
+  export TWOHOST_PFX=$PFX TWOHOST_DIR=$DIR
+  CLEAN+=("TWOHOST_PFX=$PFX TWOHOST_DIR=$DIR bash $ROOT/tests/twohost.sh down; rm -rf $DIR")
+  bash tests/twohost.sh up 2>"$DIR.up.log" || { cat "$DIR.up.log" >&2; return 1; }
   local h ip
   for h in A B; do
     ip=10.251.0.1; [ $h = B ] && ip=10.251.0.2
-    ip netns exec "$pfx-h$h" "$BIN" run --docker-host "unix:///run/$pfx-$h.sock" \
+    ip netns exec "$PFX-h$h" "$BIN" run --docker-host "unix:///run/$PFX-$h.sock" \
       --cluster-etcd http://10.251.0.10:27379 --advertise-addr "$ip" \
-      --dns-listen 127.0.0.1:5353 --upstream 127.0.0.1:9 --state-dir "$dir/state-$h" \
-      --log warn 2>"$dir/portless-$h.log" &
+      --plugin-socket "$DIR/plugins-$h/portless.sock" \
+      --dns-listen 127.0.0.1:5353 --upstream 127.0.0.1:9 --state-dir "$DIR/state-$h" \
+      --log warn 2>"$DIR/portless-$h.log" &
     PIDS+=($!)
   done
   # Both ready: the cluster network exists on each.
   for h in A B; do
     for _ in $(seq 100); do
-      ip netns exec "$pfx-h$h" "$BIN" status --json 2>/dev/null | grep -q '"ready": true' && break
+      ip netns exec "$PFX-h$h" "$BIN" status --json 2>/dev/null | grep -q '"ready": true' && break
       sleep 0.2
     done
   done
-  echo
-  echo "== event on B -> answer on A (two real Engines, $N container starts) =="
-  ip netns exec "$pfx-hA" "$GEN" event --docker "unix:///run/$pfx-B.sock" --dns 127.0.0.1:5353 \
-    --etcd http://10.251.0.10:27379 --image "$pfx-bb" --host-b 10.251.0.2 --n "$N"
+}
+
+engines_down() {
+  local p
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   PIDS=()
+  TWOHOST_PFX=$PFX TWOHOST_DIR=$DIR bash "$ROOT/tests/twohost.sh" down >/dev/null 2>&1 || true
+  rm -rf "$DIR"
+}
+
+run_event() {
+  engines_up
+  echo
+  echo "== event on B -> answer on A (two real Engines, $N container starts) =="
+  ip netns exec "$PFX-hA" "$GEN" event --docker "unix:///run/$PFX-B.sock" --dns 127.0.0.1:5353 \
+    --etcd http://10.251.0.10:27379 --image "$PFX-bb" --host-b 10.251.0.2 --n "$N"
+  engines_down
+}
+
+# Cluster networks (`docker network create -d portless`): iperf3 between
+# containers on A and B over such a network against the cluster network's
+# VXLAN (the same two containers, attached to both), rounds alternating
+# the order; then `docker run` on B -> resolvable and reachable from A.
+run_networks() {
+  engines_up
+  local dk_a="docker -H unix:///run/$PFX-A.sock" dk_b="docker -H unix:///run/$PFX-B.sock"
+  local net=$PFX-bnet img=$PFX-bb
+  CLEAN+=("$dk_a rm -f $PFX-cli" "$dk_b rm -f $PFX-srv" "$dk_a network rm $net")
+  $dk_a network create -d portless --ipam-driver portless "$net" >/dev/null
+  for _ in $(seq 50); do $dk_b network inspect "$net" >/dev/null 2>&1 && break; sleep 0.1; done
+  $dk_b run -d --name "$PFX-srv" --network portless "$img" iperf3 -s >/dev/null
+  $dk_b network connect "$net" "$PFX-srv"
+  $dk_a run -d --name "$PFX-cli" --network portless "$img" sleep 1000000 >/dev/null
+  $dk_a network connect "$net" "$PFX-cli"
+  local ip_cluster ip_net
+  ip_cluster=$($dk_b inspect -f '{{(index .NetworkSettings.Networks "portless").IPAddress}}' "$PFX-srv")
+  ip_net=$($dk_b inspect -f "{{(index .NetworkSettings.Networks \"$net\").IPAddress}}" "$PFX-srv")
+  echo
+  echo "== iperf3 A -> B: cluster network $net ($ip_net) vs the cluster network's VXLAN ($ip_cluster), $ROUNDS rounds of $SECS_IPERF s =="
+  iperf() {
+    $dk_a exec "$PFX-cli" iperf3 -c "$1" -t "$SECS_IPERF" -O 1 -J \
+      | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)'
+  }
+  local r a b ratios=()
+  for r in $(seq "$ROUNDS"); do
+    if [ $((r % 2)) = 1 ]; then a=$(iperf "$ip_cluster"); b=$(iperf "$ip_net")
+    else b=$(iperf "$ip_net"); a=$(iperf "$ip_cluster"); fi
+    ratios+=("$(python3 -c "print(round($b/$a, 3))")")
+    printf 'round %d: cluster network %.2f Gbit/s, -d portless network %.2f Gbit/s, ratio %s\n' "$r" "$a" "$b" "${ratios[-1]}"
+  done
+  python3 -c "import statistics,sys; r=[float(x) for x in sys.argv[1:]]; print(f'median ratio (-d portless / cluster network VXLAN) over {len(r)} rounds: {statistics.median(r):.3f}')" "${ratios[@]}"
+  $dk_a rm -f "$PFX-cli" >/dev/null; $dk_b rm -f "$PFX-srv" >/dev/null
+  echo
+  echo "== docker run on B -> resolvable and reachable from A over $net, $NRUN runs =="
+  ip netns exec "$PFX-hA" "$GEN" netrun --docker "unix:///run/$PFX-B.sock" --dns 127.0.0.1:5353 \
+    --image "$img" --network "$net" --n "$NRUN"
+  $dk_a network rm "$net" >/dev/null
+  engines_down
 }
 
 run_fleet() {
@@ -134,6 +197,7 @@ run_fleet() {
 case $what in
   event) run_event ;;
   fleet) run_fleet ;;
-  all) run_event; run_fleet ;;
-  *) echo "usage: $0 [all|event|fleet] [options]" >&2; exit 2 ;;
+  networks) run_networks ;;
+  all) run_event; run_networks; run_fleet ;;
+  *) echo "usage: $0 [all|event|networks|fleet] [options]" >&2; exit 2 ;;
 esac

@@ -6,6 +6,10 @@
 //! clock, the same machine) to the first answer of A's portless for its
 //! name (polled every millisecond); and etcd's writes per container event.
 //!
+//! `cluster_bench netrun ...`: inside host A's namespace, `docker run` on B
+//! over a cluster network (`-d portless`), and the time until A resolves
+//! the new container's name and reaches it over TCP.
+//!
 //! `cluster_bench fleet ...`: one etcd, one real portless, and this program
 //! playing N hosts with M containers each (their host records and
 //! container records bound to a lease per host, as portless writes them).
@@ -71,13 +75,18 @@ fn summary(what: &str, mut ms: Vec<f64>) {
 
 /// One A query; true when answered with at least one address.
 fn answers(sock: &UdpSocket, server: SocketAddr, name: &Name, id: u16) -> bool {
+    first_a(sock, server, name, id).is_some()
+}
+
+/// One A query; the first address of the answer.
+fn first_a(sock: &UdpSocket, server: SocketAddr, name: &Name, id: u16) -> Option<Ipv4Addr> {
     let mut m = Message::query();
     m.metadata.id = id;
     m.metadata.recursion_desired = true;
     m.add_query(Query::query(name.clone(), RecordType::A));
     let bytes = m.to_vec().unwrap();
     if sock.send_to(&bytes, server).is_err() {
-        return false;
+        return None;
     }
     let mut buf = [0u8; 1500];
     let deadline = Instant::now() + Duration::from_millis(50);
@@ -87,13 +96,16 @@ fn answers(sock: &UdpSocket, server: SocketAddr, name: &Name, id: u16) -> bool {
                 if let Ok(resp) = Message::from_vec(&buf[..n])
                     && resp.metadata.id == id
                 {
-                    return !resp.answers.is_empty();
+                    return resp.answers.iter().find_map(|r| match &r.data {
+                        hickory_proto::rr::RData::A(a) => Some(a.0),
+                        _ => None,
+                    });
                 }
             }
-            Err(_) => return false,
+            Err(_) => return None,
         }
     }
-    false
+    None
 }
 
 /// Poll `name` every millisecond until answered; the wall time (ns) of the
@@ -507,15 +519,97 @@ async fn fleet(args: &[String]) {
         .await;
 }
 
+/// `docker run` on B until the new container is resolvable (A's portless
+/// answers its name) and reachable (a TCP connection from A's namespace to
+/// its port 80 succeeds), over the cluster network `--network`
+/// (`-d portless`), `n` times one after the other.
+fn netrun(args: &[String]) {
+    let docker_b: String = arg(args, "docker", None);
+    let dns: SocketAddr = arg(args, "dns", None);
+    let image: String = arg(args, "image", None);
+    let network: String = arg(args, "network", None);
+    let n: usize = arg(args, "n", Some(30));
+    let tag = std::process::id();
+    let (mut ran, mut resolved, mut reached) = (Vec::new(), Vec::new(), Vec::new());
+    let mut names = Vec::new();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    for i in 0..n {
+        let name = format!("nr{i}-{tag}");
+        let fq = Name::from_str(&format!("{name}.docker.internal.")).unwrap();
+        let t0 = Instant::now();
+        let probe = std::thread::spawn(move || {
+            let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(5)))
+                .unwrap();
+            let mut id = 1u16;
+            let addr = loop {
+                if t0.elapsed() > Duration::from_secs(20) {
+                    return None;
+                }
+                id = id.wrapping_add(1);
+                if let Some(a) = first_a(&sock, dns, &fq, id) {
+                    break a;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            let resolved = t0.elapsed();
+            let to = SocketAddr::from((addr, 80));
+            while t0.elapsed() < Duration::from_secs(20) {
+                if TcpStream::connect_timeout(&to, Duration::from_millis(50)).is_ok() {
+                    return Some((resolved, t0.elapsed()));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            None
+        });
+        docker(
+            &docker_b,
+            &[
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--network",
+                &network,
+                &image,
+                "httpd",
+                "-f",
+                "-p",
+                "80",
+                "-h",
+                "/var/www",
+            ],
+        );
+        ran.push(ms(t0.elapsed()));
+        names.push(name.clone());
+        let (res, reach) = probe
+            .join()
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name} never resolvable and reachable from A"));
+        resolved.push(ms(res));
+        reached.push(ms(reach));
+    }
+    summary("docker run on B returned", ran);
+    summary("docker run on B -> resolvable from A", resolved);
+    summary(
+        "docker run on B -> resolvable and reachable (TCP) from A",
+        reached,
+    );
+    for name in &names {
+        docker(&docker_b, &["rm", "-f", name]);
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("event") => event(&args).await,
         Some("fleet") => fleet(&args).await,
+        Some("netrun") => netrun(&args),
         _ => {
             eprintln!(
-                "usage: cluster_bench event --docker URL --dns ADDR --etcd URL --image IMG --host-b ID [--n 100]\n       cluster_bench fleet --etcd URL --dns ADDR --admin ADDR [--hosts 1000] [--per-host 100] [--churn-rate 100] [--churn-secs 20] [--probes 50] -- PORTLESS COMMAND..."
+                "usage: cluster_bench event --docker URL --dns ADDR --etcd URL --image IMG --host-b ID [--n 100]\n       cluster_bench netrun --docker URL --dns ADDR --image IMG --network NAME [--n 30]\n       cluster_bench fleet --etcd URL --dns ADDR --admin ADDR [--hosts 1000] [--per-host 100] [--churn-rate 100] [--churn-secs 20] [--probes 50] -- PORTLESS COMMAND..."
             );
             std::process::exit(2);
         }

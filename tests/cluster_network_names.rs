@@ -161,6 +161,27 @@ fn steps(
     });
     let subnet = subnet_of(e, 'A', shop);
     let gw = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+
+    // An address A holds in etcd that no container of A's has (Docker's
+    // ReleaseAddress came while portless was down): A gives it back
+    // after a while (checked at the end).
+    let st = a.status();
+    let a_id = st["cluster"]["host"]["id"].as_str().unwrap().to_owned();
+    let a_lease = st["cluster"]["host"]["lease_id"].as_i64().unwrap();
+    let leaked = Ipv4Addr::from(u32::from(subnet.network()) + 250);
+    let leaked_key = format!(
+        "/portless/v1/netaddrs/{}-{}/{leaked}",
+        subnet.network(),
+        subnet.prefix_len()
+    );
+    let out = e.etcdctl(&[
+        "put",
+        &format!("--lease={a_lease:x}"),
+        &leaked_key,
+        &format!(r#"{{"host":"{a_id}"}}"#),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let leaked_at = Instant::now();
     let other_gw = Ipv4Addr::from(u32::from(subnet_of(e, 'A', other).network()) + 1);
 
     // A web server on B with an alias and a route label; a client on A on
@@ -334,6 +355,38 @@ fn steps(
     wait("the removed container gone from A's names", 10.0, || {
         lookup(e, 'A', &cli, &db, Some(gw)).is_empty()
     });
+
+    // The leaked address given back (after 15 s unused), and no other.
+    let keys = |prefix: &str| {
+        String::from_utf8_lossy(
+            &e.etcdctl(&["get", "--prefix", "--keys-only", prefix])
+                .stdout,
+        )
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect::<Vec<_>>()
+    };
+    wait("the leaked address given back", 40.0, || {
+        keys(&leaked_key).is_empty()
+    });
+    eprintln!(
+        "leaked address given back {} s after it was written",
+        leaked_at.elapsed().as_secs()
+    );
+    for (h, c) in [('A', &cli), ('A', &late)] {
+        let ip = ip_of(e, h, c, shop);
+        assert_eq!(
+            keys(&format!(
+                "/portless/v1/netaddrs/{}-{}/{ip}",
+                subnet.network(),
+                subnet.prefix_len()
+            ))
+            .len(),
+            1,
+            "{c}'s address {ip} given back"
+        );
+    }
 }
 
 /// GET `path` through `h`'s router with Host `host`, retrying for a few

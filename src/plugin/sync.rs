@@ -11,7 +11,9 @@
 //! the addresses of its running containers are written again under the
 //! new lease. A record left without a name by a creation that never
 //! finished (portless stopped between Docker's two calls) is removed after
-//! a few passes.
+//! a few passes, and an address this host holds that no container of the
+//! Engine has had for [`ORPHAN_GRACE`] (Docker's `ReleaseAddress` came
+//! while portless was down) is given back.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -33,6 +35,14 @@ const PENDING_PASSES: u32 = 3;
 
 /// How often the Engine is compared with the records when nothing woke us.
 pub const PERIOD: Duration = Duration::from_secs(2);
+
+/// How long an address this host holds in etcd may go without a container
+/// of the Engine having it before it is given back: Docker asks for an
+/// address just before it attaches the container (milliseconds), and
+/// gives it back itself when it stops one; an address held longer without
+/// a container is the leftover of a Docker call that never finished (its
+/// `ReleaseAddress` came while portless was down, or never came).
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(15);
 
 /// A portless network on this Engine.
 #[derive(Debug, Clone)]
@@ -65,6 +75,9 @@ struct State {
     /// Nameless records of this host's without a Docker network, and for
     /// how many passes.
     pending: HashMap<String, u32>,
+    /// Addresses this host holds that no container of the Engine has, by
+    /// network id, and since when.
+    orphans: HashMap<(String, Ipv4Addr), tokio::time::Instant>,
 }
 
 async fn follow(plugin: &Arc<Plugin>, state: &mut State) -> anyhow::Result<()> {
@@ -225,6 +238,7 @@ async fn local_side(plugin: &Arc<Plugin>, listing: &NetworkListing, state: &mut 
     };
     let republish = state.republished != Some(host.lease_id);
     let mut all_written = true;
+    let mut orphans = HashMap::new();
     for h in &have {
         let Some((rec, _)) = h.id.as_ref().and_then(|id| listing.networks.get(id)) else {
             continue;
@@ -258,10 +272,16 @@ async fn local_side(plugin: &Arc<Plugin>, listing: &NetworkListing, state: &mut 
                 }
             }
         }
-        if republish && !rewrite_addresses(plugin, h, rec, &host).await {
+        let Some(here) = engine_addresses(plugin, h).await else {
+            all_written = false;
+            continue;
+        };
+        if republish && !rewrite_addresses(plugin, h, rec, &host, &here).await {
             all_written = false;
         }
+        release_orphans(plugin, h, rec, &host, &here, &mut orphans, &state.orphans).await;
     }
+    state.orphans = orphans;
     if republish && all_written {
         state.republished = Some(host.lease_id);
     }
@@ -295,25 +315,80 @@ async fn local_side(plugin: &Arc<Plugin>, listing: &NetworkListing, state: &mut 
     state.pending = pending;
 }
 
-/// Write the addresses of this host's containers on network `h` that etcd
-/// does not hold (its keys went with an expired lease) under the current
-/// lease; false when not all could be.
+/// The addresses of the containers of network `h` on this Engine; None
+/// when the Engine could not say.
+async fn engine_addresses(plugin: &Plugin, h: &Have) -> Option<BTreeSet<Ipv4Addr>> {
+    let n = plugin
+        .docker
+        .inspect_network(&h.docker_id, None)
+        .await
+        .ok()?;
+    Some(
+        n.containers
+            .unwrap_or_default()
+            .values()
+            .filter_map(|c| c.ipv4_address.as_deref())
+            .filter_map(|a| a.split('/').next()?.parse().ok())
+            .collect(),
+    )
+}
+
+/// Give back the addresses this host holds in network `h` that no
+/// container of the Engine (`here`) has had for [`ORPHAN_GRACE`]
+/// (`before`: since when each was seen unused; `now_unused` gets this
+/// pass's).
+async fn release_orphans(
+    plugin: &Plugin,
+    h: &Have,
+    rec: &NetworkRecord,
+    host: &portless_netplane::agent::HostStatus,
+    here: &BTreeSet<Ipv4Addr>,
+    now_unused: &mut HashMap<(String, Ipv4Addr), tokio::time::Instant>,
+    before: &HashMap<(String, Ipv4Addr), tokio::time::Instant>,
+) {
+    let id = rec.id();
+    let Ok(held) = plugin.store.network_address_holders(&id).await else {
+        return;
+    };
+    let now = tokio::time::Instant::now();
+    for (a, (holder, _)) in held {
+        if holder.host != host.id || holder.for_host || here.contains(&a) {
+            continue;
+        }
+        let key = (id.clone(), a);
+        let since = before.get(&key).copied().unwrap_or(now);
+        if now.duration_since(since) < ORPHAN_GRACE {
+            now_unused.insert(key, since);
+            continue;
+        }
+        // One allocation at a time: an address handed out this instant
+        // is not yet on its container.
+        let _one = plugin.alloc.lock().await;
+        match engine_addresses(plugin, h).await {
+            Some(again) if !again.contains(&a) => {}
+            _ => continue,
+        }
+        match plugin.store.release_address(&id, &host.id, a, false).await {
+            Ok(()) => {
+                tracing::info!(network = %h.name, addr = %a, "address given back: no container here has had it for {} s (a Docker call that never finished)", ORPHAN_GRACE.as_secs())
+            }
+            Err(e) => {
+                tracing::warn!(network = %h.name, addr = %a, error = %e, "giving back an unused address")
+            }
+        }
+    }
+}
+
+/// Write the addresses of this host's containers on network `h` (`here`)
+/// that etcd does not hold (its keys went with an expired lease) under the
+/// current lease; false when not all could be.
 async fn rewrite_addresses(
     plugin: &Plugin,
     h: &Have,
     rec: &NetworkRecord,
     host: &portless_netplane::agent::HostStatus,
+    here: &BTreeSet<Ipv4Addr>,
 ) -> bool {
-    let Ok(n) = plugin.docker.inspect_network(&h.docker_id, None).await else {
-        return false;
-    };
-    let here: Vec<Ipv4Addr> = n
-        .containers
-        .unwrap_or_default()
-        .values()
-        .filter_map(|c| c.ipv4_address.as_deref())
-        .filter_map(|a| a.split('/').next()?.parse().ok())
-        .collect();
     if here.is_empty() {
         return true;
     }
@@ -321,7 +396,7 @@ async fn rewrite_addresses(
         return false;
     };
     let mut ok = true;
-    for a in here {
+    for &a in here {
         match held.get(&a) {
             Some(owner) if *owner == host.id => continue,
             Some(owner) => {

@@ -430,6 +430,7 @@ impl Plugin {
             rec.gateway,
             pool.prefix_len(),
             net_mtu(&host),
+            self.cfg.cluster,
         )
         .await
         .map_err(|e| format!("making bridge {bridge}: {e}"))?;

@@ -468,7 +468,7 @@ impl std::fmt::Display for CleanupReport {
         )?;
         writeln!(
             f,
-            "iptables chains removed: PORTLESS-FWD, PORTLESS-NAT, PORTLESS-NETS (if present)"
+            "iptables chains removed: PORTLESS-FWD, PORTLESS-NAT, PORTLESS-NETS (filter and nat; if present)"
         )?;
         writeln!(
             f,

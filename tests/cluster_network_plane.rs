@@ -169,6 +169,128 @@ fn rules(e: &Engines, h: char, chain: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+fn nat_rules(e: &Engines, h: char, chain: &str) -> Option<String> {
+    let out = e.in_ns(h, &["iptables", "-w", "-t", "nat", "-S", chain]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The client address the busybox httpd at `ip` (port 80) saw, asked
+/// from inside namespace `ns` (not a container); None when no answer came.
+fn tcp_from_ns(ns: &str, ip: Ipv4Addr) -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c"])
+        .arg(format!(
+            "printf 'GET /cgi-bin/ip HTTP/1.0\\r\\n\\r\\n' | timeout 3 busybox nc -w 2 {ip} 80"
+        ))
+        .output()
+        .expect("ip netns exec");
+    // The CGI's own header ends with a bare newline.
+    let text = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
+    let body = text.split("\n\n").nth(1)?.trim();
+    (!body.is_empty()).then(|| {
+        body.trim_start_matches("[::ffff:")
+            .trim_end_matches(']')
+            .to_owned()
+    })
+}
+
+/// The world outside the cluster, as the test makes it: a namespace
+/// attached to host A's by a veth (A's end [`OUTSIDE_GW`], its own
+/// [`OUTSIDE_IP`], its default route through A), running a busybox httpd
+/// whose CGI prints the client address it sees. Dropped (httpd killed,
+/// namespace and veth deleted) even when a step fails.
+struct Outside {
+    ns: String,
+    httpd: Option<std::process::Child>,
+}
+
+const OUTSIDE_GW: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+
+impl Outside {
+    fn up(e: &Engines) -> Outside {
+        let ns = format!("{}-out", e.pfx);
+        let mut o = Outside { ns, httpd: None };
+        let (a_end, out_end) = (format!("{}-ao", e.pfx), format!("{}-oa", e.pfx));
+        let ns_a = e.ns('A');
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        run(&["netns", "add", &o.ns]);
+        run(&[
+            "link", "add", &a_end, "netns", &ns_a, "type", "veth", "peer", "name", &out_end,
+            "netns", &o.ns,
+        ]);
+        run(&[
+            "-n",
+            &ns_a,
+            "addr",
+            "add",
+            &format!("{OUTSIDE_GW}/24"),
+            "dev",
+            &a_end,
+        ]);
+        run(&["-n", &ns_a, "link", "set", &a_end, "up"]);
+        run(&[
+            "-n",
+            &o.ns,
+            "addr",
+            "add",
+            &format!("{OUTSIDE_IP}/24"),
+            "dev",
+            &out_end,
+        ]);
+        run(&["-n", &o.ns, "link", "set", &out_end, "up"]);
+        run(&["-n", &o.ns, "link", "set", "lo", "up"]);
+        // Replies to an address that was not masqueraded would find
+        // their way back too: the listener shows what arrived.
+        run(&[
+            "-n",
+            &o.ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &OUTSIDE_GW.to_string(),
+        ]);
+        o.httpd = Some(
+            std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &o.ns, "busybox", "httpd", "-f", "-p", "80", "-h",
+                ])
+                .arg(format!("/var/lib/{}-rootfs/var/www", e.pfx))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("busybox httpd"),
+        );
+        // The listener answers from its own namespace.
+        wait("the outside listener", 5.0, || {
+            tcp_from_ns(&o.ns, OUTSIDE_IP).is_some()
+        });
+        o
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.httpd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // The veth goes with the namespace.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .output();
+    }
+}
+
 #[test]
 fn containers_of_a_portless_network_reach_each_other_across_hosts_and_no_other_network() {
     let e = Engines::up();
@@ -336,6 +458,45 @@ fn steps(
     reaches(e, 'A', &both, blue_b_ip, both_blue);
     reaches(e, 'A', &both, blue_a_ip, both_blue);
 
+    // Out of the cluster, through the container's own host, as from a
+    // Docker bridge: masqueraded to the host's address; the outside
+    // cannot open a connection to the container.
+    outside_and_nothing_else(e, image, red, red_a_ip, &red_a, made);
+
+    // Published ports: refused, saying what to do instead.
+    let published = format!("{}-published", e.pfx);
+    made.push(('A', published.clone()));
+    let out = e.docker(
+        'A',
+        &[
+            "run",
+            "-d",
+            "--name",
+            &published,
+            "--network",
+            red,
+            "-p",
+            "8080:80",
+            image,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/var/www",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("docker run -p on a portless network: {}", err.trim());
+    assert!(
+        !out.status.success()
+            && err.contains("portless networks do not publish ports (asked: 8080->80/tcp)")
+            && err.contains("portless.http.host"),
+        "docker run -p on {red}: {err}"
+    );
+    e.docker_ok('A', &["rm", "-f", &published]);
+    made.retain(|(_, c)| *c != published);
+
     // A container on A with an address (--ip) inside B's block: both
     // hosts route it to A (a /32 each), so it reaches and is reached
     // from both.
@@ -414,6 +575,15 @@ fn steps(
     let mut add = vec!["iptables", "-w", "-I", "DOCKER-USER"];
     add.extend(foreign);
     assert!(e.in_ns('A', &add).status.success());
+    let foreign_nat = ["-o", keep.as_str(), "-j", "RETURN"];
+    let mut add = vec!["iptables", "-w", "-t", "nat", "-I", "POSTROUTING"];
+    add.extend(foreign_nat);
+    assert!(e.in_ns('A', &add).status.success());
+    assert!(
+        nat_rules(e, 'A', "POSTROUTING")
+            .unwrap()
+            .contains("-j PORTLESS-NETS")
+    );
     a.stop();
     assert!(links(e, 'A').contains("pn-vx"), "{}", links(e, 'A'));
     let bin = env!("CARGO_BIN_EXE_portless");
@@ -434,8 +604,15 @@ fn steps(
     let user = rules(e, 'A', "DOCKER-USER").unwrap();
     assert!(!user.contains("PORTLESS-NETS"), "{user}");
     assert!(user.contains(&format!("-i {keep} -j RETURN")), "{user}");
+    assert_eq!(nat_rules(e, 'A', "PORTLESS-NETS"), None, "nat chain left");
+    let post = nat_rules(e, 'A', "POSTROUTING").unwrap();
+    assert!(!post.contains("PORTLESS-NETS"), "{post}");
+    assert!(post.contains(&format!("-o {keep} -j RETURN")), "{post}");
     let mut del = vec!["iptables", "-w", "-D", "DOCKER-USER"];
     del.extend(foreign);
+    let _ = e.in_ns('A', &del);
+    let mut del = vec!["iptables", "-w", "-t", "nat", "-D", "POSTROUTING"];
+    del.extend(foreign_nat);
     let _ = e.in_ns('A', &del);
     let _ = e.in_ns('A', &["ip", "link", "del", &keep]);
 
@@ -460,10 +637,103 @@ fn steps(
             !links(e, h).contains("pn-")
         });
         wait(&format!("the networks' rules gone from {h}"), 5.0, || {
-            let chain = rules(e, h, "PORTLESS-NETS").unwrap_or_default();
-            !chain.contains("pn-br") && !chain.contains("pn-vx")
+            e.network_rules(h).is_empty()
         });
         let out = e.in_ns(h, &["ip", "-o", "route", "show", "proto", "150"]);
         assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    }
+}
+
+/// The network's container `c` on A (at `c_ip`, on network `net`)
+/// reaches the outside world through A, masqueraded to A's address, and
+/// the outside cannot open a connection to it. Neither can it reach, nor
+/// be reached from, a container of Docker's own bridge on A or of the
+/// cluster network (`portless`) on A and on B, each of which A's and B's
+/// own namespaces do reach.
+fn outside_and_nothing_else(
+    e: &Engines,
+    image: &str,
+    net: &str,
+    c_ip: Ipv4Addr,
+    c: &str,
+    made: &mut Vec<(char, String)>,
+) {
+    let outside = Outside::up(e);
+    let subnet = format!("{}.0/24", {
+        let o = c_ip.octets();
+        format!("{}.{}.{}", o[0], o[1], o[2])
+    });
+    let mut seen = None;
+    wait(&format!("{c} on A -> the outside over TCP"), 5.0, || {
+        seen = tcp(e, 'A', c, OUTSIDE_IP);
+        seen.is_some()
+    });
+    assert_eq!(
+        seen.as_deref(),
+        Some(OUTSIDE_GW.to_string().as_str()),
+        "{c} -> the outside: the client address the listener saw (A's, masqueraded)"
+    );
+    let masq = e.network_rules('A');
+    assert!(
+        masq.iter()
+            .any(|r| r.contains("MASQUERADE") && r.contains(&format!("-s {subnet}"))),
+        "no MASQUERADE of {subnet} on A: {masq:?}"
+    );
+    assert_eq!(
+        tcp_from_ns(&outside.ns, c_ip),
+        None,
+        "the outside opened a connection to {c} on {net}"
+    );
+
+    let mut others = Vec::new();
+    for (h, name, on) in [
+        ('A', "bridged", "bridge"),
+        ('A', "cluster-a", "portless"),
+        ('B', "cluster-b", "portless"),
+    ] {
+        let other = format!("{}-{name}", e.pfx);
+        made.push((h, other.clone()));
+        e.docker_ok(
+            h,
+            &[
+                "run",
+                "-d",
+                "--name",
+                &other,
+                "--network",
+                on,
+                image,
+                "httpd",
+                "-f",
+                "-p",
+                "80",
+                "-h",
+                "/var/www",
+            ],
+        );
+        let ip = ip_of(e, h, &other, on);
+        // Up and reachable from its own host.
+        wait(&format!("{other} from host {h}"), 5.0, || {
+            tcp_from_ns(&e.ns(h), ip).is_some()
+        });
+        others.push((h, other, ip));
+    }
+    for (h, other, ip) in &others {
+        assert_eq!(
+            tcp(e, 'A', c, *ip),
+            None,
+            "{c} on {net} reached {other} on {h}"
+        );
+        if *h == 'A' {
+            assert_eq!(
+                tcp(e, 'A', other, c_ip),
+                None,
+                "{other} reached {c} on {net}"
+            );
+        }
+    }
+    for (h, other, _) in others {
+        e.docker_ok(h, &["rm", "-f", &other]);
+        made.retain(|(_, x)| *x != other);
     }
 }

@@ -25,6 +25,13 @@
 //! two `pn-` links otherwise dropped (Docker's FORWARD policy is DROP
 //! anyway; the drop holds without it). Bridged frames pass through
 //! iptables once Docker loaded br_netfilter.
+//!
+//! Beyond the cluster a network reaches the world as a Docker bridge does:
+//! through its own host, masqueraded to the host's address (the nat chain
+//! [`NAT_CHAIN`], jumped to from `POSTROUTING`), with replies let back in
+//! and nothing else from outside. Nothing inside a network is
+//! masqueraded, and the cluster network and Docker's own bridges stay out
+//! of reach ([`tail_rules`]).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -44,8 +51,13 @@ pub const PREFIX: &str = plan::NETWORK_LINK_PREFIX;
 /// Prefix of the networks' VXLAN devices.
 pub const VXLAN_PREFIX: &str = "pn-vx";
 
-/// The filter chain that keeps cluster networks apart.
+/// The filter chain that keeps cluster networks apart and lets their
+/// traffic out of the cluster.
 pub const CHAIN: &str = "PORTLESS-NETS";
+
+/// The nat chain (jumped to from `POSTROUTING`) that masquerades what
+/// leaves a cluster network for the world beyond the cluster.
+pub const NAT_CHAIN: &str = "PORTLESS-NETS";
 
 /// The VXLAN device of the network with VNI `vni` (at most 8 digits: a
 /// VNI is 24 bits).
@@ -97,17 +109,17 @@ fn exists_ok(op: &str, r: std::result::Result<(), rtnetlink::Error>) -> Result<(
     }
 }
 
-fn iptables(args: &[&str]) -> Result<bool> {
+fn iptables(table: &str, args: &[&str]) -> Result<bool> {
     let out = std::process::Command::new("iptables")
-        .arg("-w")
+        .args(["-w", "-t", table])
         .args(args)
         .output()?;
     Ok(out.status.success())
 }
 
-fn list_rules(chain: &str) -> Vec<String> {
+fn list_rules(table: &str, chain: &str) -> Vec<String> {
     match std::process::Command::new("iptables")
-        .args(["-w", "-S", chain])
+        .args(["-w", "-t", table, "-S", chain])
         .output()
     {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
@@ -119,94 +131,202 @@ fn list_rules(chain: &str) -> Vec<String> {
     }
 }
 
-/// The rules that let one network's traffic through: within its bridge,
-/// and between its bridge and its VXLAN device.
-fn network_rules(bridge: &str, vxlan: &str) -> Vec<[String; 4]> {
-    let r = |i: &str, o: &str| ["-i".into(), i.to_owned(), "-o".into(), o.to_owned()];
+fn words(args: &[&str]) -> Vec<String> {
+    args.iter().map(|w| (*w).to_owned()).collect()
+}
+
+/// The rules of [`CHAIN`] that let one network's traffic through: within
+/// its bridge, and between its bridge and its VXLAN device. Inserted at
+/// the top, ahead of [`tail_rules`].
+fn network_rules(bridge: &str, vxlan: &str) -> Vec<Vec<String>> {
+    let r = |i: &str, o: &str| words(&["-i", i, "-o", o, "-j", "ACCEPT"]);
     vec![r(bridge, bridge), r(bridge, vxlan), r(vxlan, bridge)]
 }
 
-/// The last rule of [`CHAIN`]: any other traffic between two `pn-` links
-/// (two networks) is dropped.
-const DROP_BETWEEN: [&str; 6] = ["-i", "pn-+", "-o", "pn-+", "-j", "DROP"];
+/// The end of [`CHAIN`], the same for every network, in the order
+/// `iptables -S` prints rules (so that they compare as text):
+/// - traffic between two `pn-` links (two networks) is dropped;
+/// - into a network from anywhere else, only replies (a connection one
+///   of its containers opened) pass, as on a Docker bridge;
+/// - out of a network: never into the cluster network (its links `pl-*`,
+///   its range `cluster`, however routed) nor into Docker's bridges
+///   (`docker0`, `br-*`); anything else (the outside world, through this
+///   host) passes, masqueraded by [`nat_rules`];
+/// - nothing else from a `pn-` link (a VXLAN device's traffic bound
+///   anywhere but its bridge) passes.
+fn tail_rules(cluster: Ipv4Net) -> Vec<Vec<String>> {
+    let c = cluster.to_string();
+    vec![
+        words(&["-i", "pn-+", "-o", "pn-+", "-j", "DROP"]),
+        words(&[
+            "-o",
+            "pn-br+",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "RELATED,ESTABLISHED",
+            "-j",
+            "ACCEPT",
+        ]),
+        words(&["-o", "pn-br+", "-j", "DROP"]),
+        words(&["-i", "pn-br+", "-o", "pl-+", "-j", "DROP"]),
+        words(&["-d", &c, "-i", "pn-br+", "-j", "DROP"]),
+        words(&["-i", "pn-br+", "-o", "docker0", "-j", "DROP"]),
+        words(&["-i", "pn-br+", "-o", "br-+", "-j", "DROP"]),
+        words(&["-i", "pn-br+", "-j", "ACCEPT"]),
+        words(&["-i", "pn-+", "-j", "DROP"]),
+    ]
+}
 
-/// Make [`CHAIN`] (ending in [`DROP_BETWEEN`]) and its jump, and accept
-/// the traffic of the network of `bridge` and `vxlan` in it.
-fn ensure_rules(bridge: &str, vxlan: &str) -> Result<()> {
-    let fail = |what: String| Error::Iptables(what);
-    if !iptables(&["-n", "-L", CHAIN])? && !iptables(&["-N", CHAIN])? {
-        return Err(fail(format!("cannot create chain {CHAIN}")));
-    }
-    let mut drop_check = vec!["-C", CHAIN];
-    drop_check.extend(DROP_BETWEEN);
-    let rules = list_rules(CHAIN);
-    let drop_last = format!("-A {CHAIN} {}", DROP_BETWEEN.join(" "));
-    if rules.last() != Some(&drop_last) {
-        let mut del = vec!["-D", CHAIN];
-        del.extend(DROP_BETWEEN);
-        while iptables(&del)? {}
-        let mut add = vec!["-A", CHAIN];
-        add.extend(DROP_BETWEEN);
-        if !iptables(&add)? {
-            return Err(fail(format!("cannot add the drop rule of {CHAIN}")));
-        }
-    }
-    for rule in network_rules(bridge, vxlan) {
-        let mut check = vec!["-C", CHAIN];
-        check.extend(rule.iter().map(String::as_str));
-        check.extend(["-j", "ACCEPT"]);
-        if iptables(&check)? {
-            continue;
-        }
-        let mut insert = vec!["-I", CHAIN, "1"];
-        insert.extend(rule.iter().map(String::as_str));
-        insert.extend(["-j", "ACCEPT"]);
-        if !iptables(&insert)? {
-            return Err(fail(format!("cannot accept traffic on {bridge}")));
-        }
-    }
-    let hook = if iptables(&["-n", "-L", "DOCKER-USER"])? {
-        "DOCKER-USER"
-    } else {
-        "FORWARD"
-    };
-    if !iptables(&["-C", hook, "-j", CHAIN])? && !iptables(&["-I", hook, "1", "-j", CHAIN])? {
-        return Err(fail(format!("cannot jump from {hook} to {CHAIN}")));
+/// The rule of [`NAT_CHAIN`] for the network of `bridge` on `subnet`:
+/// what leaves it through any link but a `pn-` one (its bridge, its VXLAN
+/// device: the network itself, which keeps its addresses) takes this
+/// host's address. Traffic to this host itself is delivered, not
+/// forwarded, and keeps its source; traffic to other networks and to the
+/// cluster is dropped by [`CHAIN`] before it gets here. The comment names
+/// the bridge, so that the rule goes with it.
+fn nat_rules(bridge: &str, subnet: Ipv4Net) -> Vec<Vec<String>> {
+    vec![words(&[
+        "-s",
+        &subnet.trunc().to_string(),
+        "!",
+        "-o",
+        "pn-+",
+        "-m",
+        "comment",
+        "--comment",
+        bridge,
+        "-j",
+        "MASQUERADE",
+    ])]
+}
+
+/// Whether a listed rule (`-A CHAIN ...`) names one link of a network (a
+/// bridge or VXLAN device, not a `pn-+` wildcard): a network's rule, not
+/// one of [`tail_rules`].
+fn names_a_link(rule: &str) -> bool {
+    rule.split_whitespace()
+        .any(|w| w.starts_with(PREFIX) && !w.ends_with('+'))
+}
+
+/// Whether a listed rule names a bridge not among `links`.
+fn names_a_gone_bridge(rule: &str, links: &[String]) -> bool {
+    rule.split_whitespace()
+        .any(|w| w.starts_with("pn-br") && !w.ends_with('+') && !links.iter().any(|l| l == w))
+}
+
+/// Delete a listed rule (`-A CHAIN ...`) of `table`.
+fn delete_listed(table: &str, rule: &str) -> Result<bool> {
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    let mut del = vec!["-D"];
+    del.extend(&words[1..]);
+    iptables(table, &del)
+}
+
+fn ensure_chain(table: &str, chain: &str) -> Result<()> {
+    if !iptables(table, &["-n", "-L", chain])? && !iptables(table, &["-N", chain])? {
+        return Err(Error::Iptables(format!(
+            "cannot create chain {table} {chain}"
+        )));
     }
     Ok(())
 }
 
-/// Remove the rules that name link `name` from [`CHAIN`].
-fn remove_rules_of(name: &str) {
-    for rule in list_rules(CHAIN) {
-        let words: Vec<&str> = rule.split_whitespace().collect();
-        if !words.contains(&name) {
-            continue;
+/// Add `rule` to `chain` of `table` unless present: at the top, or at
+/// the end.
+fn ensure_rule(table: &str, chain: &str, rule: &[String], top: bool) -> Result<()> {
+    let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
+    let mut check = vec!["-C", chain];
+    check.extend(&rule);
+    if iptables(table, &check)? {
+        return Ok(());
+    }
+    let mut add = if top {
+        vec!["-I", chain, "1"]
+    } else {
+        vec!["-A", chain]
+    };
+    add.extend(&rule);
+    if !iptables(table, &add)? {
+        return Err(Error::Iptables(format!(
+            "cannot add to {table} {chain}: {}",
+            rule.join(" ")
+        )));
+    }
+    Ok(())
+}
+
+/// Make [`CHAIN`] (ending in [`tail_rules`]) and [`NAT_CHAIN`] with their
+/// jumps, and let the traffic of the network of `bridge` (on `subnet`)
+/// and `vxlan` through them.
+fn ensure_rules(bridge: &str, vxlan: &str, subnet: Ipv4Net, cluster: Ipv4Net) -> Result<()> {
+    ensure_chain("filter", CHAIN)?;
+    let tail: Vec<String> = tail_rules(cluster)
+        .iter()
+        .map(|r| format!("-A {CHAIN} {}", r.join(" ")))
+        .collect();
+    let rules = list_rules("filter", CHAIN);
+    let generic: Vec<&String> = rules.iter().filter(|r| !names_a_link(r)).collect();
+    if generic.len() != tail.len() || !rules.ends_with(&tail) {
+        // Rewritten whole (an older tail, another cluster range, a rule
+        // deleted by hand): the networks' own rules stay on top.
+        for r in generic {
+            delete_listed("filter", r)?;
         }
-        let mut del = vec!["-D"];
-        del.extend(&words[1..]);
-        let _ = iptables(&del);
+        for r in tail_rules(cluster) {
+            let mut add = vec!["-A", CHAIN];
+            add.extend(r.iter().map(String::as_str));
+            if !iptables("filter", &add)? {
+                return Err(Error::Iptables(format!(
+                    "cannot add to {CHAIN}: {}",
+                    r.join(" ")
+                )));
+            }
+        }
+    }
+    for rule in network_rules(bridge, vxlan) {
+        ensure_rule("filter", CHAIN, &rule, true)?;
+    }
+    let hook = if iptables("filter", &["-n", "-L", "DOCKER-USER"])? {
+        "DOCKER-USER"
+    } else {
+        "FORWARD"
+    };
+    ensure_rule("filter", hook, &words(&["-j", CHAIN]), true)?;
+    ensure_chain("nat", NAT_CHAIN)?;
+    for rule in nat_rules(bridge, subnet) {
+        ensure_rule("nat", NAT_CHAIN, &rule, false)?;
+    }
+    ensure_rule("nat", "POSTROUTING", &words(&["-j", NAT_CHAIN]), true)?;
+    Ok(())
+}
+
+/// Remove the rules that name link `name` from [`CHAIN`] and
+/// [`NAT_CHAIN`].
+fn remove_rules_of(name: &str) {
+    for (table, chain) in [("filter", CHAIN), ("nat", NAT_CHAIN)] {
+        for rule in list_rules(table, chain) {
+            if rule.split_whitespace().any(|w| w == name) {
+                let _ = delete_listed(table, &rule);
+            }
+        }
     }
 }
 
-/// Remove the rules of [`CHAIN`] that name a bridge that no longer
-/// exists (a removal that raced with a re-creation, or a bridge deleted
-/// by hand); the number removed.
+/// Remove the rules of [`CHAIN`] and [`NAT_CHAIN`] that name a bridge
+/// that no longer exists (a removal that raced with a re-creation, or a
+/// bridge deleted by hand); the number removed.
 pub async fn prune_rules(kernel: &Kernel) -> Result<usize> {
     let obs = kernel.observe_networks(PREFIX).await?;
     let links: Vec<String> = obs.links.into_iter().map(|l| l.name).collect();
     kernel
         .blocking(move || {
             let mut n = 0;
-            for rule in list_rules(CHAIN) {
-                let words: Vec<&str> = rule.split_whitespace().collect();
-                let stale = words
-                    .iter()
-                    .any(|w| w.starts_with("pn-br") && !links.iter().any(|l| l == w));
-                if stale {
-                    let mut del = vec!["-D"];
-                    del.extend(&words[1..]);
-                    if iptables(&del).unwrap_or(false) {
+            for (table, chain) in [("filter", CHAIN), ("nat", NAT_CHAIN)] {
+                for rule in list_rules(table, chain) {
+                    if names_a_gone_bridge(&rule, &links)
+                        && delete_listed(table, &rule).unwrap_or(false)
+                    {
                         n += 1;
                     }
                 }
@@ -216,15 +336,23 @@ pub async fn prune_rules(kernel: &Kernel) -> Result<usize> {
         .await
 }
 
-/// Remove [`CHAIN`] and its jumps, and nothing else (`portless netplane
-/// cleanup`).
+/// Remove [`CHAIN`], [`NAT_CHAIN`] and their jumps, and nothing else
+/// (`portless netplane cleanup`).
 fn remove_chain() -> Result<()> {
-    for hook in ["DOCKER-USER", "FORWARD"] {
-        while iptables(&["-D", hook, "-j", CHAIN])? {}
-    }
-    if iptables(&["-n", "-L", CHAIN])? && !(iptables(&["-F", CHAIN])? && iptables(&["-X", CHAIN])?)
-    {
-        return Err(Error::Iptables(format!("cannot remove chain {CHAIN}")));
+    for (table, hooks, chain) in [
+        ("filter", &["DOCKER-USER", "FORWARD"][..], CHAIN),
+        ("nat", &["POSTROUTING"][..], NAT_CHAIN),
+    ] {
+        for hook in hooks {
+            while iptables(table, &["-D", hook, "-j", chain])? {}
+        }
+        if iptables(table, &["-n", "-L", chain])?
+            && !(iptables(table, &["-F", chain])? && iptables(table, &["-X", chain])?)
+        {
+            return Err(Error::Iptables(format!(
+                "cannot remove chain {table} {chain}"
+            )));
+        }
     }
     Ok(())
 }
@@ -238,7 +366,9 @@ fn sysctl(path: &str, value: &str) -> Result<()> {
 /// Make the network's bridge, with the gateway address and MTU, up,
 /// answering ARP for the network's addresses on other hosts, and let the
 /// network's traffic through (within the bridge, and to and from the
-/// network's VXLAN device, of VNI `vni`). Idempotent.
+/// network's VXLAN device, of VNI `vni`) and out to the world beyond the
+/// cluster (`cluster`: the cluster network's range), masqueraded.
+/// Idempotent.
 pub async fn ensure_bridge(
     kernel: &Kernel,
     bridge: &str,
@@ -246,7 +376,11 @@ pub async fn ensure_bridge(
     gateway: Ipv4Addr,
     prefix_len: u8,
     mtu: u32,
+    cluster: Ipv4Net,
 ) -> Result<()> {
+    let subnet = Ipv4Net::new(gateway, prefix_len)
+        .map_err(|e| Error::Underlay(format!("{gateway}/{prefix_len}: {e}")))?
+        .trunc();
     let name = bridge.to_owned();
     kernel
         .call(move |h| async move {
@@ -291,7 +425,7 @@ pub async fn ensure_bridge(
             // proxy_delay holds answers to broadcast requests up to 0.8 s).
             sysctl(&format!("/proc/sys/net/ipv4/conf/{b}/proxy_arp"), "1")?;
             sysctl(&format!("/proc/sys/net/ipv4/neigh/{b}/proxy_delay"), "0")?;
-            ensure_rules(&b, &vxlan_name(vni))
+            ensure_rules(&b, &vxlan_name(vni), subnet, cluster)
         })
         .await?
 }
@@ -908,13 +1042,77 @@ mod tests {
     }
 
     #[test]
-    fn only_the_networks_own_traffic_is_accepted() {
+    fn only_the_networks_own_traffic_is_accepted_within_the_cluster() {
         let r = network_rules("pn-br1", "pn-vx4096");
-        assert_eq!(r.len(), 3);
-        assert!(
-            r.iter()
-                .all(|x| x[1].starts_with(PREFIX) && x[3].starts_with(PREFIX))
+        let shown: Vec<String> = r.iter().map(|x| x.join(" ")).collect();
+        assert_eq!(
+            shown,
+            [
+                "-i pn-br1 -o pn-br1 -j ACCEPT",
+                "-i pn-br1 -o pn-vx4096 -j ACCEPT",
+                "-i pn-vx4096 -o pn-br1 -j ACCEPT",
+            ]
         );
-        assert_eq!(DROP_BETWEEN.join(" "), "-i pn-+ -o pn-+ -j DROP");
+        assert!(r.iter().all(|x| names_a_link(&x.join(" "))));
+    }
+
+    #[test]
+    fn the_tail_lets_a_network_out_of_the_cluster_and_nowhere_else() {
+        let tail: Vec<String> = tail_rules(net("10.244.0.0/16"))
+            .iter()
+            .map(|x| x.join(" "))
+            .collect();
+        assert_eq!(
+            tail,
+            [
+                // two networks
+                "-i pn-+ -o pn-+ -j DROP",
+                // into a network: replies only
+                "-o pn-br+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+                "-o pn-br+ -j DROP",
+                // out: never into the cluster network (links or range,
+                // routed over the underlay in route mode) nor Docker's
+                // bridges ...
+                "-i pn-br+ -o pl-+ -j DROP",
+                "-d 10.244.0.0/16 -i pn-br+ -j DROP",
+                "-i pn-br+ -o docker0 -j DROP",
+                "-i pn-br+ -o br-+ -j DROP",
+                // ... the rest of the world: yes
+                "-i pn-br+ -j ACCEPT",
+                // a VXLAN device's traffic bound elsewhere
+                "-i pn-+ -j DROP",
+            ]
+        );
+        // The only ACCEPT of traffic out of a network comes after every
+        // drop of what it must not reach, and no rule of the tail ACCEPTs
+        // into a link of Docker's or the cluster network's.
+        let accept_out = tail.iter().position(|r| r == "-i pn-br+ -j ACCEPT");
+        assert_eq!(accept_out, Some(tail.len() - 2));
+        for r in &tail {
+            if r.ends_with("ACCEPT") {
+                assert!(!r.contains("docker0") && !r.contains("br-+") && !r.contains("pl-"));
+            }
+        }
+        // Tail rules name no network's link: they are never pruned.
+        assert!(tail.iter().all(|r| !names_a_link(r)));
+        assert!(tail.iter().all(|r| !names_a_gone_bridge(r, &[])));
+    }
+
+    #[test]
+    fn what_leaves_a_network_for_the_world_is_masqueraded_and_nothing_inside() {
+        let r = nat_rules("pn-br0123456789", net("10.112.0.1/24"));
+        let shown: Vec<String> = r.iter().map(|x| x.join(" ")).collect();
+        assert_eq!(
+            shown,
+            ["-s 10.112.0.0/24 ! -o pn-+ -m comment --comment pn-br0123456789 -j MASQUERADE"]
+        );
+        // It names its bridge, so it goes with it.
+        let listed = format!("-A {NAT_CHAIN} {}", shown[0]);
+        assert!(names_a_link(&listed));
+        assert!(names_a_gone_bridge(&listed, &["pn-br1".to_owned()]));
+        assert!(!names_a_gone_bridge(
+            &listed,
+            &["pn-br0123456789".to_owned()]
+        ));
     }
 }

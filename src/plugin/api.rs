@@ -170,6 +170,65 @@ pub struct ProgramExternalConnectivity {
     pub options: Option<Options>,
 }
 
+/// The option of `ProgramExternalConnectivity` (and `CreateEndpoint`)
+/// that lists the ports `docker run -p`/`-P` publishes: libnetwork's
+/// `types.PortBinding`s, `{"Proto":6,"IP":"","Port":80,"HostIP":"",
+/// "HostPort":8080,"HostPortEnd":8080}`.
+pub const PORTMAP_OPTION: &str = "com.docker.network.portmap";
+
+impl ProgramExternalConnectivity {
+    /// The ports asked to be published, as `[HOST_IP:]HOST_PORT->PORT/PROTO`
+    /// (any entry counts, even one not read).
+    pub fn published_ports(&self) -> Vec<String> {
+        let Some(list) = self
+            .options
+            .as_ref()
+            .and_then(|o| o.get(PORTMAP_OPTION))
+            .and_then(|v| v.as_array())
+        else {
+            return Vec::new();
+        };
+        list.iter()
+            .map(|b| {
+                let num = |k: &str| b.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+                let proto = match num("Proto") {
+                    6 => "tcp".to_owned(),
+                    17 => "udp".to_owned(),
+                    132 => "sctp".to_owned(),
+                    n => n.to_string(),
+                };
+                let host_ip = b
+                    .get("HostIP")
+                    .and_then(serde_json::Value::as_str)
+                    .filter(|ip| !ip.is_empty())
+                    .map(|ip| format!("{ip}:"))
+                    .unwrap_or_default();
+                let host_port = match num("HostPort") {
+                    0 => "?".to_owned(),
+                    p => p.to_string(),
+                };
+                format!("{host_ip}{host_port}->{}/{proto}", num("Port"))
+            })
+            .collect()
+    }
+
+    /// Why a portless network refuses this call, if it does: it publishes
+    /// no ports (Docker shows this after "driver failed programming
+    /// external connectivity on endpoint ...").
+    pub fn refusal(&self) -> Option<String> {
+        let ports = self.published_ports();
+        (!ports.is_empty()).then(|| {
+            format!(
+                "portless networks do not publish ports (asked: {}): \
+                 drop -p/-P and reach the container through portless's router \
+                 (label it portless.http.host=NAME) or by its address from the \
+                 network, or publish it from a Docker bridge network instead",
+                ports.join(", ")
+            )
+        })
+    }
+}
+
 /// `NetworkDriver.DiscoverNew` and `.DiscoverDelete`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
@@ -303,6 +362,36 @@ mod tests {
         // Docker leaves out what it does not set.
         let r: Join = serde_json::from_str(r#"{"NetworkID":"n","EndpointID":"e"}"#).unwrap();
         assert_eq!(r.sandbox_key, "");
+    }
+
+    #[test]
+    fn published_ports_are_refused_with_what_to_do_instead() {
+        let r: ProgramExternalConnectivity = serde_json::from_str(
+            r#"{"NetworkID":"n","EndpointID":"e","Options":{"com.docker.network.endpoint.exposedports":[{"Proto":6,"Port":80}],"com.docker.network.portmap":[{"Proto":6,"IP":"","Port":80,"HostIP":"","HostPort":8080,"HostPortEnd":8080},{"Proto":17,"IP":"","Port":53,"HostIP":"127.0.0.1","HostPort":5353,"HostPortEnd":5353}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.published_ports(),
+            ["8080->80/tcp", "127.0.0.1:5353->53/udp"]
+        );
+        let why = r.refusal().unwrap();
+        assert!(
+            why.starts_with(
+                "portless networks do not publish ports (asked: 8080->80/tcp, 127.0.0.1:5353->53/udp)"
+            ),
+            "{why}"
+        );
+        assert!(why.contains("portless.http.host") && why.contains("Docker bridge network"));
+        // Exposed ports alone (an image's EXPOSE), an empty map, or no
+        // options at all: nothing is published, nothing refused.
+        for body in [
+            r#"{"NetworkID":"n","EndpointID":"e","Options":{"com.docker.network.endpoint.exposedports":[{"Proto":6,"Port":80}],"com.docker.network.portmap":[]}}"#,
+            r#"{"NetworkID":"n","EndpointID":"e","Options":{"com.docker.network.portmap":null}}"#,
+            r#"{"NetworkID":"n","EndpointID":"e"}"#,
+        ] {
+            let r: ProgramExternalConnectivity = serde_json::from_str(body).unwrap();
+            assert_eq!(r.refusal(), None, "{body}");
+        }
     }
 
     #[test]

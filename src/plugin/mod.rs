@@ -254,10 +254,14 @@ impl Plugin {
                 let _: Discovery = parse(body)?;
                 Ok(serde_json::json!({}))
             }
-            // Phase 1 has no NAT of its own and no published ports.
+            // NAT out is the bridge's own (segment); ports are never
+            // published: `-p` is refused rather than silently ignored.
             "NetworkDriver.ProgramExternalConnectivity" => {
-                let _: ProgramExternalConnectivity = parse(body)?;
-                Ok(serde_json::json!({}))
+                let r: ProgramExternalConnectivity = parse(body)?;
+                match r.refusal() {
+                    Some(why) => Err(why),
+                    None => Ok(serde_json::json!({})),
+                }
             }
             "NetworkDriver.RevokeExternalConnectivity" => {
                 let _: EndpointRef = parse(body)?;
@@ -434,6 +438,7 @@ impl Plugin {
             rec.gateway,
             pool.prefix_len(),
             net_mtu(&host),
+            self.cfg.cluster,
         )
         .await
         .map_err(|e| format!("making bridge {bridge}: {e}"))?;

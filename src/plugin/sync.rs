@@ -253,6 +253,7 @@ async fn local_side(plugin: &Arc<Plugin>, listing: &NetworkListing, state: &mut 
                 rec.gateway,
                 rec.subnet.prefix_len(),
                 super::net_mtu(&host),
+                plugin.cfg.cluster,
             )
             .await
             {

@@ -119,6 +119,27 @@ impl Engines {
             .expect("ip netns exec")
     }
 
+    /// The rules of the cluster networks' chains (`PORTLESS-NETS`, filter
+    /// and nat) on host `h` that name one network's link (its bridge or
+    /// VXLAN device): the ones that must go with the network. The rules
+    /// every network shares name only `pn-+` wildcards.
+    pub fn network_rules(&self, h: char) -> Vec<String> {
+        ["filter", "nat"]
+            .iter()
+            .flat_map(|t| {
+                let out = self.in_ns(h, &["iptables", "-w", "-t", t, "-S", "PORTLESS-NETS"]);
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| {
+                        l.split_whitespace()
+                            .any(|w| w.starts_with("pn-") && !w.ends_with('+'))
+                    })
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// `etcdctl` against the harness's etcd.
     pub fn etcdctl(&self, args: &[&str]) -> Output {
         Command::new("ip")

@@ -143,7 +143,7 @@ run_networks() {
   echo "== iperf3 A -> B: cluster network $net ($ip_net) vs the cluster network's VXLAN ($ip_cluster), $ROUNDS rounds of $SECS_IPERF s =="
   iperf() {
     $dk_a exec "$PFX-cli" iperf3 -c "$1" -t "$SECS_IPERF" -O 1 -J \
-      | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)'
+      | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["end"]["sum_received"]["bits_per_second"]/1e9) if "sum_received" in j.get("end", {}) else sys.exit("iperf3: " + j.get("error", "no result"))'
   }
   local r a b ratios=()
   for r in $(seq "$ROUNDS"); do

@@ -182,6 +182,17 @@ async fn reconcile(plugin: &Arc<Plugin>, listing: &NetworkListing) {
             tracing::warn!(network = %name, "a network of this name that is not the cluster's exists here");
             continue;
         }
+        // The listing may predate a `docker network rm` that removed the
+        // record after it was read and the Docker network after that:
+        // read the record again now that the Engine was listed.
+        match plugin.store.network(id).await {
+            Ok(Some((r, _))) if r.name.as_ref() == Some(name) => {}
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(network = %name, error = %e, "reading the network's record");
+                continue;
+            }
+        }
         match create(plugin, rec).await {
             Ok(()) => {
                 tracing::info!(network = %name, subnet = %rec.subnet, "cluster network made on this Engine")

@@ -122,38 +122,41 @@ run_event() {
 }
 
 # Cluster networks (`docker network create -d portless`): iperf3 between
-# containers on A and B over such a network against the cluster network's
-# VXLAN (the same two containers, attached to both), rounds alternating
-# the order; then `docker run` on B -> resolvable and reachable from A.
+# containers on A and B over such a network against the same over the
+# cluster network's VXLAN (a client on A and a server on B on each; one
+# container on both would have one default route, through one of them),
+# rounds alternating the order; then `docker run` on B -> resolvable and
+# reachable from A.
 run_networks() {
   engines_up
   local dk_a="docker -H unix:///run/$PFX-A.sock" dk_b="docker -H unix:///run/$PFX-B.sock"
   local net=$PFX-bnet img=$PFX-bb
-  CLEAN+=("$dk_a rm -f $PFX-cli" "$dk_b rm -f $PFX-srv" "$dk_a network rm $net")
+  # (On failure, the engines go with everything on them: tests/twohost.sh down.)
   $dk_a network create -d portless --ipam-driver portless "$net" >/dev/null
   for _ in $(seq 50); do $dk_b network inspect "$net" >/dev/null 2>&1 && break; sleep 0.1; done
-  $dk_b run -d --name "$PFX-srv" --network portless "$img" iperf3 -s >/dev/null
-  $dk_b network connect "$net" "$PFX-srv"
-  $dk_a run -d --name "$PFX-cli" --network portless "$img" sleep 1000000 >/dev/null
-  $dk_a network connect "$net" "$PFX-cli"
+  $dk_b run -d --name "$PFX-srv-c" --network portless "$img" iperf3 -s >/dev/null
+  $dk_b run -d --name "$PFX-srv-n" --network "$net" "$img" iperf3 -s >/dev/null
+  $dk_a run -d --name "$PFX-cli-c" --network portless "$img" sleep 1000000 >/dev/null
+  $dk_a run -d --name "$PFX-cli-n" --network "$net" "$img" sleep 1000000 >/dev/null
   local ip_cluster ip_net
-  ip_cluster=$($dk_b inspect -f '{{(index .NetworkSettings.Networks "portless").IPAddress}}' "$PFX-srv")
-  ip_net=$($dk_b inspect -f "{{(index .NetworkSettings.Networks \"$net\").IPAddress}}" "$PFX-srv")
+  ip_cluster=$($dk_b inspect -f '{{(index .NetworkSettings.Networks "portless").IPAddress}}' "$PFX-srv-c")
+  ip_net=$($dk_b inspect -f "{{(index .NetworkSettings.Networks \"$net\").IPAddress}}" "$PFX-srv-n")
   echo
   echo "== iperf3 A -> B: cluster network $net ($ip_net) vs the cluster network's VXLAN ($ip_cluster), $ROUNDS rounds of $SECS_IPERF s =="
+  # iperf CLIENT SERVER_IP: Gbit/s received
   iperf() {
-    $dk_a exec "$PFX-cli" iperf3 -c "$1" -t "$SECS_IPERF" -O 1 -J \
+    $dk_a exec "$1" iperf3 -c "$2" -t "$SECS_IPERF" -O 1 -J \
       | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["end"]["sum_received"]["bits_per_second"]/1e9) if "sum_received" in j.get("end", {}) else sys.exit("iperf3: " + j.get("error", "no result"))'
   }
   local r a b ratios=()
   for r in $(seq "$ROUNDS"); do
-    if [ $((r % 2)) = 1 ]; then a=$(iperf "$ip_cluster"); b=$(iperf "$ip_net")
-    else b=$(iperf "$ip_net"); a=$(iperf "$ip_cluster"); fi
+    if [ $((r % 2)) = 1 ]; then a=$(iperf "$PFX-cli-c" "$ip_cluster"); b=$(iperf "$PFX-cli-n" "$ip_net")
+    else b=$(iperf "$PFX-cli-n" "$ip_net"); a=$(iperf "$PFX-cli-c" "$ip_cluster"); fi
     ratios+=("$(python3 -c "print(round($b/$a, 3))")")
     printf 'round %d: cluster network %.2f Gbit/s, -d portless network %.2f Gbit/s, ratio %s\n' "$r" "$a" "$b" "${ratios[-1]}"
   done
   python3 -c "import statistics,sys; r=[float(x) for x in sys.argv[1:]]; print(f'median ratio (-d portless / cluster network VXLAN) over {len(r)} rounds: {statistics.median(r):.3f}')" "${ratios[@]}"
-  $dk_a rm -f "$PFX-cli" >/dev/null; $dk_b rm -f "$PFX-srv" >/dev/null
+  $dk_a rm -f "$PFX-cli-c" "$PFX-cli-n" >/dev/null; $dk_b rm -f "$PFX-srv-c" "$PFX-srv-n" >/dev/null
   echo
   echo "== docker run on B -> resolvable and reachable from A over $net, $NRUN runs =="
   ip netns exec "$PFX-hA" "$GEN" netrun --docker "unix:///run/$PFX-B.sock" --dns 127.0.0.1:5353 \

@@ -223,10 +223,36 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
     // it), and started again: the running containers' addresses are
     // written again under the new lease, and a new container on A joins
     // the network and reaches an old one.
+    let blocks_of = |h: &str| {
+        let out = e.etcdctl(&["get", "--prefix", "/portless/v1/netblocks/"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        lines
+            .chunks(2)
+            .filter(|kv| kv.len() == 2 && kv[1] == h)
+            .count()
+    };
+    let a_id = a.status()["cluster"]["host"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let a_blocks = blocks_of(&a_id);
+    assert!(a_blocks > 0);
+    let killed = Instant::now();
     a.kill9();
+    // Not at once: the blocks and addresses stay until the lease (2 s)
+    // runs out.
+    assert_eq!(blocks_of(&a_id), a_blocks, "A's blocks gone at the kill");
+    assert_eq!(container_addrs(e).len(), 2 * n);
+    assert!(killed.elapsed() < Duration::from_secs(1));
     wait("A's address keys gone with its lease", 10.0, || {
         container_addrs(e).len() == n
     });
+    assert_eq!(blocks_of(&a_id), 0, "A's blocks outlived its lease");
+    eprintln!(
+        "A's blocks and addresses gone {} ms after the kill",
+        killed.elapsed().as_millis()
+    );
     *a = Sidecar::start(e, 'A', &[]);
     wait("A's addresses written again", 10.0, || {
         container_addrs(e).len() == 2 * n

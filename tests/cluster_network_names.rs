@@ -144,15 +144,7 @@ fn steps(
     for net in nets {
         e.docker_ok(
             'A',
-            &[
-                "network",
-                "create",
-                "-d",
-                "portless",
-                "--ipam-driver",
-                "portless",
-                net,
-            ],
+            &[&common::CREATE_PORTLESS_NETWORK[..], &[net]].concat(),
         );
     }
     wait("both networks on B", 3.0, || {
@@ -239,6 +231,22 @@ fn steps(
     let cli = run_client(made, "cli", shop, gw);
     let stranger = run_client(made, "stranger", other, other_gw);
     let cli_ip = ip_of(e, 'A', &cli, shop);
+    // The bridge answers ARP for the network's addresses on B (proxy ARP,
+    // set over netlink), at once (proxy_delay 0).
+    let bridge = format!(
+        "pn-br{}",
+        &e.docker_ok('A', &["network", "inspect", "-f", "{{.Id}}", shop])[..10]
+    );
+    for (path, want) in [
+        (format!("/proc/sys/net/ipv4/conf/{bridge}/proxy_arp"), "1"),
+        (
+            format!("/proc/sys/net/ipv4/neigh/{bridge}/proxy_delay"),
+            "0",
+        ),
+    ] {
+        let out = e.in_ns('A', &["cat", &path]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want, "{path}");
+    }
 
     // By name and by alias, from the other host, through 127.0.0.11.
     let want = vec![db_ip.to_string()];
@@ -349,6 +357,29 @@ fn steps(
         Some(late_ip.to_string().as_str())
     );
     assert_eq!(wait_get(e, 'A', "db.shop.test", "/cgi-bin/ip"), got);
+
+    // The networks' chains flushed by hand on A (a firewall reload): put
+    // back within seconds, and the traffic flows again.
+    for table in ["filter", "nat"] {
+        let out = e.in_ns('A', &["iptables", "-w", "-t", table, "-F", "PORTLESS-NETS"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let took = wait("the flushed rules back", 15.0, || {
+        let f = e.in_ns('A', &["iptables", "-w", "-S", "PORTLESS-NETS"]);
+        let n = e.in_ns('A', &["iptables", "-w", "-t", "nat", "-S", "PORTLESS-NETS"]);
+        let (f, n) = (
+            String::from_utf8_lossy(&f.stdout),
+            String::from_utf8_lossy(&n.stdout),
+        );
+        f.contains(&format!("-i {bridge} -o {bridge} -j ACCEPT"))
+            && f.contains("-i pn-br+ -j ACCEPT")
+            && n.contains("MASQUERADE")
+    });
+    eprintln!("flushed rules back after {} ms", took.as_millis());
+    assert_eq!(
+        fetch(e, 'A', &late, &format!("http://{db}/cgi-bin/ip")).as_deref(),
+        Some(late_ip.to_string().as_str())
+    );
 
     // Gone on B: gone from A's names within seconds.
     e.docker_ok('B', &["rm", "-f", &db]);

@@ -341,14 +341,7 @@ fn steps(
     let [red, blue] = nets;
     // red with --subnet, so that Docker on A takes --ip for it too.
     for (net, subnet) in [(red, Some("10.113.7.0/24")), (blue, None)] {
-        let mut args = vec![
-            "network",
-            "create",
-            "-d",
-            "portless",
-            "--ipam-driver",
-            "portless",
-        ];
+        let mut args = common::CREATE_PORTLESS_NETWORK.to_vec();
         args.extend(subnet.iter().flat_map(|s| ["--subnet", *s]));
         args.push(net);
         e.docker_ok('A', &args);

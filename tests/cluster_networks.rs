@@ -132,15 +132,7 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
     // Created on A: on B within a second, on the same subnet.
     e.docker_ok(
         'A',
-        &[
-            "network",
-            "create",
-            "-d",
-            "portless",
-            "--ipam-driver",
-            "portless",
-            net,
-        ],
+        &[&common::CREATE_PORTLESS_NETWORK[..], &[net]].concat(),
     );
     let on_a = subnet_of(e, 'A', net).unwrap();
     let took = wait("the network on B", 1.0, || subnet_of(e, 'B', net).is_some());
@@ -351,10 +343,15 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
         "{err}"
     );
     let _ = e.docker('B', &["rm", "-f", &taken]);
+    // (Free: no key in etcd, neither a container's nor a host's own.)
+    let held: BTreeSet<Ipv4Addr> = etcd_keys(e, "/portless/v1/netaddrs/")
+        .iter()
+        .filter_map(|k| k.rsplit('/').next()?.parse().ok())
+        .collect();
     let free = subnet
         .hosts()
         .rev()
-        .find(|a| !seen.contains(a))
+        .find(|a| !seen.contains(a) && !held.contains(a))
         .unwrap()
         .to_string();
     let chosen = format!("{}-chosen", e.pfx);

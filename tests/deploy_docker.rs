@@ -473,6 +473,9 @@ fn image_runs_cluster_mode_with_net_admin() {
     args.extend([
         "-v".into(),
         format!("{}:/var/lib/portless", state.display()),
+        // Cluster networks: the plugin's socket where this Docker looks.
+        "-v".into(),
+        "/run/docker/plugins:/run/docker/plugins".into(),
     ]);
     args.extend(["--label".into(), LABEL.into()]);
     let env = [
@@ -540,6 +543,47 @@ fn image_runs_cluster_mode_with_net_admin() {
         (n > 0).then_some(n)
     });
     assert!(saved > 0);
+
+    // A cluster network made with Docker's command through the image's
+    // plugin: its bridge answers ARP for the network's other hosts (proxy
+    // ARP, at once), set over netlink since /proc/sys is read-only here,
+    // and a container gets an address on it.
+    let pnet = unique("plipn");
+    cleanup.push(&["docker", "network", "rm", &pnet]);
+    docker(
+        &[
+            &common::CREATE_PORTLESS_NETWORK[..],
+            &["--label", LABEL, &pnet],
+        ]
+        .concat(),
+    );
+    let pc = unique("plipc");
+    container(&cleanup, &pc, &["--network", &pnet], &[]);
+    let subnet: ipnet::IpNet = docker(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{(index .IPAM.Config 0).Subnet}}",
+        &pnet,
+    ])
+    .parse()
+    .unwrap();
+    let ip = container_ip(&pc, &pnet);
+    assert!(subnet.contains(&ip), "{ip} not in {subnet}");
+    let id = docker(&["network", "inspect", "-f", "{{.Id}}", &pnet]);
+    let bridge = format!("pn-br{}", &id[..10]);
+    for (path, want) in [
+        (format!("/proc/sys/net/ipv4/conf/{bridge}/proxy_arp"), "1"),
+        (
+            format!("/proc/sys/net/ipv4/neigh/{bridge}/proxy_delay"),
+            "0",
+        ),
+    ] {
+        let got = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(got.trim(), want, "{path}: {}", logs());
+    }
+    docker(&["rm", "-f", &pc]);
+    docker(&["network", "rm", &pnet]);
 
     docker(&["stop", "-t", "10", &name]);
     assert_eq!(

@@ -102,12 +102,15 @@ pub enum IpamError {
     #[error("address {addr} is reserved in {subnet} (network, gateway or broadcast address)")]
     Reserved { addr: Ipv4Addr, subnet: Ipv4Net },
     #[error(
-        "address {addr} is already in use in network {network} (by a container on host {host})"
+        "address {addr} is already in use in network {network} ({})",
+        if *for_host { format!("host {host}'s own address there") } else { format!("by a container on host {host}") }
     )]
     InUse {
         addr: Ipv4Addr,
         network: String,
         host: String,
+        /// The host's own address in the network, not a container's.
+        for_host: bool,
     },
     #[error("no free address left in network {0}")]
     Exhausted(String),
@@ -213,6 +216,23 @@ pub fn pick_address(
     })
 }
 
+/// An address for a host that holds no block of the network (its own
+/// address there, see [`AddressHolder::for_host`]): the highest usable
+/// address that is in no held block and not in `used`, so that a host
+/// without containers on a network takes no block from those with some.
+pub fn pick_host_address(
+    subnet: &Ipv4Net,
+    blocks: &[Ipv4Net],
+    used: &BTreeSet<Ipv4Addr>,
+) -> Option<Ipv4Addr> {
+    let (lo, hi) = (u32::from(subnet.network()), u32::from(subnet.broadcast()));
+    (lo..=hi).rev().map(Ipv4Addr::from).find(|a| {
+        !used.contains(a)
+            && check_address(subnet, *a).is_ok()
+            && !blocks.iter().any(|b| b.contains(a))
+    })
+}
+
 /// Who holds an address: the value of its key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -239,6 +259,23 @@ mod tests {
             subnet: net(s),
             what: what.into(),
         }
+    }
+
+    #[test]
+    fn a_host_without_blocks_takes_the_highest_free_address_outside_every_block() {
+        let s = net("10.112.0.0/24");
+        let used: BTreeSet<Ipv4Addr> = ["10.112.0.254".parse().unwrap()].into();
+        assert_eq!(
+            pick_host_address(&s, &[net("10.112.0.0/28")], &used),
+            Some("10.112.0.253".parse().unwrap())
+        );
+        // the top block held: below it
+        assert_eq!(
+            pick_host_address(&s, &[net("10.112.0.240/28")], &used),
+            Some("10.112.0.239".parse().unwrap())
+        );
+        // every address in a block or used: none
+        assert_eq!(pick_host_address(&s, &[net("10.112.0.0/24")], &used), None);
     }
 
     #[test]

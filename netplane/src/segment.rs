@@ -357,10 +357,59 @@ fn remove_chain() -> Result<()> {
     Ok(())
 }
 
-/// Write a sysctl of this namespace (the executor thread's).
-fn sysctl(path: &str, value: &str) -> Result<()> {
-    std::fs::write(path, value)
-        .map_err(|e| Error::Underlay(format!("writing {value} to {path}: {e}")))
+/// Proxy ARP on the bridge `name` (index `idx`): it answers for the
+/// network's addresses routed through another link (the VXLAN device),
+/// and at once (the default `proxy_delay` holds answers to broadcast
+/// requests up to 0.8 s). Over netlink (the device's inet configuration,
+/// and its ARP table's parameters), not `/proc/sys`, which is read-only
+/// in an unprivileged container (the image, the chart's pod).
+async fn proxy_arp(h: &Handle, idx: u32, name: &str) -> Result<()> {
+    use futures::StreamExt;
+    use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+    use rtnetlink::packet_route::link::{AfSpecInet, AfSpecUnspec, InetDevConf, LinkAttribute};
+    use rtnetlink::packet_route::neighbour_table::{
+        NeighbourTableAttribute, NeighbourTableMessage, NeighbourTableParameter,
+    };
+    use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+
+    let mut conf = InetDevConf::default();
+    conf.proxy_arp = 1;
+    let mut msg = LinkUnspec::new_with_index(idx).build();
+    msg.attributes
+        .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
+            AfSpecInet::DevConfRequest(conf),
+        ])]));
+    h.link()
+        .set(msg)
+        .execute()
+        .await
+        .map_err(nl(format!("proxy_arp on {name}")))?;
+
+    let mut table = NeighbourTableMessage::default();
+    table.header.family = AddressFamily::Inet;
+    table.attributes = vec![
+        NeighbourTableAttribute::Name("arp_cache".into()),
+        NeighbourTableAttribute::Parms(vec![
+            NeighbourTableParameter::Ifindex(idx),
+            NeighbourTableParameter::ProxyDelay(0),
+        ]),
+    ];
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::SetNeighbourTable(table));
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    let mut resp = h
+        .clone()
+        .request(req)
+        .map_err(nl(format!("proxy_delay on {name}")))?;
+    while let Some(m) = resp.next().await {
+        if let NetlinkPayload::Error(e) = m.payload
+            && e.code.is_some()
+        {
+            return Err(nl(format!("proxy_delay on {name}"))(
+                rtnetlink::Error::NetlinkError(e),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Make the network's bridge, with the gateway address and MTU, up,
@@ -414,19 +463,28 @@ pub async fn ensure_bridge(
                 )
                 .execute()
                 .await
-                .map_err(nl(format!("link set {name} up")))
+                .map_err(nl(format!("link set {name} up")))?;
+            proxy_arp(&h, idx, &name).await
         })
         .await??;
+    ensure_network_rules(kernel, bridge, vni, subnet, cluster).await
+}
+
+/// Put back whatever is missing of the isolation and NAT rules of the
+/// network of `bridge` (VNI `vni`, on `subnet`, in a cluster of range
+/// `cluster`): the chains, their jumps, the shared tail and the network's
+/// own rules. Idempotent; run on every bridge made and now and then
+/// (a chain flushed by hand, a firewall reloaded).
+pub async fn ensure_network_rules(
+    kernel: &Kernel,
+    bridge: &str,
+    vni: u32,
+    subnet: Ipv4Net,
+    cluster: Ipv4Net,
+) -> Result<()> {
     let b = bridge.to_owned();
     kernel
-        .blocking(move || {
-            // Proxy ARP: the bridge answers for addresses routed through
-            // another link (the VXLAN device), at once (the default
-            // proxy_delay holds answers to broadcast requests up to 0.8 s).
-            sysctl(&format!("/proc/sys/net/ipv4/conf/{b}/proxy_arp"), "1")?;
-            sysctl(&format!("/proc/sys/net/ipv4/neigh/{b}/proxy_delay"), "0")?;
-            ensure_rules(&b, &vxlan_name(vni), subnet, cluster)
-        })
+        .blocking(move || ensure_rules(&b, &vxlan_name(vni), subnet, cluster))
         .await?
 }
 

@@ -197,7 +197,8 @@ async fn concurrent_hosts_never_get_the_same_address() {
         IpamError::InUse {
             addr: *taken,
             network: "10.96.1.0/24".into(),
-            host: (*by).to_owned()
+            host: (*by).to_owned(),
+            for_host: false,
         }
     );
     assert!(e.to_string().contains("already in use"), "{e}");
@@ -281,6 +282,29 @@ async fn concurrent_hosts_never_get_the_same_address() {
         .unwrap()
         .unwrap();
     assert_ne!(own, other);
+    // --ip of a host's own address: refused, saying whose it is.
+    let e = store
+        .request_address(&net, "h3", leases["h3"], Some(own))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.to_string().contains("host h1's own address"), "{e}");
+    // A host with no container on the network leases no block for its
+    // own address: it takes one outside every block.
+    let l4 = lease(&store, 30).await;
+    let own4 = store.host_address(&net, "h4", l4).await.unwrap().unwrap();
+    let (holders, _) = store.network_holders().await.unwrap();
+    let (blocks, _) = &holders[&net.id()];
+    assert!(blocks.values().all(|h| h != "h4"), "{blocks:?}");
+    assert!(
+        !blocks.keys().any(|b| b.contains(&own4)),
+        "{own4} in a block"
+    );
+    assert!(
+        store.network_address_holders(&net.id()).await.unwrap()[&own4]
+            .0
+            .for_host
+    );
     store
         .release_address(&net.id(), "h1", own, false)
         .await

@@ -7,7 +7,8 @@
 //! another host is routed here within milliseconds), is woken when a
 //! network comes or goes on this Engine, and compares the kernel with
 //! etcd at least every [`PERIOD`] (an entry deleted by someone comes
-//! back). It waits until [`super::sync`] has taken up this Engine's
+//! back), and the networks' iptables rules every [`RULES_PERIOD`] (a
+//! chain flushed by hand or by a firewall reload comes back). It waits until [`super::sync`] has taken up this Engine's
 //! networks after a start, so that a restart of portless never removes
 //! the VXLAN device of a network it has not learnt yet.
 
@@ -37,11 +38,19 @@ pub async fn run(plugin: Arc<Plugin>) {
     }
 }
 
+/// How often the networks' iptables rules are checked (and put back).
+pub const RULES_PERIOD: Duration = Duration::from_secs(10);
+
 async fn follow(plugin: &Arc<Plugin>, last_refused: &mut String) -> anyhow::Result<()> {
     let (_, revision) = plugin.store.network_holders().await?;
     let mut watch = plugin.store.watch_network_holders(revision + 1).await?;
+    let mut rules_at = tokio::time::Instant::now() + RULES_PERIOD;
     loop {
-        pass(plugin, last_refused).await;
+        let rules = tokio::time::Instant::now() >= rules_at;
+        if rules {
+            rules_at = tokio::time::Instant::now() + RULES_PERIOD;
+        }
+        pass(plugin, last_refused, rules).await;
         tokio::select! {
             m = watch.message() => {
                 let Some(resp) = m? else { anyhow::bail!("watch ended") };
@@ -55,8 +64,8 @@ async fn follow(plugin: &Arc<Plugin>, last_refused: &mut String) -> anyhow::Resu
     }
 }
 
-async fn pass(plugin: &Plugin, last_refused: &mut String) {
-    match reconcile(plugin, last_refused).await {
+async fn pass(plugin: &Plugin, last_refused: &mut String, rules: bool) {
+    match reconcile(plugin, last_refused, rules).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(ops = n, "cluster networks' data plane brought up to date"),
         Err(e) => tracing::warn!(
@@ -66,8 +75,14 @@ async fn pass(plugin: &Plugin, last_refused: &mut String) {
     }
 }
 
-/// One comparison of the kernel with etcd; the operations applied.
-async fn reconcile(plugin: &Plugin, last_refused: &mut String) -> anyhow::Result<usize> {
+/// One comparison of the kernel with etcd (and, with `rules`, of the
+/// networks' iptables rules with what they should be); the operations
+/// applied.
+async fn reconcile(
+    plugin: &Plugin,
+    last_refused: &mut String,
+    rules: bool,
+) -> anyhow::Result<usize> {
     if !plugin.taken_up.load(Ordering::Relaxed) {
         return Ok(0);
     }
@@ -106,6 +121,16 @@ async fn reconcile(plugin: &Plugin, last_refused: &mut String) -> anyhow::Result
         if let Some(a) = host_address(plugin, rec, &host).await? {
             segment::ensure_host_address(&plugin.kernel, bridge, a).await?;
             host_addrs.insert(id.clone(), a);
+        }
+        if rules {
+            segment::ensure_network_rules(
+                &plugin.kernel,
+                bridge,
+                rec.vni,
+                rec.subnet,
+                plugin.cfg.cluster,
+            )
+            .await?;
         }
     }
     let mut refused = Vec::new();

@@ -15,6 +15,17 @@ pub mod netns;
 #[path = "../../router/tests/support/pebble.rs"]
 pub mod pebble;
 
+/// `docker network create -d portless --ipam-driver portless`: a cluster
+/// network (the name and any options follow).
+pub const CREATE_PORTLESS_NETWORK: [&str; 6] = [
+    "network",
+    "create",
+    "-d",
+    "portless",
+    "--ipam-driver",
+    "portless",
+];
+
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -299,7 +299,10 @@ impl Store {
 
     /// The address `host` (holding `lease`) has for itself in network
     /// `record` (see [`AddressHolder::for_host`]): the one it holds under
-    /// this lease, or a new one from its blocks.
+    /// this lease, or a new one: from its blocks when it holds some, else
+    /// one outside every block ([`ipam::pick_host_address`]: a host with
+    /// no container on the network leases no block for itself, which
+    /// would leave fewer for the hosts that run its containers).
     pub async fn host_address(
         &self,
         record: &NetworkRecord,
@@ -313,7 +316,35 @@ impl Store {
         {
             return Ok(Ok(*a));
         }
-        self.allocate(record, host, lease, None, true).await
+        let label = record
+            .name
+            .clone()
+            .unwrap_or_else(|| record.subnet.to_string());
+        for _ in 0..ATTEMPTS {
+            let (held_blocks, _) = self.blocks(&record.id()).await?;
+            if held_blocks
+                .values()
+                .any(|(owner, l)| owner == host && *l == lease)
+            {
+                return self.allocate(record, host, lease, None, true).await;
+            }
+            let blocks: Vec<Ipv4Net> = held_blocks.keys().copied().collect();
+            let used: BTreeSet<Ipv4Addr> = self
+                .network_addresses(&record.id())
+                .await?
+                .into_keys()
+                .collect();
+            let Some(a) = ipam::pick_host_address(&record.subnet, &blocks, &used) else {
+                return Ok(Err(IpamError::Exhausted(label)));
+            };
+            match self.allocate(record, host, lease, Some(a), true).await? {
+                Err(IpamError::InUse { .. }) => continue,
+                other => return Ok(other),
+            }
+        }
+        Err(Error::Store(format!(
+            "could not take an address of its own in {label}: too much contention"
+        )))
     }
 
     /// This network's blocks (owner, lease) and reservations.
@@ -475,12 +506,15 @@ impl Store {
                     .kvs()
                     .first()
                     .and_then(|k| serde_json::from_slice::<AddressHolder>(k.value()).ok())
-                    .map(|h| h.host)
-                    .unwrap_or_else(|| "?".into());
+                    .unwrap_or(AddressHolder {
+                        host: "?".into(),
+                        for_host: false,
+                    });
                 return Ok(Err(IpamError::InUse {
                     addr,
                     network: label,
-                    host: by,
+                    host: by.host,
+                    for_host: by.for_host,
                 }));
             }
         }

@@ -318,6 +318,14 @@ impl ClusterHandle {
             );
             first_err = Some(e);
         }
+        // The cluster networks' links and chains (`-d portless`), as
+        // `portless netplane cleanup` removes them; their Docker networks
+        // stay (a start of portless takes them up again).
+        if let Err(e) = segment::cleanup(self.agent.kernel()).await {
+            let e = anyhow::Error::new(e).context("removing the links of cluster networks");
+            tracing::warn!(error = format!("{e:#}"), "cleanup on exit");
+            first_err.get_or_insert(e);
+        }
         self.agent.stop(true).await.context("netplane cleanup")?;
         match first_err {
             Some(e) => Err(e),

@@ -8,9 +8,12 @@
 //! network comes or goes on this Engine, and compares the kernel with
 //! etcd at least every [`PERIOD`] (an entry deleted by someone comes
 //! back), and the networks' iptables rules every [`RULES_PERIOD`] (a
-//! chain flushed by hand or by a firewall reload comes back). It waits until [`super::sync`] has taken up this Engine's
-//! networks after a start, so that a restart of portless never removes
-//! the VXLAN device of a network it has not learnt yet.
+//! chain flushed by hand or by a firewall reload comes back). It waits
+//! until [`super::sync`] has taken up this Engine's networks after a
+//! start, so that a restart of portless never removes the VXLAN device of
+//! a network it has not learnt yet. It also gives this host its own
+//! address in each network (on the bridge, the source of its routes to
+//! the other hosts' blocks).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

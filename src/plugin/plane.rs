@@ -204,7 +204,17 @@ async fn host_address(
         .await?
     {
         Ok(a) => {
-            lock(&plugin.host_addrs).insert(id, (host.lease_id, a));
+            lock(&plugin.host_addrs).insert(id.clone(), (host.lease_id, a));
+            // The network left this host meanwhile (`DeleteNetwork` gives
+            // back the address it knew of, not this one): give it back.
+            if !lock(&plugin.nets).values().any(|n| n.id == id) {
+                lock(&plugin.host_addrs).remove(&id);
+                plugin
+                    .store
+                    .release_address(&id, &host.id, a, true)
+                    .await?;
+                return Ok(None);
+            }
             Ok(Some(a))
         }
         Err(e) => {

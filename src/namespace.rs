@@ -10,7 +10,6 @@
 //! them on every change of either side ([`run`]).
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -53,9 +52,17 @@ pub fn local_records(
                 Some(NetworkEndpoint {
                     network: e.network_name.clone(),
                     addr: e.ipv4?,
-                    aliases: e.aliases.clone(),
+                    aliases: e
+                        .aliases
+                        .iter()
+                        .take(records::MAX_ALIASES)
+                        .cloned()
+                        .collect(),
                 })
             })
+            // Within what every host accepts (more would have the whole
+            // record refused, its other names with it).
+            .take(records::MAX_NETWORKS)
             .collect();
         if cluster.is_none() && networks.is_empty() {
             continue;
@@ -122,10 +129,22 @@ impl LocalNets {
     }
 }
 
+/// Whether `a` may be a container's address in cluster network `subnet`:
+/// inside it, and neither its network address, its gateway (the first
+/// address, the same on every host) nor its broadcast address.
+fn container_address(subnet: &IpNet, a: std::net::Ipv4Addr) -> bool {
+    let IpNet::V4(s) = subnet else { return false };
+    s.contains(&a)
+        && a != s.network()
+        && a != s.broadcast()
+        && a != portless_netplane::ipam::gateway_of(&s.trunc())
+}
+
 /// A remote record as a container of this host's networks: the cluster
 /// network, and each cluster network (`-d portless`) this host has too,
-/// when the address lies in its subnet (others are left out: a record
-/// cannot put a name into a network it is not on).
+/// when the address is a container address of its subnet (others are
+/// left out: a record cannot put a name into a network it is not on, nor
+/// point one at the gateway, which is every host's own).
 fn container_of(rec: &ContainerRecord, host: &str, nets: &LocalNets, network: &str) -> Container {
     let mut endpoints = Vec::new();
     if let Some(addr) = rec.addr {
@@ -141,7 +160,7 @@ fn container_of(rec: &ContainerRecord, host: &str, nets: &LocalNets, network: &s
         let Some((id, subnets)) = nets.networks.get(&ep.network) else {
             continue;
         };
-        if !subnets.iter().any(|s| s.contains(&IpAddr::V4(ep.addr))) {
+        if !subnets.iter().any(|s| container_address(s, ep.addr)) {
             continue;
         }
         endpoints.push(Endpoint {
@@ -504,10 +523,13 @@ mod tests {
         rec.id = "r3".into();
         rec.networks = vec![
             ep("shop", [10, 112, 0, 20]),
-            // a network this host does not have, and an address outside
-            // the subnet of this host's copy: left out
+            // a network this host does not have, an address outside the
+            // subnet of this host's copy, its gateway and broadcast: left
+            // out
             ep("elsewhere", [10, 112, 0, 21]),
             ep("shop", [172, 20, 0, 9]),
+            ep("shop", [10, 112, 0, 1]),
+            ep("shop", [10, 112, 0, 255]),
         ];
         let v = view(std::slice::from_ref(&rec));
         let (cat, _) = merge(&local_catalog(), &v, "portless", &mut Converted::default());

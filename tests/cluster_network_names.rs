@@ -269,6 +269,12 @@ fn steps(
     // network's gateway, with nothing).
     assert!(lookup(e, 'A', &stranger, &db, Some(other_gw)).is_empty());
     assert!(lookup(e, 'A', &stranger, "database", Some(other_gw)).is_empty());
+    // ... while it answers that network's own names there.
+    let stranger_ip = ip_of(e, 'A', &stranger, other);
+    assert_eq!(
+        lookup(e, 'A', &stranger, &stranger, Some(other_gw)),
+        vec![stranger_ip.to_string()]
+    );
 
     // A's router routes to the container on B, from A's own address in
     // the network: inside the subnet, neither the gateway nor a

@@ -683,6 +683,7 @@ fn outside_and_nothing_else(
         ('A', "bridged", "bridge"),
         ('A', "cluster-a", "portless"),
         ('B', "cluster-b", "portless"),
+        ('B', "bridged-b", "bridge"),
     ] {
         let other = format!("{}-{name}", e.pfx);
         made.push((h, other.clone()));
@@ -717,13 +718,14 @@ fn outside_and_nothing_else(
             None,
             "{c} on {net} reached {other} on {h}"
         );
-        if *h == 'A' {
-            assert_eq!(
-                tcp(e, 'A', other, c_ip),
-                None,
-                "{other} reached {c} on {net}"
-            );
-        }
+        // From either host: B routes the network's addresses in A's
+        // blocks into its VXLAN device, which only the network's own
+        // bridge may send into.
+        assert_eq!(
+            tcp(e, *h, other, c_ip),
+            None,
+            "{other} on {h} reached {c} on {net}"
+        );
     }
     for (h, other, _) in others {
         e.docker_ok(h, &["rm", "-f", &other]);

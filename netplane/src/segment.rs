@@ -147,7 +147,10 @@ fn network_rules(bridge: &str, vxlan: &str) -> Vec<Vec<String>> {
 /// `iptables -S` prints rules (so that they compare as text):
 /// - traffic between two `pn-` links (two networks) is dropped;
 /// - into a network from anywhere else, only replies (a connection one
-///   of its containers opened) pass, as on a Docker bridge;
+///   of its containers opened) pass, as on a Docker bridge, and nothing
+///   but the network's own bridge sends into its VXLAN device (else a
+///   container of a Docker bridge on this host, or the LAN routed through
+///   it, would reach the network's containers on other hosts);
 /// - out of a network: never into the cluster network (its links `pl-*`,
 ///   its range `cluster`, however routed) nor into Docker's bridges
 ///   (`docker0`, `br-*`); anything else (the outside world, through this
@@ -169,6 +172,10 @@ fn tail_rules(cluster: Ipv4Net) -> Vec<Vec<String>> {
             "ACCEPT",
         ]),
         words(&["-o", "pn-br+", "-j", "DROP"]),
+        // Into a network's VXLAN device only from its own bridge (its
+        // rule above): not from a Docker bridge, the cluster network or
+        // the LAN routed through this host to the network's other hosts.
+        words(&["-o", "pn-vx+", "-j", "DROP"]),
         words(&["-i", "pn-br+", "-o", "pl-+", "-j", "DROP"]),
         words(&["-d", &c, "-i", "pn-br+", "-j", "DROP"]),
         words(&["-i", "pn-br+", "-o", "docker0", "-j", "DROP"]),
@@ -1128,6 +1135,8 @@ mod tests {
                 // into a network: replies only
                 "-o pn-br+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
                 "-o pn-br+ -j DROP",
+                // into a network's VXLAN device: only from its bridge
+                "-o pn-vx+ -j DROP",
                 // out: never into the cluster network (links or range,
                 // routed over the underlay in route mode) nor Docker's
                 // bridges ...

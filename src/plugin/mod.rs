@@ -495,6 +495,11 @@ impl Plugin {
 
     async fn delete_network(&self, r: DeleteNetwork) -> Answer {
         let local = lock(&self.nets).remove(&r.network_id);
+        // The address this host took for itself in the network: its key
+        // goes below (given back) or with the record; never reused.
+        let own = local
+            .as_ref()
+            .and_then(|l| lock(&self.host_addrs).remove(&l.id));
         let bridge = segment::bridge_name(&r.network_id);
         segment::remove_bridge(&self.kernel, &bridge)
             .await
@@ -513,7 +518,6 @@ impl Plugin {
         };
         let host = self.host().await?;
         // This host's own address in the network goes with its copy.
-        let own = lock(&self.host_addrs).remove(&local.id);
         if let Some((_, a)) = own {
             self.store
                 .release_address(&local.id, &host.id, a, true)

@@ -121,19 +121,34 @@ async fn reconcile(
         let Some((rec, _)) = listing.networks.get(id) else {
             continue;
         };
-        if let Some(a) = host_address(plugin, rec, &host).await? {
-            segment::ensure_host_address(&plugin.kernel, bridge, a).await?;
-            host_addrs.insert(id.clone(), a);
+        // One network's trouble (a bridge gone for a moment, the xtables
+        // lock) holds up no other's routes: logged, tried again next pass.
+        let held = holders.get(id).map(|(_, addrs)| addrs);
+        match host_address(plugin, rec, &host, held).await {
+            Ok(Some(a)) => match segment::ensure_host_address(&plugin.kernel, bridge, a).await {
+                Ok(_) => {
+                    host_addrs.insert(id.clone(), a);
+                }
+                Err(e) => {
+                    tracing::warn!(network = ?rec.name, error = %e, "putting this host's own address on the network's bridge")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(network = ?rec.name, error = format!("{e:#}"), "taking this host's own address in the network")
+            }
         }
-        if rules {
-            segment::ensure_network_rules(
+        if rules
+            && let Err(e) = segment::ensure_network_rules(
                 &plugin.kernel,
                 bridge,
                 rec.vni,
                 rec.subnet,
                 plugin.cfg.cluster,
             )
-            .await?;
+            .await
+        {
+            tracing::warn!(network = ?rec.name, error = %e, "putting back the network's iptables rules");
         }
     }
     let mut refused = Vec::new();
@@ -190,13 +205,19 @@ async fn host_address(
     plugin: &Plugin,
     rec: &portless_netplane::ipam::NetworkRecord,
     host: &portless_netplane::agent::HostStatus,
+    held: Option<&BTreeMap<std::net::Ipv4Addr, String>>,
 ) -> anyhow::Result<Option<std::net::Ipv4Addr>> {
     let id = rec.id();
-    if let Some((l, a)) = lock(&plugin.host_addrs).get(&id)
-        && *l == host.lease_id
+    // Remembered, while etcd (`held`: the network's addresses by holder,
+    // read this pass) still gives it to this host.
+    let cached = lock(&plugin.host_addrs).get(&id).copied();
+    if let Some((l, a)) = cached
+        && l == host.lease_id
+        && held.and_then(|h| h.get(&a)) == Some(&host.id)
     {
-        return Ok(Some(*a));
+        return Ok(Some(a));
     }
+    lock(&plugin.host_addrs).remove(&id);
     let _one = plugin.alloc.lock().await;
     match plugin
         .store
@@ -209,10 +230,7 @@ async fn host_address(
             // back the address it knew of, not this one): give it back.
             if !lock(&plugin.nets).values().any(|n| n.id == id) {
                 lock(&plugin.host_addrs).remove(&id);
-                plugin
-                    .store
-                    .release_address(&id, &host.id, a, true)
-                    .await?;
+                plugin.store.release_address(&id, &host.id, a, true).await?;
                 return Ok(None);
             }
             Ok(Some(a))

@@ -321,20 +321,27 @@ impl Store {
             .clone()
             .unwrap_or_else(|| record.subnet.to_string());
         for _ in 0..ATTEMPTS {
-            let (held_blocks, _) = self.blocks(&record.id()).await?;
+            let (held_blocks, reserved) = self.blocks(&record.id()).await?;
             if held_blocks
                 .values()
                 .any(|(owner, l)| owner == host && *l == lease)
             {
                 return self.allocate(record, host, lease, None, true).await;
             }
-            let blocks: Vec<Ipv4Net> = held_blocks.keys().copied().collect();
+            let held: Vec<Ipv4Net> = held_blocks.keys().copied().collect();
+            // Outside the blocks other hosts hold or will get back (their
+            // reservations: a host away past its lease may still run
+            // containers there), else outside the held ones only.
+            let mut kept = held.clone();
+            kept.extend(reserved.iter().filter(|(_, h)| *h != host).map(|(b, _)| *b));
             let used: BTreeSet<Ipv4Addr> = self
                 .network_addresses(&record.id())
                 .await?
                 .into_keys()
                 .collect();
-            let Some(a) = ipam::pick_host_address(&record.subnet, &blocks, &used) else {
+            let Some(a) = ipam::pick_host_address(&record.subnet, &kept, &used)
+                .or_else(|| ipam::pick_host_address(&record.subnet, &held, &used))
+            else {
                 return Ok(Err(IpamError::Exhausted(label)));
             };
             match self.allocate(record, host, lease, Some(a), true).await? {

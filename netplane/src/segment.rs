@@ -495,33 +495,60 @@ pub async fn ensure_network_rules(
         .await?
 }
 
-/// Give `bridge` this host's own address in its network (`addr`/32,
-/// beside the gateway), the source of what the host itself sends to the
-/// network's other hosts, and take away any other /32 it holds (an
-/// address of an earlier lease). The number of changes.
-pub async fn ensure_host_address(kernel: &Kernel, bridge: &str, addr: Ipv4Addr) -> Result<usize> {
-    let obs = kernel.observe_networks(PREFIX).await?;
-    let want = Ipv4Net::from(addr);
-    let mut ops: Vec<Op> = obs
-        .addrs
-        .iter()
-        .filter(|a| a.dev == bridge && a.net.prefix_len() == 32 && a.net != want)
-        .map(|a| Op::DelAddr(a.clone()))
-        .collect();
-    if !obs.addrs.iter().any(|a| a.dev == bridge && a.net == want) {
-        ops.push(Op::AddAddr(plan::Addr {
-            dev: bridge.to_owned(),
-            net: want,
-        }));
+/// The changes that give each bridge of `wanted` this host's own address
+/// in its network (`addr`/32, beside the gateway), the source of what the
+/// host itself sends to the network's other hosts, and take away any
+/// other /32 it holds (an address of an earlier lease). Pure.
+pub fn host_address_ops(obs: &Observed, wanted: &[(String, Ipv4Addr)]) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for (bridge, addr) in wanted {
+        let want = Ipv4Net::from(*addr);
+        ops.extend(
+            obs.addrs
+                .iter()
+                .filter(|a| a.dev == *bridge && a.net.prefix_len() == 32 && a.net != want)
+                .map(|a| Op::DelAddr(a.clone())),
+        );
+        if !obs.addrs.iter().any(|a| a.dev == *bridge && a.net == want) {
+            ops.push(Op::AddAddr(plan::Addr {
+                dev: bridge.clone(),
+                net: want,
+            }));
+        }
     }
-    let n = ops.len();
-    if n == 0 {
-        return Ok(0);
+    ops
+}
+
+/// Bring the bridges' own addresses to `wanted` ([`host_address_ops`],
+/// from one read of the kernel); every change is tried, the first error
+/// returned with the number of changes made.
+pub async fn ensure_host_addresses(
+    kernel: &Kernel,
+    wanted: &[(String, Ipv4Addr)],
+) -> (usize, Option<Error>) {
+    let obs = match kernel.observe_networks(PREFIX).await {
+        Ok(o) => o,
+        Err(e) => return (0, Some(e)),
+    };
+    let ops = host_address_ops(&obs, wanted);
+    if ops.is_empty() {
+        return (0, None);
     }
-    for a in kernel.apply(ops).await? {
-        a.result?;
+    let (mut n, mut first) = (0, None);
+    match kernel.apply(ops).await {
+        Ok(applied) => {
+            for a in applied {
+                match a.result {
+                    Ok(()) => n += 1,
+                    Err(e) => {
+                        first.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        Err(e) => first = Some(e),
     }
-    Ok(n)
+    (n, first)
 }
 
 /// Remove a link (a veth pair, by either end) if it exists.
@@ -1119,6 +1146,39 @@ mod tests {
             ]
         );
         assert!(r.iter().all(|x| names_a_link(&x.join(" "))));
+    }
+
+    #[test]
+    fn each_bridge_gets_its_own_address_and_loses_an_earlier_one() {
+        let addr = |dev: &str, n: &str| plan::Addr {
+            dev: dev.into(),
+            net: net(n),
+        };
+        let obs = Observed {
+            addrs: vec![
+                // the gateway stays; an earlier own address goes
+                addr("pn-br1", "10.112.0.1/24"),
+                addr("pn-br1", "10.112.0.250/32"),
+                // already in place: nothing
+                addr("pn-br2", "10.113.0.1/24"),
+                addr("pn-br2", "10.113.0.254/32"),
+            ],
+            ..Observed::default()
+        };
+        let ops = host_address_ops(
+            &obs,
+            &[
+                ("pn-br1".into(), ip("10.112.0.254")),
+                ("pn-br2".into(), ip("10.113.0.254")),
+            ],
+        );
+        assert_eq!(
+            ops,
+            vec![
+                Op::DelAddr(addr("pn-br1", "10.112.0.250/32")),
+                Op::AddAddr(addr("pn-br1", "10.112.0.254/32")),
+            ]
+        );
     }
 
     #[test]

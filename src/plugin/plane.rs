@@ -125,14 +125,9 @@ async fn reconcile(
         // lock) holds up no other's routes: logged, tried again next pass.
         let held = holders.get(id).map(|(_, addrs)| addrs);
         match host_address(plugin, rec, &host, held).await {
-            Ok(Some(a)) => match segment::ensure_host_address(&plugin.kernel, bridge, a).await {
-                Ok(_) => {
-                    host_addrs.insert(id.clone(), a);
-                }
-                Err(e) => {
-                    tracing::warn!(network = ?rec.name, error = %e, "putting this host's own address on the network's bridge")
-                }
-            },
+            Ok(Some(a)) => {
+                host_addrs.insert(id.clone(), (bridge.clone(), a));
+            }
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(network = ?rec.name, error = format!("{e:#}"), "taking this host's own address in the network")
@@ -151,6 +146,19 @@ async fn reconcile(
             tracing::warn!(network = ?rec.name, error = %e, "putting back the network's iptables rules");
         }
     }
+    // On the bridges, from one read of the kernel. A bridge whose address
+    // could not be put in place routes without one (no `src`) this pass.
+    let wanted: Vec<(String, std::net::Ipv4Addr)> = host_addrs.values().cloned().collect();
+    let (_, err) = segment::ensure_host_addresses(&plugin.kernel, &wanted).await;
+    if let Some(e) = err {
+        tracing::warn!(error = %e, "putting this host's own addresses on the networks' bridges");
+        let obs = plugin.kernel.observe_networks(segment::PREFIX).await?;
+        host_addrs.retain(|_, (bridge, a)| {
+            obs.addrs
+                .iter()
+                .any(|x| x.dev == *bridge && x.net == ipnet::Ipv4Net::from(*a))
+        });
+    }
     let mut refused = Vec::new();
     let plans: Vec<_> = here
         .iter()
@@ -165,7 +173,7 @@ async fn reconcile(
                     blocks,
                     addrs,
                     bridge: bridge.clone(),
-                    host_addr: host_addrs.get(&rec.id()).copied(),
+                    host_addr: host_addrs.get(&rec.id()).map(|(_, a)| *a),
                 },
                 &hosts,
             );

@@ -382,6 +382,41 @@ fn steps(
             && n.contains("MASQUERADE")
     });
     eprintln!("flushed rules back after {} ms", took.as_millis());
+    // One rule of the shared tail deleted by hand: the tail is written
+    // again, and each of its rules is there once.
+    let out = e.in_ns(
+        'A',
+        &[
+            "iptables",
+            "-w",
+            "-D",
+            "PORTLESS-NETS",
+            "-o",
+            "pn-vx+",
+            "-j",
+            "DROP",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let once = |rule: &str| {
+        let f = e.in_ns('A', &["iptables", "-w", "-S", "PORTLESS-NETS"]);
+        String::from_utf8_lossy(&f.stdout)
+            .lines()
+            .filter(|l| *l == format!("-A PORTLESS-NETS {rule}"))
+            .count()
+            == 1
+    };
+    // (The new tail goes in before the old one goes: wait for the end.)
+    let tail = [
+        "-i pn-+ -o pn-+ -j DROP",
+        "-o pn-br+ -j DROP",
+        "-o pn-vx+ -j DROP",
+        "-i pn-br+ -j ACCEPT",
+        "-i pn-+ -j DROP",
+    ];
+    wait("the tail written again, each rule once", 15.0, || {
+        tail.iter().all(|r| once(r))
+    });
     assert_eq!(
         fetch(e, 'A', &late, &format!("http://{db}/cgi-bin/ip")).as_deref(),
         Some(late_ip.to_string().as_str())

@@ -276,10 +276,14 @@ fn ensure_rules(bridge: &str, vxlan: &str, subnet: Ipv4Net, cluster: Ipv4Net) ->
     let generic: Vec<&String> = rules.iter().filter(|r| !names_a_link(r)).collect();
     if generic.len() != tail.len() || !rules.ends_with(&tail) {
         // Rewritten whole (an older tail, another cluster range, a rule
-        // deleted by hand): the networks' own rules stay on top.
-        for r in generic {
-            delete_listed("filter", r)?;
-        }
+        // deleted by hand): the networks' own rules stay on top. The new
+        // tail goes in before the old one goes (each deletion takes the
+        // first rule of its text: the old one), so that no moment is
+        // without the drops.
+        tracing::info!(
+            chain = CHAIN,
+            "rewriting the shared rules of cluster networks"
+        );
         for r in tail_rules(cluster) {
             let mut add = vec!["-A", CHAIN];
             add.extend(r.iter().map(String::as_str));
@@ -289,6 +293,9 @@ fn ensure_rules(bridge: &str, vxlan: &str, subnet: Ipv4Net, cluster: Ipv4Net) ->
                     r.join(" ")
                 )));
             }
+        }
+        for r in generic {
+            delete_listed("filter", r)?;
         }
     }
     for rule in network_rules(bridge, vxlan) {

@@ -21,33 +21,7 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use common::engines::{Engines, Sidecar, nslookup_addrs};
-
-fn wait(what: &str, secs: f64, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs_f64(secs),
-            "{what}: not within {secs} s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
-}
-
-fn ip_of(e: &Engines, h: char, c: &str, net: &str) -> Ipv4Addr {
-    e.docker_ok(
-        h,
-        &[
-            "inspect",
-            "-f",
-            &format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}"),
-            c,
-        ],
-    )
-    .parse()
-    .unwrap()
-}
+use common::engines::{Engines, Sidecar, cgi_client, nslookup_addrs, wait};
 
 fn subnet_of(e: &Engines, h: char, net: &str) -> ipnet::Ipv4Net {
     e.docker_ok(
@@ -80,13 +54,9 @@ fn fetch(e: &Engines, h: char, c: &str, url: &str) -> Option<String> {
         h,
         &["exec", c, "timeout", "3", "wget", "-q", "-O", "-", url],
     );
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .trim_start_matches("[::ffff:")
-            .trim_end_matches(']')
-            .to_owned()
-    })
+    out.status
+        .success()
+        .then(|| cgi_client(&String::from_utf8_lossy(&out.stdout)))
 }
 
 const TTL: &[&str] = &["--lease-ttl", "10"];
@@ -206,7 +176,7 @@ fn steps(
             "/var/www",
         ],
     );
-    let db_ip = ip_of(e, 'B', &db, shop);
+    let db_ip = e.ip_of('B', &db, shop);
     let run_client = |made: &mut Vec<(char, String)>, name: &str, net: &str, dns: Ipv4Addr| {
         let c = format!("{}-{name}", e.pfx);
         made.push(('A', c.clone()));
@@ -230,7 +200,7 @@ fn steps(
     };
     let cli = run_client(made, "cli", shop, gw);
     let stranger = run_client(made, "stranger", other, other_gw);
-    let cli_ip = ip_of(e, 'A', &cli, shop);
+    let cli_ip = e.ip_of('A', &cli, shop);
     // The bridge answers ARP for the network's addresses on B (proxy ARP,
     // set over netlink), at once (proxy_delay 0).
     let bridge = format!(
@@ -270,7 +240,7 @@ fn steps(
     assert!(lookup(e, 'A', &stranger, &db, Some(other_gw)).is_empty());
     assert!(lookup(e, 'A', &stranger, "database", Some(other_gw)).is_empty());
     // ... while it answers that network's own names there.
-    let stranger_ip = ip_of(e, 'A', &stranger, other);
+    let stranger_ip = e.ip_of('A', &stranger, other);
     assert_eq!(
         lookup(e, 'A', &stranger, &stranger, Some(other_gw)),
         vec![stranger_ip.to_string()]
@@ -280,9 +250,7 @@ fn steps(
     // the network: inside the subnet, neither the gateway nor a
     // container's.
     let got = wait_get(e, 'A', "db.shop.test", "/cgi-bin/ip");
-    let from: Ipv4Addr = got
-        .trim_start_matches("[::ffff:")
-        .trim_end_matches(']')
+    let from: Ipv4Addr = cgi_client(&got)
         .parse()
         .unwrap_or_else(|_| panic!("{got:?}"));
     assert!(
@@ -338,7 +306,7 @@ fn steps(
         "docker run while portless was down: {}",
         String::from_utf8_lossy(&run_late.stderr)
     );
-    let late_ip = ip_of(e, 'A', &late, shop);
+    let late_ip = e.ip_of('A', &late, shop);
     assert!(subnet.contains(&late_ip), "{late_ip}");
     wait("the pings done", 20.0, || {
         String::from_utf8_lossy(
@@ -447,7 +415,7 @@ fn steps(
         leaked_at.elapsed().as_secs()
     );
     for (h, c) in [('A', &cli), ('A', &late)] {
-        let ip = ip_of(e, h, c, shop);
+        let ip = e.ip_of(h, c, shop);
         assert_eq!(
             keys(&format!(
                 "/portless/v1/netaddrs/{}-{}/{ip}",

@@ -22,33 +22,7 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use common::engines::{Engines, Sidecar};
-
-fn wait(what: &str, secs: f64, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs_f64(secs),
-            "{what}: not within {secs} s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
-}
-
-fn ip_of(e: &Engines, h: char, c: &str, net: &str) -> Ipv4Addr {
-    e.docker_ok(
-        h,
-        &[
-            "inspect",
-            "-f",
-            &format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}"),
-            c,
-        ],
-    )
-    .parse()
-    .unwrap()
-}
+use common::engines::{Engines, Sidecar, cgi_client, wait};
 
 fn ping(e: &Engines, h: char, c: &str, ip: Ipv4Addr) -> bool {
     e.docker(
@@ -83,14 +57,9 @@ fn tcp(e: &Engines, h: char, c: &str, ip: Ipv4Addr) -> Option<String> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    // busybox httpd listens on IPv6 too: `[::ffff:10.112.0.2]`
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .trim_start_matches("[::ffff:")
-            .trim_end_matches(']')
-            .to_owned()
-    })
+    out.status
+        .success()
+        .then(|| cgi_client(&String::from_utf8_lossy(&out.stdout)))
 }
 
 /// `c` on `h` reaches `ip` (ping within a few seconds, as the other
@@ -189,11 +158,7 @@ fn tcp_from_ns(ns: &str, ip: Ipv4Addr) -> Option<String> {
     // The CGI's own header ends with a bare newline.
     let text = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
     let body = text.split("\n\n").nth(1)?.trim();
-    (!body.is_empty()).then(|| {
-        body.trim_start_matches("[::ffff:")
-            .trim_end_matches(']')
-            .to_owned()
-    })
+    (!body.is_empty()).then(|| cgi_client(body))
 }
 
 /// The world outside the cluster, as the test makes it: a namespace
@@ -381,7 +346,7 @@ fn steps(
     let blue_b = run(made, 'B', "blue-b", blue);
     let both = run(made, 'A', "both", red);
     e.docker_ok('A', &["network", "connect", blue, &both]);
-    let ip = |h, c: &str, net: &str| ip_of(e, h, c, net);
+    let ip = |h, c: &str, net: &str| e.ip_of(h, c, net);
     let (red_a_ip, red_b_ip) = (ip('A', &red_a, red), ip('B', &red_b, red));
     let (blue_a_ip, blue_b_ip) = (ip('A', &blue_a, blue), ip('B', &blue_b, blue));
 
@@ -705,7 +670,7 @@ fn outside_and_nothing_else(
                 "/var/www",
             ],
         );
-        let ip = ip_of(e, h, &other, on);
+        let ip = e.ip_of(h, &other, on);
         // Up and reachable from its own host.
         wait(&format!("{other} from host {h}"), 5.0, || {
             tcp_from_ns(&e.ns(h), ip).is_some()

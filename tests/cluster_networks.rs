@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use common::engines::{Engines, Sidecar};
+use common::engines::{Engines, Sidecar, wait};
 
 /// Containers each host starts at once (`PORTLESS_TEST_PER_HOST`, default
 /// 50, as the issue asks: 100 distinct addresses from two hosts).
@@ -29,18 +29,6 @@ fn per_host() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50)
-}
-
-fn wait(what: &str, secs: f64, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs_f64(secs),
-            "{what}: not within {secs} s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
 }
 
 fn subnet_of(e: &Engines, h: char, net: &str) -> Option<String> {
@@ -57,20 +45,6 @@ fn subnet_of(e: &Engines, h: char, net: &str) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn ip_of(e: &Engines, h: char, c: &str, net: &str) -> Ipv4Addr {
-    e.docker_ok(
-        h,
-        &[
-            "inspect",
-            "-f",
-            &format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}"),
-            c,
-        ],
-    )
-    .parse()
-    .unwrap()
 }
 
 /// The addresses of containers in etcd (not the hosts' own, one per host
@@ -190,7 +164,7 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
     );
     let mut seen = BTreeSet::new();
     for (h, c) in &names {
-        let ip = ip_of(e, *h, c, net);
+        let ip = e.ip_of(*h, c, net);
         assert!(subnet.contains(&ip) && ip != gateway, "{c}: {ip}");
         assert!(seen.insert(ip), "{ip} given twice");
     }
@@ -200,7 +174,7 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
 
     // Two containers on A reach each other over the network's bridge.
     let (a0, a1) = (&names[0].1, &names[1].1);
-    let ip1 = ip_of(e, 'A', a1, net);
+    let ip1 = e.ip_of('A', a1, net);
     let out = e.docker(
         'A',
         &["exec", a0, "ping", "-c", "2", "-W", "2", &ip1.to_string()],
@@ -265,9 +239,9 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
             "100000",
         ],
     );
-    let late_ip = ip_of(e, 'A', &late, net);
+    let late_ip = e.ip_of('A', &late, net);
     assert!(seen.insert(late_ip), "{late_ip} given twice");
-    let ip0 = ip_of(e, 'A', a0, net);
+    let ip0 = e.ip_of('A', a0, net);
     let out = e.docker(
         'A',
         &[
@@ -315,7 +289,7 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
     // a free one is given. (On B: Docker takes --ip only on a network
     // made with --subnet, as portless makes the other hosts' copies; on
     // A it was made without.)
-    let a_ip = ip_of(e, 'A', &names[0].1, net);
+    let a_ip = e.ip_of('A', &names[0].1, net);
     let taken = format!("{}-taken", e.pfx);
     made.push(('B', taken.clone()));
     let out = e.docker(
@@ -372,7 +346,7 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
             "100000",
         ],
     );
-    assert_eq!(ip_of(e, 'B', &chosen, net).to_string(), free);
+    assert_eq!(e.ip_of('B', &chosen, net).to_string(), free);
 
     // `docker network rm` on A while B has containers on it: Docker lets
     // no plugin refuse a removal, so A's copy goes, but the network stays

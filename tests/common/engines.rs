@@ -100,6 +100,21 @@ impl Engines {
     }
 
     /// `docker` against engine `h`; its stdout, or a panic with stderr.
+    /// The IPv4 address of container `c` on network `net` of engine `h`.
+    pub fn ip_of(&self, h: char, c: &str, net: &str) -> Ipv4Addr {
+        self.docker_ok(
+            h,
+            &[
+                "inspect",
+                "-f",
+                &format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}"),
+                c,
+            ],
+        )
+        .parse()
+        .unwrap()
+    }
+
     pub fn docker_ok(&self, h: char, args: &[&str]) -> String {
         let out = self.docker(h, args);
         assert!(
@@ -348,4 +363,27 @@ pub fn nslookup_addrs(out: &str) -> Vec<String> {
     }
     addrs.sort();
     addrs
+}
+
+/// Poll `f` until it holds, failing after `secs` with `what`; how long it
+/// took.
+pub fn wait(what: &str, secs: f64, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs_f64(secs),
+            "{what}: not within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+/// The client address the image's CGI `/cgi-bin/ip` printed: busybox
+/// httpd listens on IPv6 too and reports `[::ffff:10.112.0.2]`.
+pub fn cgi_client(body: &str) -> String {
+    body.trim()
+        .trim_start_matches("[::ffff:")
+        .trim_end_matches(']')
+        .to_owned()
 }

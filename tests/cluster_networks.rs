@@ -371,7 +371,19 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
     wait("the network gone from B", 3.0, || {
         subnet_of(e, 'B', net).is_none()
     });
-    assert!(subnet_of(e, 'A', net).is_none());
+    // And it stays gone: no host makes it again for a moment while the
+    // removal goes through (Docker hides a network it is removing before
+    // the plugin's DeleteNetwork takes its record out of etcd).
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < std::time::Duration::from_secs(2) {
+        for h in ['A', 'B'] {
+            assert!(
+                subnet_of(e, h, net).is_none(),
+                "the removed network is back on {h} {} ms after `docker network rm`",
+                watched.elapsed().as_millis()
+            );
+        }
+    }
     let left: Vec<String> = [
         "networks/",
         "netnames/",

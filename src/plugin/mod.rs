@@ -107,6 +107,10 @@ pub struct Plugin {
     alloc: tokio::sync::Mutex<()>,
     /// Network ids [`sync`] is removing itself (their record went).
     removing: Mutex<HashSet<String>>,
+    /// Network ids whose copy here Docker is removing (`docker network
+    /// rm`): [`sync`] must not make them again before the removal is
+    /// through and its record, if the network leaves the cluster, gone.
+    deleting: Mutex<HashMap<String, Deleting>>,
     /// Wakes [`sync`] early.
     wake: Notify,
     /// Wakes [`plane`] early (a network came or went here).
@@ -117,6 +121,29 @@ pub struct Plugin {
     /// This host's own address in each network (by network id), with the
     /// lease it was given under.
     host_addrs: Mutex<HashMap<String, (i64, Ipv4Addr)>>,
+}
+
+/// A removal of a network's copy by Docker: its calls under way, and when
+/// the last one came or ended.
+#[derive(Debug, Clone, Copy)]
+struct Deleting {
+    busy: u32,
+    last: std::time::Instant,
+}
+
+/// Marks a network's removal under way for as long as it lives.
+struct DeletingGuard<'a> {
+    plugin: &'a Plugin,
+    id: String,
+}
+
+impl Drop for DeletingGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(d) = lock(&self.plugin.deleting).get_mut(&self.id) {
+            d.busy = d.busy.saturating_sub(1);
+            d.last = std::time::Instant::now();
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -166,11 +193,38 @@ impl Plugin {
             records: Mutex::new(HashMap::new()),
             alloc: tokio::sync::Mutex::new(()),
             removing: Mutex::new(HashSet::new()),
+            deleting: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             plane_wake: Notify::new(),
             taken_up: std::sync::atomic::AtomicBool::new(false),
             host_addrs: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Marks network `id`'s removal from this Engine under way until the
+    /// guard drops.
+    fn deleting(&self, id: &str) -> DeletingGuard<'_> {
+        let now = std::time::Instant::now();
+        let mut all = lock(&self.deleting);
+        // Forget removals long over.
+        all.retain(|_, d| d.busy > 0 || now.duration_since(d.last) < Duration::from_secs(60));
+        let d = all
+            .entry(id.to_owned())
+            .or_insert(Deleting { busy: 0, last: now });
+        d.busy += 1;
+        d.last = now;
+        DeletingGuard {
+            plugin: self,
+            id: id.to_owned(),
+        }
+    }
+
+    /// Whether Docker is removing network `id` from this Engine, or was
+    /// within `quiet`.
+    fn removal_under_way(&self, id: &str, quiet: Duration) -> bool {
+        lock(&self.deleting)
+            .get(id)
+            .is_some_and(|d| d.busy > 0 || d.last.elapsed() < quiet)
     }
 
     /// This host's id, lease and MTU, waiting a little for the lease.
@@ -334,6 +388,7 @@ impl Plugin {
     }
 
     async fn release_pool(&self, r: ReleasePool) -> Answer {
+        let _removal = self.deleting(&r.pool_id);
         // A creation that failed after its pool was recorded: forget it.
         // A named network goes with DeleteNetwork.
         if let Ok(Some((rec, _))) = self.store.network(&r.pool_id).await
@@ -495,6 +550,7 @@ impl Plugin {
 
     async fn delete_network(&self, r: DeleteNetwork) -> Answer {
         let local = lock(&self.nets).remove(&r.network_id);
+        let _removal = local.as_ref().map(|l| self.deleting(&l.id));
         // The address this host took for itself in the network: its key
         // goes below (given back) or with the record; never reused.
         let own = local

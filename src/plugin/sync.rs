@@ -44,6 +44,17 @@ pub const PERIOD: Duration = Duration::from_secs(2);
 /// `ReleaseAddress` came while portless was down, or never came).
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(15);
 
+/// How long a network this Engine had must stay gone, with no removal of
+/// it by Docker under way, before it is made again. Docker hides a network
+/// from its listings as soon as `docker network rm` starts, before it calls
+/// the plugin, and the record leaves etcd only when the plugin's
+/// `DeleteNetwork` is through: a pass in between would make the network
+/// again for a moment.
+const REMAKE_QUIET: Duration = Duration::from_millis(500);
+
+/// How soon a pass comes again when it put off making a network.
+const DEFERRED_PASS: Duration = Duration::from_millis(200);
+
 /// A portless network on this Engine.
 #[derive(Debug, Clone)]
 struct Have {
@@ -78,14 +89,19 @@ struct State {
     /// Addresses this host holds that no container of the Engine has, by
     /// network id, and since when.
     orphans: HashMap<(String, Ipv4Addr), tokio::time::Instant>,
+    /// Cluster network ids this Engine had at the last pass.
+    had: BTreeSet<String>,
+    /// Networks this Engine had that went, and since when.
+    gone: HashMap<String, tokio::time::Instant>,
 }
 
 async fn follow(plugin: &Arc<Plugin>, state: &mut State) -> anyhow::Result<()> {
     let listing = plugin.store.list_networks().await?;
     let mut watch = plugin.store.watch_networks(listing.revision + 1).await?;
-    reconcile(plugin, &listing).await;
+    let mut deferred = reconcile(plugin, &listing, state).await;
     local_side(plugin, &listing, state).await;
     loop {
+        let next = if deferred { DEFERRED_PASS } else { PERIOD };
         tokio::select! {
             m = watch.message() => {
                 let Some(resp) = m? else { anyhow::bail!("watch ended") };
@@ -97,10 +113,10 @@ async fn follow(plugin: &Arc<Plugin>, state: &mut State) -> anyhow::Result<()> {
                 // Let Docker finish what woke us (a removal under way).
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            _ = tokio::time::sleep(PERIOD) => {}
+            _ = tokio::time::sleep(next) => {}
         }
         let listing = plugin.store.list_networks().await?;
-        reconcile(plugin, &listing).await;
+        deferred = reconcile(plugin, &listing, state).await;
         local_side(plugin, &listing, state).await;
     }
 }
@@ -135,14 +151,27 @@ async fn local_networks(plugin: &Plugin) -> anyhow::Result<Vec<Have>> {
         .collect())
 }
 
-async fn reconcile(plugin: &Arc<Plugin>, listing: &NetworkListing) {
+/// Makes and removes this Engine's copies of the cluster's networks;
+/// true if it put off making one (a removal may be under way).
+async fn reconcile(plugin: &Arc<Plugin>, listing: &NetworkListing, state: &mut State) -> bool {
     let have = match local_networks(plugin).await {
         Ok(h) => h,
         Err(e) => {
             tracing::warn!(error = %e, "listing this Engine's networks");
-            return;
+            return false;
         }
     };
+    let now = tokio::time::Instant::now();
+    let here: BTreeSet<String> = have.iter().filter_map(|h| h.id.clone()).collect();
+    let mut gone = HashMap::new();
+    for id in state.had.iter().chain(state.gone.keys()) {
+        if !here.contains(id) {
+            gone.insert(id.clone(), state.gone.get(id).copied().unwrap_or(now));
+        }
+    }
+    state.gone = gone;
+    state.had = here;
+    let mut deferred = false;
     // Gone from the cluster (or another network holds the name now).
     for h in &have {
         let wanted = h.id.as_ref().and_then(|id| listing.networks.get(id));
@@ -182,6 +211,17 @@ async fn reconcile(plugin: &Arc<Plugin>, listing: &NetworkListing) {
             tracing::warn!(network = %name, "a network of this name that is not the cluster's exists here");
             continue;
         }
+        // A network this Engine just had: Docker may be removing it, and
+        // its record may go when the removal is through.
+        if plugin.removal_under_way(id, REMAKE_QUIET)
+            || state
+                .gone
+                .get(id)
+                .is_some_and(|since| since.elapsed() < REMAKE_QUIET)
+        {
+            deferred = true;
+            continue;
+        }
         // The listing may predate a `docker network rm` that removed the
         // record after it was read and the Docker network after that:
         // read the record again now that the Engine was listed.
@@ -202,6 +242,9 @@ async fn reconcile(plugin: &Arc<Plugin>, listing: &NetworkListing) {
             }
         }
     }
+    // Records that left the cluster need no remembering.
+    state.gone.retain(|id, _| listing.networks.contains_key(id));
+    deferred
 }
 
 async fn create(plugin: &Plugin, rec: &NetworkRecord) -> Result<(), bollard::errors::Error> {

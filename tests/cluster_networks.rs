@@ -163,10 +163,14 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
         started.elapsed().as_millis()
     );
     let mut seen = BTreeSet::new();
+    let mut whose = std::collections::BTreeMap::new();
     for (h, c) in &names {
         let ip = e.ip_of(*h, c, net);
         assert!(subnet.contains(&ip) && ip != gateway, "{c}: {ip}");
-        assert!(seen.insert(ip), "{ip} given twice");
+        if let Some((h0, c0)) = whose.insert(ip, (*h, c.clone())) {
+            panic!("{ip} given twice: to {c0} on {h0} and {c} on {h}");
+        }
+        seen.insert(ip);
     }
     assert_eq!(seen.len(), 2 * n);
     let keys = container_addrs(e);
@@ -184,6 +188,71 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
         "{a0} -> {a1} ({ip1}): {}",
         String::from_utf8_lossy(&out.stdout)
     );
+
+    // A's lease lost while portless runs (as when etcd or the host is too
+    // busy for a keepalive): its address keys go with it, and are written
+    // again under the new lease at the next pass. Containers started on A
+    // right after the new lease never get an address a running container
+    // has, though etcd does not show those for a moment.
+    let lease_of = |s: &Sidecar| {
+        s.status()["cluster"]["host"]["lease_id"]
+            .as_i64()
+            .unwrap_or(0)
+    };
+    let old_lease = lease_of(a);
+    assert_ne!(old_lease, 0);
+    let out = e.etcdctl(&["lease", "revoke", &format!("{old_lease:x}")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait("A on a new lease", 10.0, || {
+        let l = lease_of(a);
+        l != 0 && l != old_lease
+    });
+    let quick: Vec<String> = (0..4).map(|i| format!("{}-quick{i}", e.pfx)).collect();
+    made.extend(quick.iter().map(|c| ('A', c.clone())));
+    std::thread::scope(|s| {
+        for c in &quick {
+            s.spawn(move || {
+                e.docker_ok(
+                    'A',
+                    &[
+                        "run",
+                        "-d",
+                        "--name",
+                        c,
+                        "--network",
+                        net,
+                        image,
+                        "sleep",
+                        "100000",
+                    ],
+                );
+            });
+        }
+    });
+    let mut quick_ips = BTreeSet::new();
+    for c in &quick {
+        let ip = e.ip_of('A', c, net);
+        assert!(
+            !seen.contains(&ip) && quick_ips.insert(ip),
+            "{c} got {ip}, which another container has, right after A's new lease"
+        );
+    }
+    wait(
+        "A's addresses written again under its new lease",
+        10.0,
+        || container_addrs(e).len() == 2 * n + quick.len(),
+    );
+    for c in &quick {
+        e.docker_ok('A', &["rm", "-f", c]);
+    }
+    made.retain(|(_, c)| !quick.contains(c));
+    wait("the quick containers' addresses given back", 10.0, || {
+        container_addrs(e).len() == 2 * n
+    });
 
     // portless on A killed, down past its lease (its address keys go with
     // it), and started again: the running containers' addresses are

@@ -357,17 +357,33 @@ async fn a_host_that_comes_back_gets_its_blocks_back() {
     store.release(l1).await.unwrap();
     let held = store.network_addresses(&net.id()).await.unwrap();
     assert_eq!(held.keys().copied().collect::<Vec<_>>(), vec![o1]);
-    // h1 again, under a new lease: its reserved block first.
+    // h1 again, under a new lease: its reserved block first. Its
+    // container may still have a1, which etcd no longer shows: avoided,
+    // it is neither handed out nor given when asked for.
     let l2 = lease(&store, 60).await;
+    let avoid = BTreeSet::from([a1]);
     let a2 = store
-        .request_address(&net, "h1", l2, None)
+        .request_address_avoiding(&net, "h1", l2, None, &avoid)
         .await
         .unwrap()
         .unwrap();
+    assert_ne!(a2, a1);
     assert_eq!(
         Ipv4Net::new(a2, 28).unwrap().trunc(),
         Ipv4Net::new(a1, 28).unwrap().trunc()
     );
+    let refused = store
+        .request_address_avoiding(&net, "h1", l2, Some(a1), &avoid)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(refused.to_string().contains("in use"), "{refused}");
+    let own = store
+        .host_address_avoiding(&net, "h1", l2, &avoid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(own != a1 && own != a2);
     // A lease that is gone is an error of its own.
     let e = store
         .request_address(&net, "h1", l1, None)

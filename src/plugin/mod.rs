@@ -23,7 +23,7 @@ pub mod api;
 pub mod plane;
 pub mod sync;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -121,6 +121,14 @@ pub struct Plugin {
     /// This host's own address in each network (by network id), with the
     /// lease it was given under.
     host_addrs: Mutex<HashMap<String, (i64, Ipv4Addr)>>,
+    /// Addresses this process handed out to Docker and Docker has not
+    /// given back, by network id, and when: in use though etcd may not
+    /// show it (this host's lease ran out a moment ago), and not to be
+    /// taken for leftovers while Docker is still attaching the container.
+    handed: Mutex<HashMap<String, HashMap<Ipv4Addr, std::time::Instant>>>,
+    /// The addresses of this Engine's containers by network id, as
+    /// [`sync`] last listed them.
+    engine_addrs: Mutex<HashMap<String, BTreeSet<Ipv4Addr>>>,
 }
 
 /// A removal of a network's copy by Docker: its calls under way, and when
@@ -198,7 +206,23 @@ impl Plugin {
             plane_wake: Notify::new(),
             taken_up: std::sync::atomic::AtomicBool::new(false),
             host_addrs: Mutex::new(HashMap::new()),
+            handed: Mutex::new(HashMap::new()),
+            engine_addrs: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The addresses this host knows are in use in network `id`: handed
+    /// out and not given back, or on a container of the Engine. Never
+    /// handed out again, whatever etcd says for a moment.
+    fn in_use_here(&self, id: &str) -> BTreeSet<Ipv4Addr> {
+        let mut all: BTreeSet<Ipv4Addr> = lock(&self.handed)
+            .get(id)
+            .map(|h| h.keys().copied().collect())
+            .unwrap_or_default();
+        if let Some(e) = lock(&self.engine_addrs).get(id) {
+            all.extend(e);
+        }
+        all
     }
 
     /// Marks network `id`'s removal from this Engine under way until the
@@ -430,16 +454,25 @@ impl Plugin {
             });
         }
         let host = self.host().await?;
+        self.engine_known().await;
         let _one = self.alloc.lock().await;
+        let avoid = self.in_use_here(&r.pool_id);
         match self
             .store
-            .request_address(&rec, &host.id, host.lease_id, want)
+            .request_address_avoiding(&rec, &host.id, host.lease_id, want, &avoid)
             .await
         {
-            Ok(Ok(a)) => to_value(RequestAddressResponse {
-                address: format!("{a}/{len}"),
-                data: BTreeMap::new(),
-            }),
+            Ok(Ok(a)) => {
+                lock(&self.handed)
+                    .entry(r.pool_id.clone())
+                    .or_default()
+                    .insert(a, std::time::Instant::now());
+                tracing::debug!(network = ?rec.name, addr = %a, "address handed out");
+                to_value(RequestAddressResponse {
+                    address: format!("{a}/{len}"),
+                    data: BTreeMap::new(),
+                })
+            }
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(format!("etcd: {e}")),
         }
@@ -447,6 +480,9 @@ impl Plugin {
 
     async fn release_address(&self, r: ReleaseAddress) -> Answer {
         let (addr, _) = cidr_addr(&r.address)?;
+        if let Some(h) = lock(&self.handed).get_mut(&r.pool_id) {
+            h.remove(&addr);
+        }
         let Ok(rec) = self.record(&r.pool_id).await else {
             // The network is gone, and its addresses with it.
             return Ok(serde_json::json!({}));
@@ -564,6 +600,9 @@ impl Plugin {
         let Some(local) = local else {
             return Ok(serde_json::json!({}));
         };
+        // Docker removes a network only without endpoints here.
+        lock(&self.handed).remove(&local.id);
+        lock(&self.engine_addrs).remove(&local.id);
         if lock(&self.removing).remove(&local.id) {
             return Ok(serde_json::json!({}));
         }
@@ -614,6 +653,25 @@ impl Plugin {
             .map_err(|e| format!("etcd: {e}"))?;
         lock(&self.records).remove(&local.id);
         Ok(serde_json::json!({}))
+    }
+
+    /// Right after a start of portless, the addresses of the Engine's
+    /// containers are not known (nor, if the lease ran out meanwhile,
+    /// written again in etcd) until [`sync`]'s first pass: wait for it a
+    /// little before handing out an address (Docker's call waits).
+    async fn engine_known(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !self.taken_up.load(std::sync::atomic::Ordering::Relaxed)
+            && tokio::time::Instant::now() < deadline
+        {
+            self.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !self.taken_up.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                "handing out an address before this Engine's containers are known (Docker or etcd slow to answer)"
+            );
+        }
     }
 
     /// The network `docker_id` of this Engine. Right after a start of

@@ -227,9 +227,10 @@ async fn host_address(
     }
     lock(&plugin.host_addrs).remove(&id);
     let _one = plugin.alloc.lock().await;
+    let avoid = plugin.in_use_here(&id);
     match plugin
         .store
-        .host_address(rec, &host.id, host.lease_id)
+        .host_address_avoiding(rec, &host.id, host.lease_id, &avoid)
         .await?
     {
         Ok(a) => {

@@ -13,7 +13,11 @@
 //! finished (portless stopped between Docker's two calls) is removed after
 //! a few passes, and an address this host holds that no container of the
 //! Engine has had for [`ORPHAN_GRACE`] (Docker's `ReleaseAddress` came
-//! while portless was down) is given back.
+//! while portless was down) is given back, unless this process handed it
+//! out less than [`HANDED_GRACE`] ago. The addresses each pass finds on
+//! the Engine's containers are kept for the plugin, which never hands
+//! them out (nor those it handed out and Docker has not given back),
+//! whatever etcd shows a moment after this host's lease ran out.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -43,6 +47,12 @@ pub const PERIOD: Duration = Duration::from_secs(2);
 /// a container is the leftover of a Docker call that never finished (its
 /// `ReleaseAddress` came while portless was down, or never came).
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(15);
+
+/// How long an address this process handed out is never taken for a
+/// leftover, however long the Engine goes without a container having it:
+/// on a busy host Docker may take many seconds from `RequestAddress` to
+/// the container being attached.
+pub const HANDED_GRACE: Duration = Duration::from_secs(120);
 
 /// How long a network this Engine had must stay gone, with no removal of
 /// it by Docker under way, before it is made again. Docker hides a network
@@ -331,6 +341,7 @@ async fn local_side(plugin: &Arc<Plugin>, listing: &NetworkListing, state: &mut 
             all_written = false;
             continue;
         };
+        lock(&plugin.engine_addrs).insert(rec.id(), here.clone());
         if republish && !rewrite_addresses(plugin, h, rec, &host, &here).await {
             all_written = false;
         }
@@ -410,6 +421,15 @@ async fn release_orphans(
         if holder.host != host.id || holder.for_host || here.contains(&a) {
             continue;
         }
+        // Handed out by this process, and Docker is still attaching the
+        // container (slow on a busy host), or will give it back.
+        if lock(&plugin.handed)
+            .get(&id)
+            .and_then(|m| m.get(&a))
+            .is_some_and(|t| t.elapsed() < HANDED_GRACE)
+        {
+            continue;
+        }
         let key = (id.clone(), a);
         let since = before.get(&key).copied().unwrap_or(now);
         if now.duration_since(since) < ORPHAN_GRACE {
@@ -425,6 +445,9 @@ async fn release_orphans(
         }
         match plugin.store.release_address(&id, &host.id, a, false).await {
             Ok(()) => {
+                if let Some(m) = lock(&plugin.handed).get_mut(&id) {
+                    m.remove(&a);
+                }
                 tracing::info!(network = %h.name, addr = %a, "address given back: no container here has had it for {} s (a Docker call that never finished)", ORPHAN_GRACE.as_secs())
             }
             Err(e) => {

@@ -305,10 +305,22 @@ impl Sidecar {
         }
     }
 
+    /// The log's warnings and errors (the last 40), then its last 40
+    /// lines: what a failed test prints.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        let bad: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect();
+        format!(
+            "-- warnings and errors ({} in all):\n{}\n-- last lines:\n{}",
+            bad.len(),
+            bad[bad.len().saturating_sub(40)..].join("\n"),
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        )
     }
 
     /// SIGKILL: no lease given back, nothing cleaned.

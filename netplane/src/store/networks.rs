@@ -309,6 +309,20 @@ impl Store {
         host: &str,
         lease: i64,
     ) -> Result<std::result::Result<Ipv4Addr, IpamError>> {
+        self.host_address_avoiding(record, host, lease, &BTreeSet::new())
+            .await
+    }
+
+    /// [`Store::host_address`], never one of `avoid` (addresses this
+    /// host's containers have, which etcd may not hold for a moment: its
+    /// lease ran out and they are not written again yet).
+    pub async fn host_address_avoiding(
+        &self,
+        record: &NetworkRecord,
+        host: &str,
+        lease: i64,
+        avoid: &BTreeSet<Ipv4Addr>,
+    ) -> Result<std::result::Result<Ipv4Addr, IpamError>> {
         let held = self.network_address_holders(&record.id()).await?;
         if let Some((a, _)) = held
             .iter()
@@ -326,7 +340,7 @@ impl Store {
                 .values()
                 .any(|(owner, l)| owner == host && *l == lease)
             {
-                return self.allocate(record, host, lease, None, true).await;
+                return self.allocate(record, host, lease, None, true, avoid).await;
             }
             let held: Vec<Ipv4Net> = held_blocks.keys().copied().collect();
             // Outside the blocks other hosts hold or will get back (their
@@ -334,17 +348,21 @@ impl Store {
             // containers there), else outside the held ones only.
             let mut kept = held.clone();
             kept.extend(reserved.iter().filter(|(_, h)| *h != host).map(|(b, _)| *b));
-            let used: BTreeSet<Ipv4Addr> = self
+            let mut used: BTreeSet<Ipv4Addr> = self
                 .network_addresses(&record.id())
                 .await?
                 .into_keys()
                 .collect();
+            used.extend(avoid);
             let Some(a) = ipam::pick_host_address(&record.subnet, &kept, &used)
                 .or_else(|| ipam::pick_host_address(&record.subnet, &held, &used))
             else {
                 return Ok(Err(IpamError::Exhausted(label)));
             };
-            match self.allocate(record, host, lease, Some(a), true).await? {
+            match self
+                .allocate(record, host, lease, Some(a), true, avoid)
+                .await?
+            {
                 Err(IpamError::InUse { .. }) => continue,
                 other => return Ok(other),
             }
@@ -404,7 +422,24 @@ impl Store {
         lease: i64,
         want: Option<Ipv4Addr>,
     ) -> Result<std::result::Result<Ipv4Addr, IpamError>> {
-        self.allocate(record, host, lease, want, false).await
+        self.request_address_avoiding(record, host, lease, want, &BTreeSet::new())
+            .await
+    }
+
+    /// [`Store::request_address`], never one of `avoid`: addresses this
+    /// host knows are in use (handed out and not given back, or on its
+    /// containers) though etcd may not hold them for a moment (the host's
+    /// lease ran out and they are not written again yet). `want` among
+    /// them is refused as in use.
+    pub async fn request_address_avoiding(
+        &self,
+        record: &NetworkRecord,
+        host: &str,
+        lease: i64,
+        want: Option<Ipv4Addr>,
+        avoid: &BTreeSet<Ipv4Addr>,
+    ) -> Result<std::result::Result<Ipv4Addr, IpamError>> {
+        self.allocate(record, host, lease, want, false, avoid).await
     }
 
     async fn allocate(
@@ -414,6 +449,7 @@ impl Store {
         lease: i64,
         want: Option<Ipv4Addr>,
         for_host: bool,
+        avoid: &BTreeSet<Ipv4Addr>,
     ) -> Result<std::result::Result<Ipv4Addr, IpamError>> {
         self.sign_in().await?;
         let id = record.id();
@@ -432,6 +468,14 @@ impl Store {
                     if let Err(e) = ipam::check_address(&subnet, a) {
                         return Ok(Err(e));
                     }
+                    if avoid.contains(&a) {
+                        return Ok(Err(IpamError::InUse {
+                            addr: a,
+                            network: label,
+                            host: host.to_owned(),
+                            for_host: false,
+                        }));
+                    }
                     a
                 }
                 None => {
@@ -441,8 +485,9 @@ impl Store {
                         .filter(|(_, (owner, l))| owner == host && *l == lease)
                         .map(|(b, _)| *b)
                         .collect();
-                    let used: BTreeSet<Ipv4Addr> =
+                    let mut used: BTreeSet<Ipv4Addr> =
                         self.network_addresses(&id).await?.into_keys().collect();
+                    used.extend(avoid);
                     match ipam::pick_address(&subnet, &mine, &used) {
                         Some(a) => a,
                         None => {

@@ -60,6 +60,24 @@ fn container_addrs(e: &Engines) -> Vec<String> {
         .collect()
 }
 
+/// `docker run -d --name NAME --network NET IMAGE sleep 100000` on `h`.
+fn run_sleeper(e: &Engines, h: char, name: &str, net: &str, image: &str) {
+    e.docker_ok(
+        h,
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            net,
+            image,
+            "sleep",
+            "100000",
+        ],
+    );
+}
+
 fn etcd_keys(e: &Engines, prefix: &str) -> Vec<String> {
     let out = e.etcdctl(&["get", "--prefix", "--keys-only", prefix]);
     String::from_utf8_lossy(&out.stdout)
@@ -140,20 +158,7 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
     std::thread::scope(|s| {
         for (h, c) in &names {
             s.spawn(move || {
-                e.docker_ok(
-                    *h,
-                    &[
-                        "run",
-                        "-d",
-                        "--name",
-                        c,
-                        "--network",
-                        net,
-                        image,
-                        "sleep",
-                        "100000",
-                    ],
-                );
+                run_sleeper(e, *h, c, net, image);
             });
         }
     });
@@ -216,20 +221,7 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
     std::thread::scope(|s| {
         for c in &quick {
             s.spawn(move || {
-                e.docker_ok(
-                    'A',
-                    &[
-                        "run",
-                        "-d",
-                        "--name",
-                        c,
-                        "--network",
-                        net,
-                        image,
-                        "sleep",
-                        "100000",
-                    ],
-                );
+                run_sleeper(e, 'A', c, net, image);
             });
         }
     });
@@ -294,20 +286,7 @@ fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(c
     });
     let late = format!("{}-late", e.pfx);
     made.push(('A', late.clone()));
-    e.docker_ok(
-        'A',
-        &[
-            "run",
-            "-d",
-            "--name",
-            &late,
-            "--network",
-            net,
-            image,
-            "sleep",
-            "100000",
-        ],
-    );
+    run_sleeper(e, 'A', &late, net, image);
     let late_ip = e.ip_of('A', &late, net);
     assert!(seen.insert(late_ip), "{late_ip} given twice");
     let ip0 = e.ip_of('A', a0, net);

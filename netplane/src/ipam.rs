@@ -114,6 +114,8 @@ pub enum IpamError {
     },
     #[error("no free address left in network {0}")]
     Exhausted(String),
+    #[error("network {0} was removed from the cluster")]
+    Gone(String),
 }
 
 /// Another network the cluster knows, for the overlap checks.

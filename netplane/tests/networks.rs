@@ -395,6 +395,22 @@ async fn a_host_that_comes_back_gets_its_blocks_back() {
     store.delete_network(&net).await.unwrap();
     assert!(store.network(&net.id()).await.unwrap().is_none());
     assert!(store.network_addresses(&net.id()).await.unwrap().is_empty());
+    // A host that has not heard of the removal yet writes nothing under
+    // the network: no address, no block, no own address.
+    for want in [None, Some(a2)] {
+        let gone = store
+            .request_address(&net, "h1", l2, want)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(gone, IpamError::Gone(_)), "{gone}");
+    }
+    let gone = store
+        .host_address(&net, "h2", other)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(gone, IpamError::Gone(_)), "{gone}");
     let kvs = store
         .client()
         .kv_client()

@@ -244,6 +244,11 @@ async fn host_address(
             }
             Ok(Some(a))
         }
+        // Removed from the cluster a moment ago: sync removes it here.
+        Err(e @ portless_netplane::ipam::IpamError::Gone(_)) => {
+            tracing::debug!(error = %e, "no own address in a network that went");
+            Ok(None)
+        }
         Err(e) => {
             tracing::warn!(network = ?rec.name, error = %e, "no address of its own in a cluster network for this host: it cannot reach the network's containers on other hosts");
             Ok(None)

@@ -253,6 +253,19 @@ impl Store {
         Ok(())
     }
 
+    /// Whether network `id`'s record is in etcd.
+    async fn network_exists(&self, id: &str) -> Result<bool> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(
+                self.key("networks", id),
+                Some(GetOptions::new().with_count_only()),
+            )
+            .await?;
+        Ok(resp.count() > 0)
+    }
+
     /// Every address given out in network `id`, with its holder and the
     /// lease its key is bound to.
     pub async fn network_address_holders(
@@ -462,6 +475,9 @@ impl Store {
         .unwrap_or_default();
         let mut kv = self.client.kv_client();
         let on_lease = Some(PutOptions::new().with_lease(lease));
+        // Nothing is written under a network whose record went (removed
+        // from another host meanwhile): its keys would outlive it.
+        let exists = Compare::version(self.key("networks", &id), CompareOp::Greater, 0);
         for _ in 0..ATTEMPTS {
             let addr = match want {
                 Some(a) => {
@@ -503,11 +519,10 @@ impl Store {
                             };
                             let bk = self.key("netblocks", &format!("{id}/{}", subnet_key(&block)));
                             let txn = Txn::new()
-                                .when(vec![Compare::create_revision(
-                                    bk.clone(),
-                                    CompareOp::Equal,
-                                    0,
-                                )])
+                                .when(vec![
+                                    Compare::create_revision(bk.clone(), CompareOp::Equal, 0),
+                                    exists.clone(),
+                                ])
                                 .and_then(vec![
                                     TxnOp::put(bk, host, on_lease.clone()),
                                     TxnOp::put(
@@ -526,6 +541,8 @@ impl Store {
                                 .succeeded()
                             {
                                 tracing::info!(network = %label, block = %block, "address block leased");
+                            } else if !self.network_exists(&id).await? {
+                                return Ok(Err(IpamError::Gone(label)));
                             }
                             continue;
                         }
@@ -534,11 +551,10 @@ impl Store {
             };
             let ak = self.key("netaddrs", &format!("{id}/{addr}"));
             let txn = Txn::new()
-                .when(vec![Compare::create_revision(
-                    ak.clone(),
-                    CompareOp::Equal,
-                    0,
-                )])
+                .when(vec![
+                    Compare::create_revision(ak.clone(), CompareOp::Equal, 0),
+                    exists.clone(),
+                ])
                 .and_then(vec![TxnOp::put(
                     ak.clone(),
                     holder.clone(),
@@ -551,6 +567,9 @@ impl Store {
                 .succeeded()
             {
                 return Ok(Ok(addr));
+            }
+            if !self.network_exists(&id).await? {
+                return Ok(Err(IpamError::Gone(label)));
             }
             if want.is_some() {
                 let resp = kv.get(ak, None).await?;

@@ -253,11 +253,18 @@ impl Plugin {
 
     /// This host's id, lease and MTU, waiting a little for the lease.
     async fn host(&self) -> Result<agent::HostStatus, String> {
+        self.host_not_on(0).await
+    }
+
+    /// [`Plugin::host`] under a lease other than `old` (which ran out: the
+    /// agent leases again at once).
+    async fn host_not_on(&self, old: i64) -> Result<agent::HostStatus, String> {
         let mut rx = self.status.clone();
         let wait = async {
             loop {
                 if let Some(h) = rx.borrow_and_update().host.clone()
                     && h.lease_id != 0
+                    && h.lease_id != old
                 {
                     return h;
                 }
@@ -453,28 +460,43 @@ impl Plugin {
                 data: BTreeMap::new(),
             });
         }
-        let host = self.host().await?;
+        let mut host = self.host().await?;
         self.engine_known().await;
-        let _one = self.alloc.lock().await;
-        let avoid = self.in_use_here(&r.pool_id);
-        match self
-            .store
-            .request_address_avoiding(&rec, &host.id, host.lease_id, want, &avoid)
-            .await
-        {
-            Ok(Ok(a)) => {
-                lock(&self.handed)
-                    .entry(r.pool_id.clone())
-                    .or_default()
-                    .insert(a, std::time::Instant::now());
-                tracing::debug!(network = ?rec.name, addr = %a, "address handed out");
-                to_value(RequestAddressResponse {
-                    address: format!("{a}/{len}"),
-                    data: BTreeMap::new(),
-                })
+        let mut retried = false;
+        loop {
+            let one = self.alloc.lock().await;
+            let avoid = self.in_use_here(&r.pool_id);
+            match self
+                .store
+                .request_address_avoiding(&rec, &host.id, host.lease_id, want, &avoid)
+                .await
+            {
+                Ok(Ok(a)) => {
+                    lock(&self.handed)
+                        .entry(r.pool_id.clone())
+                        .or_default()
+                        .insert(a, std::time::Instant::now());
+                    tracing::debug!(network = ?rec.name, addr = %a, "address handed out");
+                    return to_value(RequestAddressResponse {
+                        address: format!("{a}/{len}"),
+                        data: BTreeMap::new(),
+                    });
+                }
+                Ok(Err(e)) => return Err(e.to_string()),
+                // The lease ran out a moment ago (a busy host or etcd
+                // missed a keepalive): once more under the new one, which
+                // the agent takes at once.
+                Err(portless_netplane::Error::LeaseGone(old)) if !retried => {
+                    drop(one);
+                    retried = true;
+                    tracing::info!(
+                        lease = old,
+                        "the lease ran out while handing out an address; again under the new one"
+                    );
+                    host = self.host_not_on(old).await?;
+                }
+                Err(e) => return Err(format!("etcd: {e}")),
             }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(format!("etcd: {e}")),
         }
     }
 

@@ -323,6 +323,19 @@ impl Sidecar {
         )
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a portless that does nothing
+    /// for a while, as on a host too busy to run it.
+    pub fn freeze(&self, stop: bool) {
+        if let Some(c) = &self.child {
+            let sig = if stop { "-STOP" } else { "-CONT" };
+            let ok = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill {sig} portless {}", self.host);
+        }
+    }
+
     /// SIGKILL: no lease given back, nothing cleaned.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

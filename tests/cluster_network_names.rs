@@ -21,7 +21,9 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use common::engines::{Engines, Sidecar, cgi_client, nslookup_addrs, wait};
+use common::engines::{
+    Engines, Sidecar, cgi_client, fail_with_logs, nslookup_addrs, plugin_sidecars, wait,
+};
 
 fn subnet_of(e: &Engines, h: char, net: &str) -> ipnet::Ipv4Net {
     e.docker_ok(
@@ -66,14 +68,7 @@ fn names_and_routes_of_a_portless_network_cross_hosts_and_a_restart_keeps_traffi
     let e = Engines::up();
     // The default lease (10 s), which a restart of a few seconds keeps
     // (the harness's 2 s would expire while portless is down).
-    let mut a = Sidecar::start(&e, 'A', TTL);
-    let b = Sidecar::start(&e, 'B', TTL);
-    for h in ['A', 'B'] {
-        let sock = e.plugin_socket(h);
-        wait(&format!("plugin socket of {h}"), 10.0, || {
-            std::path::Path::new(&sock).exists()
-        });
-    }
+    let (mut a, b) = plugin_sidecars(&e, TTL);
     let image = e.image();
     let nets = [format!("{}-shop", e.pfx), format!("{}-other", e.pfx)];
     let mut made: Vec<(char, String)> = Vec::new();
@@ -93,14 +88,7 @@ fn names_and_routes_of_a_portless_network_cross_hosts_and_a_restart_keeps_traffi
     for net in &nets {
         let _ = e.docker('A', &["network", "rm", net]);
     }
-    if let Err(p) = result {
-        eprintln!(
-            "portless A:\n{}\nportless B:\n{}",
-            a.log_tail(),
-            b.log_tail()
-        );
-        std::panic::resume_unwind(p);
-    }
+    fail_with_logs(result, &a, &b);
 }
 
 fn steps(

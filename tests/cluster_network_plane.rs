@@ -22,7 +22,7 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use common::engines::{Engines, Sidecar, cgi_client, wait};
+use common::engines::{Engines, Sidecar, cgi_client, fail_with_logs, plugin_sidecars, wait};
 
 fn ping(e: &Engines, h: char, c: &str, ip: Ipv4Addr) -> bool {
     e.docker(
@@ -259,14 +259,7 @@ impl Drop for Outside {
 #[test]
 fn containers_of_a_portless_network_reach_each_other_across_hosts_and_no_other_network() {
     let e = Engines::up();
-    let mut a = Sidecar::start(&e, 'A', &[]);
-    let b = Sidecar::start(&e, 'B', &[]);
-    for h in ['A', 'B'] {
-        let sock = e.plugin_socket(h);
-        wait(&format!("plugin socket of {h}"), 10.0, || {
-            std::path::Path::new(&sock).exists()
-        });
-    }
+    let (mut a, b) = plugin_sidecars(&e, &[]);
     let image = e.image();
     let nets = [format!("{}-red", e.pfx), format!("{}-blue", e.pfx)];
     let mut made: Vec<(char, String)> = Vec::new();
@@ -286,14 +279,7 @@ fn containers_of_a_portless_network_reach_each_other_across_hosts_and_no_other_n
     for net in &nets {
         let _ = e.docker('A', &["network", "rm", net]);
     }
-    if let Err(p) = result {
-        eprintln!(
-            "portless A:\n{}\nportless B:\n{}",
-            a.log_tail(),
-            b.log_tail()
-        );
-        std::panic::resume_unwind(p);
-    }
+    fail_with_logs(result, &a, &b);
 }
 
 fn steps(

@@ -18,7 +18,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::engines::{Engines, Sidecar, wait};
+use common::engines::{Engines, fail_with_logs, plugin_sidecars, wait};
 
 const CYCLES: usize = 15;
 
@@ -29,14 +29,7 @@ fn present(e: &Engines, h: char, net: &str) -> bool {
 #[test]
 fn a_removed_network_is_not_made_again_under_load() {
     let e = Engines::up();
-    let a = Sidecar::start(&e, 'A', &[]);
-    let b = Sidecar::start(&e, 'B', &[]);
-    for h in ['A', 'B'] {
-        let sock = e.plugin_socket(h);
-        wait(&format!("plugin socket of {h}"), 10.0, || {
-            std::path::Path::new(&sock).exists()
-        });
-    }
+    let (a, b) = plugin_sidecars(&e, &[]);
     let image = e.image();
     let net = format!("{}-net", e.pfx);
     // Busy processes in sessions of their own (the kernel's autogroups
@@ -54,9 +47,9 @@ fn a_removed_network_is_not_made_again_under_load() {
         .collect();
     let result =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cycles(&e, &image, &net)));
-    for b in &mut burners {
-        let _ = b.kill();
-        let _ = b.wait();
+    for burner in &mut burners {
+        let _ = burner.kill();
+        let _ = burner.wait();
     }
     for i in 0..CYCLES {
         let _ = e.docker('B', &["rm", "-f", &format!("{}-c{i}", e.pfx)]);
@@ -64,14 +57,7 @@ fn a_removed_network_is_not_made_again_under_load() {
     for h in ['A', 'B'] {
         let _ = e.docker(h, &["network", "rm", &net]);
     }
-    if let Err(p) = result {
-        eprintln!(
-            "portless A:\n{}\nportless B:\n{}",
-            a.log_tail(),
-            b.log_tail()
-        );
-        std::panic::resume_unwind(p);
-    }
+    fail_with_logs(result, &a, &b);
 }
 
 fn cycles(e: &Engines, image: &str, net: &str) {

@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use common::engines::{Engines, Sidecar, wait};
+use common::engines::{Engines, Sidecar, fail_with_logs, plugin_sidecars, wait};
 
 /// Containers each host starts at once (`PORTLESS_TEST_PER_HOST`, default
 /// 50, as the issue asks: 100 distinct addresses from two hosts).
@@ -90,14 +90,7 @@ fn etcd_keys(e: &Engines, prefix: &str) -> Vec<String> {
 #[test]
 fn a_portless_network_spans_both_hosts() {
     let e = Engines::up();
-    let mut a = Sidecar::start(&e, 'A', &[]);
-    let b = Sidecar::start(&e, 'B', &[]);
-    for h in ['A', 'B'] {
-        let sock = e.plugin_socket(h);
-        wait(&format!("plugin socket of {h}"), 10.0, || {
-            std::path::Path::new(&sock).exists()
-        });
-    }
+    let (mut a, b) = plugin_sidecars(&e, &[]);
     let image = e.image();
     let net = format!("{}-net", e.pfx);
     let mut made: Vec<(char, String)> = Vec::new();
@@ -110,14 +103,7 @@ fn a_portless_network_spans_both_hosts() {
     for h in ['A', 'B'] {
         let _ = e.docker(h, &["network", "rm", &net]);
     }
-    if let Err(p) = result {
-        eprintln!(
-            "portless A:\n{}\nportless B:\n{}",
-            a.log_tail(),
-            b.log_tail()
-        );
-        std::panic::resume_unwind(p);
-    }
+    fail_with_logs(result, &a, &b);
 }
 
 fn steps(e: &Engines, a: &mut Sidecar, image: &str, net: &str, made: &mut Vec<(char, String)>) {

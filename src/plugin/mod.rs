@@ -677,10 +677,10 @@ impl Plugin {
         Ok(serde_json::json!({}))
     }
 
-    /// Right after a start of portless, the addresses of the Engine's
-    /// containers are not known (nor, if the lease ran out meanwhile,
-    /// written again in etcd) until [`sync`]'s first pass: wait for it a
-    /// little before handing out an address (Docker's call waits).
+    /// Right after a start of portless, the Engine's networks and the
+    /// addresses of its containers are not known (nor, if the lease ran
+    /// out meanwhile, written again in etcd) until [`sync`]'s first pass:
+    /// wait for it a little (Docker's call waits meanwhile).
     async fn engine_known(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !self.taken_up.load(std::sync::atomic::Ordering::Relaxed)
@@ -691,31 +691,23 @@ impl Plugin {
         }
         if !self.taken_up.load(std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(
-                "handing out an address before this Engine's containers are known (Docker or etcd slow to answer)"
+                "answering Docker before this Engine's networks and containers are known (Docker or etcd slow to answer)"
             );
         }
     }
 
-    /// The network `docker_id` of this Engine. Right after a start of
-    /// portless, [`sync`] may not have taken the Engine's networks up yet:
-    /// wait for it a little (Docker's call waits meanwhile).
+    /// The network `docker_id` of this Engine, once [`sync`] has taken the
+    /// Engine's networks up.
     async fn local_net(&self, docker_id: &str) -> Result<LocalNet, String> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(n) = lock(&self.nets).get(docker_id).cloned() {
-                return Ok(n);
-            }
-            if self.taken_up.load(std::sync::atomic::Ordering::Relaxed)
-                || tokio::time::Instant::now() >= deadline
-            {
-                return Err(format!(
-                    "network {docker_id} is unknown to portless on this host \
-                     (was portless restarted? recreate the network)"
-                ));
-            }
-            self.wake.notify_one();
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if !lock(&self.nets).contains_key(docker_id) {
+            self.engine_known().await;
         }
+        lock(&self.nets).get(docker_id).cloned().ok_or_else(|| {
+            format!(
+                "network {docker_id} is unknown to portless on this host \
+                 (was portless restarted? recreate the network)"
+            )
+        })
     }
 
     async fn join(&self, r: Join) -> Answer {

@@ -392,6 +392,33 @@ pub fn nslookup_addrs(out: &str) -> Vec<String> {
 
 /// Poll `f` until it holds, failing after `secs` with `what`; how long it
 /// took.
+/// portless on A and on B (`extra` arguments for both), once each serves
+/// its network plugin socket.
+pub fn plugin_sidecars(e: &Engines, extra: &[&str]) -> (Sidecar, Sidecar) {
+    let a = Sidecar::start(e, 'A', extra);
+    let b = Sidecar::start(e, 'B', extra);
+    for h in ['A', 'B'] {
+        let sock = e.plugin_socket(h);
+        wait(&format!("plugin socket of {h}"), 10.0, || {
+            std::path::Path::new(&sock).exists()
+        });
+    }
+    (a, b)
+}
+
+/// A test's steps failed (`result`): print both hosts' portless logs, then
+/// fail the test with the steps' panic.
+pub fn fail_with_logs(result: std::thread::Result<()>, a: &Sidecar, b: &Sidecar) {
+    if let Err(p) = result {
+        eprintln!(
+            "portless A:\n{}\nportless B:\n{}",
+            a.log_tail(),
+            b.log_tail()
+        );
+        std::panic::resume_unwind(p);
+    }
+}
+
 pub fn wait(what: &str, secs: f64, mut f: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !f() {
